@@ -1,0 +1,40 @@
+# Two commands do everything on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PROTOS := $(shell find protos -name '*.proto')
+GEN    := .venv/.generated
+
+.PHONY: run test lint gen bench clean
+
+run: $(GEN)
+	$(PY) -m shared.launcher
+
+test: $(GEN) lint
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(GEN)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/buf lint
+	$(VENV)/bin/mypy shared gateway services
+
+gen: $(GEN)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+# Python stubs (with .pyi type stubs) live beside their .proto files, so
+# `from strata.kv.v1 import kv_pb2` works for every caller of the package.
+$(GEN): $(STAMP) $(PROTOS)
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos \
+		--grpc_python_out=protos --mypy_grpc_out=protos \
+		--plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc $(PROTOS)
+	touch $@
+
+clean:
+	rm -rf $(VENV) .strata .pytest_cache .mypy_cache .ruff_cache
+	find protos -name '*_pb2*.py*' -delete

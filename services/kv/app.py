@@ -1,0 +1,57 @@
+"""Wires the KV service into the shared server bootstrap."""
+
+from __future__ import annotations
+
+from strata.kv.v1 import kv_pb2
+
+from services.kv.keyspace import Limits
+from services.kv.revisions import RevisionFeed
+from services.kv.servicer import KvServicer
+from services.kv.store import KvStore
+from services.kv.sweeper import Sweeper
+from shared.cache import RevisionedCache, open_redis
+from shared.db import Database
+from shared.server import StrataServer, run_service
+from shared.settings import Settings
+
+__all__ = ["build_kv_server", "main"]
+
+SERVICE = kv_pb2.DESCRIPTOR.services_by_name["KvService"]
+
+
+async def build_kv_server(settings: Settings) -> StrataServer:
+    """A ready-to-start KV server on ``settings``' database and Redis."""
+    db = await Database.open(
+        settings.database_url,
+        min_size=settings.pool_min_size,
+        max_size=settings.pool_max_size,
+        slow_query_ms=settings.slow_query_ms,
+        application_name="strata-kv",
+    )
+    cache = RevisionedCache(
+        open_redis(settings.redis_url),
+        prefix="kv",
+        local_entries=settings.cache_local_entries,
+        ttl_s=settings.cache_ttl_s,
+    )
+    cache.start()
+    feed = RevisionFeed(settings.database_url)
+    feed.start()
+    store = KvStore(db)
+    sweeper = Sweeper(
+        store, feed, interval_s=settings.kv_sweep_interval_s, keep_revisions=settings.kv_history_revisions
+    )
+    sweeper.start()
+    server = StrataServer(settings, "kv")
+    server.add_servicer(KvServicer(store, cache, feed, Limits(settings)), SERVICE)
+    # Watch streams end first (clients resume elsewhere), then in-flight calls drain.
+    server.on_shutdown(feed.close)
+    server.on_shutdown(sweeper.close)
+    server.after_drain(cache.close)
+    server.after_drain(db.close)
+    return server
+
+
+def main() -> None:
+    """Entry point of the KV process."""
+    run_service("kv", build_kv_server)

@@ -1,0 +1,332 @@
+"""``strata.kv.v1.KvService``: validation, cache and store, per RPC.
+
+Reads go cache first (revision-guarded, see shared.cache); writes go to
+Postgres and, after commit and before the answer, through the cache, so a
+caller that saw a write acknowledged never reads an older value afterwards.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any, TypeAlias
+
+import grpc
+from strata.kv.v1 import kv_pb2
+
+from services.kv.keyspace import (
+    DOMAIN,
+    KeyRange,
+    Limits,
+    cache_key,
+    raise_if,
+    revision_mismatch,
+)
+from services.kv.revisions import FeedClosed, RevisionFeed
+from services.kv.store import KvStore, PutItem, entry_to_kv
+from shared.cache import CacheEntry, RevisionedCache
+from shared.db import deadline_timeout
+from shared.errors import FieldViolation, StrataError, not_found
+from shared.pagetoken import decode_page_token, encode_page_token
+
+__all__ = ["KvServicer"]
+
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+_WATCH_BATCH = 500
+_RETURN_PREVIOUS_LIMIT = 1000
+
+
+class KvServicer:
+    """Serves KvService from a :class:`KvStore`, a cache and a revision feed."""
+
+    def __init__(self, store: KvStore, cache: RevisionedCache, feed: RevisionFeed, limits: Limits) -> None:
+        self._store = store
+        self._cache = cache
+        self._feed = feed
+        self._limits = limits
+
+    # -- reads -------------------------------------------------------------
+
+    async def Get(self, request: kv_pb2.GetRequest, context: Context) -> kv_pb2.GetResponse:
+        errors: list[FieldViolation] = []
+        self._limits.namespace(request.namespace, errors)
+        self._limits.key(request.key, errors)
+        raise_if(errors)
+        namespace, key = request.namespace, request.key
+
+        async def load() -> CacheEntry | None:
+            row = await self._store.get(namespace, key, timeout=deadline_timeout(context))
+            if row is None:
+                return None
+            kv = entry_to_kv(namespace, row)
+            return CacheEntry(kv.mod_revision, kv.SerializeToString(), _expiry(row["expires_at"]))
+
+        entry = await self._cache.load(cache_key(namespace, key), load)
+        if entry is None or entry.payload is None or _expired(entry):
+            raise not_found(
+                "KEY_NOT_FOUND", f"key {key!r} not found", domain=DOMAIN, namespace=namespace, key=key
+            )
+        kv = kv_pb2.KeyValue.FromString(entry.payload)
+        return kv_pb2.GetResponse(header=self._header(kv.mod_revision), kv=kv)
+
+    async def BatchGet(self, request: kv_pb2.BatchGetRequest, context: Context) -> kv_pb2.BatchGetResponse:
+        errors: list[FieldViolation] = []
+        self._limits.namespace(request.namespace, errors)
+        self._limits.batch_size(len(request.keys), errors, "keys")
+        for i, key in enumerate(request.keys):
+            self._limits.key(key, errors, f"keys[{i}]")
+        raise_if(errors)
+        namespace = request.namespace
+        keys = list(dict.fromkeys(request.keys))
+        found: dict[str, kv_pb2.KeyValue | None] = {}
+        misses: list[str] = []
+        for key in keys:
+            entry = await self._cache.get(cache_key(namespace, key))
+            if entry is None:
+                misses.append(key)
+            elif entry.payload is None or _expired(entry):
+                found[key] = None
+            else:
+                found[key] = kv_pb2.KeyValue.FromString(entry.payload)
+        if misses:
+            rows = await self._store.get_many(namespace, misses, timeout=deadline_timeout(context))
+            for row in rows:
+                kv = entry_to_kv(namespace, row)
+                found[kv.key] = kv
+                await self._cache.fill(
+                    cache_key(namespace, kv.key),
+                    CacheEntry(kv.mod_revision, kv.SerializeToString(), _expiry(row["expires_at"])),
+                )
+        kvs = [found_kv for key in keys if (found_kv := found.get(key)) is not None]
+        missing = [key for key in keys if found.get(key) is None]
+        newest = max((kv.mod_revision for kv in kvs), default=0)
+        return kv_pb2.BatchGetResponse(header=self._header(newest), kvs=kvs, missing_keys=missing)
+
+    async def List(self, request: kv_pb2.ListRequest, context: Context) -> kv_pb2.ListResponse:
+        errors: list[FieldViolation] = []
+        self._limits.namespace(request.namespace, errors)
+        self._limits.key(request.prefix, errors, "prefix", allow_empty=True)
+        self._limits.key(request.start_key, errors, "start_key", allow_empty=True)
+        self._limits.key(request.end_key, errors, "end_key", allow_empty=True)
+        page_size = self._limits.page_size(request.page_size, errors)
+        raise_if(errors)
+        namespace = request.namespace
+        keys = KeyRange.prefix(request.prefix).intersect(request.start_key, request.end_key)
+        query = ["kv.List", namespace, request.prefix, request.start_key, request.end_key, request.keys_only]
+        after = None
+        if request.page_token:
+            after = decode_page_token(request.page_token, query, domain=DOMAIN)
+            if not isinstance(after, str):  # signed by us, so only a bug gets here
+                raise_if(
+                    [FieldViolation("page_token", "is not a page token of this API (malformed or edited)")]
+                )
+        timeout = deadline_timeout(context)
+        rows = await self._store.list_page(
+            namespace, keys, after, page_size + 1, keys_only=request.keys_only, timeout=timeout
+        )
+        kvs = [entry_to_kv(namespace, row) for row in rows[:page_size]]
+        response = kv_pb2.ListResponse(kvs=kvs)
+        if len(rows) > page_size:
+            response.next_page_token = encode_page_token(query, kvs[-1].key)
+        if request.include_count:
+            response.total_count = await self._store.count(namespace, keys, timeout=timeout)
+        response.header.CopyFrom(self._header(max((kv.mod_revision for kv in kvs), default=0)))
+        return response
+
+    # -- writes ------------------------------------------------------------
+
+    async def Put(self, request: kv_pb2.PutRequest, context: Context) -> kv_pb2.PutResponse:
+        errors: list[FieldViolation] = []
+        self._limits.namespace(request.namespace, errors)
+        item = self._put_item(request, errors, "")
+        raise_if(errors)
+        result = await self._store.put_many(
+            request.namespace,
+            [item],
+            return_previous=request.return_previous,
+            timeout=deadline_timeout(context),
+        )
+        if result.mismatch_key is not None:
+            raise revision_mismatch(
+                result.mismatch_key, item.if_revision or 0, result.mismatch_current, result.revision
+            )
+        await self._publish_writes(result.revision, result.kvs)
+        kv = result.kvs[0]
+        kv.value = b""
+        response = kv_pb2.PutResponse(header=kv_pb2.ResponseHeader(revision=result.revision), kv=kv)
+        if result.previous[0] is not None:
+            response.previous.CopyFrom(result.previous[0])
+        return response
+
+    async def BatchPut(self, request: kv_pb2.BatchPutRequest, context: Context) -> kv_pb2.BatchPutResponse:
+        errors: list[FieldViolation] = []
+        self._limits.namespace(request.namespace, errors)
+        self._limits.batch_size(len(request.items), errors, "items")
+        items = [self._put_item(item, errors, f"items[{i}].") for i, item in enumerate(request.items)]
+        seen: set[str] = set()
+        for i, item in enumerate(items):
+            if item.key in seen:
+                errors.append(FieldViolation(f"items[{i}].key", "appears more than once in the batch"))
+            seen.add(item.key)
+        raise_if(errors)
+        result = await self._store.put_many(
+            request.namespace, items, return_previous=False, timeout=deadline_timeout(context)
+        )
+        if result.mismatch_key is not None:
+            expected = next(i.if_revision for i in items if i.key == result.mismatch_key)
+            raise revision_mismatch(
+                result.mismatch_key, expected or 0, result.mismatch_current, result.revision
+            )
+        await self._publish_writes(result.revision, result.kvs)
+        for kv in result.kvs:
+            kv.value = b""
+        return kv_pb2.BatchPutResponse(header=kv_pb2.ResponseHeader(revision=result.revision), kvs=result.kvs)
+
+    async def Delete(self, request: kv_pb2.DeleteRequest, context: Context) -> kv_pb2.DeleteResponse:
+        errors: list[FieldViolation] = []
+        self._limits.namespace(request.namespace, errors)
+        target = request.WhichOneof("target")
+        if target is None:
+            errors.append(FieldViolation("key", "set key (one key) or prefix (every key under it)"))
+            keys = KeyRange("", None)
+        elif target == "key":
+            self._limits.key(request.key, errors)
+            keys = KeyRange.single(request.key)
+        else:
+            self._limits.key(request.prefix, errors, "prefix", allow_empty=True)
+            keys = KeyRange.prefix(request.prefix)
+            if request.HasField("if_revision"):
+                errors.append(FieldViolation("if_revision", "only allowed when deleting one key"))
+        if request.HasField("if_revision"):
+            self._limits.if_revision(request.if_revision, errors)
+        raise_if(errors)
+        if_revision = request.if_revision if request.HasField("if_revision") else None
+        result = await self._store.delete_range(
+            request.namespace,
+            keys,
+            if_revision=if_revision,
+            return_previous=request.return_previous,
+            timeout=deadline_timeout(context),
+        )
+        if result.mismatch_key is not None:
+            raise revision_mismatch(
+                result.mismatch_key, if_revision or 0, result.mismatch_current, result.revision
+            )
+        if result.deleted:
+            await self._cache.record_writes(
+                [
+                    (cache_key(request.namespace, kv.key), CacheEntry(result.revision, None))
+                    for kv in result.deleted
+                ]
+            )
+            self._feed.observe(result.revision)
+        response = kv_pb2.DeleteResponse(header=self._header(result.revision), deleted=len(result.deleted))
+        if request.return_previous:
+            response.previous.extend(result.deleted[:_RETURN_PREVIOUS_LIMIT])
+        return response
+
+    # -- watch -------------------------------------------------------------
+
+    async def Watch(
+        self, request: kv_pb2.WatchRequest, context: Context
+    ) -> AsyncIterator[kv_pb2.WatchResponse]:
+        errors: list[FieldViolation] = []
+        self._limits.namespace(request.namespace, errors)
+        target = request.WhichOneof("target")
+        if target is None:
+            errors.append(FieldViolation("key", "set key (one key) or prefix (every key under it)"))
+            keys = KeyRange("", None)
+        elif target == "key":
+            self._limits.key(request.key, errors)
+            keys = KeyRange.single(request.key)
+        else:
+            self._limits.key(request.prefix, errors, "prefix", allow_empty=True)
+            keys = KeyRange.prefix(request.prefix)
+        if request.start_revision < 0:
+            errors.append(FieldViolation("start_revision", "must be >= 0 (0: from now on)"))
+        raise_if(errors)
+        current, compacted = await self._store.revisions(timeout=deadline_timeout(context))
+        self._feed.observe(current)
+        start = request.start_revision or current + 1
+        if start <= compacted:
+            raise _compacted(start, compacted)
+        yield kv_pb2.WatchResponse(header=kv_pb2.ResponseHeader(revision=current), created=True)
+        # Every matching change up to the cursor (revision, key) has been sent;
+        # key None: all of that revision.
+        cursor: tuple[int, str | None] = (start - 1, None)
+        while True:
+            changes, current, compacted = await self._store.changes_after(
+                request.namespace, keys, cursor, _WATCH_BATCH, timeout=deadline_timeout(context)
+            )
+            if compacted > cursor[0] or (compacted == cursor[0] and cursor[1] is not None):
+                raise _compacted(cursor[0] + (0 if cursor[1] is not None else 1), compacted)
+            if changes:
+                cursor = (changes[-1].revision, changes[-1].kv.key)
+                yield kv_pb2.WatchResponse(
+                    header=kv_pb2.ResponseHeader(revision=max(current, cursor[0])),
+                    events=[kv_pb2.Event(type=c.kind, kv=c.kv) for c in changes],  # type: ignore[arg-type]
+                )
+                continue
+            cursor = (max(cursor[0], current), None)
+            try:
+                await self._feed.wait_beyond(cursor[0], timeout=5.0)
+            except FeedClosed:
+                raise StrataError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "SHUTTING_DOWN",
+                    "the server is shutting down; watch again from resume_revision",
+                    domain=DOMAIN,
+                    metadata={"resume_revision": str(cursor[0] + 1)},
+                ) from None
+
+    # -- helpers -----------------------------------------------------------
+
+    def _put_item(
+        self, item: kv_pb2.PutRequest | kv_pb2.BatchPutItem, errors: list[FieldViolation], path: str
+    ) -> PutItem:
+        self._limits.key(item.key, errors, f"{path}key")
+        self._limits.value(item.value, errors, f"{path}value")
+        self._limits.content_type(item.content_type, errors, f"{path}content_type")
+        ttl_ms = self._limits.ttl_ms(item.ttl, item.HasField("ttl"), errors, f"{path}ttl")
+        if_revision = item.if_revision if item.HasField("if_revision") else None
+        if if_revision is not None:
+            self._limits.if_revision(if_revision, errors, f"{path}if_revision")
+        return PutItem(item.key, item.value, item.content_type, ttl_ms, if_revision)
+
+    async def _publish_writes(self, revision: int, kvs: list[kv_pb2.KeyValue]) -> None:
+        # Before the answer: the cache must not hold anything older than this write.
+        await self._cache.record_writes(
+            [
+                (
+                    cache_key(kv.namespace, kv.key),
+                    CacheEntry(
+                        revision,
+                        kv.SerializeToString(),
+                        kv.expire_time.ToNanoseconds() / 1e9 if kv.HasField("expire_time") else None,
+                    ),
+                )
+                for kv in kvs
+            ]
+        )
+        self._feed.observe(revision)
+
+    def _header(self, at_least: int) -> kv_pb2.ResponseHeader:
+        return kv_pb2.ResponseHeader(revision=max(self._feed.revision, at_least))
+
+
+def _expiry(value: Any) -> float | None:
+    return None if value is None else float(value.timestamp())
+
+
+def _expired(entry: CacheEntry) -> bool:
+    return entry.expires_at is not None and entry.expires_at <= time.time()
+
+
+def _compacted(wanted: int, compacted: int) -> StrataError:
+    return StrataError(
+        grpc.StatusCode.OUT_OF_RANGE,
+        "REVISION_COMPACTED",
+        f"revision {wanted} has been compacted; the oldest available is {compacted + 1}",
+        domain=DOMAIN,
+        metadata={"compact_revision": str(compacted)},
+    )

@@ -1,0 +1,330 @@
+"""The KV store's SQL: every statement the service runs, in one place.
+
+Writes are single calls of the plpgsql functions in migrations/ (one round
+trip, autocommit); reads are plain SELECTs that never return an expired key.
+Rows are turned into ``KeyValue`` messages here so the servicer deals only in
+protobuf.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+from google.protobuf import timestamp_pb2
+from strata.kv.v1 import kv_pb2
+
+from services.kv.keyspace import KeyRange
+from shared.db import Database
+
+__all__ = ["Change", "DeleteResult", "KvStore", "PutItem", "WriteResult"]
+
+_LIVE = "(expires_at IS NULL OR expires_at > clock_timestamp())"
+_ENTRY_COLUMNS = "key, value, content_type, create_revision, mod_revision, version, expires_at"
+
+
+@dataclass(frozen=True, slots=True)
+class PutItem:
+    """One key to write; ``if_revision`` None means unconditional."""
+
+    key: str
+    value: bytes
+    content_type: str
+    ttl_ms: int
+    if_revision: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """The outcome of put_many: the new revision and the written keys, or a mismatch."""
+
+    revision: int
+    kvs: list[kv_pb2.KeyValue]
+    previous: list[kv_pb2.KeyValue | None]
+    mismatch_key: str | None = None
+    mismatch_current: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteResult:
+    """The outcome of a delete: revision, removed keys, or a mismatch."""
+
+    revision: int
+    deleted: list[kv_pb2.KeyValue]
+    mismatch_key: str | None = None
+    mismatch_current: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One row of the change log."""
+
+    revision: int
+    kind: int
+    kv: kv_pb2.KeyValue
+
+
+def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def entry_to_kv(namespace: str, row: asyncpg.Record) -> kv_pb2.KeyValue:
+    """A ``KeyValue`` from a row with the entry columns (value may be NULL: keys only)."""
+    return kv_pb2.KeyValue(
+        namespace=namespace,
+        key=row["key"],
+        value=row["value"] or b"",
+        content_type=row["content_type"],
+        create_revision=row["create_revision"],
+        mod_revision=row["mod_revision"],
+        version=row["version"],
+        expire_time=_timestamp(row["expires_at"]),
+    )
+
+
+class KvStore:
+    """The KV tables of one database."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def get(self, namespace: str, key: str, *, timeout: float) -> asyncpg.Record | None:
+        """The live entry row of one key, or None."""
+        return await self._db.fetchrow(
+            f"SELECT {_ENTRY_COLUMNS} FROM kv.entries WHERE namespace = $1 AND key = $2 AND {_LIVE}",
+            namespace,
+            key,
+            timeout=timeout,
+        )
+
+    async def get_many(self, namespace: str, keys: Sequence[str], *, timeout: float) -> list[asyncpg.Record]:
+        """The live entry rows of ``keys`` (any order; absent keys left out)."""
+        return await self._db.fetch(
+            f"SELECT {_ENTRY_COLUMNS} FROM kv.entries "
+            f"WHERE namespace = $1 AND key = ANY($2::text[]) AND {_LIVE}",
+            namespace,
+            list(keys),
+            timeout=timeout,
+        )
+
+    async def put_many(
+        self, namespace: str, items: Sequence[PutItem], *, return_previous: bool, timeout: float
+    ) -> WriteResult:
+        """Write ``items`` atomically at one new revision (see kv.put_many)."""
+        rows = await self._db.write_rows(
+            "SELECT * FROM kv.put_many($1, $2, $3, $4, $5, $6, $7)",
+            namespace,
+            [i.key for i in items],
+            [i.value for i in items],
+            [i.content_type for i in items],
+            [i.ttl_ms for i in items],
+            [i.if_revision for i in items],
+            return_previous,
+            timeout=timeout,
+        )
+        first = rows[0]
+        if first["r_status"] == "mismatch":
+            return WriteResult(first["r_revision"], [], [], first["r_key"], first["r_prev_mod_revision"])
+        by_key = {row["r_key"]: row for row in rows}
+        kvs: list[kv_pb2.KeyValue] = []
+        previous: list[kv_pb2.KeyValue | None] = []
+        for item in items:
+            row = by_key[item.key]
+            kvs.append(
+                kv_pb2.KeyValue(
+                    namespace=namespace,
+                    key=item.key,
+                    value=item.value,
+                    content_type=item.content_type,
+                    create_revision=row["r_create_revision"],
+                    mod_revision=row["r_revision"],
+                    version=row["r_version"],
+                    expire_time=_timestamp(row["r_expires_at"]),
+                )
+            )
+            previous.append(
+                None
+                if row["r_prev_mod_revision"] is None
+                else kv_pb2.KeyValue(
+                    namespace=namespace,
+                    key=item.key,
+                    value=row["r_prev_value"],
+                    content_type=row["r_prev_content_type"],
+                    create_revision=row["r_prev_create_revision"],
+                    mod_revision=row["r_prev_mod_revision"],
+                    version=row["r_prev_version"],
+                    expire_time=_timestamp(row["r_prev_expires_at"]),
+                )
+            )
+        return WriteResult(first["r_revision"], kvs, previous)
+
+    async def delete_range(
+        self,
+        namespace: str,
+        keys: KeyRange,
+        *,
+        if_revision: int | None,
+        return_previous: bool,
+        timeout: float,
+    ) -> DeleteResult:
+        """Delete the live keys of ``keys`` at one new revision (see kv.delete_range)."""
+        rows = await self._db.write_rows(
+            "SELECT * FROM kv.delete_range($1, $2, $3, $4, $5)",
+            namespace,
+            keys.start,
+            keys.end,
+            if_revision,
+            return_previous,
+            timeout=timeout,
+        )
+        first = rows[0]
+        if first["r_status"] == "mismatch":
+            return DeleteResult(first["r_revision"], [], first["r_key"], first["r_mod_revision"])
+        if first["r_status"] == "none":
+            return DeleteResult(first["r_revision"], [])
+        deleted = [
+            kv_pb2.KeyValue(
+                namespace=namespace,
+                key=row["r_key"],
+                value=row["r_value"] or b"",
+                content_type=row["r_content_type"],
+                create_revision=row["r_create_revision"],
+                mod_revision=row["r_mod_revision"],
+                version=row["r_version"],
+                expire_time=_timestamp(row["r_expires_at"]),
+            )
+            for row in rows
+        ]
+        return DeleteResult(first["r_revision"], deleted)
+
+    async def list_page(
+        self,
+        namespace: str,
+        keys: KeyRange,
+        after: str | None,
+        limit: int,
+        *,
+        keys_only: bool,
+        timeout: float,
+    ) -> list[asyncpg.Record]:
+        """Up to ``limit`` live entries of ``keys`` after the key ``after``, in key order."""
+        value = "NULL::bytea AS value" if keys_only else "value"
+        columns = _ENTRY_COLUMNS.replace("value", value, 1)
+        conditions = ["namespace = $1", "key >= $2", _LIVE]
+        args: list[object] = [namespace, keys.start]
+        if keys.end is not None:
+            args.append(keys.end)
+            conditions.append(f"key < ${len(args)}")
+        if after is not None:
+            args.append(after)
+            conditions.append(f"key > ${len(args)}")
+        args.append(limit)
+        sql = (
+            f"SELECT {columns} FROM kv.entries WHERE {' AND '.join(conditions)} "
+            f"ORDER BY key LIMIT ${len(args)}"
+        )
+        return await self._db.fetch(sql, *args, timeout=timeout)
+
+    async def count(self, namespace: str, keys: KeyRange, *, timeout: float) -> int:
+        """How many live keys ``keys`` holds."""
+        if keys.end is None:
+            sql = f"SELECT count(*) FROM kv.entries WHERE namespace = $1 AND key >= $2 AND {_LIVE}"
+            value = await self._db.fetchval(sql, namespace, keys.start, timeout=timeout)
+        else:
+            sql = (
+                f"SELECT count(*) FROM kv.entries WHERE namespace = $1 AND key >= $2 AND key < $3 AND {_LIVE}"
+            )
+            value = await self._db.fetchval(sql, namespace, keys.start, keys.end, timeout=timeout)
+        return int(value)
+
+    async def revisions(self, *, timeout: float) -> tuple[int, int]:
+        """(current store revision, compacted revision)."""
+        row = await self._db.fetchrow(
+            "SELECT s.current, c.revision AS compacted FROM kv.store_revision s, kv.compaction c",
+            timeout=timeout,
+        )
+        assert row is not None
+        return row["current"], row["compacted"]
+
+    async def changes_after(
+        self,
+        namespace: str,
+        keys: KeyRange,
+        cursor: tuple[int, str | None],
+        limit: int,
+        *,
+        timeout: float,
+    ) -> tuple[list[Change], int, int]:
+        """Changes to ``keys`` after ``cursor`` in (revision, key) order; plus (current, compacted).
+
+        ``cursor`` is (revision, key): changes of later revisions, and of that
+        revision with a greater key (None: none of that revision). All three
+        results come from one snapshot: when no change is returned, nothing
+        matching happened up to ``current``.
+        """
+        after_revision, after_key = cursor
+        end_condition = "AND ch.key < $4" if keys.end is not None else "AND $4::text IS NULL"
+        rows = await self._db.fetch(
+            f"""
+            SELECT s.current, c.revision AS compacted, ch.*
+            FROM kv.store_revision s CROSS JOIN kv.compaction c
+            LEFT JOIN LATERAL (
+                SELECT ch.revision, ch.key, ch.kind, ch.value, ch.content_type, ch.create_revision,
+                       ch.version, ch.expires_at
+                FROM kv.changes ch
+                WHERE ch.namespace = $1 AND ch.key >= $3 {end_condition}
+                  AND (ch.revision > $2 OR (ch.revision = $2 AND ch.key > $6::text))
+                ORDER BY ch.revision, ch.key
+                LIMIT $5
+            ) ch ON true
+            """,
+            namespace,
+            after_revision,
+            keys.start,
+            keys.end,
+            limit,
+            after_key,
+            timeout=timeout,
+        )
+        current, compacted = rows[0]["current"], rows[0]["compacted"]
+        changes = [
+            Change(
+                row["revision"],
+                row["kind"],
+                kv_pb2.KeyValue(
+                    namespace=namespace,
+                    key=row["key"],
+                    value=row["value"],
+                    content_type=row["content_type"],
+                    create_revision=row["create_revision"],
+                    mod_revision=row["revision"],
+                    version=row["version"],
+                    expire_time=_timestamp(row["expires_at"]),
+                ),
+            )
+            for row in rows
+            if row["revision"] is not None
+        ]
+        return changes, current, compacted
+
+    async def sweep_expired(self, limit: int) -> tuple[int | None, int]:
+        """Remove up to ``limit`` expired keys; (revision or None, how many)."""
+        row = await self._db.write_row("SELECT * FROM kv.sweep_expired($1)", limit)
+        assert row is not None
+        return row["r_revision"], row["r_removed"]
+
+    async def compact(self, keep_revisions: int) -> int | None:
+        """Forget change-log entries older than the newest ``keep_revisions``; the new compacted revision."""
+        current, compacted = await self.revisions(timeout=30.0)
+        target = current - keep_revisions
+        if target <= compacted:
+            return None
+        value = await self._db.write_row("SELECT kv.compact($1) AS compacted", target)
+        assert value is not None
+        return int(value["compacted"])

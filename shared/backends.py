@@ -1,0 +1,78 @@
+"""Postgres and Redis for a Strata deployment: embedded or external, migrated.
+
+:func:`open_backends` is the one place that decides the run mode. With no
+``DATABASE_URL``/``REDIS_URL`` it starts the embedded servers under the data
+folder; otherwise it uses the given servers and starts nothing. Either way it
+applies every service's pending migrations before returning the URLs the
+services connect with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+
+from shared.embedded import EmbeddedPostgres, EmbeddedRedis, prepare_database, service_password
+from shared.migrations import Migration, apply_migrations, discover
+from shared.settings import Settings
+
+__all__ = ["Backends", "migration_plan", "open_backends"]
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(slots=True)
+class Backends:
+    """The URLs services use, and the embedded servers when this process started them."""
+
+    database_url: str
+    migrate_database_url: str
+    redis_url: str
+    postgres: EmbeddedPostgres | None = None
+    redis: EmbeddedRedis | None = None
+
+    def close(self) -> None:
+        """Stop the embedded servers (external ones are left alone)."""
+        if self.redis is not None:
+            self.redis.stop()
+        if self.postgres is not None:
+            self.postgres.stop()
+
+
+def migration_plan(services: tuple[str, ...]) -> list[Migration]:
+    """Every migration of ``services``, each service's schema named after it."""
+    plan: list[Migration] = []
+    for name in services:
+        folder = PROJECT_ROOT / "services" / name / "migrations"
+        if folder.is_dir():
+            plan.extend(discover(name, folder))
+    return plan
+
+
+async def open_backends(settings: Settings, services: tuple[str, ...]) -> Backends:
+    """Start (embedded) or reach (external) Postgres and Redis, and migrate."""
+    if settings.embedded:
+        postgres = EmbeddedPostgres(settings.data_dir, settings.embedded_pg_port)
+        redis = EmbeddedRedis(settings.data_dir, settings.embedded_redis_port)
+        try:
+            urls = postgres.start()
+            await prepare_database(urls.owner, service_password(settings.data_dir))
+            backends = Backends(urls.service, urls.owner, redis.start(), postgres, redis)
+        except BaseException:
+            redis.stop()
+            postgres.stop()
+            raise
+    else:
+        backends = Backends(settings.database_url, settings.migrate_database_url, settings.redis_url)
+    try:
+        conn = await asyncpg.connect(backends.migrate_database_url)
+        try:
+            await apply_migrations(conn, migration_plan(services))
+        finally:
+            await conn.close()
+    except BaseException:
+        backends.close()
+        raise
+    return backends

@@ -1,0 +1,415 @@
+"""Two-tier, revision-guarded cache: an in-process LRU in front of Redis.
+
+Every entry carries the revision of the row it was read from (or the write
+that produced it). A store never replaces an entry with an older revision, in
+either tier, so the classic fill race (a reader misses, reads the old row, a
+writer commits and updates the cache, then the reader stores the old row)
+cannot leave a stale entry: the late fill is refused.
+
+Writers call :meth:`RevisionedCache.record_write` after commit and before
+acknowledging, writing the new value (or a tombstone) through both tiers and
+broadcasting the revision to other processes' LRUs over Redis pub/sub.
+Concurrent misses for one key share one load. Redis down means the cache is
+bypassed, never an error: writes that could not reach Redis are remembered
+and replayed, and Redis is not read until they have been.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import cast
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+__all__ = ["CacheEntry", "CacheStats", "RevisionedCache", "open_redis"]
+
+_log = logging.getLogger(__name__)
+
+# Entry flags, ordered so that at one revision a value beats a bare marker.
+_MARKER = b"A"  # revision known, content not cached (too large, or invalidated)
+_DELETED = b"D"  # tombstone: absent as of this revision
+_VALUE = b"V"
+_REV_DIGITS = 20
+
+# KEYS[1] = entry key; ARGV[1] = encoded entry; ARGV[2] = TTL in ms.
+# Stores unless the current entry's revision+flag prefix is >= the new one.
+_GUARDED_SET = """
+local cur = redis.call('GET', KEYS[1])
+if cur and string.sub(cur, 1, 21) >= string.sub(ARGV[1], 1, 21) then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+
+def open_redis(url: str, *, timeout_s: float = 0.5) -> aioredis.Redis:
+    """A Redis client that fails fast (no client-side retries): callers decide what to bypass."""
+    return aioredis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry_on_timeout=False,
+        retry=None,
+        health_check_interval=0,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class CacheEntry:
+    """What the cache knows of a key as of ``revision``: a payload, or that it is absent."""
+
+    revision: int
+    payload: bytes | None  # None: absent (tombstone)
+    expires_at: float | None = None  # wall-clock epoch seconds; None: no expiry
+
+
+@dataclass(slots=True)
+class CacheStats:
+    """Counters since start; read by admin and benchmarks."""
+
+    local_hits: int = 0
+    redis_hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    coalesced: int = 0
+    fills_refused: int = 0
+    evictions: int = 0
+    redis_errors: int = 0
+    invalidations_received: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters by name."""
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+@dataclass(slots=True)
+class _LocalEntry:
+    revision: int
+    flag: bytes
+    payload: bytes | None
+    expires_at: float | None
+    stale_after: float = field(default=0.0)
+
+
+Loader = Callable[[], Awaitable[CacheEntry | None]]
+
+
+class RevisionedCache:
+    """An LRU + Redis cache of revisioned entries under one key ``prefix``.
+
+    ``redis`` may be None (local tier only). ``max_payload`` bounds what is
+    stored: larger payloads are recorded as a revision marker (a miss that
+    still refuses older fills).
+    """
+
+    def __init__(
+        self,
+        redis: aioredis.Redis | None,
+        *,
+        prefix: str,
+        local_entries: int = 100_000,
+        ttl_s: float = 300.0,
+        max_payload: int = 64 * 1024,
+        redis_retry_s: float = 1.0,
+    ) -> None:
+        self._redis = redis
+        self._prefix = prefix.encode()
+        self._channel = f"strata:cache:invalidate:{prefix}"
+        self._local: OrderedDict[bytes, _LocalEntry] = OrderedDict()
+        self._local_max = local_entries
+        self._ttl_s = ttl_s
+        self._max_payload = max_payload
+        self._redis_retry_s = redis_retry_s
+        self._redis_down_until = 0.0
+        self._pending: dict[bytes, bytes] = {}  # key → encoded entry not yet in Redis
+        self._inflight: dict[bytes, asyncio.Future[CacheEntry | None]] = {}
+        self._set_script = redis.register_script(_GUARDED_SET) if redis is not None else None
+        self._listener: asyncio.Task[None] | None = None
+        self._replayer: asyncio.Task[None] | None = None
+        self.stats = CacheStats()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self) -> None:
+        """Start listening for other processes' invalidations (call inside the event loop)."""
+        if self._redis is not None and self._listener is None:
+            self._listener = asyncio.create_task(self._listen(), name="cache-invalidations")
+
+    async def close(self) -> None:
+        """Stop background tasks and close the Redis client."""
+        for task in (self._listener, self._replayer):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        if self._redis is not None:
+            with contextlib.suppress(Exception):
+                await self._redis.aclose()
+
+    # -- reads -------------------------------------------------------------
+
+    async def get(self, key: bytes) -> CacheEntry | None:
+        """The cached entry for ``key`` (a value or a tombstone), or None on a miss."""
+        now = time.time()
+        local = self._local.get(key)
+        if local is not None:
+            if local.stale_after > now and (local.expires_at is None or local.expires_at > now):
+                if local.flag != _MARKER:
+                    self._local.move_to_end(key)
+                    self.stats.local_hits += 1
+                    return CacheEntry(local.revision, local.payload, local.expires_at)
+            elif local.flag != _MARKER:
+                del self._local[key]
+        if self._redis_usable():
+            try:
+                raw = cast("bytes | None", await self._redis.get(self._prefix + key))  # type: ignore[union-attr]
+            except (RedisError, OSError) as exc:
+                self._redis_failed(exc)
+            else:
+                if raw is not None:
+                    entry = _decode(raw)
+                    if entry is not None and (entry.expires_at is None or entry.expires_at > now):
+                        self.stats.redis_hits += 1
+                        self._store_local(key, raw[_REV_DIGITS : _REV_DIGITS + 1], entry)
+                        return entry
+        self.stats.misses += 1
+        return None
+
+    async def load(self, key: bytes, loader: Loader) -> CacheEntry | None:
+        """Cached entry, or ``loader()``'s result stored and returned.
+
+        Concurrent misses for one key share one ``loader`` call. The loader
+        returns the row with its revision, or None when absent (absence is not
+        cached: it has no revision to guard it).
+        """
+        entry = await self.get(key)
+        if entry is not None:
+            return entry
+        waiting = self._inflight.get(key)
+        if waiting is not None:
+            self.stats.coalesced += 1
+            return await asyncio.shield(waiting)
+        future: asyncio.Future[CacheEntry | None] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            self.stats.loads += 1
+            loaded = await loader()
+            if loaded is not None:
+                await self.fill(key, loaded)
+            future.set_result(loaded)
+            return loaded
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: waiters re-raise it themselves
+            raise
+        finally:
+            del self._inflight[key]
+
+    # -- writes ------------------------------------------------------------
+
+    async def fill(self, key: bytes, entry: CacheEntry) -> None:
+        """Store an entry read from the database, unless a newer one is cached."""
+        flag = self._flag_for(entry)
+        self._store_local(key, flag, entry)
+        if self._redis_usable() and key not in self._pending:
+            try:
+                stored = await self._set_script(  # type: ignore[misc]
+                    keys=[self._prefix + key], args=[_encode(flag, entry), self._redis_ttl_ms(entry)]
+                )
+                if not stored:
+                    self.stats.fills_refused += 1
+            except (RedisError, OSError) as exc:
+                self._redis_failed(exc)
+
+    async def record_writes(self, writes: list[tuple[bytes, CacheEntry]]) -> None:
+        """Publish committed writes (values or tombstones) to both tiers and other processes.
+
+        Call after commit and before acknowledging. One Redis round trip for
+        the whole batch. If Redis cannot be reached the writes are kept and
+        replayed later; until then this process does not read Redis.
+        """
+        encoded: list[tuple[bytes, bytes, CacheEntry]] = []
+        for key, entry in writes:
+            flag = self._flag_for(entry)
+            self._store_local(key, flag, entry, force=True)
+            encoded.append((key, _encode(flag, entry), entry))
+        if self._redis is None or not encoded:
+            return
+        if not self._redis_usable():
+            for key, data, _ in encoded:
+                self._remember(key, data)
+            return
+        try:
+            await self._write_through(encoded)
+        except (RedisError, OSError) as exc:
+            self._redis_failed(exc)
+            for key, data, _ in encoded:
+                self._remember(key, data)
+
+    async def _write_through(self, encoded: list[tuple[bytes, bytes, CacheEntry]]) -> None:
+        assert self._redis is not None and self._set_script is not None
+        message = b"".join(_invalidation(key, data) for key, data, _ in encoded)
+        if len(encoded) == 1:
+            key, data, entry = encoded[0]
+            await self._set_script(keys=[self._prefix + key], args=[data, self._redis_ttl_ms(entry)])
+            await self._redis.publish(self._channel, message)
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key, data, entry in encoded:
+                await self._set_script(
+                    keys=[self._prefix + key], args=[data, self._redis_ttl_ms(entry)], client=pipe
+                )
+            pipe.publish(self._channel, message)
+            await pipe.execute()
+
+    async def invalidate(self, key: bytes) -> None:
+        """Drop ``key`` from both tiers (for callers without a revision)."""
+        self._local.pop(key, None)
+        if self._redis_usable():
+            try:
+                await self._redis.delete(self._prefix + key)  # type: ignore[union-attr]
+                await self._redis.publish(self._channel, _invalidation(key, b"0" * _REV_DIGITS))  # type: ignore[union-attr]
+            except (RedisError, OSError) as exc:
+                self._redis_failed(exc)
+
+    def clear_local(self) -> None:
+        """Empty the in-process tier."""
+        self._local.clear()
+
+    # -- internals ---------------------------------------------------------
+
+    def _flag_for(self, entry: CacheEntry) -> bytes:
+        if entry.payload is None:
+            return _DELETED
+        return _VALUE if len(entry.payload) <= self._max_payload else _MARKER
+
+    def _store_local(self, key: bytes, flag: bytes, entry: CacheEntry, *, force: bool = False) -> None:
+        if self._local_max <= 0:
+            return
+        current = self._local.get(key)
+        if current is not None and not force and (current.revision, current.flag) >= (entry.revision, flag):
+            self.stats.fills_refused += 1
+            return
+        if current is not None and force and current.revision > entry.revision:
+            return
+        self._local[key] = _LocalEntry(
+            entry.revision,
+            flag,
+            entry.payload if flag == _VALUE else None,
+            entry.expires_at,
+            time.time() + self._ttl_s,
+        )
+        self._local.move_to_end(key)
+        while len(self._local) > self._local_max:
+            self._local.popitem(last=False)
+            self.stats.evictions += 1
+
+    def _redis_ttl_ms(self, entry: CacheEntry) -> int:
+        ttl = self._ttl_s
+        if entry.expires_at is not None:
+            ttl = min(ttl, entry.expires_at - time.time())
+        return max(1, int(ttl * 1000))
+
+    def _redis_usable(self) -> bool:
+        return self._redis is not None and not self._pending and time.monotonic() >= self._redis_down_until
+
+    def _redis_failed(self, exc: BaseException) -> None:
+        self.stats.redis_errors += 1
+        if time.monotonic() >= self._redis_down_until:
+            _log.warning("redis unavailable; bypassing the cache tier", extra={"error": repr(exc)})
+        self._redis_down_until = time.monotonic() + self._redis_retry_s
+
+    def _remember(self, key: bytes, encoded: bytes) -> None:
+        previous = self._pending.get(key)
+        if previous is None or previous[: _REV_DIGITS + 1] < encoded[: _REV_DIGITS + 1]:
+            self._pending[key] = encoded
+        if self._replayer is None or self._replayer.done():
+            self._replayer = asyncio.create_task(self._replay(), name="cache-replay")
+
+    async def _replay(self) -> None:
+        # Writes Redis missed must land (guarded) before Redis is read again,
+        # or an entry older than an acknowledged write could be served.
+        assert self._redis is not None and self._set_script is not None
+        while self._pending:
+            await asyncio.sleep(max(0.05, self._redis_down_until - time.monotonic()))
+            try:
+                batch = list(self._pending.items())
+                await self._write_through([(key, data, _decode_any(data)) for key, data in batch])
+                for key, data in batch:
+                    if self._pending.get(key) is data:
+                        del self._pending[key]
+            except (RedisError, OSError) as exc:
+                self._redis_failed(exc)
+        _log.info("redis reachable again; cache tier back in use")
+
+    async def _listen(self) -> None:
+        assert self._redis is not None
+        while True:
+            try:
+                pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+                await pubsub.subscribe(self._channel)
+                # Anything missed while unsubscribed may be stale locally.
+                self._local.clear()
+                async for message in pubsub.listen():
+                    for revision, key in _parse_invalidations(message["data"]):
+                        self._apply_invalidation(revision, key)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._redis_failed(exc)
+                await asyncio.sleep(self._redis_retry_s)
+
+    def _apply_invalidation(self, revision: int, key: bytes) -> None:
+        self.stats.invalidations_received += 1
+        local = self._local.get(key)
+        if local is not None and (revision == 0 or local.revision < revision):
+            del self._local[key]
+
+
+def _encode(flag: bytes, entry: CacheEntry) -> bytes:
+    expires = b"" if entry.expires_at is None else repr(entry.expires_at).encode()
+    payload = entry.payload if flag == _VALUE and entry.payload is not None else b""
+    return b"%020d" % entry.revision + flag + expires + b"|" + payload
+
+
+def _decode(raw: bytes) -> CacheEntry | None:
+    """The entry in ``raw``; None for a marker (a miss)."""
+    if raw[_REV_DIGITS : _REV_DIGITS + 1] == _MARKER:
+        return None
+    return _decode_any(raw)
+
+
+def _decode_any(raw: bytes) -> CacheEntry:
+    flag = raw[_REV_DIGITS : _REV_DIGITS + 1]
+    bar = raw.index(b"|", _REV_DIGITS + 1)
+    expires = raw[_REV_DIGITS + 1 : bar]
+    return CacheEntry(
+        int(raw[:_REV_DIGITS]),
+        raw[bar + 1 :] if flag == _VALUE else None,
+        float(expires) if expires else None,
+    )
+
+
+def _invalidation(key: bytes, encoded: bytes) -> bytes:
+    # revision (20 digits) + key length (8 hex digits) + key; messages concatenate.
+    return encoded[:_REV_DIGITS] + b"%08x" % len(key) + key
+
+
+def _parse_invalidations(data: bytes) -> list[tuple[int, bytes]]:
+    found: list[tuple[int, bytes]] = []
+    at = 0
+    while at + _REV_DIGITS + 8 <= len(data):
+        revision = int(data[at : at + _REV_DIGITS])
+        size = int(data[at + _REV_DIGITS : at + _REV_DIGITS + 8], 16)
+        start = at + _REV_DIGITS + 8
+        found.append((revision, data[start : start + size]))
+        at = start + size
+    return found

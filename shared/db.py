@@ -1,0 +1,236 @@
+"""The Postgres pool every service uses.
+
+:class:`Database` wraps one asyncpg pool with what a service needs around it:
+retry with backoff and jitter when a connection is lost (reads always; writes
+only when nothing was sent), a circuit breaker that fails fast while Postgres
+is down, per-call timeouts taken from the gRPC deadline, and a slow-query log.
+
+Strata never leaves session state on a connection (tenant settings are
+transaction-local), so the pool skips asyncpg's reset round trip on release;
+a connection released inside a transaction is still rolled back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import asyncpg
+import grpc
+
+from shared.errors import StrataError, unavailable
+
+__all__ = ["CircuitBreaker", "Database", "deadline_timeout"]
+
+T = TypeVar("T")
+_log = logging.getLogger(__name__)
+
+# Errors after which the same statement may succeed on a fresh connection.
+_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    ConnectionError,
+    OSError,
+)
+
+
+def deadline_timeout(context: grpc.aio.ServicerContext[Any, Any] | None, cap: float = 30.0) -> float:
+    """Seconds left before the call's deadline (at most ``cap``), for statement timeouts.
+
+    Raises DEADLINE_EXCEEDED when the deadline has already passed, so no
+    statement is started that the caller will not wait for.
+    """
+    remaining: float | None = context.time_remaining() if context is not None else None
+    if remaining is None:
+        return cap
+    if remaining <= 0.001:
+        raise StrataError(grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", "the deadline passed")
+    return min(cap, remaining)
+
+
+class CircuitBreaker:
+    """Opens after ``threshold`` consecutive failures; lets one probe through after ``cooldown_s``."""
+
+    def __init__(self, threshold: int = 5, cooldown_s: float = 1.0) -> None:
+        self.threshold = threshold
+        self.cooldown_s = cooldown_s
+        self.failures = 0
+        self._opened_at = 0.0
+
+    @property
+    def state(self) -> str:
+        """ "closed", "open" or "half-open"."""
+        if self.failures < self.threshold:
+            return "closed"
+        return "half-open" if time.monotonic() - self._opened_at >= self.cooldown_s else "open"
+
+    def allow(self) -> bool:
+        """Whether a call may go through now."""
+        if self.state != "open":
+            return True
+        return False
+
+    def record_success(self) -> None:
+        self.failures = 0
+
+    def record_failure(self) -> None:
+        self.failures += 1
+        if self.failures >= self.threshold:
+            self._opened_at = time.monotonic()
+
+
+class Database:
+    """An asyncpg pool with retry, a circuit breaker and a slow-query log.
+
+    Open with :meth:`open`; close with :meth:`close`. Example::
+
+        db = await Database.open(settings.database_url, min_size=2, max_size=10)
+        row = await db.fetchrow("SELECT 1 AS one", timeout=deadline_timeout(context))
+    """
+
+    def __init__(self, pool: asyncpg.Pool, *, slow_query_ms: float, retries: int = 3) -> None:
+        self.pool = pool
+        self.breaker = CircuitBreaker()
+        self._slow_s = slow_query_ms / 1000.0
+        self._retries = retries
+
+    @classmethod
+    async def open(
+        cls,
+        dsn: str,
+        *,
+        min_size: int = 2,
+        max_size: int = 10,
+        slow_query_ms: float = 200.0,
+        application_name: str = "strata",
+        connect_timeout: float = 5.0,
+    ) -> Database:
+        """Open a pool on ``dsn``, retrying for up to ``connect_timeout`` s while Postgres starts."""
+        deadline = time.monotonic() + connect_timeout
+        delay = 0.05
+        while True:
+            try:
+                pool = await asyncpg.create_pool(
+                    dsn,
+                    min_size=min_size,
+                    max_size=max_size,
+                    reset=_rollback_if_in_transaction,
+                    server_settings={"application_name": application_name, "jit": "off"},
+                    timeout=connect_timeout,
+                )
+                return cls(pool, slow_query_ms=slow_query_ms)
+            except _CONNECTION_ERRORS:
+                if time.monotonic() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def close(self) -> None:
+        """Close every connection, waiting at most 5 s for ones in use."""
+        try:
+            await asyncio.wait_for(self.pool.close(), 5.0)
+        except TimeoutError:
+            self.pool.terminate()
+
+    async def fetch(self, sql: str, *args: Any, timeout: float = 30.0) -> list[asyncpg.Record]:
+        """Run a read; retried on connection loss."""
+        return await self.run(lambda c: c.fetch(sql, *args, timeout=timeout), sql, idempotent=True)
+
+    async def fetchrow(self, sql: str, *args: Any, timeout: float = 30.0) -> asyncpg.Record | None:
+        """Run a read returning at most one row; retried on connection loss."""
+        return await self.run(lambda c: c.fetchrow(sql, *args, timeout=timeout), sql, idempotent=True)
+
+    async def fetchval(self, sql: str, *args: Any, timeout: float = 30.0) -> Any:
+        """Run a read returning one value; retried on connection loss."""
+        return await self.run(lambda c: c.fetchval(sql, *args, timeout=timeout), sql, idempotent=True)
+
+    async def write_row(self, sql: str, *args: Any, timeout: float = 30.0) -> asyncpg.Record | None:
+        """Run one write statement (autocommit) returning at most one row.
+
+        Not retried once sent: a lost connection after sending leaves the
+        outcome unknown, which the caller hears as UNAVAILABLE.
+        """
+        return await self.run(lambda c: c.fetchrow(sql, *args, timeout=timeout), sql, idempotent=False)
+
+    async def write_rows(self, sql: str, *args: Any, timeout: float = 30.0) -> list[asyncpg.Record]:
+        """As :meth:`write_row`, returning all rows."""
+        return await self.run(lambda c: c.fetch(sql, *args, timeout=timeout), sql, idempotent=False)
+
+    async def run(
+        self,
+        work: Callable[[asyncpg.Connection], Awaitable[T]],
+        label: str,
+        *,
+        idempotent: bool,
+    ) -> T:
+        """Run ``work`` on a pooled connection with breaker, retry and timing.
+
+        ``idempotent`` work is retried on connection loss with exponential
+        backoff and jitter; other work only when the connection could not be
+        acquired (nothing was sent).
+        """
+        attempt = 0
+        while True:
+            if not self.breaker.allow():
+                raise unavailable(
+                    "DATABASE_UNAVAILABLE", "the database is unavailable; retry", retry_delay_s=1.0
+                )
+            sent = False
+            try:
+                async with self.pool.acquire() as conn:
+                    sent = True
+                    started = time.perf_counter()
+                    result = await work(conn)
+                    self._observe(label, time.perf_counter() - started)
+                self.breaker.record_success()
+                return result
+            except _CONNECTION_ERRORS as exc:
+                self.breaker.record_failure()
+                attempt += 1
+                if (sent and not idempotent) or attempt > self._retries:
+                    raise unavailable(
+                        "DATABASE_UNAVAILABLE", "the database connection was lost; retry", retry_delay_s=0.5
+                    ) from exc
+                await asyncio.sleep(min(1.0, 0.05 * 2**attempt) * (0.5 + random.random()))
+
+    @asynccontextmanager
+    async def transaction(self, *, timeout: float = 30.0) -> AsyncIterator[asyncpg.Connection]:
+        """A connection inside a transaction, committed on clean exit.
+
+        Not retried: the body decides what is safe to repeat. Connection loss
+        surfaces as UNAVAILABLE.
+        """
+        if not self.breaker.allow():
+            raise unavailable("DATABASE_UNAVAILABLE", "the database is unavailable; retry", retry_delay_s=1.0)
+        try:
+            async with self.pool.acquire(timeout=timeout) as conn, conn.transaction():
+                yield conn
+        except _CONNECTION_ERRORS as exc:
+            self.breaker.record_failure()
+            raise unavailable(
+                "DATABASE_UNAVAILABLE", "the database connection was lost; retry", retry_delay_s=0.5
+            ) from exc
+        self.breaker.record_success()
+
+    def _observe(self, label: str, seconds: float) -> None:
+        if seconds >= self._slow_s:
+            _log.warning(
+                "slow query", extra={"duration_ms": round(seconds * 1000, 2), "statement": label[:500]}
+            )
+
+
+async def _rollback_if_in_transaction(conn: asyncpg.Connection) -> None:
+    # Replaces asyncpg's reset (RESET ALL, UNLISTEN *, …: one round trip per
+    # release). Nothing in Strata sets session state, so only an abandoned
+    # transaction needs undoing.
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")

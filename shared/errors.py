@@ -1,0 +1,180 @@
+"""One mapping from failures to gRPC status codes with ``google.rpc.Status`` details.
+
+Handlers raise :class:`StrataError` (or let database errors escape); the server
+bootstrap turns every exception into a status with an ``ErrorInfo`` (stable
+UPPER_SNAKE reason) and, for bad input, a ``BadRequest`` listing each field
+violation. Nothing else decides status codes, and no stack trace leaves the
+process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import asyncpg
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+__all__ = [
+    "FieldViolation",
+    "StrataError",
+    "aborted",
+    "already_exists",
+    "from_exception",
+    "invalid_argument",
+    "not_found",
+    "unavailable",
+]
+
+DETAILS_KEY = "grpc-status-details-bin"
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    """One bad request field: its path (``items[3].key``) and what is wrong."""
+
+    field: str
+    description: str
+
+
+class StrataError(Exception):
+    """A failure with a gRPC code, a stable reason and optional details.
+
+    ``reason`` is an UPPER_SNAKE identifier callers may switch on; ``metadata``
+    goes into the ErrorInfo; ``violations`` into a BadRequest detail.
+    """
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        reason: str,
+        message: str,
+        *,
+        domain: str = "strata",
+        metadata: Mapping[str, str] | None = None,
+        violations: Iterable[FieldViolation] = (),
+        retry_delay_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+        self.message = message
+        self.domain = domain
+        self.metadata = dict(metadata or {})
+        self.violations = tuple(violations)
+        self.retry_delay_s = retry_delay_s
+
+    def to_status(self) -> status_pb2.Status:
+        """The ``google.rpc.Status`` carried in ``grpc-status-details-bin``."""
+        status = status_pb2.Status(code=self.code.value[0], message=self.message)
+        info = error_details_pb2.ErrorInfo(reason=self.reason, domain=self.domain, metadata=self.metadata)
+        _pack(status, info)
+        if self.violations:
+            bad = error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                    for v in self.violations
+                ]
+            )
+            _pack(status, bad)
+        if self.retry_delay_s is not None:
+            retry = error_details_pb2.RetryInfo()
+            retry.retry_delay.FromNanoseconds(int(self.retry_delay_s * 1e9))
+            _pack(status, retry)
+        return status
+
+    def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
+        """Trailing metadata that carries :meth:`to_status`."""
+        return ((DETAILS_KEY, self.to_status().SerializeToString()),)
+
+
+def invalid_argument(violations: Iterable[FieldViolation], *, domain: str = "strata") -> StrataError:
+    """INVALID_ARGUMENT with a BadRequest naming every violated field."""
+    items = tuple(violations)
+    message = "; ".join(f"{v.field}: {v.description}" for v in items) or "invalid request"
+    return StrataError(
+        grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", message, domain=domain, violations=items
+    )
+
+
+def not_found(reason: str, message: str, *, domain: str = "strata", **metadata: str) -> StrataError:
+    """NOT_FOUND with ``reason`` (e.g. KEY_NOT_FOUND) and metadata naming the thing."""
+    return StrataError(grpc.StatusCode.NOT_FOUND, reason, message, domain=domain, metadata=metadata)
+
+
+def aborted(reason: str, message: str, *, domain: str = "strata", **metadata: str) -> StrataError:
+    """ABORTED: an optimistic-concurrency check (revision, etag) failed."""
+    return StrataError(grpc.StatusCode.ABORTED, reason, message, domain=domain, metadata=metadata)
+
+
+def already_exists(reason: str, message: str, *, domain: str = "strata", **metadata: str) -> StrataError:
+    """ALREADY_EXISTS for a create whose identity is taken."""
+    return StrataError(grpc.StatusCode.ALREADY_EXISTS, reason, message, domain=domain, metadata=metadata)
+
+
+def unavailable(reason: str, message: str, *, retry_delay_s: float | None = None) -> StrataError:
+    """UNAVAILABLE: a dependency is down; the caller may retry."""
+    return StrataError(grpc.StatusCode.UNAVAILABLE, reason, message, retry_delay_s=retry_delay_s)
+
+
+# SQLSTATE classes and codes → (gRPC code, reason). Checked most specific first.
+_SQLSTATE_MAP: dict[str, tuple[grpc.StatusCode, str]] = {
+    "23505": (grpc.StatusCode.ALREADY_EXISTS, "UNIQUE_VIOLATION"),
+    "23503": (grpc.StatusCode.FAILED_PRECONDITION, "FOREIGN_KEY_VIOLATION"),
+    "23502": (grpc.StatusCode.INVALID_ARGUMENT, "NOT_NULL_VIOLATION"),
+    "23514": (grpc.StatusCode.INVALID_ARGUMENT, "CHECK_VIOLATION"),
+    "22": (grpc.StatusCode.INVALID_ARGUMENT, "DATA_EXCEPTION"),
+    "40001": (grpc.StatusCode.ABORTED, "SERIALIZATION_FAILURE"),
+    "40P01": (grpc.StatusCode.ABORTED, "DEADLOCK_DETECTED"),
+    "42501": (grpc.StatusCode.PERMISSION_DENIED, "INSUFFICIENT_PRIVILEGE"),
+    "57014": (grpc.StatusCode.DEADLINE_EXCEEDED, "QUERY_CANCELED"),
+    "53": (grpc.StatusCode.RESOURCE_EXHAUSTED, "DATABASE_RESOURCES_EXHAUSTED"),
+    "57P": (grpc.StatusCode.UNAVAILABLE, "DATABASE_SHUTTING_DOWN"),
+    "08": (grpc.StatusCode.UNAVAILABLE, "DATABASE_CONNECTION_FAILED"),
+}
+
+
+def from_exception(exc: BaseException) -> StrataError:
+    """Map any exception escaping a handler to a :class:`StrataError`.
+
+    Database errors map by SQLSTATE; connection loss and timeouts to
+    UNAVAILABLE / DEADLINE_EXCEEDED; anything unexpected to INTERNAL with a
+    generic message (the exception is logged, never sent).
+    """
+    if isinstance(exc, StrataError):
+        return exc
+    if isinstance(exc, asyncpg.PostgresError):
+        sqlstate = getattr(exc, "sqlstate", None) or ""
+        for prefix in sorted(_SQLSTATE_MAP, key=len, reverse=True):
+            if sqlstate.startswith(prefix):
+                code, reason = _SQLSTATE_MAP[prefix]
+                return StrataError(code, reason, _database_message(code), metadata={"sqlstate": sqlstate})
+    if isinstance(exc, asyncpg.exceptions.InterfaceError | ConnectionError | OSError):
+        return StrataError(
+            grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE", "the database cannot be reached; retry"
+        )
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return StrataError(grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", "the deadline passed")
+    _log.exception("unexpected error in handler", exc_info=exc)
+    return StrataError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error")
+
+
+def _database_message(code: grpc.StatusCode) -> str:
+    # Never echo the server's message: it can contain other rows' values.
+    return {
+        grpc.StatusCode.ALREADY_EXISTS: "a row with this identity already exists",
+        grpc.StatusCode.ABORTED: "the transaction conflicted with another; retry",
+        grpc.StatusCode.DEADLINE_EXCEEDED: "the statement was cancelled at the deadline",
+        grpc.StatusCode.UNAVAILABLE: "the database is unavailable; retry",
+    }.get(code, "the database rejected the request")
+
+
+def _pack(status: status_pb2.Status, message: object) -> None:
+    detail = any_pb2.Any()
+    detail.Pack(message)  # type: ignore[arg-type]
+    status.details.append(detail)

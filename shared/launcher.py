@@ -1,0 +1,183 @@
+"""``make run``: Postgres, Redis, migrations and every service, in the foreground.
+
+Starts the backends (embedded unless URLs are given, see shared.backends),
+then each service as its own process, waits until each reports its port, and
+prints the addresses. A service that dies is restarted with backoff. Ctrl-C
+or SIGTERM stops the services (each drains its calls), then the backends.
+
+Adding a service is one entry in :data:`SERVICES`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+
+import uvloop
+
+from shared.backends import Backends, open_backends
+from shared.settings import ConfigError, Settings, load_settings
+from shared.telemetry import configure_logging
+
+__all__ = ["SERVICES", "ServiceProcess", "main"]
+
+# Service name → module run as ``python -m``; the name is also its schema,
+# its migrations folder (services/<name>/migrations) and its port setting.
+SERVICES: dict[str, str] = {
+    "kv": "services.kv",
+}
+
+_log = logging.getLogger("strata.launcher")
+_READY_TIMEOUT_S = 60.0
+
+
+class ServiceProcess:
+    """One supervised service process."""
+
+    def __init__(self, name: str, module: str, env: dict[str, str]) -> None:
+        self.name = name
+        self.module = module
+        self.env = env
+        self.process: asyncio.subprocess.Process | None = None
+        self.address = ""
+        self.restarts = 0
+        self._stopping = False
+        self._forwarder: asyncio.Task[None] | None = None
+
+    async def start(self) -> str:
+        """Start the process and wait for its READY line; return its address."""
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            self.module,
+            env=self.env,
+            stdout=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
+        assert self.process.stdout is not None
+        deadline = time.monotonic() + _READY_TIMEOUT_S
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                line = await asyncio.wait_for(self.process.stdout.readline(), max(remaining, 0.01))
+            except TimeoutError:
+                await self.stop()
+                raise RuntimeError(f"{self.name} did not become ready in {_READY_TIMEOUT_S:.0f}s") from None
+            if not line:
+                code = await self.process.wait()
+                raise RuntimeError(f"{self.name} exited with code {code} before it was ready")
+            text = line.decode(errors="replace").strip()
+            if text.startswith(f"READY {self.name} "):
+                self.address = text.split(" ", 2)[2]
+                break
+            print(f"[{self.name}] {text}", flush=True)
+        self._forwarder = asyncio.create_task(self._forward_stdout())
+        return self.address
+
+    async def _forward_stdout(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        async for line in self.process.stdout:
+            print(f"[{self.name}] {line.decode(errors='replace').rstrip()}", flush=True)
+
+    async def supervise(self) -> None:
+        """Restart the process whenever it dies, until :meth:`stop`."""
+        delay = 0.5
+        while not self._stopping:
+            assert self.process is not None
+            code = await self.process.wait()
+            if self._stopping:
+                return
+            self.restarts += 1
+            _log.error("service exited; restarting", extra={"service": self.name, "code": code})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+            with contextlib.suppress(RuntimeError):
+                await self.start()
+                delay = 0.5
+
+    async def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM, wait up to ``timeout`` s for the drain, then SIGKILL; the exit code."""
+        self._stopping = True
+        if self.process is None or self.process.returncode is not None:
+            return None if self.process is None else self.process.returncode
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code = await asyncio.wait_for(self.process.wait(), timeout)
+        except TimeoutError:
+            self.process.kill()
+            code = await self.process.wait()
+        if self._forwarder is not None:
+            with contextlib.suppress(Exception):
+                await self._forwarder
+        return code
+
+
+def service_environment(settings: Settings, backends: Backends) -> dict[str, str]:
+    """The environment every service process gets: the caller's, plus the backends' URLs."""
+    env = dict(os.environ)
+    env.update(
+        DATABASE_URL=backends.database_url,
+        REDIS_URL=backends.redis_url,
+        STRATA_DATA_DIR=str(settings.data_dir),
+    )
+    env.pop("STRATA_MIGRATE_DATABASE_URL", None)  # the owner's URL stays with the launcher
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+async def run(settings: Settings) -> None:
+    """Start everything, print the addresses, and serve until a stop signal."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    mode = "embedded" if settings.embedded else "external"
+    print(f"Strata: starting ({mode} Postgres and Redis, data in {settings.data_dir})", flush=True)
+    backends = await open_backends(settings, tuple(SERVICES))
+    env = service_environment(settings, backends)
+    processes = [ServiceProcess(name, module, env) for name, module in SERVICES.items()]
+    supervisors: list[asyncio.Task[None]] = []
+    try:
+        for service in processes:
+            env_port = {f"STRATA_{service.name.upper()}_PORT": str(settings.port_of(service.name))}
+            service.env = {**env, **env_port}
+            await service.start()
+            supervisors.append(asyncio.create_task(service.supervise()))
+        print("Strata is running:", flush=True)
+        for service in processes:
+            print(f"  {service.name:<8} {service.address}", flush=True)
+        if settings.embedded:
+            print(
+                f"  postgres 127.0.0.1:{settings.embedded_pg_port} (secrets in {settings.data_dir}/secrets)"
+            )
+            print(f"  redis    127.0.0.1:{settings.embedded_redis_port}")
+        print("Press Ctrl-C to stop.", flush=True)
+        await stop.wait()
+        print("Strata: stopping", flush=True)
+    finally:
+        codes = await asyncio.gather(*(p.stop() for p in reversed(processes)), return_exceptions=True)
+        for task in supervisors:
+            task.cancel()
+        backends.close()
+        print(f"Strata: stopped (service exit codes: {codes})", flush=True)
+
+
+def main() -> None:
+    """Entry point of ``python -m shared.launcher``."""
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"strata: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging("launcher", settings.log_level)
+    uvloop.run(run(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""One server bootstrap for every Strata process.
+
+:class:`StrataServer` wires servicers into a ``grpc.aio`` server together with
+what every process needs: ``grpc.health.v1``, reflection, message-size limits,
+request decoding that answers INVALID_ARGUMENT for undecodable bytes, the one
+error mapping of :mod:`shared.errors`, optional tracing, and a SIGTERM path
+(health NOT_SERVING → shutdown hooks → drain in-flight calls → exit).
+
+Handlers are registered from the service descriptors, with raw bytes in and
+out, so decoding happens here once and a malformed message never reaches a
+servicer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import uvloop
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from google.protobuf import message_factory
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from shared.errors import FieldViolation, from_exception, invalid_argument
+from shared.settings import ConfigError, Settings, load_settings
+from shared.telemetry import configure_logging, server_interceptors, setup_telemetry, shutdown_telemetry
+
+__all__ = ["ShutdownHook", "StrataServer", "run_service"]
+
+ShutdownHook = Callable[[], Awaitable[None]]
+_log = logging.getLogger(__name__)
+
+
+class StrataServer:
+    """A gRPC server with Strata's common behaviour.
+
+    Example::
+
+        server = StrataServer(settings, "kv")
+        server.add_servicer(servicer, kv_pb2.DESCRIPTOR.services_by_name["KvService"])
+        server.on_shutdown(pool.close)
+        await server.serve(settings.kv_port)
+    """
+
+    def __init__(self, settings: Settings, name: str) -> None:
+        self._settings = settings
+        self.name = name
+        limit = settings.max_message_bytes
+        self._server = grpc.aio.server(
+            interceptors=server_interceptors(),
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ],
+        )
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        self._service_names: list[str] = []
+        self._hooks: list[ShutdownHook] = []
+        self._closers: list[ShutdownHook] = []
+        self._stopping = asyncio.Event()
+        self.port = 0
+
+    def add_servicer(self, servicer: object, service: _descriptor.ServiceDescriptor) -> None:
+        """Serve every method of ``service`` from the same-named coroutine of ``servicer``.
+
+        Unary methods are ``async def Method(request, context) -> response``;
+        server-streaming ones are async generators yielding responses.
+        """
+        handlers: dict[str, grpc.RpcMethodHandler] = {}
+        for method in service.methods:
+            impl = getattr(servicer, method.name)
+            request_type = message_factory.GetMessageClass(method.input_type)
+            if method.client_streaming:
+                raise NotImplementedError(f"client streaming is not supported: {method.full_name}")
+            if method.server_streaming:
+                handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                    _stream_handler(impl, request_type)
+                )
+            else:
+                handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                    _unary_handler(impl, request_type)
+                )
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+        )
+        self._service_names.append(service.full_name)
+
+    def on_shutdown(self, hook: ShutdownHook) -> None:
+        """Run ``hook`` at shutdown, after health turns NOT_SERVING, while calls drain."""
+        self._hooks.append(hook)
+
+    def after_drain(self, hook: ShutdownHook) -> None:
+        """Run ``hook`` once every call has finished (close pools and clients here)."""
+        self._closers.append(hook)
+
+    async def start(self, port: int) -> int:
+        """Bind ``host:port`` (0 picks a free port), start serving, return the port."""
+        reflection.enable_server_reflection(
+            [
+                *self._service_names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            self._server,
+        )
+        self.port = self._server.add_insecure_port(f"{self._settings.host}:{port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self._settings.host}:{port}")
+        await self._server.start()
+        for name in ("", *self._service_names):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        _log.info("serving", extra={"service": self.name, "port": self.port})
+        return self.port
+
+    async def serve(self, port: int) -> None:
+        """Start on ``port`` and serve until SIGTERM/SIGINT, then shut down gracefully."""
+        await self.start(port)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        # Tells a parent process (launcher, tests) that the port is bound.
+        print(f"READY {self.name} {self._settings.host}:{self.port}", flush=True)
+        await self._stopping.wait()
+        await self.stop()
+
+    def request_stop(self) -> None:
+        """Ask :meth:`serve` to shut down, as SIGTERM does."""
+        self._stopping.set()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING, run shutdown hooks, refuse new calls, drain in-flight ones for ``grace`` s."""
+        await self._health.enter_graceful_shutdown()
+        grace_s = self._settings.shutdown_grace_s if grace is None else grace
+        drain = asyncio.ensure_future(self._server.stop(grace_s))
+        await _run_hooks(self._hooks)
+        await drain
+        await _run_hooks(self._closers)
+        _log.info("stopped", extra={"service": self.name})
+
+
+def run_service(name: str, build: Callable[[Settings], Awaitable[StrataServer]]) -> None:
+    """The whole life of a service process: settings, logs, telemetry, serve until SIGTERM.
+
+    ``build`` opens what the service needs and returns its server; the port
+    is the ``STRATA_<NAME>_PORT`` setting. A bad setting exits with code 2.
+    """
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"strata-{name}: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging(name, settings.log_level)
+    setup_telemetry(f"strata-{name}")
+
+    async def serve() -> None:
+        server = await build(settings)
+        await server.serve(settings.port_of(name))
+
+    try:
+        uvloop.run(serve())
+    finally:
+        shutdown_telemetry()
+
+
+async def _run_hooks(hooks: list[ShutdownHook]) -> None:
+    for hook in hooks:
+        try:
+            await hook()
+        except Exception:
+            _log.exception("shutdown hook failed")
+
+
+def _decode(request_type: type[_message.Message], raw: bytes) -> _message.Message:
+    request = request_type()
+    try:
+        request.ParseFromString(raw)
+    except _message.DecodeError:
+        # Also raised for a string field that is not valid UTF-8.
+        raise invalid_argument(
+            [FieldViolation("request", "the message cannot be decoded (malformed bytes or invalid UTF-8)")]
+        ) from None
+    return request
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
+    error = from_exception(exc)
+    await context.abort(error.code, error.message, trailing_metadata=error.trailing_metadata())
+
+
+def _unary_handler(
+    impl: Callable[..., Awaitable[_message.Message]], request_type: type[_message.Message]
+) -> Callable[[bytes, grpc.aio.ServicerContext[Any, Any]], Awaitable[bytes]]:
+    async def handle(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        try:
+            response = await impl(_decode(request_type, raw), context)
+            return response.SerializeToString()
+        except asyncio.CancelledError:
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc)
+            raise AssertionError("unreachable") from None
+
+    return handle
+
+
+def _stream_handler(
+    impl: Callable[..., AsyncIterator[_message.Message]], request_type: type[_message.Message]
+) -> Callable[[bytes, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[bytes]]:
+    async def handle(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
+        try:
+            async for response in impl(_decode(request_type, raw), context):
+                yield response.SerializeToString()
+        except asyncio.CancelledError:
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc)
+
+    return handle

@@ -1,0 +1,179 @@
+"""Typed settings read once from the environment.
+
+Every process builds one :class:`Settings` with :func:`load_settings` at start;
+nothing else in Strata reads ``os.environ`` for its own configuration. A bad
+value fails the start with a :class:`ConfigError` naming the variable.
+The standard ``OTEL_*`` variables are left to the OpenTelemetry SDK.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["ConfigError", "Settings", "load_settings"]
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything a Strata process is configured with.
+
+    Ports and the data folder have defaults for the embedded mode; the URLs are
+    empty unless external servers are used.
+    """
+
+    data_dir: Path = Path(".strata")
+    host: str = "127.0.0.1"
+    gateway_port: int = 50051
+    kv_port: int = 50061
+    tenants_port: int = 50062
+    vector_port: int = 50063
+    admin_port: int = 50064
+    database_url: str = ""
+    migrate_database_url: str = ""
+    database_read_urls: tuple[str, ...] = ()
+    redis_url: str = ""
+    embedded_pg_port: int = 55432
+    embedded_redis_port: int = 56379
+    pool_min_size: int = 2
+    pool_max_size: int = 10
+    slow_query_ms: float = 200.0
+    max_message_bytes: int = 8 * 1024 * 1024
+    shutdown_grace_s: float = 10.0
+    cache_local_entries: int = 100_000
+    cache_ttl_s: float = 300.0
+    kv_max_value_bytes: int = 1024 * 1024
+    kv_max_key_bytes: int = 4096
+    kv_max_batch: int = 1000
+    kv_sweep_interval_s: float = 1.0
+    kv_history_revisions: int = 100_000
+    log_level: str = "INFO"
+
+    @property
+    def embedded(self) -> bool:
+        """True when Strata starts its own Postgres and Redis (no URLs given)."""
+        return not self.database_url and not self.redis_url
+
+    def port_of(self, service: str) -> int:
+        """The listening port of ``service`` ("kv", "tenants", "vector", "admin", "gateway")."""
+        try:
+            port: int = getattr(self, f"{service}_port")
+        except AttributeError:
+            raise ConfigError(f"unknown service {service!r}") from None
+        return port
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build :class:`Settings` from ``environ`` (default: ``os.environ``).
+
+    Raises :class:`ConfigError` for a malformed value, e.g.
+    ``STRATA_KV_PORT=abc`` or a ``DATABASE_URL`` that is not a postgres URL.
+    """
+    env = os.environ if environ is None else environ
+    reader = _Reader(env)
+    defaults = Settings()
+    database_url = reader.url("DATABASE_URL", ("postgres://", "postgresql://"))
+    redis_url = reader.url("REDIS_URL", ("redis://", "rediss://", "unix://"))
+    if bool(database_url) != bool(redis_url):
+        raise ConfigError("set both DATABASE_URL and REDIS_URL (external mode) or neither (embedded mode)")
+    return Settings(
+        data_dir=Path(env.get("STRATA_DATA_DIR", str(defaults.data_dir))),
+        host=env.get("STRATA_HOST", defaults.host),
+        gateway_port=reader.port("STRATA_GATEWAY_PORT", defaults.gateway_port),
+        kv_port=reader.port("STRATA_KV_PORT", defaults.kv_port),
+        tenants_port=reader.port("STRATA_TENANTS_PORT", defaults.tenants_port),
+        vector_port=reader.port("STRATA_VECTOR_PORT", defaults.vector_port),
+        admin_port=reader.port("STRATA_ADMIN_PORT", defaults.admin_port),
+        database_url=database_url,
+        migrate_database_url=reader.url("STRATA_MIGRATE_DATABASE_URL", ("postgres://", "postgresql://"))
+        or database_url,
+        database_read_urls=tuple(
+            u.strip() for u in env.get("DATABASE_READ_URLS", "").split(",") if u.strip()
+        ),
+        redis_url=redis_url,
+        embedded_pg_port=reader.port("STRATA_EMBEDDED_PG_PORT", defaults.embedded_pg_port),
+        embedded_redis_port=reader.port("STRATA_EMBEDDED_REDIS_PORT", defaults.embedded_redis_port),
+        pool_min_size=reader.integer("STRATA_POOL_MIN_SIZE", defaults.pool_min_size, 0, 1000),
+        pool_max_size=reader.integer("STRATA_POOL_MAX_SIZE", defaults.pool_max_size, 1, 1000),
+        slow_query_ms=reader.number("STRATA_SLOW_QUERY_MS", defaults.slow_query_ms, 0.0),
+        max_message_bytes=reader.integer(
+            "STRATA_MAX_MESSAGE_BYTES", defaults.max_message_bytes, 1024, 1 << 30
+        ),
+        shutdown_grace_s=reader.number("STRATA_SHUTDOWN_GRACE_S", defaults.shutdown_grace_s, 0.0),
+        cache_local_entries=reader.integer(
+            "STRATA_CACHE_LOCAL_ENTRIES", defaults.cache_local_entries, 0, 100_000_000
+        ),
+        cache_ttl_s=reader.number("STRATA_CACHE_TTL_S", defaults.cache_ttl_s, 0.001),
+        kv_max_value_bytes=reader.integer(
+            "STRATA_KV_MAX_VALUE_BYTES", defaults.kv_max_value_bytes, 1, 256 * 1024 * 1024
+        ),
+        kv_max_key_bytes=reader.integer("STRATA_KV_MAX_KEY_BYTES", defaults.kv_max_key_bytes, 1, 65536),
+        kv_max_batch=reader.integer("STRATA_KV_MAX_BATCH", defaults.kv_max_batch, 1, 100_000),
+        kv_sweep_interval_s=reader.number("STRATA_KV_SWEEP_INTERVAL_S", defaults.kv_sweep_interval_s, 0.01),
+        kv_history_revisions=reader.integer(
+            "STRATA_KV_HISTORY_REVISIONS", defaults.kv_history_revisions, 1, 1 << 62
+        ),
+        log_level=reader.choice(
+            "STRATA_LOG_LEVEL", defaults.log_level, ("DEBUG", "INFO", "WARNING", "ERROR")
+        ),
+    )
+
+
+class _Reader:
+    """Parses single variables, raising ConfigError that names the variable."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def _raw(self, name: str) -> str | None:
+        value = self._env.get(name)
+        return None if value is None or value.strip() == "" else value.strip()
+
+    def integer(self, name: str, default: int, low: int, high: int) -> int:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not an integer") from None
+        if not low <= value <= high:
+            raise ConfigError(f"{name}={value} is out of range [{low}, {high}]")
+        return value
+
+    def port(self, name: str, default: int) -> int:
+        return self.integer(name, default, 1, 65535)
+
+    def number(self, name: str, default: float, low: float) -> float:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not a number") from None
+        if not value >= low:  # also rejects NaN
+            raise ConfigError(f"{name}={raw} must be >= {low}")
+        return value
+
+    def url(self, name: str, schemes: tuple[str, ...]) -> str:
+        raw = self._raw(name)
+        if raw is None:
+            return ""
+        if not raw.startswith(schemes):
+            raise ConfigError(f"{name} must start with one of {', '.join(schemes)}")
+        return raw
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if raw.upper() not in choices:
+            raise ConfigError(f"{name}={raw!r} must be one of {', '.join(choices)}")
+        return raw.upper()
