@@ -1,0 +1,98 @@
+"""Shared fixtures: one set of real backends per test session.
+
+With DATABASE_URL and REDIS_URL set, the suite uses those servers; otherwise
+it starts the embedded Postgres and Redis under ``.strata/test`` on free
+ports (wiped at the start of each session). Tests isolate themselves by
+namespace: each gets a fresh one from the ``namespace`` fixture.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import pytest
+from strata.kv.v1 import kv_pb2_grpc
+
+from services.kv.app import build_kv_server
+from shared.backends import Backends, open_backends
+from shared.launcher import SERVICES
+from shared.server import StrataServer
+from shared.settings import Settings, load_settings
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+TEST_DATA_DIR = PROJECT_ROOT / ".strata" / "test"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def base_settings() -> Settings:
+    """Settings for the test backends (free ports, test data folder)."""
+    env = dict(os.environ)
+    env.setdefault("STRATA_DATA_DIR", str(TEST_DATA_DIR))
+    env.setdefault("STRATA_EMBEDDED_PG_PORT", str(free_port()))
+    env.setdefault("STRATA_EMBEDDED_REDIS_PORT", str(free_port()))
+    env.setdefault("STRATA_KV_SWEEP_INTERVAL_S", "0.2")
+    return load_settings(env)
+
+
+@pytest.fixture(scope="session")
+async def backends(base_settings: Settings) -> AsyncIterator[Backends]:
+    """Migrated Postgres and Redis for the whole session."""
+    if base_settings.embedded:
+        shutil.rmtree(base_settings.data_dir / "pg", ignore_errors=True)
+        shutil.rmtree(base_settings.data_dir / "redis", ignore_errors=True)
+    started = await open_backends(base_settings, tuple(SERVICES))
+    yield started
+    started.close()
+
+
+@pytest.fixture(scope="session")
+def settings(base_settings: Settings, backends: Backends) -> Settings:
+    """Settings as a service sees them: the backends' URLs filled in."""
+    return replace(
+        base_settings,
+        database_url=backends.database_url,
+        redis_url=backends.redis_url,
+        migrate_database_url=backends.migrate_database_url,
+    )
+
+
+@pytest.fixture(scope="session")
+async def kv_server(settings: Settings) -> AsyncIterator[StrataServer]:
+    """An in-process KV server on a free port."""
+    server = await build_kv_server(settings)
+    await server.start(0)
+    yield server
+    await server.stop(grace=1.0)
+
+
+@pytest.fixture(scope="session")
+async def kv_channel(kv_server: StrataServer) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{kv_server.port}") as channel:
+        yield channel
+
+
+@pytest.fixture(scope="session")
+def kv(kv_channel: grpc.aio.Channel) -> kv_pb2_grpc.KvServiceStub:
+    """A generated stub for the in-process KV server."""
+    return kv_pb2_grpc.KvServiceStub(kv_channel)
+
+
+@pytest.fixture
+def namespace() -> str:
+    """A namespace no other test uses."""
+    return f"t-{uuid.uuid4().hex[:12]}"
+
