@@ -216,18 +216,25 @@ class RevisionedCache:
     # -- writes ------------------------------------------------------------
 
     async def fill(self, key: bytes, entry: CacheEntry) -> None:
-        """Store an entry read from the database, unless a newer one is cached."""
+        """Store an entry read from the database, unless a newer one is cached.
+
+        Redis decides first (it is shared by every process and survives this
+        one's LRU evictions); only a fill Redis accepted, or made while Redis is
+        bypassed, reaches the local tier, which applies its own guard.
+        """
         flag = self._flag_for(entry)
-        self._store_local(key, flag, entry)
         if self._redis_usable() and key not in self._pending:
             try:
                 stored = await self._set_script(  # type: ignore[misc]
                     keys=[self._prefix + key], args=[_encode(flag, entry), self._redis_ttl_ms(entry)]
                 )
-                if not stored:
-                    self.stats.fills_refused += 1
             except (RedisError, OSError) as exc:
                 self._redis_failed(exc)
+            else:
+                if not stored:
+                    self.stats.fills_refused += 1
+                    return
+        self._store_local(key, flag, entry)
 
     async def record_writes(self, writes: list[tuple[bytes, CacheEntry]]) -> None:
         """Publish committed writes (values or tombstones) to both tiers and other processes.
@@ -352,12 +359,15 @@ class RevisionedCache:
 
     async def _listen(self) -> None:
         assert self._redis is not None
+        subscribed_before = False
         while True:
             try:
                 pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
                 await pubsub.subscribe(self._channel)
-                # Anything missed while unsubscribed may be stale locally.
-                self._local.clear()
+                if subscribed_before:
+                    # Invalidations missed while unsubscribed: local entries may be stale.
+                    self._local.clear()
+                subscribed_before = True
                 async for message in pubsub.listen():
                     for revision, key in _parse_invalidations(message["data"]):
                         self._apply_invalidation(revision, key)

@@ -1,0 +1,158 @@
+"""RevisionedCache against a real Redis: guards, coalescing, broadcasts, outages."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+from shared.cache import CacheEntry, RevisionedCache, open_redis
+
+
+@pytest.fixture
+async def make_cache(settings) -> AsyncIterator:
+    caches: list[RevisionedCache] = []
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+
+    def make(**options) -> RevisionedCache:
+        cache = RevisionedCache(open_redis(settings.redis_url), prefix=prefix, **options)
+        cache.start()
+        caches.append(cache)
+        return cache
+
+    yield make
+    for cache in caches:
+        await cache.close()
+
+
+@pytest.fixture
+def redis_process(backends):
+    if backends.redis is None or backends.redis.pid is None:
+        pytest.skip("needs the embedded Redis to pause it")
+    return backends.redis
+
+
+async def test_a_late_fill_never_replaces_a_newer_write(make_cache):
+    cache = make_cache()
+    reader_has_read = asyncio.Event()
+    writer_done = asyncio.Event()
+
+    async def slow_loader() -> CacheEntry:
+        # The reader read revision 1 from the database ...
+        reader_has_read.set()
+        await writer_done.wait()
+        return CacheEntry(1, b"old")
+
+    load = asyncio.create_task(cache.load(b"k", slow_loader))
+    await reader_has_read.wait()
+    # ... a writer commits revision 2 and records it before the reader stores.
+    await cache.record_writes([(b"k", CacheEntry(2, b"new"))])
+    writer_done.set()
+    await load
+    assert (await cache.get(b"k")).payload == b"new"
+    cache.clear_local()
+    assert (await cache.get(b"k")).payload == b"new", "the Redis tier took the stale fill"
+    assert cache.stats.fills_refused >= 1
+
+
+async def test_a_tombstone_refuses_older_fills(make_cache):
+    cache = make_cache()
+    await cache.record_writes([(b"k", CacheEntry(5, None))])
+    await cache.fill(b"k", CacheEntry(4, b"resurrected"))
+    cache.clear_local()
+    entry = await cache.get(b"k")
+    assert entry is not None and entry.payload is None and entry.revision == 5
+
+
+async def test_concurrent_misses_share_one_load(make_cache):
+    cache = make_cache()
+    calls = 0
+
+    async def loader() -> CacheEntry:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.05)
+        return CacheEntry(1, b"v")
+
+    results = await asyncio.gather(*(cache.load(b"k", loader) for _ in range(20)))
+    assert calls == 1
+    assert {r.payload for r in results} == {b"v"}
+    assert cache.stats.coalesced == 19
+
+
+async def test_large_payloads_are_not_stored_but_still_guard(make_cache):
+    cache = make_cache(max_payload=10)
+    await cache.record_writes([(b"k", CacheEntry(3, b"x" * 100))])
+    assert await cache.get(b"k") is None
+    await cache.fill(b"k", CacheEntry(2, b"small-old"))
+    assert await cache.get(b"k") is None
+
+
+async def test_entries_expire_with_their_key(make_cache):
+    import time
+
+    cache = make_cache()
+    await cache.fill(b"k", CacheEntry(1, b"v", expires_at=time.time() + 0.2))
+    assert (await cache.get(b"k")).payload == b"v"
+    await asyncio.sleep(0.3)
+    assert await cache.get(b"k") is None
+
+
+async def test_a_write_in_one_process_evicts_the_entry_in_another(make_cache):
+    writer, other = make_cache(), make_cache()
+    await asyncio.sleep(0.2)  # both subscribed
+    await other.fill(b"k", CacheEntry(1, b"old"))
+    await writer.record_writes([(b"k", CacheEntry(2, b"new"))])
+    for _ in range(50):
+        entry = await other.get(b"k")
+        if entry is not None and entry.payload == b"new":
+            break
+        await asyncio.sleep(0.02)
+    assert entry.payload == b"new"
+    assert other.stats.invalidations_received >= 1
+
+
+async def test_redis_unreachable_means_bypass_not_error(settings):
+    cache = RevisionedCache(
+        open_redis("redis://127.0.0.1:1/0", timeout_s=0.2), prefix="down", local_entries=0
+    )
+    cache.start()
+    try:
+        assert await cache.get(b"k") is None
+        await cache.fill(b"k", CacheEntry(1, b"v"))
+        await cache.record_writes([(b"k", CacheEntry(2, b"v2"))])
+        assert await cache.load(b"k", _const(CacheEntry(3, b"v3"))) == CacheEntry(3, b"v3")
+        assert cache.stats.redis_errors >= 1
+    finally:
+        await cache.close()
+
+
+async def test_writes_missed_while_redis_was_paused_are_replayed_before_redis_is_read(
+    make_cache, redis_process
+):
+    cache = make_cache(local_entries=0)
+    await cache.record_writes([(b"k", CacheEntry(1, b"old"))])
+    os.kill(redis_process.pid, signal.SIGSTOP)
+    try:
+        await cache.record_writes([(b"k", CacheEntry(2, b"new"))])  # times out: kept for replay
+        assert await cache.get(b"k") is None, "read Redis while a write was pending"
+    finally:
+        os.kill(redis_process.pid, signal.SIGCONT)
+    for _ in range(100):
+        if await cache.get(b"k") is not None:
+            break
+        await asyncio.sleep(0.05)
+    fresh = make_cache(local_entries=0)
+    entry = await fresh.get(b"k")
+    assert entry is not None and entry.payload == b"new"
+
+
+def _const(entry: CacheEntry):
+    async def load() -> CacheEntry:
+        return entry
+
+    return load
