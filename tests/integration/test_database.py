@@ -1,0 +1,112 @@
+"""The database foundation: migrations, roles, and the pool's connection hygiene."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from shared.backends import migration_plan
+from shared.db import Database
+from shared.launcher import SERVICES
+from shared.migrations import Migration, MigrationError, apply_migrations, discover, status
+
+
+async def test_applying_migrations_twice_is_a_no_op(settings):
+    conn = await asyncpg.connect(settings.migrate_database_url)
+    try:
+        assert await apply_migrations(conn, migration_plan(tuple(SERVICES))) == []
+        assert (await status(conn))["kv"] == len(discover("kv", Path("services/kv/migrations")))
+    finally:
+        await conn.close()
+
+
+async def test_a_changed_applied_migration_is_refused(settings):
+    plan = migration_plan(tuple(SERVICES))
+    edited = [replace(plan[0], sql=plan[0].sql + "\n-- edited"), *plan[1:]]
+    conn = await asyncpg.connect(settings.migrate_database_url)
+    try:
+        with pytest.raises(MigrationError, match="changed after it was applied"):
+            await apply_migrations(conn, edited)
+    finally:
+        await conn.close()
+
+
+async def test_a_new_migration_is_applied_once_under_the_lock(settings):
+    extra = Migration(
+        "scratch", 1, "scratch_table", "CREATE SCHEMA scratch; CREATE TABLE scratch.t (id int);"
+    )
+    conn1 = await asyncpg.connect(settings.migrate_database_url)
+    conn2 = await asyncpg.connect(settings.migrate_database_url)
+    try:
+        results = await asyncio.gather(apply_migrations(conn1, [extra]), apply_migrations(conn2, [extra]))
+        assert sorted(len(r) for r in results) == [0, 1]
+        assert await conn1.fetchval("SELECT count(*) FROM scratch.t") == 0
+    finally:
+        await conn1.execute(
+            "DROP SCHEMA scratch CASCADE; DELETE FROM strata_migrations WHERE schema_name='scratch'"
+        )
+        await conn1.close()
+        await conn2.close()
+
+
+def test_migration_files_must_be_numbered_without_gaps(tmp_path):
+    (tmp_path / "0001_first.sql").write_text("SELECT 1;")
+    (tmp_path / "0003_third.sql").write_text("SELECT 1;")
+    with pytest.raises(MigrationError, match="without gaps"):
+        discover("x", tmp_path)
+
+
+async def test_service_role_is_no_superuser_owns_nothing_and_cannot_bypass_rls(settings):
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        role = await conn.fetchrow(
+            "SELECT rolsuper, rolbypassrls, rolcreaterole, rolcreatedb FROM pg_roles WHERE rolname = current_user"
+        )
+        assert dict(role) == {
+            "rolsuper": False,
+            "rolbypassrls": False,
+            "rolcreaterole": False,
+            "rolcreatedb": False,
+        }
+        owned = await conn.fetchval(
+            "SELECT count(*) FROM pg_class c JOIN pg_roles r ON r.oid = c.relowner WHERE r.rolname = current_user"
+        )
+        assert owned == 0
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute("DROP TABLE kv.entries")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute("CREATE TABLE kv.sneaky (id int)")
+    finally:
+        await conn.close()
+
+
+async def test_embedded_postgres_refuses_connections_without_the_password(settings, backends):
+    if backends.postgres is None:
+        pytest.skip("embedded mode only")
+    port = backends.postgres.port
+    with pytest.raises((asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError)):
+        await asyncpg.connect(f"postgresql://postgres@127.0.0.1:{port}/strata")
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        await asyncpg.connect(f"postgresql://postgres:wrong@127.0.0.1:{port}/strata")
+
+
+async def test_nothing_leaks_to_the_next_user_of_a_pooled_connection(settings):
+    db = await Database.open(settings.database_url, min_size=1, max_size=1)
+    try:
+        async with db.transaction() as conn:
+            await conn.execute("SELECT set_config('strata.tenant_id', 'tenant-a', true)")
+            first_pid = await conn.fetchval("SELECT pg_backend_pid()")
+        # An abandoned transaction (as on a cancelled call) is rolled back on release.
+        async with db.pool.acquire() as conn:
+            await conn.execute("BEGIN")
+            await conn.execute("SELECT set_config('strata.tenant_id', 'tenant-b', true)")
+        async with db.pool.acquire() as conn:
+            assert await conn.fetchval("SELECT pg_backend_pid()") == first_pid, "not the same connection"
+            assert not conn.is_in_transaction()
+            assert await conn.fetchval("SELECT current_setting('strata.tenant_id', true)") in (None, "")
+    finally:
+        await db.close()
