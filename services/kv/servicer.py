@@ -255,9 +255,14 @@ class KvServicer:
         # key None: all of that revision.
         cursor: tuple[int, str | None] = (start - 1, None)
         while True:
-            changes, current, compacted = await self._store.changes_after(
-                request.namespace, keys, cursor, _WATCH_BATCH, timeout=deadline_timeout(context)
-            )
+            try:
+                changes, current, compacted = await self._store.changes_after(
+                    request.namespace, keys, cursor, _WATCH_BATCH, timeout=deadline_timeout(context)
+                )
+            except StrataError as exc:
+                # Tell the client where to resume (e.g. Postgres is restarting).
+                exc.metadata["resume_revision"] = str(cursor[0] + (0 if cursor[1] is not None else 1))
+                raise
             if compacted > cursor[0] or (compacted == cursor[0] and cursor[1] is not None):
                 raise _compacted(cursor[0] + (0 if cursor[1] is not None else 1), compacted)
             if changes:
