@@ -14,8 +14,8 @@ from pathlib import Path
 
 import asyncpg
 
-from shared.embedded import EmbeddedPostgres, EmbeddedRedis, prepare_database, service_password
-from shared.migrations import Migration, apply_migrations, discover
+from shared.embedded import EmbeddedPostgres, EmbeddedRedis, prepare_database
+from shared.migrations import Migration, apply_migrations, discover, ensure_service_role
 from shared.settings import Settings
 
 __all__ = ["Backends", "migration_plan", "open_backends"]
@@ -58,7 +58,7 @@ async def open_backends(settings: Settings, services: tuple[str, ...]) -> Backen
         redis = EmbeddedRedis(settings.data_dir, settings.embedded_redis_port)
         try:
             urls = postgres.start()
-            await prepare_database(urls.owner, service_password(settings.data_dir))
+            await prepare_database(urls.owner, urls.service)
             backends = Backends(urls.service, urls.owner, redis.start(), postgres, redis)
         except BaseException:
             redis.stop()
@@ -69,6 +69,8 @@ async def open_backends(settings: Settings, services: tuple[str, ...]) -> Backen
     try:
         conn = await asyncpg.connect(backends.migrate_database_url)
         try:
+            if backends.migrate_database_url != backends.database_url:
+                await ensure_service_role(conn, backends.database_url)
             await apply_migrations(conn, migration_plan(services))
         finally:
             await conn.close()

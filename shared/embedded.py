@@ -27,7 +27,7 @@ from urllib.parse import quote
 
 import asyncpg
 
-from shared.migrations import APP_ROLE
+from shared.migrations import ensure_service_role
 
 __all__ = ["EmbeddedPostgres", "EmbeddedRedis", "PostgresUrls", "prepare_database"]
 
@@ -267,45 +267,22 @@ class EmbeddedRedis:
         self._process = None
 
 
-async def prepare_database(server_url: str, service_password: str | None = None) -> None:
-    """Create the ``strata`` database, the ``strata_app`` group and the service login role.
+async def prepare_database(owner_url: str, service_url: str) -> None:
+    """Create the ``strata`` database (if missing) and the roles of :func:`ensure_service_role`.
 
-    ``server_url`` is an owner URL on any database of the server. The service
-    role owns nothing, is no superuser and cannot bypass row-level security.
+    ``owner_url`` is a superuser URL on the embedded server.
     """
-    maintenance = server_url.rsplit("/", 1)[0] + "/postgres"
+    maintenance = owner_url.rsplit("/", 1)[0] + "/postgres"
     conn = await asyncpg.connect(maintenance)
     try:
         if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DATABASE):
             await conn.execute(f"CREATE DATABASE {DATABASE}")
-        await conn.execute(
-            f"""
-            DO $$ BEGIN
-              IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{APP_ROLE}') THEN
-                CREATE ROLE {APP_ROLE} NOLOGIN NOSUPERUSER NOBYPASSRLS;
-              END IF;
-              IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{SERVICE_ROLE}') THEN
-                CREATE ROLE {SERVICE_ROLE} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOBYPASSRLS
-                  IN ROLE {APP_ROLE};
-              END IF;
-            END $$;
-            """
-        )
-        if service_password is not None:
-            # Passwords cannot be bind parameters in ALTER ROLE; quote as a literal.
-            literal = await conn.fetchval("SELECT quote_literal($1)", service_password)
-            await conn.execute(f"ALTER ROLE {SERVICE_ROLE} PASSWORD {literal}")
         await conn.execute(f"REVOKE ALL ON DATABASE {DATABASE} FROM PUBLIC")
-        await conn.execute(f"GRANT CONNECT ON DATABASE {DATABASE} TO {APP_ROLE}")
     finally:
         await conn.close()
-    db = await asyncpg.connect(server_url)
+    db = await asyncpg.connect(owner_url)
     try:
+        await ensure_service_role(db, service_url)
         await db.execute("CREATE EXTENSION IF NOT EXISTS vector")
     finally:
         await db.close()
-
-
-def service_password(data_dir: Path) -> str:
-    """The embedded service role's password."""
-    return _secret(data_dir.resolve() / "secrets", "pg-service-password")

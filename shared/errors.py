@@ -9,7 +9,6 @@ process.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -154,12 +153,13 @@ def from_exception(exc: BaseException) -> StrataError:
             if sqlstate.startswith(prefix):
                 code, reason = _SQLSTATE_MAP[prefix]
                 return StrataError(code, reason, _database_message(code), metadata={"sqlstate": sqlstate})
+    # Before OSError: TimeoutError is one. A client-side statement timeout lands here.
+    if isinstance(exc, TimeoutError):
+        return StrataError(grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", "the deadline passed")
     if isinstance(exc, asyncpg.exceptions.InterfaceError | ConnectionError | OSError):
         return StrataError(
             grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE", "the database cannot be reached; retry"
         )
-    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
-        return StrataError(grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", "the deadline passed")
     _log.exception("unexpected error in handler", exc_info=exc)
     return StrataError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error")
 

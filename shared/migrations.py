@@ -19,10 +19,19 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import asyncpg
 
-__all__ = ["APP_ROLE", "Migration", "MigrationError", "apply_migrations", "discover", "status"]
+__all__ = [
+    "APP_ROLE",
+    "Migration",
+    "MigrationError",
+    "apply_migrations",
+    "discover",
+    "ensure_service_role",
+    "status",
+]
 
 APP_ROLE = "strata_app"
 _LOCK_KEY = 0x5354524154410001  # "STRATA" + 1: one lock for every schema
@@ -106,7 +115,36 @@ async def status(conn: asyncpg.Connection) -> dict[str, int]:
     return {r["schema_name"]: r["version"] for r in rows}
 
 
-async def _ensure_bookkeeping(conn: asyncpg.Connection) -> None:
+async def ensure_service_role(conn: asyncpg.Connection, service_url: str) -> None:
+    """Make the login role of ``service_url`` a ``strata_app`` member that can connect.
+
+    Creates the role (with the URL's password) when missing; an existing role
+    keeps its attributes and gets its password from the URL when one is given.
+    Refuses a superuser or BYPASSRLS role: row-level security must bind it.
+    ``conn`` is an owner connection on the Strata database.
+    """
+    parsed = urlparse(service_url)
+    user = unquote(parsed.username or "")
+    if not user:
+        raise MigrationError("DATABASE_URL names no user")
+    password = unquote(parsed.password) if parsed.password else None
+    quoted = await conn.fetchval("SELECT quote_ident($1)", user)
+    await _ensure_app_role(conn)
+    role = await conn.fetchrow("SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = $1", user)
+    if role is None:
+        await conn.execute(f"CREATE ROLE {quoted} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOBYPASSRLS")
+    elif role["rolsuper"] or role["rolbypassrls"]:
+        raise MigrationError(f"the service role {user!r} is a superuser or bypasses RLS; use a plain role")
+    if password is not None:
+        # ALTER ROLE takes no bind parameters; quote the password as a literal.
+        literal = await conn.fetchval("SELECT quote_literal($1)", password)
+        await conn.execute(f"ALTER ROLE {quoted} PASSWORD {literal}")
+    await conn.execute(f"GRANT {APP_ROLE} TO {quoted}")
+    database = await conn.fetchval("SELECT quote_ident(current_database())")
+    await conn.execute(f"GRANT CONNECT ON DATABASE {database} TO {APP_ROLE}")
+
+
+async def _ensure_app_role(conn: asyncpg.Connection) -> None:
     await conn.execute(
         f"""
         DO $$ BEGIN
@@ -114,6 +152,14 @@ async def _ensure_bookkeeping(conn: asyncpg.Connection) -> None:
             CREATE ROLE {APP_ROLE} NOLOGIN NOSUPERUSER NOBYPASSRLS;
           END IF;
         END $$;
+        """
+    )
+
+
+async def _ensure_bookkeeping(conn: asyncpg.Connection) -> None:
+    await _ensure_app_role(conn)
+    await conn.execute(
+        f"""
         CREATE TABLE IF NOT EXISTS public.strata_migrations (
           schema_name text NOT NULL,
           version integer NOT NULL,
