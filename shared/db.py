@@ -193,6 +193,8 @@ class Database:
                     self._observe(label, time.perf_counter() - started)
                 self.breaker.record_success()
                 return result
+            except TimeoutError:
+                raise  # the statement outlived the call's deadline: not a connection fault
             except _CONNECTION_ERRORS as exc:
                 self.breaker.record_failure()
                 attempt += 1
@@ -214,6 +216,8 @@ class Database:
         try:
             async with self.pool.acquire(timeout=timeout) as conn, conn.transaction():
                 yield conn
+        except TimeoutError:
+            raise
         except _CONNECTION_ERRORS as exc:
             self.breaker.record_failure()
             raise unavailable(

@@ -110,3 +110,44 @@ async def test_nothing_leaks_to_the_next_user_of_a_pooled_connection(settings):
             assert await conn.fetchval("SELECT current_setting('strata.tenant_id', true)") in (None, "")
     finally:
         await db.close()
+
+
+async def test_a_statement_past_its_timeout_is_cancelled_in_postgres(settings):
+    import grpc
+
+    from shared.errors import from_exception
+
+    db = await Database.open(settings.database_url, min_size=1, max_size=2)
+    try:
+        with pytest.raises(TimeoutError) as caught:
+            await db.fetchval("SELECT pg_sleep(10) /* strata-timeout-probe */", timeout=0.3)
+        assert from_exception(caught.value).code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert db.breaker.failures == 0, "a timeout is not a connection fault"
+        await asyncio.sleep(0.2)
+        running = await db.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%strata-timeout-probe%' AND pid <> pg_backend_pid()"
+        )
+        assert running == 0
+    finally:
+        await db.close()
+
+
+def test_deadline_timeout_follows_the_call_and_refuses_a_passed_deadline():
+    import grpc
+
+    from shared.db import deadline_timeout
+    from shared.errors import StrataError
+
+    class Call:
+        def __init__(self, remaining):
+            self.remaining = remaining
+
+        def time_remaining(self):
+            return self.remaining
+
+    assert deadline_timeout(Call(None), cap=30.0) == 30.0
+    assert deadline_timeout(Call(2.5), cap=30.0) == 2.5
+    assert deadline_timeout(Call(100.0), cap=30.0) == 30.0
+    with pytest.raises(StrataError) as caught:
+        deadline_timeout(Call(0.0))
+    assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
