@@ -151,3 +151,30 @@ def test_deadline_timeout_follows_the_call_and_refuses_a_passed_deadline():
     with pytest.raises(StrataError) as caught:
         deadline_timeout(Call(0.0))
     assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_migrate_command_brings_an_external_database_up_to_date(settings):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, DATABASE_URL=settings.database_url, REDIS_URL=settings.redis_url)
+    env["STRATA_MIGRATE_DATABASE_URL"] = settings.migrate_database_url
+    done = subprocess.run(
+        [sys.executable, "-m", "shared.migrate"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "up to date" in done.stdout
+
+
+def test_migrate_command_refuses_embedded_mode():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    done = subprocess.run(
+        [sys.executable, "-m", "shared.migrate"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert "DATABASE_URL" in done.stderr
