@@ -30,7 +30,14 @@ from grpc_reflection.v1alpha import reflection
 
 from shared.errors import FieldViolation, from_exception, invalid_argument
 from shared.settings import ConfigError, Settings, load_settings
-from shared.telemetry import configure_logging, server_interceptors, setup_telemetry, shutdown_telemetry
+from shared.telemetry import (
+    configure_logging,
+    end_rpc_span,
+    rpc_server_span,
+    setup_telemetry,
+    shutdown_telemetry,
+    tracing_on,
+)
 
 __all__ = ["ShutdownHook", "StrataServer", "run_service"]
 
@@ -54,7 +61,6 @@ class StrataServer:
         self.name = name
         limit = settings.max_message_bytes
         self._server = grpc.aio.server(
-            interceptors=server_interceptors(),
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
@@ -84,13 +90,15 @@ class StrataServer:
             if method.client_streaming:
                 raise NotImplementedError(f"client streaming is not supported: {method.full_name}")
             if method.server_streaming:
-                handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                    _stream_handler(impl, request_type)
-                )
+                stream = _stream_handler(impl, request_type)
+                if tracing_on():
+                    stream = _traced_stream(stream, service.full_name, method.name)
+                handlers[method.name] = grpc.unary_stream_rpc_method_handler(stream)
             else:
-                handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                    _unary_handler(impl, request_type)
-                )
+                unary = _unary_handler(impl, request_type)
+                if tracing_on():
+                    unary = _traced_unary(unary, service.full_name, method.name)
+                handlers[method.name] = grpc.unary_unary_rpc_method_handler(unary)
         self._server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(service.full_name, handlers),)
         )
@@ -231,3 +239,41 @@ def _stream_handler(
             await _abort(context, exc)
 
     return handle
+
+
+UnaryHandler = Callable[[bytes, "grpc.aio.ServicerContext[Any, Any]"], Awaitable[bytes]]
+StreamHandler = Callable[[bytes, "grpc.aio.ServicerContext[Any, Any]"], AsyncIterator[bytes]]
+
+
+def _traced_unary(handle: UnaryHandler, service: str, method: str) -> UnaryHandler:
+    async def traced(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        with rpc_server_span(service, method, context.invocation_metadata(), context.peer()) as span:
+            try:
+                result = await handle(raw, context)
+            except grpc.aio.AbortError:
+                end_rpc_span(span, context.code())
+                raise
+            except asyncio.CancelledError:
+                end_rpc_span(span, grpc.StatusCode.CANCELLED)
+                raise
+            end_rpc_span(span, grpc.StatusCode.OK)
+            return result
+
+    return traced
+
+
+def _traced_stream(handle: StreamHandler, service: str, method: str) -> StreamHandler:
+    async def traced(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
+        with rpc_server_span(service, method, context.invocation_metadata(), context.peer()) as span:
+            try:
+                async for message in handle(raw, context):
+                    yield message
+            except grpc.aio.AbortError:
+                end_rpc_span(span, context.code())
+                raise
+            except (asyncio.CancelledError, GeneratorExit):
+                end_rpc_span(span, grpc.StatusCode.CANCELLED)
+                raise
+            end_rpc_span(span, grpc.StatusCode.OK)
+
+    return traced

@@ -3,8 +3,10 @@
 Code elsewhere uses only the OpenTelemetry API (``trace.get_tracer``); this
 module wires the SDK once per process from the standard ``OTEL_*`` variables.
 Tracing is on when an OTLP endpoint or a traces exporter is configured; then
-the gRPC server interceptor and the asyncpg and Redis instrumentations are
-installed. Otherwise nothing is installed and the hot path pays nothing.
+the asyncpg and Redis instrumentation plugins are installed and the server
+bootstrap opens one SERVER span per call (:func:`rpc_server_span`, named
+``<package.Service>/<Method>`` as the RPC conventions say). Otherwise nothing
+is installed and the hot path pays nothing.
 """
 
 from __future__ import annotations
@@ -14,11 +16,22 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from opentelemetry import trace
+import grpc
+from opentelemetry import propagate, trace
 
-__all__ = ["configure_logging", "server_interceptors", "setup_telemetry", "tracing_enabled"]
+__all__ = [
+    "configure_logging",
+    "end_rpc_span",
+    "rpc_server_span",
+    "setup_telemetry",
+    "shutdown_telemetry",
+    "tracing_enabled",
+    "tracing_on",
+]
 
 _enabled = False
 
@@ -63,13 +76,58 @@ def setup_telemetry(service_name: str) -> bool:
     return True
 
 
-def server_interceptors() -> list[Any]:
-    """Interceptors for a ``grpc.aio`` server: the OTel one when tracing is on."""
-    if not _enabled:
-        return []
-    from opentelemetry.instrumentation.grpc import aio_server_interceptor
+def tracing_on() -> bool:
+    """Whether :func:`setup_telemetry` turned tracing on in this process."""
+    return _enabled
 
-    return [aio_server_interceptor()]
+
+# Server span status per the OpenTelemetry RPC conventions: only these codes
+# are errors on the server side (NOT_FOUND, INVALID_ARGUMENT … are the
+# caller's problem, not the server's).
+_SERVER_ERROR_CODES = frozenset(
+    {
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+
+
+@contextmanager
+def rpc_server_span(service: str, method: str, metadata: Any, peer: str = "") -> Iterator[trace.Span]:
+    """A SERVER span named ``<service>/<method>`` continuing the caller's W3C trace context.
+
+    The caller sets the final code with :func:`end_rpc_span`.
+    """
+    carrier = {key: value for key, value in (metadata or ()) if isinstance(value, str)}
+    parent = propagate.extract(carrier)
+    attributes: dict[str, Any] = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+    if peer:
+        attributes["network.peer.address"] = peer
+    with _tracer().start_as_current_span(
+        f"{service}/{method}",
+        context=parent,
+        kind=trace.SpanKind.SERVER,
+        attributes=attributes,
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as span:
+        yield span
+
+
+def end_rpc_span(span: trace.Span, code: grpc.StatusCode | None) -> None:
+    """Record the call's final status code on ``span``."""
+    code = code or grpc.StatusCode.OK
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    if code in _SERVER_ERROR_CODES:
+        span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
+
+
+def _tracer() -> trace.Tracer:
+    return trace.get_tracer("strata.server")
 
 
 def shutdown_telemetry() -> None:
