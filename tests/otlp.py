@@ -29,7 +29,7 @@ class TraceReceiver(trace_service_pb2_grpc.TraceServiceServicer):
     spans: list[ReceivedSpan] = field(default_factory=list)
     port: int = 0
 
-    async def Export(self, request, context):  # noqa: N802 - gRPC method name
+    async def Export(self, request, context):
         for resource_spans in request.resource_spans:
             service = next(
                 (a.value.string_value for a in resource_spans.resource.attributes if a.key == "service.name"), ""
