@@ -29,10 +29,13 @@ $(STAMP): pyproject.toml
 
 # Python stubs (with .pyi type stubs) live beside their .proto files, so
 # `from strata.kv.v1 import kv_pb2` works for every caller of the package.
+# strata.protoset keeps the comments, for reflection (grpcurl describe).
 $(GEN): $(STAMP) $(PROTOS)
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos \
 		--grpc_python_out=protos --mypy_grpc_out=protos \
 		--plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc $(PROTOS)
+	$(PY) -m grpc_tools.protoc -Iprotos --include_imports --include_source_info \
+		--descriptor_set_out=protos/strata.protoset $(PROTOS)
 	touch $@
 
 clean:

@@ -26,9 +26,9 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import message_factory
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
-from shared.errors import FieldViolation, from_exception, invalid_argument
+from shared.errors import FieldViolation, StrataError, from_exception, invalid_argument
+from shared.reflection import add_reflection
 from shared.settings import ConfigError, Settings, load_settings
 from shared.telemetry import (
     configure_logging,
@@ -75,6 +75,7 @@ class StrataServer:
         self._hooks: list[ShutdownHook] = []
         self._closers: list[ShutdownHook] = []
         self._stopping = asyncio.Event()
+        self._gate = _CallGate()
         self.port = 0
 
     def add_servicer(self, servicer: object, service: _descriptor.ServiceDescriptor) -> None:
@@ -90,12 +91,12 @@ class StrataServer:
             if method.client_streaming:
                 raise NotImplementedError(f"client streaming is not supported: {method.full_name}")
             if method.server_streaming:
-                stream = _stream_handler(impl, request_type)
+                stream = _stream_handler(impl, request_type, self._gate)
                 if tracing_on():
                     stream = _traced_stream(stream, service.full_name, method.name)
                 handlers[method.name] = grpc.unary_stream_rpc_method_handler(stream)
             else:
-                unary = _unary_handler(impl, request_type)
+                unary = _unary_handler(impl, request_type, self._gate)
                 if tracing_on():
                     unary = _traced_unary(unary, service.full_name, method.name)
                 handlers[method.name] = grpc.unary_unary_rpc_method_handler(unary)
@@ -114,14 +115,7 @@ class StrataServer:
 
     async def start(self, port: int) -> int:
         """Bind ``host:port`` (0 picks a free port), start serving, return the port."""
-        reflection.enable_server_reflection(
-            [
-                *self._service_names,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ],
-            self._server,
-        )
+        add_reflection(self._server, self._service_names)
         self.port = self._server.add_insecure_port(f"{self._settings.host}:{port}")
         if self.port == 0:
             raise OSError(f"cannot listen on {self._settings.host}:{port}")
@@ -147,14 +141,59 @@ class StrataServer:
         self._stopping.set()
 
     async def stop(self, grace: float | None = None) -> None:
-        """NOT_SERVING, run shutdown hooks, refuse new calls, drain in-flight ones for ``grace`` s."""
-        await self._health.enter_graceful_shutdown()
+        """Shut down gracefully, waiting up to ``grace`` s (default: the setting) for calls to finish.
+
+        Health turns NOT_SERVING; new calls are refused with UNAVAILABLE
+        (reason SHUTTING_DOWN, safe to retry elsewhere) while the server still
+        runs, so no accepted call is cancelled unstarted; the shutdown hooks
+        run (ending watch streams); in-flight calls finish; then the server
+        stops and the after-drain hooks close pools and clients.
+        """
         grace_s = self._settings.shutdown_grace_s if grace is None else grace
-        drain = asyncio.ensure_future(self._server.stop(grace_s))
+        await self._health.enter_graceful_shutdown()
+        self._gate.close()
         await _run_hooks(self._hooks)
-        await drain
+        drained = await self._gate.wait_idle(grace_s)
+        await self._server.stop(0.5)
         await _run_hooks(self._closers)
-        _log.info("stopped", extra={"service": self.name})
+        _log.info("stopped", extra={"service": self.name, "drained": drained})
+
+
+class _CallGate:
+    """Admits calls until closed, and knows how many are in flight."""
+
+    def __init__(self) -> None:
+        self.inflight = 0
+        self.closed = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        if self.closed:
+            raise StrataError(
+                grpc.StatusCode.UNAVAILABLE,
+                "SHUTTING_DOWN",
+                "the server is shutting down; retry on another instance",
+                retry_delay_s=0.1,
+            )
+        self.inflight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self._idle.set()
+
+    def close(self) -> None:
+        self.closed = True
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no call is in flight; False if ``timeout`` s passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
 
 def run_service(name: str, build: Callable[[Settings], Awaitable[StrataServer]]) -> None:
@@ -207,9 +246,13 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException
 
 
 def _unary_handler(
-    impl: Callable[..., Awaitable[_message.Message]], request_type: type[_message.Message]
+    impl: Callable[..., Awaitable[_message.Message]], request_type: type[_message.Message], gate: _CallGate
 ) -> Callable[[bytes, grpc.aio.ServicerContext[Any, Any]], Awaitable[bytes]]:
     async def handle(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        try:
+            gate.enter()
+        except StrataError as exc:
+            await _abort(context, exc)
         try:
             response = await impl(_decode(request_type, raw), context)
             return response.SerializeToString()
@@ -220,14 +263,22 @@ def _unary_handler(
         except Exception as exc:
             await _abort(context, exc)
             raise AssertionError("unreachable") from None
+        finally:
+            gate.leave()
 
     return handle
 
 
 def _stream_handler(
-    impl: Callable[..., AsyncIterator[_message.Message]], request_type: type[_message.Message]
+    impl: Callable[..., AsyncIterator[_message.Message]],
+    request_type: type[_message.Message],
+    gate: _CallGate,
 ) -> Callable[[bytes, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[bytes]]:
     async def handle(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
+        try:
+            gate.enter()
+        except StrataError as exc:
+            await _abort(context, exc)
         try:
             async for response in impl(_decode(request_type, raw), context):
                 yield response.SerializeToString()
@@ -237,6 +288,8 @@ def _stream_handler(
             raise
         except Exception as exc:
             await _abort(context, exc)
+        finally:
+            gate.leave()
 
     return handle
 

@@ -8,6 +8,7 @@ The standard ``OTEL_*`` variables are left to the OpenTelemetry SDK.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -158,8 +159,8 @@ class _Reader:
             value = float(raw)
         except ValueError:
             raise ConfigError(f"{name}={raw!r} is not a number") from None
-        if not value >= low:  # also rejects NaN
-            raise ConfigError(f"{name}={raw} must be >= {low}")
+        if not math.isfinite(value) or value < low:
+            raise ConfigError(f"{name}={raw} must be a finite number >= {low}")
         return value
 
     def url(self, name: str, schemes: tuple[str, ...]) -> str:

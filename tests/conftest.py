@@ -95,4 +95,3 @@ def kv(kv_channel: grpc.aio.Channel) -> kv_pb2_grpc.KvServiceStub:
 def namespace() -> str:
     """A namespace no other test uses."""
     return f"t-{uuid.uuid4().hex[:12]}"
-

@@ -33,7 +33,12 @@ async def traced_kv(settings):
         OTEL_SERVICE_NAME="strata-kv-test",
     )
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.kv", env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        sys.executable,
+        "-m",
+        "services.kv",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     line = await asyncio.wait_for(process.stdout.readline(), 30)
     assert line.startswith(b"READY kv"), line

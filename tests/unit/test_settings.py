@@ -1,0 +1,211 @@
+"""shared.settings: defaults, every override, and a ConfigError naming each bad variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shared.settings import ConfigError, Settings, load_settings
+
+PG = "postgresql://u:p@db.example:5432/strata"
+REDIS = "redis://cache.example:6379/0"
+
+
+def test_empty_environment_gives_the_defaults():
+    assert load_settings({}) == Settings()
+
+
+def test_defaults_are_embedded_mode():
+    settings = load_settings({})
+    assert settings.embedded
+    assert settings.database_url == ""
+    assert settings.redis_url == ""
+    assert settings.data_dir == Path(".strata")
+    assert settings.kv_port == 50061
+
+
+def test_without_an_argument_the_process_environment_is_read(monkeypatch):
+    monkeypatch.setenv("STRATA_KV_PORT", "41234")
+    assert load_settings().kv_port == 41234
+
+
+@pytest.mark.parametrize(
+    ("variable", "raw", "attribute", "expected"),
+    [
+        ("STRATA_DATA_DIR", "/tmp/strata-x", "data_dir", Path("/tmp/strata-x")),
+        ("STRATA_HOST", "0.0.0.0", "host", "0.0.0.0"),
+        ("STRATA_GATEWAY_PORT", "1", "gateway_port", 1),
+        ("STRATA_KV_PORT", "65535", "kv_port", 65535),
+        ("STRATA_TENANTS_PORT", "40001", "tenants_port", 40001),
+        ("STRATA_VECTOR_PORT", "40002", "vector_port", 40002),
+        ("STRATA_ADMIN_PORT", "40003", "admin_port", 40003),
+        ("STRATA_EMBEDDED_PG_PORT", "40004", "embedded_pg_port", 40004),
+        ("STRATA_EMBEDDED_REDIS_PORT", "40005", "embedded_redis_port", 40005),
+        ("STRATA_POOL_MIN_SIZE", "0", "pool_min_size", 0),
+        ("STRATA_POOL_MAX_SIZE", "1000", "pool_max_size", 1000),
+        ("STRATA_SLOW_QUERY_MS", "12.5", "slow_query_ms", 12.5),
+        ("STRATA_MAX_MESSAGE_BYTES", "1024", "max_message_bytes", 1024),
+        ("STRATA_SHUTDOWN_GRACE_S", "0", "shutdown_grace_s", 0.0),
+        ("STRATA_CACHE_LOCAL_ENTRIES", "0", "cache_local_entries", 0),
+        ("STRATA_CACHE_TTL_S", "0.001", "cache_ttl_s", 0.001),
+        ("STRATA_KV_MAX_VALUE_BYTES", "2048", "kv_max_value_bytes", 2048),
+        ("STRATA_KV_MAX_KEY_BYTES", "65536", "kv_max_key_bytes", 65536),
+        ("STRATA_KV_MAX_BATCH", "7", "kv_max_batch", 7),
+        ("STRATA_KV_SWEEP_INTERVAL_S", "0.25", "kv_sweep_interval_s", 0.25),
+        ("STRATA_KV_HISTORY_REVISIONS", "1", "kv_history_revisions", 1),
+        ("STRATA_LOG_LEVEL", "debug", "log_level", "DEBUG"),
+        (
+            "DATABASE_READ_URLS",
+            " postgresql://r1/db , ,postgresql://r2/db",
+            "database_read_urls",
+            ("postgresql://r1/db", "postgresql://r2/db"),
+        ),
+    ],
+)
+def test_each_variable_overrides_its_setting(variable, raw, attribute, expected):
+    settings = load_settings({variable: raw})
+    assert getattr(settings, attribute) == expected
+    # Nothing else moved.
+    others = {name: getattr(Settings(), name) for name in Settings.__slots__ if name != attribute}
+    assert {name: getattr(settings, name) for name in others} == others
+
+
+def test_surrounding_whitespace_is_ignored():
+    assert load_settings({"STRATA_KV_PORT": "  41000\n"}).kv_port == 41000
+
+
+def test_a_blank_value_means_the_default():
+    assert load_settings({"STRATA_KV_PORT": "   ", "STRATA_SLOW_QUERY_MS": ""}) == Settings()
+
+
+def test_both_urls_select_external_mode():
+    settings = load_settings({"DATABASE_URL": PG, "REDIS_URL": REDIS})
+    assert not settings.embedded
+    assert settings.database_url == PG
+    assert settings.redis_url == REDIS
+
+
+def test_migrate_url_defaults_to_the_database_url():
+    settings = load_settings({"DATABASE_URL": PG, "REDIS_URL": REDIS})
+    assert settings.migrate_database_url == PG
+
+
+def test_migrate_url_overrides_the_database_url_for_migrations():
+    owner = "postgres://owner:secret@db.example/strata"
+    settings = load_settings({"DATABASE_URL": PG, "REDIS_URL": REDIS, "STRATA_MIGRATE_DATABASE_URL": owner})
+    assert settings.migrate_database_url == owner
+    assert settings.database_url == PG
+
+
+@pytest.mark.parametrize("redis_url", ["redis://h:1/0", "rediss://h:1/0", "unix:///tmp/redis.sock"])
+def test_every_redis_scheme_is_accepted(redis_url):
+    assert load_settings({"DATABASE_URL": PG, "REDIS_URL": redis_url}).redis_url == redis_url
+
+
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "STRATA_GATEWAY_PORT",
+        "STRATA_KV_PORT",
+        "STRATA_TENANTS_PORT",
+        "STRATA_VECTOR_PORT",
+        "STRATA_ADMIN_PORT",
+        "STRATA_EMBEDDED_PG_PORT",
+        "STRATA_EMBEDDED_REDIS_PORT",
+    ],
+)
+@pytest.mark.parametrize("raw", ["abc", "0", "65536", "-1", "80.5"])
+def test_a_bad_port_is_a_config_error_naming_the_variable(variable, raw):
+    with pytest.raises(ConfigError, match=variable):
+        load_settings({variable: raw})
+
+
+@pytest.mark.parametrize(
+    ("variable", "raw"),
+    [
+        ("STRATA_POOL_MAX_SIZE", "ten"),
+        ("STRATA_POOL_MAX_SIZE", "0"),
+        ("STRATA_POOL_MIN_SIZE", "-1"),
+        ("STRATA_MAX_MESSAGE_BYTES", "1023"),
+        ("STRATA_KV_MAX_BATCH", "100001"),
+        ("STRATA_KV_MAX_KEY_BYTES", "1e3"),
+        ("STRATA_CACHE_LOCAL_ENTRIES", "many"),
+    ],
+)
+def test_a_bad_integer_is_a_config_error_naming_the_variable(variable, raw):
+    with pytest.raises(ConfigError, match=variable):
+        load_settings({variable: raw})
+
+
+@pytest.mark.parametrize(
+    "variable",
+    ["STRATA_SLOW_QUERY_MS", "STRATA_SHUTDOWN_GRACE_S", "STRATA_CACHE_TTL_S", "STRATA_KV_SWEEP_INTERVAL_S"],
+)
+@pytest.mark.parametrize("raw", ["nan", "NaN", "-nan"])
+def test_a_nan_number_is_a_config_error_naming_the_variable(variable, raw):
+    with pytest.raises(ConfigError, match=variable):
+        load_settings({variable: raw})
+
+
+@pytest.mark.parametrize(
+    ("variable", "raw"),
+    [
+        ("STRATA_SLOW_QUERY_MS", "fast"),
+        ("STRATA_SLOW_QUERY_MS", "-1"),
+        ("STRATA_SHUTDOWN_GRACE_S", "-0.5"),
+        ("STRATA_CACHE_TTL_S", "0"),
+        ("STRATA_KV_SWEEP_INTERVAL_S", "0.001"),
+    ],
+)
+def test_a_bad_or_too_small_number_is_a_config_error_naming_the_variable(variable, raw):
+    with pytest.raises(ConfigError, match=variable):
+        load_settings({variable: raw})
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"DATABASE_URL": "mysql://u@h/db", "REDIS_URL": REDIS}, "DATABASE_URL"),
+        ({"DATABASE_URL": "db.example:5432", "REDIS_URL": REDIS}, "DATABASE_URL"),
+        ({"DATABASE_URL": PG, "REDIS_URL": "http://cache.example"}, "REDIS_URL"),
+        ({"DATABASE_URL": PG, "REDIS_URL": REDIS, "STRATA_MIGRATE_DATABASE_URL": "redis://x"}, "MIGRATE"),
+    ],
+)
+def test_a_bad_url_scheme_is_a_config_error_naming_the_variable(env, variable):
+    with pytest.raises(ConfigError, match=variable):
+        load_settings(env)
+
+
+@pytest.mark.parametrize("env", [{"DATABASE_URL": PG}, {"REDIS_URL": REDIS}])
+def test_only_one_of_the_urls_is_a_config_error_naming_both(env):
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env)
+    assert "DATABASE_URL" in str(caught.value)
+    assert "REDIS_URL" in str(caught.value)
+
+
+def test_an_unknown_log_level_is_a_config_error_naming_the_variable():
+    with pytest.raises(ConfigError, match="STRATA_LOG_LEVEL"):
+        load_settings({"STRATA_LOG_LEVEL": "verbose"})
+
+
+def test_config_error_is_a_value_error():
+    assert issubclass(ConfigError, ValueError)
+
+
+def test_port_of_returns_the_service_port():
+    settings = load_settings({"STRATA_KV_PORT": "41001", "STRATA_GATEWAY_PORT": "41002"})
+    assert settings.port_of("kv") == 41001
+    assert settings.port_of("gateway") == 41002
+
+
+def test_port_of_an_unknown_service_is_a_config_error():
+    with pytest.raises(ConfigError, match="nosuch"):
+        Settings().port_of("nosuch")
+
+
+@pytest.mark.parametrize("variable", ["STRATA_CACHE_TTL_S", "STRATA_SHUTDOWN_GRACE_S"])
+def test_an_infinite_number_is_a_config_error_naming_the_variable(variable):
+    with pytest.raises(ConfigError, match=variable):
+        load_settings({variable: "inf"})
