@@ -184,10 +184,10 @@ class Database:
                 raise unavailable(
                     "DATABASE_UNAVAILABLE", "the database is unavailable; retry", retry_delay_s=1.0
                 )
-            sent = False
+            acquired = False
             try:
                 async with self.pool.acquire() as conn:
-                    sent = True
+                    acquired = True
                     started = time.perf_counter()
                     result = await work(conn)
                     self._observe(label, time.perf_counter() - started)
@@ -196,9 +196,15 @@ class Database:
             except TimeoutError:
                 raise  # the statement outlived the call's deadline: not a connection fault
             except _CONNECTION_ERRORS as exc:
-                self.breaker.record_failure()
+                # Postgres restarted or a connection died: every pooled
+                # connection is suspect, so replace them all, not one per call.
+                await self.pool.expire_connections()
+                if not acquired:
+                    self.breaker.record_failure()  # could not even connect
+                # InterfaceError: the connection was already closed, nothing was sent.
+                unsent = not acquired or isinstance(exc, asyncpg.exceptions.InterfaceError)
                 attempt += 1
-                if (sent and not idempotent) or attempt > self._retries:
+                if not (idempotent or unsent) or attempt > self._retries:
                     raise unavailable(
                         "DATABASE_UNAVAILABLE", "the database connection was lost; retry", retry_delay_s=0.5
                     ) from exc
@@ -219,7 +225,7 @@ class Database:
         except TimeoutError:
             raise
         except _CONNECTION_ERRORS as exc:
-            self.breaker.record_failure()
+            await self.pool.expire_connections()
             raise unavailable(
                 "DATABASE_UNAVAILABLE", "the database connection was lost; retry", retry_delay_s=0.5
             ) from exc

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 
 from google.protobuf import duration_pb2
+from strata.kv.v1 import kv_pb2
 
 from shared.errors import FieldViolation, StrataError, aborted, invalid_argument
 from shared.settings import Settings
@@ -138,6 +139,20 @@ class Limits:
             errors.append(FieldViolation(field, "at least one is required"))
         elif count > self.max_batch:
             errors.append(FieldViolation(field, f"has {count} entries; the limit is {self.max_batch}"))
+
+    def target(
+        self, request: kv_pb2.DeleteRequest | kv_pb2.WatchRequest, errors: list[FieldViolation]
+    ) -> KeyRange:
+        """The keys a request's ``target`` oneof (one key, or a prefix) selects."""
+        target = request.WhichOneof("target")
+        if target == "key":
+            self.key(request.key, errors)
+            return KeyRange.single(request.key)
+        if target == "prefix":
+            self.key(request.prefix, errors, "prefix", allow_empty=True)
+            return KeyRange.prefix(request.prefix)
+        errors.append(FieldViolation("key", "set key (one key) or prefix (every key under it)"))
+        return KeyRange("", None)
 
     def page_size(self, value: int, errors: list[FieldViolation]) -> int:
         if value < 0 or value > MAX_PAGE_SIZE:

@@ -185,18 +185,9 @@ class KvServicer:
     async def Delete(self, request: kv_pb2.DeleteRequest, context: Context) -> kv_pb2.DeleteResponse:
         errors: list[FieldViolation] = []
         self._limits.namespace(request.namespace, errors)
-        target = request.WhichOneof("target")
-        if target is None:
-            errors.append(FieldViolation("key", "set key (one key) or prefix (every key under it)"))
-            keys = KeyRange("", None)
-        elif target == "key":
-            self._limits.key(request.key, errors)
-            keys = KeyRange.single(request.key)
-        else:
-            self._limits.key(request.prefix, errors, "prefix", allow_empty=True)
-            keys = KeyRange.prefix(request.prefix)
-            if request.HasField("if_revision"):
-                errors.append(FieldViolation("if_revision", "only allowed when deleting one key"))
+        keys = self._limits.target(request, errors)
+        if request.WhichOneof("target") == "prefix" and request.HasField("if_revision"):
+            errors.append(FieldViolation("if_revision", "only allowed when deleting one key"))
         if request.HasField("if_revision"):
             self._limits.if_revision(request.if_revision, errors)
         raise_if(errors)
@@ -232,16 +223,7 @@ class KvServicer:
     ) -> AsyncIterator[kv_pb2.WatchResponse]:
         errors: list[FieldViolation] = []
         self._limits.namespace(request.namespace, errors)
-        target = request.WhichOneof("target")
-        if target is None:
-            errors.append(FieldViolation("key", "set key (one key) or prefix (every key under it)"))
-            keys = KeyRange("", None)
-        elif target == "key":
-            self._limits.key(request.key, errors)
-            keys = KeyRange.single(request.key)
-        else:
-            self._limits.key(request.prefix, errors, "prefix", allow_empty=True)
-            keys = KeyRange.prefix(request.prefix)
+        keys = self._limits.target(request, errors)
         if request.start_revision < 0:
             errors.append(FieldViolation("start_revision", "must be >= 0 (0: from now on)"))
         raise_if(errors)
@@ -266,7 +248,11 @@ class KvServicer:
             if compacted > cursor[0] or (compacted == cursor[0] and cursor[1] is not None):
                 raise _compacted(cursor[0] + (0 if cursor[1] is not None else 1), compacted)
             if changes:
-                cursor = (changes[-1].revision, changes[-1].kv.key)
+                if len(changes) < _WATCH_BATCH:
+                    # Not a full batch: everything up to the snapshot's revision was read.
+                    cursor = (max(current, changes[-1].revision), None)
+                else:
+                    cursor = (changes[-1].revision, changes[-1].kv.key)
                 yield kv_pb2.WatchResponse(
                     header=kv_pb2.ResponseHeader(revision=max(current, cursor[0])),
                     events=[kv_pb2.Event(type=c.kind, kv=c.kv) for c in changes],  # type: ignore[arg-type]

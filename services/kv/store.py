@@ -74,17 +74,23 @@ def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
     return stamp
 
 
-def entry_to_kv(namespace: str, row: asyncpg.Record) -> kv_pb2.KeyValue:
-    """A ``KeyValue`` from a row with the entry columns (value may be NULL: keys only)."""
+def entry_to_kv(
+    namespace: str, row: asyncpg.Record, prefix: str = "", key: str | None = None
+) -> kv_pb2.KeyValue:
+    """A ``KeyValue`` from a row with the entry columns, each named ``prefix`` + column.
+
+    A NULL value (keys-only listings, delete events) becomes empty; ``key``
+    overrides a row without a key column.
+    """
     return kv_pb2.KeyValue(
         namespace=namespace,
-        key=row["key"],
-        value=row["value"] or b"",
-        content_type=row["content_type"],
-        create_revision=row["create_revision"],
-        mod_revision=row["mod_revision"],
-        version=row["version"],
-        expire_time=_timestamp(row["expires_at"]),
+        key=row[prefix + "key"] if key is None else key,
+        value=row[prefix + "value"] or b"",
+        content_type=row[prefix + "content_type"],
+        create_revision=row[prefix + "create_revision"],
+        mod_revision=row[prefix + "mod_revision"],
+        version=row[prefix + "version"],
+        expire_time=_timestamp(row[prefix + "expires_at"]),
     )
 
 
@@ -151,16 +157,7 @@ class KvStore:
             previous.append(
                 None
                 if row["r_prev_mod_revision"] is None
-                else kv_pb2.KeyValue(
-                    namespace=namespace,
-                    key=item.key,
-                    value=row["r_prev_value"],
-                    content_type=row["r_prev_content_type"],
-                    create_revision=row["r_prev_create_revision"],
-                    mod_revision=row["r_prev_mod_revision"],
-                    version=row["r_prev_version"],
-                    expire_time=_timestamp(row["r_prev_expires_at"]),
-                )
+                else entry_to_kv(namespace, row, "r_prev_", key=item.key)
             )
         return WriteResult(first["r_revision"], kvs, previous)
 
@@ -188,19 +185,7 @@ class KvStore:
             return DeleteResult(first["r_revision"], [], first["r_key"], first["r_mod_revision"])
         if first["r_status"] == "none":
             return DeleteResult(first["r_revision"], [])
-        deleted = [
-            kv_pb2.KeyValue(
-                namespace=namespace,
-                key=row["r_key"],
-                value=row["r_value"] or b"",
-                content_type=row["r_content_type"],
-                create_revision=row["r_create_revision"],
-                mod_revision=row["r_mod_revision"],
-                version=row["r_version"],
-                expire_time=_timestamp(row["r_expires_at"]),
-            )
-            for row in rows
-        ]
+        deleted = [entry_to_kv(namespace, row, "r_") for row in rows]
         return DeleteResult(first["r_revision"], deleted)
 
     async def list_page(
@@ -275,8 +260,8 @@ class KvStore:
             SELECT s.current, c.revision AS compacted, ch.*
             FROM kv.store_revision s CROSS JOIN kv.compaction c
             LEFT JOIN LATERAL (
-                SELECT ch.revision, ch.key, ch.kind, ch.value, ch.content_type, ch.create_revision,
-                       ch.version, ch.expires_at
+                SELECT ch.revision, ch.revision AS mod_revision, ch.key, ch.kind, ch.value,
+                       ch.content_type, ch.create_revision, ch.version, ch.expires_at
                 FROM kv.changes ch
                 WHERE ch.namespace = $1 AND ch.key >= $3 {end_condition}
                   AND (ch.revision > $2 OR (ch.revision = $2 AND ch.key > $6::text))
@@ -294,20 +279,7 @@ class KvStore:
         )
         current, compacted = rows[0]["current"], rows[0]["compacted"]
         changes = [
-            Change(
-                row["revision"],
-                row["kind"],
-                kv_pb2.KeyValue(
-                    namespace=namespace,
-                    key=row["key"],
-                    value=row["value"],
-                    content_type=row["content_type"],
-                    create_revision=row["create_revision"],
-                    mod_revision=row["revision"],
-                    version=row["version"],
-                    expire_time=_timestamp(row["expires_at"]),
-                ),
-            )
+            Change(row["revision"], row["kind"], entry_to_kv(namespace, row))
             for row in rows
             if row["revision"] is not None
         ]

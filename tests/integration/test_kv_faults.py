@@ -59,10 +59,15 @@ async def test_kv_recovers_after_postgres_restarts(kv, namespace, embedded):
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         embedded.postgres.start()
-    written = await retry_until_ok(kv.Put, kv_pb2.PutRequest(namespace=namespace, key="k", value=b"after"))
+    await retry_until_ok(kv.Put, kv_pb2.PutRequest(namespace=namespace, key="first", value=b"back"))
+    # Once one call gets through, the pool has dropped every stale connection:
+    # no later call fails (no breaker flapping, no dead connection per call).
+    for i in range(30):
+        await kv.Put(kv_pb2.PutRequest(namespace=namespace, key=f"n{i}", value=b"x"))
+    written = await kv.Put(kv_pb2.PutRequest(namespace=namespace, key="k", value=b"after"))
     got = await kv.Get(kv_pb2.GetRequest(namespace=namespace, key="k"))
     assert got.kv.value == b"after" and got.kv.mod_revision == written.header.revision
-    listed = await kv.List(kv_pb2.ListRequest(namespace=namespace))
+    listed = await kv.List(kv_pb2.ListRequest(namespace=namespace, prefix="k"))
     assert [k.value for k in listed.kvs] == [b"after"]
 
 
