@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import secrets
 import signal
 import socket
 import subprocess
@@ -28,6 +27,7 @@ from urllib.parse import quote
 import asyncpg
 
 from shared.migrations import ensure_service_role
+from shared.secret_files import stored_secret
 
 __all__ = ["EmbeddedPostgres", "EmbeddedRedis", "PostgresUrls", "prepare_database"]
 
@@ -44,18 +44,6 @@ class PostgresUrls:
 
     owner: str
     service: str
-
-
-def _secret(folder: Path, name: str) -> str:
-    """The secret ``name`` under ``folder``, generated (0600) on first use."""
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(folder, 0o700)
-    path = folder / name
-    if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_urlsafe(24))
-    return path.read_text().strip()
 
 
 def _wait_port(host: str, port: int, process: subprocess.Popen[bytes], timeout: float, what: str) -> None:
@@ -106,7 +94,7 @@ class EmbeddedPostgres:
     def start(self, timeout: float = 60.0) -> PostgresUrls:
         """Initialise if needed, start, and return the URLs (owner and service roles)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        owner_password = _secret(self._secrets, "pg-owner-password")
+        owner_password = stored_secret(self._secrets, "pg-owner-password")
         if not (self.pgdata / "PG_VERSION").exists():
             self._initdb(owner_password)
         self._stop_leftover()
@@ -121,7 +109,7 @@ class EmbeddedPostgres:
         log.close()
         _wait_port("127.0.0.1", self.port, self._process, timeout, "postgres")
         host = f"127.0.0.1:{self.port}"
-        service_password = _secret(self._secrets, "pg-service-password")
+        service_password = stored_secret(self._secrets, "pg-service-password")
         return PostgresUrls(
             owner=f"postgresql://{SUPERUSER}:{quote(owner_password)}@{host}/{DATABASE}",
             service=f"postgresql://{SERVICE_ROLE}:{quote(service_password)}@{host}/{DATABASE}",
@@ -237,7 +225,7 @@ class EmbeddedRedis:
 
         folder = self.data_dir / "redis"
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        password = _secret(self.data_dir / "secrets", "redis-password")
+        password = stored_secret(self.data_dir / "secrets", "redis-password")
         conf = folder / "redis.conf"
         # The password goes in a 0600 file: on the command line every local user could read it.
         fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

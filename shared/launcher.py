@@ -21,6 +21,7 @@ import time
 import uvloop
 
 from shared.backends import Backends, open_backends
+from shared.secret_files import stored_secret
 from shared.settings import ConfigError, Settings, load_settings
 from shared.telemetry import configure_logging
 
@@ -118,12 +119,19 @@ class ServiceProcess:
 
 
 def service_environment(settings: Settings, backends: Backends) -> dict[str, str]:
-    """The environment every service process gets: the caller's, plus the backends' URLs."""
+    """The environment every service process gets: the caller's, the backends' URLs, the shared secrets.
+
+    Secrets not given in the environment are generated once under
+    ``<data>/secrets`` (the key pepper must outlive restarts: key hashes depend on it).
+    """
+    folder = settings.data_dir / "secrets"
     env = dict(os.environ)
     env.update(
         DATABASE_URL=backends.database_url,
         REDIS_URL=backends.redis_url,
         STRATA_DATA_DIR=str(settings.data_dir),
+        STRATA_INTERNAL_SECRET=settings.internal_secret or stored_secret(folder, "internal-secret"),
+        STRATA_KEY_PEPPER=settings.key_pepper or stored_secret(folder, "key-pepper"),
     )
     env.pop("STRATA_MIGRATE_DATABASE_URL", None)  # the owner's URL stays with the launcher
     env["PYTHONUNBUFFERED"] = "1"

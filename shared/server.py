@@ -28,8 +28,9 @@ from google.protobuf import message_factory
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from shared.errors import FieldViolation, StrataError, from_exception, invalid_argument
+from shared.identity import set_current_caller, verify_caller
 from shared.reflection import add_reflection
-from shared.settings import ConfigError, Settings, load_settings
+from shared.settings import ConfigError, Settings, load_settings, require_internal_secret
 from shared.telemetry import (
     configure_logging,
     end_rpc_span,
@@ -76,6 +77,7 @@ class StrataServer:
         self._closers: list[ShutdownHook] = []
         self._stopping = asyncio.Event()
         self._gate = _CallGate()
+        self._secret = require_internal_secret(settings)
         self.port = 0
 
     def add_servicer(self, servicer: object, service: _descriptor.ServiceDescriptor) -> None:
@@ -91,12 +93,12 @@ class StrataServer:
             if method.client_streaming:
                 raise NotImplementedError(f"client streaming is not supported: {method.full_name}")
             if method.server_streaming:
-                stream = _stream_handler(impl, request_type, self._gate)
+                stream = _stream_handler(impl, request_type, self._admission(service, method))
                 if tracing_on():
                     stream = _traced_stream(stream, service.full_name, method.name)
                 handlers[method.name] = grpc.unary_stream_rpc_method_handler(stream)
             else:
-                unary = _unary_handler(impl, request_type, self._gate)
+                unary = _unary_handler(impl, request_type, self._admission(service, method))
                 if tracing_on():
                     unary = _traced_unary(unary, service.full_name, method.name)
                 handlers[method.name] = grpc.unary_unary_rpc_method_handler(unary)
@@ -104,6 +106,11 @@ class StrataServer:
             (grpc.method_handlers_generic_handler(service.full_name, handlers),)
         )
         self._service_names.append(service.full_name)
+
+    def _admission(
+        self, service: _descriptor.ServiceDescriptor, method: _descriptor.MethodDescriptor
+    ) -> _Admission:
+        return _Admission(self._gate, self._secret, f"/{service.full_name}/{method.name}")
 
     def on_shutdown(self, hook: ShutdownHook) -> None:
         """Run ``hook`` at shutdown, after health turns NOT_SERVING, while calls drain."""
@@ -157,6 +164,24 @@ class StrataServer:
         await self._server.stop(0.5)
         await _run_hooks(self._closers)
         _log.info("stopped", extra={"service": self.name, "drained": drained})
+
+
+class _Admission:
+    """Lets a call of one method in: the server is not draining and the caller is signed."""
+
+    def __init__(self, gate: _CallGate, secret: bytes, full_method: str) -> None:
+        self.gate = gate
+        self._secret = secret
+        self._method = full_method
+
+    def admit(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """Enter the gate and bind the verified caller; raises StrataError (and leaves) otherwise."""
+        self.gate.enter()
+        try:
+            set_current_caller(verify_caller(self._secret, self._method, context.invocation_metadata() or ()))
+        except StrataError:
+            self.gate.leave()
+            raise
 
 
 class _CallGate:
@@ -246,11 +271,15 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException
 
 
 def _unary_handler(
-    impl: Callable[..., Awaitable[_message.Message]], request_type: type[_message.Message], gate: _CallGate
+    impl: Callable[..., Awaitable[_message.Message]],
+    request_type: type[_message.Message],
+    admission: _Admission,
 ) -> Callable[[bytes, grpc.aio.ServicerContext[Any, Any]], Awaitable[bytes]]:
+    gate = admission.gate
+
     async def handle(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         try:
-            gate.enter()
+            admission.admit(context)
         except StrataError as exc:
             await _abort(context, exc)
         try:
@@ -272,11 +301,13 @@ def _unary_handler(
 def _stream_handler(
     impl: Callable[..., AsyncIterator[_message.Message]],
     request_type: type[_message.Message],
-    gate: _CallGate,
+    admission: _Admission,
 ) -> Callable[[bytes, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[bytes]]:
+    gate = admission.gate
+
     async def handle(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
         try:
-            gate.enter()
+            admission.admit(context)
         except StrataError as exc:
             await _abort(context, exc)
         try:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ConfigError", "Settings", "load_settings"]
+__all__ = ["ConfigError", "Settings", "load_settings", "require_internal_secret"]
 
 
 class ConfigError(ValueError):
@@ -55,11 +55,27 @@ class Settings:
     kv_sweep_interval_s: float = 1.0
     kv_history_revisions: int = 100_000
     log_level: str = "INFO"
+    internal_secret: str = ""
+    key_pepper: str = ""
+    key_cache_ttl_s: float = 1.0
+    rate_limit_rps: float = 1000.0
+    rate_limit_burst: int = 2000
+    upstreams: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
 
     @property
     def embedded(self) -> bool:
         """True when Strata starts its own Postgres and Redis (no URLs given)."""
         return not self.database_url and not self.redis_url
+
+    def upstreams_of(self, service: str) -> tuple[str, ...]:
+        """The gateway's addresses for ``service`` (``STRATA_<SERVICE>_UPSTREAMS``)."""
+        for name, addresses in self.upstreams:
+            if name == service:
+                return addresses
+        return (f"127.0.0.1:{self.port_of(service)}",)
 
     def port_of(self, service: str) -> int:
         """The listening port of ``service`` ("kv", "tenants", "vector", "admin", "gateway")."""
@@ -123,7 +139,32 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         log_level=reader.choice(
             "STRATA_LOG_LEVEL", defaults.log_level, ("DEBUG", "INFO", "WARNING", "ERROR")
         ),
+        internal_secret=env.get("STRATA_INTERNAL_SECRET", ""),
+        key_pepper=env.get("STRATA_KEY_PEPPER", ""),
+        key_cache_ttl_s=reader.number("STRATA_KEY_CACHE_TTL_S", defaults.key_cache_ttl_s, 0.0),
+        rate_limit_rps=reader.number("STRATA_RATE_LIMIT_RPS", defaults.rate_limit_rps, 0.001),
+        rate_limit_burst=reader.integer("STRATA_RATE_LIMIT_BURST", defaults.rate_limit_burst, 1, 1 << 30),
+        upstreams=tuple(
+            (service, addresses)
+            for service in _SERVICES
+            if (addresses := reader.addresses(f"STRATA_{service.upper()}_UPSTREAMS"))
+        ),
+        tls_cert_file=reader.existing_file("STRATA_TLS_CERT_FILE"),
+        tls_key_file=reader.existing_file("STRATA_TLS_KEY_FILE"),
+        tls_client_ca_file=reader.existing_file("STRATA_TLS_CLIENT_CA_FILE"),
     )
+
+
+_SERVICES = ("kv", "tenants", "vector", "admin")
+
+
+def require_internal_secret(settings: Settings) -> bytes:
+    """The shared gateway/service secret; ConfigError when it is not set."""
+    if len(settings.internal_secret) < 16:
+        raise ConfigError(
+            "STRATA_INTERNAL_SECRET must be set (16+ characters) and shared by gateway and services"
+        )
+    return settings.internal_secret.encode()
 
 
 class _Reader:
@@ -169,6 +210,25 @@ class _Reader:
             return ""
         if not raw.startswith(schemes):
             raise ConfigError(f"{name} must start with one of {', '.join(schemes)}")
+        return raw
+
+    def addresses(self, name: str) -> tuple[str, ...]:
+        raw = self._raw(name)
+        if raw is None:
+            return ()
+        found = tuple(a.strip() for a in raw.split(",") if a.strip())
+        for address in found:
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(f"{name}: {address!r} is not host:port")
+        return found
+
+    def existing_file(self, name: str) -> str:
+        raw = self._raw(name)
+        if raw is None:
+            return ""
+        if not os.path.isfile(raw):
+            raise ConfigError(f"{name}={raw!r} is not a readable file")
         return raw
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:

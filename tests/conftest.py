@@ -22,12 +22,16 @@ from strata.kv.v1 import kv_pb2_grpc
 
 from services.kv.app import build_kv_server
 from shared.backends import Backends, open_backends
+from shared.identity import Caller
 from shared.launcher import SERVICES
 from shared.server import StrataServer
 from shared.settings import Settings, load_settings
+from tests.helpers import signing_interceptors
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TEST_DATA_DIR = PROJECT_ROOT / ".strata" / "test"
+TEST_INTERNAL_SECRET = "test-internal-secret-not-for-production"
+TENANT = Caller("tenant-a", frozenset({"kv:read", "kv:write"}), "key-a")
 
 
 def free_port() -> int:
@@ -45,6 +49,7 @@ def base_settings() -> Settings:
     env.setdefault("STRATA_EMBEDDED_PG_PORT", str(free_port()))
     env.setdefault("STRATA_EMBEDDED_REDIS_PORT", str(free_port()))
     env.setdefault("STRATA_KV_SWEEP_INTERVAL_S", "0.2")
+    env.setdefault("STRATA_INTERNAL_SECRET", TEST_INTERNAL_SECRET)
     return load_settings(env)
 
 
@@ -79,9 +84,17 @@ async def kv_server(settings: Settings) -> AsyncIterator[StrataServer]:
     await server.stop(grace=1.0)
 
 
+def signed_channel(port: int, caller: Caller, secret: str = TEST_INTERNAL_SECRET) -> grpc.aio.Channel:
+    """A channel to a service on ``port`` whose calls are signed as ``caller``."""
+    return grpc.aio.insecure_channel(
+        f"127.0.0.1:{port}", interceptors=signing_interceptors(secret.encode(), caller)
+    )
+
+
 @pytest.fixture(scope="session")
 async def kv_channel(kv_server: StrataServer) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{kv_server.port}") as channel:
+    """A channel to the in-process KV server, signed as tenant-a with kv scopes."""
+    async with signed_channel(kv_server.port, TENANT) as channel:
         yield channel
 
 

@@ -70,9 +70,9 @@ def prefix_end(prefix: str) -> str | None:
     return "".join(chars)
 
 
-def cache_key(namespace: str, key: str) -> bytes:
-    """The cache key of one entry (NUL cannot occur in either part)."""
-    return f"{namespace}\x00{key}".encode()
+def cache_key(tenant: str, namespace: str, key: str) -> bytes:
+    """The cache key of one entry (NUL cannot occur in any part)."""
+    return f"{tenant}\x00{namespace}\x00{key}".encode()
 
 
 class Limits:

@@ -27,12 +27,14 @@ from services.kv.store import KvStore, PutItem, entry_to_kv
 from shared.cache import CacheEntry, RevisionedCache
 from shared.db import deadline_timeout
 from shared.errors import FieldViolation, StrataError, not_found
+from shared.identity import require_scope
 from shared.pagetoken import decode_page_token, encode_page_token
 
 __all__ = ["KvServicer"]
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 _WATCH_BATCH = 500
+READ, WRITE = "kv:read", "kv:write"
 _RETURN_PREVIOUS_LIMIT = 1000
 
 
@@ -48,6 +50,7 @@ class KvServicer:
     # -- reads -------------------------------------------------------------
 
     async def Get(self, request: kv_pb2.GetRequest, context: Context) -> kv_pb2.GetResponse:
+        tenant = require_scope(READ).tenant
         errors: list[FieldViolation] = []
         self._limits.namespace(request.namespace, errors)
         self._limits.key(request.key, errors)
@@ -55,13 +58,13 @@ class KvServicer:
         namespace, key = request.namespace, request.key
 
         async def load() -> CacheEntry | None:
-            row = await self._store.get(namespace, key, timeout=deadline_timeout(context))
+            row = await self._store.get(tenant, namespace, key, timeout=deadline_timeout(context))
             if row is None:
                 return None
             kv = entry_to_kv(namespace, row)
             return CacheEntry(kv.mod_revision, kv.SerializeToString(), _expiry(row["expires_at"]))
 
-        entry = await self._cache.load(cache_key(namespace, key), load)
+        entry = await self._cache.load(cache_key(tenant, namespace, key), load)
         if entry is None or entry.payload is None or _expired(entry):
             raise not_found(
                 "KEY_NOT_FOUND", f"key {key!r} not found", domain=DOMAIN, namespace=namespace, key=key
@@ -70,6 +73,7 @@ class KvServicer:
         return kv_pb2.GetResponse(header=self._header(kv.mod_revision), kv=kv)
 
     async def BatchGet(self, request: kv_pb2.BatchGetRequest, context: Context) -> kv_pb2.BatchGetResponse:
+        tenant = require_scope(READ).tenant
         errors: list[FieldViolation] = []
         self._limits.namespace(request.namespace, errors)
         self._limits.batch_size(len(request.keys), errors, "keys")
@@ -81,7 +85,7 @@ class KvServicer:
         found: dict[str, kv_pb2.KeyValue | None] = {}
         misses: list[str] = []
         for key in keys:
-            entry = await self._cache.get(cache_key(namespace, key))
+            entry = await self._cache.get(cache_key(tenant, namespace, key))
             if entry is None:
                 misses.append(key)
             elif entry.payload is None or _expired(entry):
@@ -89,12 +93,12 @@ class KvServicer:
             else:
                 found[key] = kv_pb2.KeyValue.FromString(entry.payload)
         if misses:
-            rows = await self._store.get_many(namespace, misses, timeout=deadline_timeout(context))
+            rows = await self._store.get_many(tenant, namespace, misses, timeout=deadline_timeout(context))
             for row in rows:
                 kv = entry_to_kv(namespace, row)
                 found[kv.key] = kv
                 await self._cache.fill(
-                    cache_key(namespace, kv.key),
+                    cache_key(tenant, namespace, kv.key),
                     CacheEntry(kv.mod_revision, kv.SerializeToString(), _expiry(row["expires_at"])),
                 )
         kvs = [found_kv for key in keys if (found_kv := found.get(key)) is not None]
@@ -103,6 +107,7 @@ class KvServicer:
         return kv_pb2.BatchGetResponse(header=self._header(newest), kvs=kvs, missing_keys=missing)
 
     async def List(self, request: kv_pb2.ListRequest, context: Context) -> kv_pb2.ListResponse:
+        tenant = require_scope(READ).tenant
         errors: list[FieldViolation] = []
         self._limits.namespace(request.namespace, errors)
         self._limits.key(request.prefix, errors, "prefix", allow_empty=True)
@@ -122,25 +127,27 @@ class KvServicer:
                 )
         timeout = deadline_timeout(context)
         rows = await self._store.list_page(
-            namespace, keys, after, page_size + 1, keys_only=request.keys_only, timeout=timeout
+            tenant, namespace, keys, after, page_size + 1, keys_only=request.keys_only, timeout=timeout
         )
         kvs = [entry_to_kv(namespace, row) for row in rows[:page_size]]
         response = kv_pb2.ListResponse(kvs=kvs)
         if len(rows) > page_size:
             response.next_page_token = encode_page_token(query, kvs[-1].key)
         if request.include_count:
-            response.total_count = await self._store.count(namespace, keys, timeout=timeout)
+            response.total_count = await self._store.count(tenant, namespace, keys, timeout=timeout)
         response.header.CopyFrom(self._header(max((kv.mod_revision for kv in kvs), default=0)))
         return response
 
     # -- writes ------------------------------------------------------------
 
     async def Put(self, request: kv_pb2.PutRequest, context: Context) -> kv_pb2.PutResponse:
+        tenant = require_scope(WRITE).tenant
         errors: list[FieldViolation] = []
         self._limits.namespace(request.namespace, errors)
         item = self._put_item(request, errors, "")
         raise_if(errors)
         result = await self._store.put_many(
+            tenant,
             request.namespace,
             [item],
             return_previous=request.return_previous,
@@ -150,7 +157,7 @@ class KvServicer:
             raise revision_mismatch(
                 result.mismatch_key, item.if_revision or 0, result.mismatch_current, result.revision
             )
-        await self._publish_writes(result.revision, result.kvs)
+        await self._publish_writes(tenant, result.revision, result.kvs)
         kv = result.kvs[0]
         kv.value = b""
         response = kv_pb2.PutResponse(header=kv_pb2.ResponseHeader(revision=result.revision), kv=kv)
@@ -159,6 +166,7 @@ class KvServicer:
         return response
 
     async def BatchPut(self, request: kv_pb2.BatchPutRequest, context: Context) -> kv_pb2.BatchPutResponse:
+        tenant = require_scope(WRITE).tenant
         errors: list[FieldViolation] = []
         self._limits.namespace(request.namespace, errors)
         self._limits.batch_size(len(request.items), errors, "items")
@@ -170,19 +178,20 @@ class KvServicer:
             seen.add(item.key)
         raise_if(errors)
         result = await self._store.put_many(
-            request.namespace, items, return_previous=False, timeout=deadline_timeout(context)
+            tenant, request.namespace, items, return_previous=False, timeout=deadline_timeout(context)
         )
         if result.mismatch_key is not None:
             expected = next(i.if_revision for i in items if i.key == result.mismatch_key)
             raise revision_mismatch(
                 result.mismatch_key, expected or 0, result.mismatch_current, result.revision
             )
-        await self._publish_writes(result.revision, result.kvs)
+        await self._publish_writes(tenant, result.revision, result.kvs)
         for kv in result.kvs:
             kv.value = b""
         return kv_pb2.BatchPutResponse(header=kv_pb2.ResponseHeader(revision=result.revision), kvs=result.kvs)
 
     async def Delete(self, request: kv_pb2.DeleteRequest, context: Context) -> kv_pb2.DeleteResponse:
+        tenant = require_scope(WRITE).tenant
         errors: list[FieldViolation] = []
         self._limits.namespace(request.namespace, errors)
         keys = self._limits.target(request, errors)
@@ -193,6 +202,7 @@ class KvServicer:
         raise_if(errors)
         if_revision = request.if_revision if request.HasField("if_revision") else None
         result = await self._store.delete_range(
+            tenant,
             request.namespace,
             keys,
             if_revision=if_revision,
@@ -206,7 +216,7 @@ class KvServicer:
         if result.deleted:
             await self._cache.record_writes(
                 [
-                    (cache_key(request.namespace, kv.key), CacheEntry(result.revision, None))
+                    (cache_key(tenant, request.namespace, kv.key), CacheEntry(result.revision, None))
                     for kv in result.deleted
                 ]
             )
@@ -221,6 +231,7 @@ class KvServicer:
     async def Watch(
         self, request: kv_pb2.WatchRequest, context: Context
     ) -> AsyncIterator[kv_pb2.WatchResponse]:
+        tenant = require_scope(READ).tenant
         errors: list[FieldViolation] = []
         self._limits.namespace(request.namespace, errors)
         keys = self._limits.target(request, errors)
@@ -239,7 +250,7 @@ class KvServicer:
         while True:
             try:
                 changes, current, compacted = await self._store.changes_after(
-                    request.namespace, keys, cursor, _WATCH_BATCH, timeout=deadline_timeout(context)
+                    tenant, request.namespace, keys, cursor, _WATCH_BATCH, timeout=deadline_timeout(context)
                 )
             except StrataError as exc:
                 # Tell the client where to resume (e.g. Postgres is restarting).
@@ -284,12 +295,12 @@ class KvServicer:
             self._limits.if_revision(if_revision, errors, f"{path}if_revision")
         return PutItem(item.key, item.value, item.content_type, ttl_ms, if_revision)
 
-    async def _publish_writes(self, revision: int, kvs: list[kv_pb2.KeyValue]) -> None:
+    async def _publish_writes(self, tenant: str, revision: int, kvs: list[kv_pb2.KeyValue]) -> None:
         # Before the answer: the cache must not hold anything older than this write.
         await self._cache.record_writes(
             [
                 (
-                    cache_key(kv.namespace, kv.key),
+                    cache_key(tenant, kv.namespace, kv.key),
                     CacheEntry(
                         revision,
                         kv.SerializeToString(),

@@ -100,31 +100,37 @@ class KvStore:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    async def get(self, namespace: str, key: str, *, timeout: float) -> asyncpg.Record | None:
+    async def get(self, tenant: str, namespace: str, key: str, *, timeout: float) -> asyncpg.Record | None:
         """The live entry row of one key, or None."""
         return await self._db.fetchrow(
-            f"SELECT {_ENTRY_COLUMNS} FROM kv.entries WHERE namespace = $1 AND key = $2 AND {_LIVE}",
+            f"SELECT {_ENTRY_COLUMNS} FROM kv.entries "
+            f"WHERE tenant = $1 AND namespace = $2 AND key = $3 AND {_LIVE}",
+            tenant,
             namespace,
             key,
             timeout=timeout,
         )
 
-    async def get_many(self, namespace: str, keys: Sequence[str], *, timeout: float) -> list[asyncpg.Record]:
+    async def get_many(
+        self, tenant: str, namespace: str, keys: Sequence[str], *, timeout: float
+    ) -> list[asyncpg.Record]:
         """The live entry rows of ``keys`` (any order; absent keys left out)."""
         return await self._db.fetch(
             f"SELECT {_ENTRY_COLUMNS} FROM kv.entries "
-            f"WHERE namespace = $1 AND key = ANY($2::text[]) AND {_LIVE}",
+            f"WHERE tenant = $1 AND namespace = $2 AND key = ANY($3::text[]) AND {_LIVE}",
+            tenant,
             namespace,
             list(keys),
             timeout=timeout,
         )
 
     async def put_many(
-        self, namespace: str, items: Sequence[PutItem], *, return_previous: bool, timeout: float
+        self, tenant: str, namespace: str, items: Sequence[PutItem], *, return_previous: bool, timeout: float
     ) -> WriteResult:
         """Write ``items`` atomically at one new revision (see kv.put_many)."""
         rows = await self._db.write_rows(
-            "SELECT * FROM kv.put_many($1, $2, $3, $4, $5, $6, $7)",
+            "SELECT * FROM kv.put_many($1, $2, $3, $4, $5, $6, $7, $8)",
+            tenant,
             namespace,
             [i.key for i in items],
             [i.value for i in items],
@@ -163,6 +169,7 @@ class KvStore:
 
     async def delete_range(
         self,
+        tenant: str,
         namespace: str,
         keys: KeyRange,
         *,
@@ -172,7 +179,8 @@ class KvStore:
     ) -> DeleteResult:
         """Delete the live keys of ``keys`` at one new revision (see kv.delete_range)."""
         rows = await self._db.write_rows(
-            "SELECT * FROM kv.delete_range($1, $2, $3, $4, $5)",
+            "SELECT * FROM kv.delete_range($1, $2, $3, $4, $5, $6)",
+            tenant,
             namespace,
             keys.start,
             keys.end,
@@ -190,6 +198,7 @@ class KvStore:
 
     async def list_page(
         self,
+        tenant: str,
         namespace: str,
         keys: KeyRange,
         after: str | None,
@@ -201,8 +210,8 @@ class KvStore:
         """Up to ``limit`` live entries of ``keys`` after the key ``after``, in key order."""
         value = "NULL::bytea AS value" if keys_only else "value"
         columns = _ENTRY_COLUMNS.replace("value", value, 1)
-        conditions = ["namespace = $1", "key >= $2", _LIVE]
-        args: list[object] = [namespace, keys.start]
+        conditions = ["tenant = $1", "namespace = $2", "key >= $3", _LIVE]
+        args: list[object] = [tenant, namespace, keys.start]
         if keys.end is not None:
             args.append(keys.end)
             conditions.append(f"key < ${len(args)}")
@@ -216,16 +225,17 @@ class KvStore:
         )
         return await self._db.fetch(sql, *args, timeout=timeout)
 
-    async def count(self, namespace: str, keys: KeyRange, *, timeout: float) -> int:
+    async def count(self, tenant: str, namespace: str, keys: KeyRange, *, timeout: float) -> int:
         """How many live keys ``keys`` holds."""
         if keys.end is None:
-            sql = f"SELECT count(*) FROM kv.entries WHERE namespace = $1 AND key >= $2 AND {_LIVE}"
-            value = await self._db.fetchval(sql, namespace, keys.start, timeout=timeout)
+            sql = f"SELECT count(*) FROM kv.entries WHERE tenant = $1 AND namespace = $2 AND key >= $3 AND {_LIVE}"
+            value = await self._db.fetchval(sql, tenant, namespace, keys.start, timeout=timeout)
         else:
             sql = (
-                f"SELECT count(*) FROM kv.entries WHERE namespace = $1 AND key >= $2 AND key < $3 AND {_LIVE}"
+                "SELECT count(*) FROM kv.entries "
+                f"WHERE tenant = $1 AND namespace = $2 AND key >= $3 AND key < $4 AND {_LIVE}"
             )
-            value = await self._db.fetchval(sql, namespace, keys.start, keys.end, timeout=timeout)
+            value = await self._db.fetchval(sql, tenant, namespace, keys.start, keys.end, timeout=timeout)
         return int(value)
 
     async def revisions(self, *, timeout: float) -> tuple[int, int]:
@@ -239,6 +249,7 @@ class KvStore:
 
     async def changes_after(
         self,
+        tenant: str,
         namespace: str,
         keys: KeyRange,
         cursor: tuple[int, str | None],
@@ -263,7 +274,7 @@ class KvStore:
                 SELECT ch.revision, ch.revision AS mod_revision, ch.key, ch.kind, ch.value,
                        ch.content_type, ch.create_revision, ch.version, ch.expires_at
                 FROM kv.changes ch
-                WHERE ch.namespace = $1 AND ch.key >= $3 {end_condition}
+                WHERE ch.tenant = $7 AND ch.namespace = $1 AND ch.key >= $3 {end_condition}
                   AND (ch.revision > $2 OR (ch.revision = $2 AND ch.key > $6::text))
                 ORDER BY ch.revision, ch.key
                 LIMIT $5
@@ -275,6 +286,7 @@ class KvStore:
             keys.end,
             limit,
             after_key,
+            tenant,
             timeout=timeout,
         )
         current, compacted = rows[0]["current"], rows[0]["compacted"]

@@ -11,7 +11,7 @@ import grpc
 import pytest
 from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 
-from tests.conftest import free_port
+from tests.conftest import TENANT, free_port, signed_channel
 from tests.otlp import start_receiver
 
 SERVER, CLIENT = 2, 3  # OTLP span kinds
@@ -31,6 +31,7 @@ async def traced_kv(settings):
         OTEL_EXPORTER_OTLP_INSECURE="true",
         OTEL_BSP_SCHEDULE_DELAY="100",
         OTEL_SERVICE_NAME="strata-kv-test",
+        STRATA_INTERNAL_SECRET=settings.internal_secret,
     )
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -40,9 +41,9 @@ async def traced_kv(settings):
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    line = await asyncio.wait_for(process.stdout.readline(), 30)
-    assert line.startswith(b"READY kv"), line
     try:
+        line = await asyncio.wait_for(process.stdout.readline(), 30)
+        assert line.startswith(b"READY kv"), line
         yield port, receiver, process
     finally:
         if process.returncode is None:
@@ -53,7 +54,7 @@ async def traced_kv(settings):
 
 async def test_a_call_yields_server_database_and_redis_spans_in_one_trace(traced_kv, namespace):
     port, receiver, _ = traced_kv
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    async with signed_channel(port, TENANT) as channel:
         kv = kv_pb2_grpc.KvServiceStub(channel)
         await kv.Put(kv_pb2.PutRequest(namespace=namespace, key="k", value=b"v"))
 
@@ -82,7 +83,7 @@ async def test_a_call_yields_server_database_and_redis_spans_in_one_trace(traced
 
 async def test_a_failing_call_records_its_code_and_server_errors_only_for_server_faults(traced_kv, namespace):
     port, receiver, _ = traced_kv
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    async with signed_channel(port, TENANT) as channel:
         kv = kv_pb2_grpc.KvServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError):
             await kv.Get(kv_pb2.GetRequest(namespace=namespace, key="absent"))
@@ -106,7 +107,7 @@ async def test_logs_are_json_lines_with_trace_ids(traced_kv):
 async def test_server_span_continues_the_callers_w3c_trace(traced_kv, namespace):
     port, receiver, _ = traced_kv
     trace_id, parent_id = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    async with signed_channel(port, TENANT) as channel:
         kv = kv_pb2_grpc.KvServiceStub(channel)
         await kv.Put(
             kv_pb2.PutRequest(namespace=namespace, key="k", value=b"v"),

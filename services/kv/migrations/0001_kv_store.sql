@@ -25,7 +25,10 @@ INSERT INTO kv.compaction VALUES (true, 0);
 
 -- Keys use the "C" collation: ordering is the byte order of UTF-8, i.e. code
 -- point order, the order List promises.
+-- Every key belongs to a tenant: each tenant has its own namespaces, and
+-- the tenant comes from the caller's signed identity, never from the request.
 CREATE TABLE kv.entries (
+    tenant text NOT NULL,
     namespace text NOT NULL,
     key text COLLATE "C" NOT NULL,
     value bytea NOT NULL,
@@ -34,13 +37,14 @@ CREATE TABLE kv.entries (
     mod_revision bigint NOT NULL,
     version bigint NOT NULL,
     expires_at timestamptz,
-    PRIMARY KEY (namespace, key)
+    PRIMARY KEY (tenant, namespace, key)
 );
 CREATE INDEX entries_expiring ON kv.entries (expires_at) WHERE expires_at IS NOT NULL;
 
 -- kind: 1 put, 2 delete, 3 expire (the EventType numbers of kv.proto).
 CREATE TABLE kv.changes (
     revision bigint NOT NULL,
+    tenant text NOT NULL,
     namespace text NOT NULL,
     key text COLLATE "C" NOT NULL,
     kind smallint NOT NULL CHECK (kind IN (1, 2, 3)),
@@ -49,9 +53,9 @@ CREATE TABLE kv.changes (
     create_revision bigint NOT NULL DEFAULT 0,
     version bigint NOT NULL DEFAULT 0,
     expires_at timestamptz,
-    PRIMARY KEY (revision, namespace, key)
+    PRIMARY KEY (revision, tenant, namespace, key)
 );
-CREATE INDEX changes_by_namespace ON kv.changes (namespace, revision);
+CREATE INDEX changes_by_namespace ON kv.changes (tenant, namespace, revision);
 
 -- put_many: write keys of one namespace at one new revision, all or nothing.
 -- p_if_revisions[i] NULL = unconditional; 0 = must not exist; else must equal
@@ -59,6 +63,7 @@ CREATE INDEX changes_by_namespace ON kv.changes (namespace, revision);
 -- r_status 'mismatch' names the key and its current mod_revision (0: absent).
 -- Otherwise one 'ok' row per key, with the previous live entry when asked.
 CREATE FUNCTION kv.put_many(
+    p_tenant text,
     p_namespace text,
     p_keys text[],
     p_values bytea[],
@@ -92,7 +97,8 @@ BEGIN
     SELECT u.k, coalesce(e.mod_revision, 0) INTO bad_key, bad_current
     FROM unnest(p_keys, p_if_revisions) AS u(k, want)
     LEFT JOIN kv.entries e
-      ON e.namespace = p_namespace AND e.key = u.k AND (e.expires_at IS NULL OR e.expires_at > at)
+      ON e.tenant = p_tenant AND e.namespace = p_namespace AND e.key = u.k
+     AND (e.expires_at IS NULL OR e.expires_at > at)
     WHERE u.want IS NOT NULL AND u.want <> coalesce(e.mod_revision, 0)
     LIMIT 1;
     IF bad_key IS NOT NULL THEN
@@ -106,15 +112,15 @@ BEGIN
     RETURN QUERY
     WITH prev AS (
         SELECT e.* FROM kv.entries e
-        WHERE p_return_previous AND e.namespace = p_namespace AND e.key = ANY (p_keys)
+        WHERE p_return_previous AND e.tenant = p_tenant AND e.namespace = p_namespace AND e.key = ANY (p_keys)
           AND (e.expires_at IS NULL OR e.expires_at > at)
     ), up AS (
         INSERT INTO kv.entries AS e
-            (namespace, key, value, content_type, create_revision, mod_revision, version, expires_at)
-        SELECT p_namespace, u.k, u.v, u.ct, rev, rev, 1,
+            (tenant, namespace, key, value, content_type, create_revision, mod_revision, version, expires_at)
+        SELECT p_tenant, p_namespace, u.k, u.v, u.ct, rev, rev, 1,
                CASE WHEN u.ttl > 0 THEN at + u.ttl * interval '1 millisecond' END
         FROM unnest(p_keys, p_values, p_content_types, p_ttl_ms) AS u(k, v, ct, ttl)
-        ON CONFLICT (namespace, key) DO UPDATE SET
+        ON CONFLICT (tenant, namespace, key) DO UPDATE SET
             value = excluded.value,
             content_type = excluded.content_type,
             mod_revision = excluded.mod_revision,
@@ -124,9 +130,9 @@ BEGIN
             version = CASE WHEN e.expires_at IS NULL OR e.expires_at > at THEN e.version + 1 ELSE 1 END
         RETURNING e.key, e.value, e.content_type, e.create_revision, e.version, e.expires_at
     ), logged AS (
-        INSERT INTO kv.changes (revision, namespace, key, kind, value, content_type, create_revision,
-                                version, expires_at)
-        SELECT rev, p_namespace, up.key, 1, up.value, up.content_type, up.create_revision, up.version,
+        INSERT INTO kv.changes (revision, tenant, namespace, key, kind, value, content_type,
+                                create_revision, version, expires_at)
+        SELECT rev, p_tenant, p_namespace, up.key, 1, up.value, up.content_type, up.create_revision, up.version,
                up.expires_at
         FROM up
     )
@@ -145,6 +151,7 @@ $$;
 -- deleted key ('ok'), or one 'none' row when nothing was live, or one
 -- 'mismatch' row as put_many does. Previous values only when asked.
 CREATE FUNCTION kv.delete_range(
+    p_tenant text,
     p_namespace text,
     p_from text,
     p_to text,
@@ -171,7 +178,8 @@ BEGIN
 
     IF p_if_revision IS NOT NULL THEN
         SELECT e.mod_revision INTO live_revision FROM kv.entries e
-        WHERE e.namespace = p_namespace AND e.key = p_from AND (e.expires_at IS NULL OR e.expires_at > at);
+        WHERE e.tenant = p_tenant AND e.namespace = p_namespace AND e.key = p_from
+          AND (e.expires_at IS NULL OR e.expires_at > at);
         IF coalesce(live_revision, 0) <> p_if_revision THEN
             RETURN QUERY SELECT 'mismatch'::text, rev, p_from, NULL::bytea, NULL::text, NULL::bigint,
                 coalesce(live_revision, 0), NULL::bigint, NULL::timestamptz;
@@ -180,7 +188,7 @@ BEGIN
     END IF;
 
     PERFORM 1 FROM kv.entries e
-    WHERE e.namespace = p_namespace AND e.key >= p_from COLLATE "C"
+    WHERE e.tenant = p_tenant AND e.namespace = p_namespace AND e.key >= p_from COLLATE "C"
       AND (p_to IS NULL OR e.key < p_to COLLATE "C")
       AND (e.expires_at IS NULL OR e.expires_at > at)
     LIMIT 1;
@@ -195,12 +203,13 @@ BEGIN
     RETURN QUERY
     WITH gone AS (
         DELETE FROM kv.entries e
-        WHERE e.namespace = p_namespace AND e.key >= p_from COLLATE "C"
+        WHERE e.tenant = p_tenant AND e.namespace = p_namespace AND e.key >= p_from COLLATE "C"
           AND (p_to IS NULL OR e.key < p_to COLLATE "C")
           AND (e.expires_at IS NULL OR e.expires_at > at)
         RETURNING e.*
     ), logged AS (
-        INSERT INTO kv.changes (revision, namespace, key, kind) SELECT rev, p_namespace, gone.key, 2 FROM gone
+        INSERT INTO kv.changes (revision, tenant, namespace, key, kind)
+        SELECT rev, p_tenant, p_namespace, gone.key, 2 FROM gone
     )
     SELECT 'ok'::text, rev, gone.key,
            CASE WHEN p_return_previous THEN gone.value END,
@@ -235,15 +244,15 @@ BEGIN
     END IF;
     UPDATE kv.store_revision s SET current = s.current + 1 WHERE s.singleton RETURNING s.current INTO rev;
     WITH victims AS (
-        SELECT e.namespace, e.key FROM kv.entries e WHERE e.expires_at <= at
+        SELECT e.tenant, e.namespace, e.key FROM kv.entries e WHERE e.expires_at <= at
         ORDER BY e.expires_at LIMIT p_limit
     ), gone AS (
         DELETE FROM kv.entries e USING victims v
-        WHERE e.namespace = v.namespace AND e.key = v.key
-        RETURNING e.namespace, e.key
+        WHERE e.tenant = v.tenant AND e.namespace = v.namespace AND e.key = v.key
+        RETURNING e.tenant, e.namespace, e.key
     ), logged AS (
-        INSERT INTO kv.changes (revision, namespace, key, kind)
-        SELECT rev, gone.namespace, gone.key, 3 FROM gone
+        INSERT INTO kv.changes (revision, tenant, namespace, key, kind)
+        SELECT rev, gone.tenant, gone.namespace, gone.key, 3 FROM gone
         RETURNING 1
     )
     SELECT count(*) INTO removed FROM logged;

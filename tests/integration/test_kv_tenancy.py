@@ -1,0 +1,89 @@
+"""Who may call the KV service directly: signed callers only, scoped, bound to their tenant."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from strata.kv.v1 import kv_pb2, kv_pb2_grpc
+
+from shared.identity import Caller, sign_caller
+from tests.conftest import TENANT, TEST_INTERNAL_SECRET, signed_channel
+from tests.helpers import error_info
+
+GET = "/strata.kv.v1.KvService/Get"
+
+
+async def call_get(port: int, metadata) -> grpc.aio.AioRpcError:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = kv_pb2_grpc.KvServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Get(kv_pb2.GetRequest(namespace="n", key="k"), metadata=metadata)
+    return caught.value
+
+
+async def test_an_unsigned_call_is_unauthenticated(kv_server):
+    error = await call_get(kv_server.port, ())
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert error_info(error).reason == "UNAUTHENTICATED"
+
+
+async def test_tenant_metadata_without_signature_is_unauthenticated(kv_server):
+    forged = [
+        (k, v)
+        for k, v in sign_caller(TEST_INTERNAL_SECRET.encode(), GET, TENANT)
+        if k != "x-strata-signature"
+    ]
+    assert (await call_get(kv_server.port, forged)).code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_signature_made_with_another_secret_is_unauthenticated(kv_server):
+    forged = sign_caller(b"guessed-secret-guessed-secret", GET, TENANT)
+    assert (await call_get(kv_server.port, forged)).code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_signature_for_another_tenant_cannot_be_edited(kv_server):
+    signed = dict(sign_caller(TEST_INTERNAL_SECRET.encode(), GET, TENANT))
+    signed["x-strata-tenant"] = "tenant-b"
+    assert (await call_get(kv_server.port, list(signed.items()))).code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_signature_for_another_method_is_refused(kv_server):
+    signed = sign_caller(TEST_INTERNAL_SECRET.encode(), "/strata.kv.v1.KvService/List", TENANT)
+    assert (await call_get(kv_server.port, signed)).code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_an_old_signature_is_refused(kv_server):
+    import time
+
+    stale = sign_caller(TEST_INTERNAL_SECRET.encode(), GET, TENANT, now=time.time() - 120)
+    assert (await call_get(kv_server.port, stale)).code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_read_only_caller_cannot_write(kv_server, namespace):
+    reader = Caller("tenant-a", frozenset({"kv:read"}), "key-r")
+    async with signed_channel(kv_server.port, reader) as channel:
+        stub = kv_pb2_grpc.KvServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Put(kv_pb2.PutRequest(namespace=namespace, key="k", value=b"v"))
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert error_info(caught.value).metadata["scope"] == "kv:write"
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Get(kv_pb2.GetRequest(namespace=namespace, key="k"))
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_tenants_do_not_see_each_others_namespaces(kv, kv_server, namespace):
+    await kv.Put(kv_pb2.PutRequest(namespace=namespace, key="secret", value=b"tenant-a's"))
+    other = Caller("tenant-b", frozenset({"kv:read", "kv:write"}), "key-b")
+    async with signed_channel(kv_server.port, other) as channel:
+        stub = kv_pb2_grpc.KvServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Get(kv_pb2.GetRequest(namespace=namespace, key="secret"))
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        listed = await stub.List(kv_pb2.ListRequest(namespace=namespace, include_count=True))
+        assert listed.total_count == 0
+        deleted = await stub.Delete(kv_pb2.DeleteRequest(namespace=namespace, prefix=""))
+        assert deleted.deleted == 0
+        await stub.Put(kv_pb2.PutRequest(namespace=namespace, key="secret", value=b"tenant-b's"))
+    got = await kv.Get(kv_pb2.GetRequest(namespace=namespace, key="secret"))
+    assert got.kv.value == b"tenant-a's"
