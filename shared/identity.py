@@ -24,7 +24,10 @@ import grpc
 from shared.errors import StrataError
 
 __all__ = [
+    "ADMIN_SCOPE",
     "INTERNAL_PREFIX",
+    "INTERNAL_SCOPE",
+    "SCOPES",
     "Caller",
     "current_caller",
     "require_scope",
@@ -40,6 +43,11 @@ _TIMESTAMP = "x-strata-ts"
 _SIGNATURE = "x-strata-signature"
 _MAX_SKEW_S = 60.0
 ADMIN_SCOPE = "admin"
+# What an API key may carry. "internal" is kept for the gateway's own calls.
+SCOPES = frozenset(
+    {"kv:read", "kv:write", "tenants:read", "tenants:write", "vector:read", "vector:write", ADMIN_SCOPE}
+)
+INTERNAL_SCOPE = "internal"
 
 _caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("strata_caller")
 
@@ -53,8 +61,8 @@ class Caller:
     key_id: str
 
     def has_scope(self, scope: str) -> bool:
-        """True for ``scope`` itself or the ``admin`` scope, which implies every other."""
-        return scope in self.scopes or ADMIN_SCOPE in self.scopes
+        """True for ``scope`` itself or the ``admin`` scope, which implies every other but internal."""
+        return scope in self.scopes or (ADMIN_SCOPE in self.scopes and scope != INTERNAL_SCOPE)
 
 
 def _payload(method: str, tenant: str, scopes: str, key_id: str, timestamp: str) -> bytes:

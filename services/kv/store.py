@@ -228,7 +228,10 @@ class KvStore:
     async def count(self, tenant: str, namespace: str, keys: KeyRange, *, timeout: float) -> int:
         """How many live keys ``keys`` holds."""
         if keys.end is None:
-            sql = f"SELECT count(*) FROM kv.entries WHERE tenant = $1 AND namespace = $2 AND key >= $3 AND {_LIVE}"
+            sql = (
+                "SELECT count(*) FROM kv.entries "
+                f"WHERE tenant = $1 AND namespace = $2 AND key >= $3 AND {_LIVE}"
+            )
             value = await self._db.fetchval(sql, tenant, namespace, keys.start, timeout=timeout)
         else:
             sql = (

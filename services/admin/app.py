@@ -1,0 +1,37 @@
+"""Wires the admin service into the shared server bootstrap."""
+
+from __future__ import annotations
+
+from strata.admin.v1 import admin_pb2
+
+from services.admin.keys import ApiKeyStore
+from services.admin.servicer import AdminServicer
+from shared.db import Database
+from shared.server import StrataServer, run_service
+from shared.settings import ConfigError, Settings
+
+__all__ = ["build_admin_server", "main"]
+
+SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"]
+
+
+async def build_admin_server(settings: Settings) -> StrataServer:
+    """A ready-to-start admin server on ``settings``' database."""
+    if len(settings.key_pepper) < 16:
+        raise ConfigError("STRATA_KEY_PEPPER must be set (16+ characters); API key hashes depend on it")
+    db = await Database.open(
+        settings.database_url,
+        min_size=1,
+        max_size=settings.pool_max_size,
+        slow_query_ms=settings.slow_query_ms,
+        application_name="strata-admin",
+    )
+    server = StrataServer(settings, "admin")
+    server.add_servicer(AdminServicer(ApiKeyStore(db), settings.key_pepper.encode()), SERVICE)
+    server.after_drain(db.close)
+    return server
+
+
+def main() -> None:
+    """Entry point of the admin process."""
+    run_service("admin", build_admin_server)

@@ -1,0 +1,99 @@
+"""API keys in Postgres: every statement the admin service runs on admin.api_keys."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+import asyncpg
+from google.protobuf import timestamp_pb2
+from strata.admin.v1 import admin_pb2
+
+from shared.db import Database
+
+__all__ = ["ApiKeyStore", "row_to_key"]
+
+_COLUMNS = "key_id, tenant, name, scopes, created_at, revoked_at"
+
+
+def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def row_to_key(row: asyncpg.Record) -> admin_pb2.ApiKey:
+    """An ``ApiKey`` message from an admin.api_keys row."""
+    return admin_pb2.ApiKey(
+        key_id=row["key_id"],
+        tenant=row["tenant"],
+        name=row["name"],
+        scopes=sorted(row["scopes"]),
+        create_time=_timestamp(row["created_at"]),
+        revoke_time=_timestamp(row["revoked_at"]),
+    )
+
+
+class ApiKeyStore:
+    """The admin.api_keys table."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def insert(
+        self,
+        key_id: str,
+        tenant: str,
+        name: str,
+        scopes: Sequence[str],
+        secret_hash: bytes,
+        *,
+        timeout: float,
+    ) -> asyncpg.Record:
+        """Store a new key; the row as stored."""
+        row = await self._db.write_row(
+            f"INSERT INTO admin.api_keys (key_id, tenant, name, scopes, secret_hash) "
+            f"VALUES ($1, $2, $3, $4, $5) RETURNING {_COLUMNS}",
+            key_id,
+            tenant,
+            name,
+            sorted(set(scopes)),
+            secret_hash,
+            timeout=timeout,
+        )
+        assert row is not None
+        return row
+
+    async def find_for_authentication(self, key_id: str, *, timeout: float) -> asyncpg.Record | None:
+        """The live (not revoked) key ``key_id`` with its secret hash."""
+        return await self._db.fetchrow(
+            f"SELECT {_COLUMNS}, secret_hash FROM admin.api_keys WHERE key_id = $1 AND revoked_at IS NULL",
+            key_id,
+            timeout=timeout,
+        )
+
+    async def page(
+        self, tenant: str, include_revoked: bool, after: str, limit: int, *, timeout: float
+    ) -> list[asyncpg.Record]:
+        """Up to ``limit`` keys with key_id > ``after``, in key_id order."""
+        return await self._db.fetch(
+            f"SELECT {_COLUMNS} FROM admin.api_keys "
+            "WHERE ($1 = '' OR tenant = $1) AND ($2 OR revoked_at IS NULL) AND key_id > $3 "
+            "ORDER BY key_id LIMIT $4",
+            tenant,
+            include_revoked,
+            after,
+            limit,
+            timeout=timeout,
+        )
+
+    async def revoke(self, key_id: str, *, timeout: float) -> asyncpg.Record | None:
+        """Revoke ``key_id`` (keeping the first revocation time); None if unknown."""
+        return await self._db.write_row(
+            f"UPDATE admin.api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE key_id = $1 "
+            f"RETURNING {_COLUMNS}",
+            key_id,
+            timeout=timeout,
+        )

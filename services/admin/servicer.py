@@ -1,0 +1,114 @@
+"""``strata.admin.v1.AdminService``: API keys (more operator calls come with the admin issue)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, TypeAlias
+
+import grpc
+from strata.admin.v1 import admin_pb2
+
+from services.admin.keys import ApiKeyStore, row_to_key
+from shared.apikeys import new_api_key, parse_api_key, secrets_match
+from shared.db import deadline_timeout
+from shared.errors import FieldViolation, StrataError, invalid_argument, not_found
+from shared.identity import ADMIN_SCOPE, INTERNAL_SCOPE, SCOPES, require_scope
+from shared.pagetoken import decode_page_token, encode_page_token
+
+__all__ = ["AdminServicer"]
+
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+DOMAIN = "strata.admin.v1"
+TENANT_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+_KEY_ID_RE = re.compile(r"[0-9a-f]{16}")
+_MAX_PAGE = 1000
+
+
+class AdminServicer:
+    """Serves AdminService from the admin schema."""
+
+    def __init__(self, keys: ApiKeyStore, pepper: bytes) -> None:
+        self._keys = keys
+        self._pepper = pepper
+
+    async def CreateApiKey(
+        self, request: admin_pb2.CreateApiKeyRequest, context: Context
+    ) -> admin_pb2.CreateApiKeyResponse:
+        require_scope(ADMIN_SCOPE)
+        errors: list[FieldViolation] = []
+        if not TENANT_RE.fullmatch(request.tenant):
+            errors.append(
+                FieldViolation(
+                    "tenant", "must be 1-63 characters of [a-z0-9-], starting with a letter or digit"
+                )
+            )
+        if not 0 < len(request.name) <= 200:
+            errors.append(FieldViolation("name", "must be 1-200 characters"))
+        if not request.scopes:
+            errors.append(FieldViolation("scopes", "at least one is required"))
+        for i, scope in enumerate(request.scopes):
+            if scope not in SCOPES:
+                errors.append(
+                    FieldViolation(f"scopes[{i}]", f"unknown scope; one of {', '.join(sorted(SCOPES))}")
+                )
+        if errors:
+            raise invalid_argument(errors, domain=DOMAIN)
+        made = new_api_key(self._pepper)
+        row = await self._keys.insert(
+            made.key_id,
+            request.tenant,
+            request.name,
+            request.scopes,
+            made.secret_hash,
+            timeout=deadline_timeout(context),
+        )
+        return admin_pb2.CreateApiKeyResponse(key=row_to_key(row), api_key=made.api_key)
+
+    async def ListApiKeys(
+        self, request: admin_pb2.ListApiKeysRequest, context: Context
+    ) -> admin_pb2.ListApiKeysResponse:
+        require_scope(ADMIN_SCOPE)
+        errors: list[FieldViolation] = []
+        if request.tenant and not TENANT_RE.fullmatch(request.tenant):
+            errors.append(FieldViolation("tenant", "is not a tenant slug"))
+        if not 0 <= request.page_size <= _MAX_PAGE:
+            errors.append(FieldViolation("page_size", f"must be between 0 and {_MAX_PAGE}"))
+        if errors:
+            raise invalid_argument(errors, domain=DOMAIN)
+        size = request.page_size or 100
+        query = ["admin.ListApiKeys", request.tenant, request.include_revoked]
+        after = decode_page_token(request.page_token, query, domain=DOMAIN) if request.page_token else ""
+        rows = await self._keys.page(
+            request.tenant, request.include_revoked, str(after), size + 1, timeout=deadline_timeout(context)
+        )
+        response = admin_pb2.ListApiKeysResponse(keys=[row_to_key(r) for r in rows[:size]])
+        if len(rows) > size:
+            response.next_page_token = encode_page_token(query, rows[size - 1]["key_id"])
+        return response
+
+    async def RevokeApiKey(
+        self, request: admin_pb2.RevokeApiKeyRequest, context: Context
+    ) -> admin_pb2.RevokeApiKeyResponse:
+        require_scope(ADMIN_SCOPE)
+        if not _KEY_ID_RE.fullmatch(request.key_id):
+            raise invalid_argument([FieldViolation("key_id", "must be 16 hex characters")], domain=DOMAIN)
+        row = await self._keys.revoke(request.key_id, timeout=deadline_timeout(context))
+        if row is None:
+            raise not_found("API_KEY_NOT_FOUND", "no such API key", domain=DOMAIN, key_id=request.key_id)
+        return admin_pb2.RevokeApiKeyResponse(key=row_to_key(row))
+
+    async def AuthenticateApiKey(
+        self, request: admin_pb2.AuthenticateApiKeyRequest, context: Context
+    ) -> admin_pb2.AuthenticateApiKeyResponse:
+        require_scope(INTERNAL_SCOPE)
+        parsed = parse_api_key(request.api_key)
+        row = None
+        if parsed is not None:
+            row = await self._keys.find_for_authentication(parsed[0], timeout=deadline_timeout(context))
+        if row is None or parsed is None or not secrets_match(self._pepper, parsed[1], row["secret_hash"]):
+            raise StrataError(
+                grpc.StatusCode.UNAUTHENTICATED, "INVALID_API_KEY", "the API key is not valid", domain=DOMAIN
+            )
+        return admin_pb2.AuthenticateApiKeyResponse(
+            key_id=row["key_id"], tenant=row["tenant"], scopes=row["scopes"]
+        )
