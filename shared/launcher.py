@@ -18,9 +18,12 @@ import signal
 import sys
 import time
 
+import grpc
 import uvloop
+from strata.admin.v1 import admin_pb2
 
 from shared.backends import Backends, open_backends
+from shared.identity import Caller, sign_caller
 from shared.secret_files import stored_secret
 from shared.settings import ConfigError, Settings, load_settings
 from shared.telemetry import configure_logging
@@ -31,9 +34,12 @@ __all__ = ["SERVICES", "ServiceProcess", "main"]
 # its migrations folder (services/<name>/migrations) and its port setting.
 SERVICES: dict[str, str] = {
     "kv": "services.kv",
+    "admin": "services.admin",
+    "gateway": "gateway",  # last: it checks the others' health
 }
 
 _log = logging.getLogger("strata.launcher")
+DEV_KEY_FILE = "dev-api-key"
 _READY_TIMEOUT_S = 60.0
 
 
@@ -118,6 +124,31 @@ class ServiceProcess:
         return code
 
 
+async def ensure_dev_api_key(settings: Settings, env: dict[str, str], processes: list[ServiceProcess]) -> str:
+    """The dev API key, made through the admin service on first start and kept in ``<data>/dev-api-key``."""
+    path = settings.data_dir / DEV_KEY_FILE
+    if path.exists():
+        return path.read_text().strip()
+    admin = next(p for p in processes if p.name == "admin")
+    secret = env["STRATA_INTERNAL_SECRET"].encode()
+    method = "/strata.admin.v1.AdminService/CreateApiKey"
+    async with grpc.aio.insecure_channel(admin.address) as channel:
+        create = channel.unary_unary(
+            method,
+            request_serializer=admin_pb2.CreateApiKeyRequest.SerializeToString,
+            response_deserializer=admin_pb2.CreateApiKeyResponse.FromString,
+        )
+        made = await create(
+            admin_pb2.CreateApiKeyRequest(tenant="dev", name="dev key (make run)", scopes=["admin"]),
+            metadata=sign_caller(secret, method, Caller("dev", frozenset({"admin"}), "launcher")),
+            timeout=10,
+        )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(made.api_key + "\n")
+    return str(made.api_key)
+
+
 def service_environment(settings: Settings, backends: Backends) -> dict[str, str]:
     """The environment every service process gets: the caller's, the backends' URLs, the shared secrets.
 
@@ -157,6 +188,7 @@ async def run(settings: Settings) -> None:
             service.env = {**env, **env_port}
             await service.start()
             supervisors.append(asyncio.create_task(service.supervise()))
+        api_key = await ensure_dev_api_key(settings, env, processes)
         print("Strata is running:", flush=True)
         for service in processes:
             print(f"  {service.name:<8} {service.address}", flush=True)
@@ -165,6 +197,11 @@ async def run(settings: Settings) -> None:
                 f"  postgres 127.0.0.1:{settings.embedded_pg_port} (secrets in {settings.data_dir}/secrets)"
             )
             print(f"  redis    127.0.0.1:{settings.embedded_redis_port}")
+        print(f"Dev API key (admin scope, tenant 'dev'): {api_key}", flush=True)
+        print(f"  saved in {settings.data_dir / DEV_KEY_FILE}; call the gateway with", flush=True)
+        print(
+            f'  grpcurl -H "authorization: Bearer $(cat {settings.data_dir / DEV_KEY_FILE})" ...', flush=True
+        )
         print("Press Ctrl-C to stop.", flush=True)
         await stop.wait()
         print("Strata: stopping", flush=True)

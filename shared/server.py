@@ -40,7 +40,7 @@ from shared.telemetry import (
     tracing_on,
 )
 
-__all__ = ["ShutdownHook", "StrataServer", "run_service"]
+__all__ = ["CallGate", "ShutdownHook", "StrataServer", "run_service"]
 
 ShutdownHook = Callable[[], Awaitable[None]]
 _log = logging.getLogger(__name__)
@@ -57,9 +57,10 @@ class StrataServer:
         await server.serve(settings.kv_port)
     """
 
-    def __init__(self, settings: Settings, name: str) -> None:
+    def __init__(self, settings: Settings, name: str, *, tls: bool = False) -> None:
         self._settings = settings
         self.name = name
+        self._tls = tls
         limit = settings.max_message_bytes
         self._server = grpc.aio.server(
             options=[
@@ -76,7 +77,7 @@ class StrataServer:
         self._hooks: list[ShutdownHook] = []
         self._closers: list[ShutdownHook] = []
         self._stopping = asyncio.Event()
-        self._gate = _CallGate()
+        self._gate = CallGate()
         self._secret = require_internal_secret(settings)
         self.port = 0
 
@@ -112,6 +113,26 @@ class StrataServer:
     ) -> _Admission:
         return _Admission(self._gate, self._secret, f"/{service.full_name}/{method.name}")
 
+    def add_generic_handler(self, handler: grpc.GenericRpcHandler, service_names: list[str]) -> None:
+        """Serve ``service_names`` from ``handler`` (the gateway's proxy), with reflection and health."""
+        self._server.add_generic_rpc_handlers((handler,))
+        self._service_names.extend(service_names)
+
+    @property
+    def gate(self) -> CallGate:
+        """Admission of new calls: closed while draining (for handlers not added by add_servicer)."""
+        return self._gate
+
+    async def set_serving(self, service: str, serving: bool) -> None:
+        """Report ``service`` ("" for the whole server) as SERVING or NOT_SERVING."""
+        if not self._gate.closed:
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if serving
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            await self._health.set(service, status)
+
     def on_shutdown(self, hook: ShutdownHook) -> None:
         """Run ``hook`` at shutdown, after health turns NOT_SERVING, while calls drain."""
         self._hooks.append(hook)
@@ -123,7 +144,12 @@ class StrataServer:
     async def start(self, port: int) -> int:
         """Bind ``host:port`` (0 picks a free port), start serving, return the port."""
         add_reflection(self._server, self._service_names)
-        self.port = self._server.add_insecure_port(f"{self._settings.host}:{port}")
+        address = f"{self._settings.host}:{port}"
+        credentials = _server_credentials(self._settings) if self._tls else None
+        if credentials is None:
+            self.port = self._server.add_insecure_port(address)
+        else:
+            self.port = self._server.add_secure_port(address, credentials)
         if self.port == 0:
             raise OSError(f"cannot listen on {self._settings.host}:{port}")
         await self._server.start()
@@ -166,10 +192,27 @@ class StrataServer:
         _log.info("stopped", extra={"service": self.name, "drained": drained})
 
 
+def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS from the STRATA_TLS_* files; mutual TLS when a client CA is given. None: plaintext."""
+    if not settings.tls_cert_file:
+        return None
+    if not settings.tls_key_file:
+        raise ConfigError("STRATA_TLS_CERT_FILE needs STRATA_TLS_KEY_FILE")
+    with open(settings.tls_key_file, "rb") as key, open(settings.tls_cert_file, "rb") as cert:
+        pair = (key.read(), cert.read())
+    client_ca = None
+    if settings.tls_client_ca_file:
+        with open(settings.tls_client_ca_file, "rb") as ca:
+            client_ca = ca.read()
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
 class _Admission:
     """Lets a call of one method in: the server is not draining and the caller is signed."""
 
-    def __init__(self, gate: _CallGate, secret: bytes, full_method: str) -> None:
+    def __init__(self, gate: CallGate, secret: bytes, full_method: str) -> None:
         self.gate = gate
         self._secret = secret
         self._method = full_method
@@ -184,7 +227,7 @@ class _Admission:
             raise
 
 
-class _CallGate:
+class CallGate:
     """Admits calls until closed, and knows how many are in flight."""
 
     def __init__(self) -> None:

@@ -26,6 +26,7 @@ from opentelemetry import propagate, trace
 __all__ = [
     "configure_logging",
     "end_rpc_span",
+    "rpc_client_span",
     "rpc_server_span",
     "setup_telemetry",
     "shutdown_telemetry",
@@ -118,11 +119,31 @@ def rpc_server_span(service: str, method: str, metadata: Any, peer: str = "") ->
         yield span
 
 
-def end_rpc_span(span: trace.Span, code: grpc.StatusCode | None) -> None:
-    """Record the call's final status code on ``span``."""
+@contextmanager
+def rpc_client_span(service: str, method: str, metadata: list[tuple[str, str]]) -> Iterator[trace.Span]:
+    """A CLIENT span for a call to ``<service>/<method>``; injects its W3C context into ``metadata``."""
+    with _tracer().start_as_current_span(
+        f"{service}/{method}",
+        kind=trace.SpanKind.CLIENT,
+        attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as span:
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        metadata.extend(carrier.items())
+        yield span
+
+
+def end_rpc_span(span: trace.Span, code: grpc.StatusCode | None, *, client: bool = False) -> None:
+    """Record the call's final status code on ``span``.
+
+    Client spans count every non-OK code as an error; server spans only the
+    codes that mean the server failed (the RPC conventions).
+    """
     code = code or grpc.StatusCode.OK
     span.set_attribute("rpc.grpc.status_code", code.value[0])
-    if code in _SERVER_ERROR_CODES:
+    if (client and code != grpc.StatusCode.OK) or code in _SERVER_ERROR_CODES:
         span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
 
 

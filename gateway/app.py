@@ -1,0 +1,47 @@
+"""Wires the gateway: routes, upstreams, key resolution, rate limits, one proxy handler."""
+
+from __future__ import annotations
+
+from gateway.auth import KeyResolver
+from gateway.proxy import Proxy
+from gateway.ratelimit import RateLimiter
+from gateway.routes import ROUTED_SERVICES, build_routes
+from gateway.upstreams import Upstream
+from shared.cache import open_redis
+from shared.server import StrataServer, run_service
+from shared.settings import Settings, require_internal_secret
+
+__all__ = ["build_gateway_server", "main"]
+
+
+async def build_gateway_server(settings: Settings) -> StrataServer:
+    """The gateway's server, proxying every routed service to its upstreams."""
+    secret = require_internal_secret(settings)
+    server = StrataServer(settings, "gateway", tls=True)
+    upstreams = {
+        name: Upstream(name, settings.upstreams_of(name), settings.max_message_bytes)
+        for name in ROUTED_SERVICES
+    }
+    limiter = RateLimiter(open_redis(settings.redis_url), settings.rate_limit_rps, settings.rate_limit_burst)
+    keys = KeyResolver(upstreams["admin"], secret, settings.key_cache_ttl_s)
+    proxy = Proxy(build_routes(), upstreams, keys, limiter, secret, server.gate)
+    server.add_generic_handler(
+        proxy, [service.full_name for services in ROUTED_SERVICES.values() for service in services]
+    )
+
+    async def mirror(upstream: str, serving: bool) -> None:
+        # Each proxied service's health is its upstream's; the gateway's own is all of them.
+        for service in ROUTED_SERVICES[upstream]:
+            await server.set_serving(service.full_name, serving)
+        await server.set_serving("", all(u.serving for u in upstreams.values()))
+
+    for upstream in upstreams.values():
+        upstream.start(mirror)
+        server.after_drain(upstream.close)
+    server.after_drain(limiter.close)
+    return server
+
+
+def main() -> None:
+    """Entry point of the gateway process."""
+    run_service("gateway", build_gateway_server)

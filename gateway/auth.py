@@ -1,0 +1,99 @@
+"""Turning ``authorization: Bearer <key>`` into a caller, with a short-lived cache.
+
+The admin service owns keys; the gateway asks it (AuthenticateApiKey, signed
+as the gateway's internal identity) and remembers the answer, good or bad,
+for ``STRATA_KEY_CACHE_TTL_S`` (1 s): a revoked key stops working within that
+time, and a flood of calls with one key costs one lookup per second.
+Concurrent lookups of one key share one call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+import grpc
+from strata.admin.v1 import admin_pb2
+
+from gateway.upstreams import Upstream
+from shared.errors import StrataError
+from shared.identity import INTERNAL_SCOPE, Caller, sign_caller
+
+__all__ = ["KeyResolver", "bearer_token"]
+
+_AUTHENTICATE = "/strata.admin.v1.AdminService/AuthenticateApiKey"
+GATEWAY_CALLER = Caller("strata-system", frozenset({INTERNAL_SCOPE}), "gateway")
+_MAX_CACHED = 100_000
+
+
+def bearer_token(metadata: Sequence[tuple[str, str | bytes]]) -> str:
+    """The token of the ``authorization: Bearer`` header; UNAUTHENTICATED when absent."""
+    for key, value in metadata:
+        if key == "authorization" and isinstance(value, str):
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+            break
+    raise _unauthenticated("MISSING_API_KEY", "send 'authorization: Bearer <api key>'")
+
+
+class KeyResolver:
+    """Resolves API keys through the admin service, caching answers for ``ttl_s``."""
+
+    def __init__(self, admin: Upstream, secret: bytes, ttl_s: float) -> None:
+        self._admin = admin
+        self._secret = secret
+        self._ttl_s = ttl_s
+        self._cache: dict[str, tuple[float, Caller | StrataError]] = {}
+        self._inflight: dict[str, asyncio.Future[Caller | StrataError]] = {}
+
+    async def resolve(self, token: str) -> Caller:
+        """The caller ``token`` speaks for; UNAUTHENTICATED for a bad key."""
+        now = time.monotonic()
+        cached = self._cache.get(token)
+        if cached is not None and cached[0] > now:
+            answer = cached[1]
+        else:
+            waiting = self._inflight.get(token)
+            if waiting is None:
+                waiting = asyncio.ensure_future(self._lookup(token))
+                self._inflight[token] = waiting
+                waiting.add_done_callback(lambda _: self._inflight.pop(token, None))
+            answer = await asyncio.shield(waiting)
+        if isinstance(answer, StrataError):
+            raise answer
+        return answer
+
+    async def _lookup(self, token: str) -> Caller | StrataError:
+        call = self._admin.pick().unary_unary(
+            _AUTHENTICATE,
+            request_serializer=admin_pb2.AuthenticateApiKeyRequest.SerializeToString,
+            response_deserializer=admin_pb2.AuthenticateApiKeyResponse.FromString,
+        )
+        try:
+            reply = await call(
+                admin_pb2.AuthenticateApiKeyRequest(api_key=token),
+                metadata=sign_caller(self._secret, _AUTHENTICATE, GATEWAY_CALLER),
+                timeout=2.0,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAUTHENTICATED:
+                # Not an answer about the key: do not cache, tell the caller to retry.
+                raise StrataError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "AUTH_UNAVAILABLE",
+                    "API keys cannot be checked right now; retry",
+                    retry_delay_s=1.0,
+                ) from exc
+            answer: Caller | StrataError = _unauthenticated("INVALID_API_KEY", "the API key is not valid")
+        else:
+            answer = Caller(reply.tenant, frozenset(reply.scopes), reply.key_id)
+        if len(self._cache) >= _MAX_CACHED:
+            self._cache.clear()
+        self._cache[token] = (time.monotonic() + self._ttl_s, answer)
+        return answer
+
+
+def _unauthenticated(reason: str, message: str) -> StrataError:
+    return StrataError(grpc.StatusCode.UNAUTHENTICATED, reason, message, domain="strata.gateway")

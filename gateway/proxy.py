@@ -1,0 +1,231 @@
+"""The gateway's one generic handler: authenticate, authorise, limit, forward raw bytes.
+
+Messages are never decoded: request and response bytes pass through as they
+are, so the gateway's cost does not depend on message size or schema. What
+travels with a call:
+
+- the caller's deadline, as what is left of it;
+- the caller's metadata, minus ``authorization``, anything ``x-strata-*``
+  (only the gateway may sign identities) and hop-by-hop headers;
+- the identity resolved from the API key, signed for that very method;
+- the W3C trace context of the gateway's client span.
+
+Status codes, messages and trailing metadata (``grpc-status-details-bin``
+included) come back unchanged; cancellation propagates both ways.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, TypeAlias
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+from opentelemetry import trace
+
+from gateway.auth import KeyResolver, bearer_token
+from gateway.ratelimit import RateLimiter
+from gateway.routes import Route
+from gateway.upstreams import Upstream
+from shared.errors import DETAILS_KEY, StrataError
+from shared.identity import INTERNAL_PREFIX, sign_caller
+from shared.server import CallGate
+from shared.telemetry import end_rpc_span, rpc_client_span, rpc_server_span, tracing_on
+
+__all__ = ["Proxy"]
+
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+_DROPPED = frozenset(
+    {
+        "authorization",
+        "user-agent",
+        "te",
+        "content-type",
+        "host",
+        "connection",
+        "keep-alive",
+        "grpc-timeout",
+        "grpc-encoding",
+        "grpc-accept-encoding",
+        "traceparent",
+        "tracestate",
+    }
+)
+
+
+class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """Routes every known method to its upstream; unknown methods are UNIMPLEMENTED."""
+
+    def __init__(
+        self,
+        routes: dict[str, Route],
+        upstreams: dict[str, Upstream],
+        keys: KeyResolver,
+        limiter: RateLimiter,
+        secret: bytes,
+        gate: CallGate,
+    ) -> None:
+        self._keys = keys
+        self._limiter = limiter
+        self._secret = secret
+        self._gate = gate
+        self._upstreams = upstreams
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {
+            path: (
+                grpc.unary_stream_rpc_method_handler(self._stream(route))
+                if route.server_streaming
+                else grpc.unary_unary_rpc_method_handler(self._unary(route))
+            )
+            for path, route in routes.items()
+        }
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        return self._handlers.get(handler_call_details.method)
+
+    async def _admit(self, route: Route, context: Context) -> list[tuple[str, str]]:
+        """The metadata to forward, once the caller may make this call."""
+        self._gate.enter()
+        try:
+            incoming: Sequence[tuple[str, Any]] = context.invocation_metadata() or ()
+            caller = await self._keys.resolve(bearer_token(incoming))
+            if not caller.has_scope(route.scope):
+                raise StrataError(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    "MISSING_SCOPE",
+                    f"this API key lacks the {route.scope!r} scope",
+                    domain="strata.gateway",
+                    metadata={"scope": route.scope},
+                )
+            await self._limiter.take(caller.key_id)
+        except BaseException:
+            self._gate.leave()
+            raise
+        forwarded = [
+            (key, value)
+            for key, value in incoming
+            if key not in _DROPPED and not key.startswith(INTERNAL_PREFIX) and not key.startswith(":")
+        ]
+        forwarded.extend(sign_caller(self._secret, route.path, caller))
+        return forwarded
+
+    def _server_span(self, route: Route, context: Context) -> AbstractContextManager[Any]:
+        if not tracing_on():
+            return nullcontext()
+        return rpc_server_span(route.service, route.method, context.invocation_metadata(), context.peer())
+
+    def _client_span(self, route: Route, metadata: list[tuple[str, str]]) -> AbstractContextManager[Any]:
+        return rpc_client_span(route.service, route.method, metadata) if tracing_on() else nullcontext()
+
+    def _unary(self, route: Route) -> Any:
+        upstream = self._upstreams[route.upstream]
+
+        async def forward(request: bytes, context: Context) -> bytes:
+            with self._server_span(route, context) as server_span:
+                try:
+                    metadata = await self._admit(route, context)
+                except StrataError as exc:
+                    _end(server_span, exc.code)
+                    await context.abort(exc.code, exc.message, trailing_metadata=exc.trailing_metadata())
+                client_span = None
+                try:
+                    with self._client_span(route, metadata) as client_span:
+                        response, trailing = await _call_unary(upstream, route, request, metadata, context)
+                        _end(client_span, grpc.StatusCode.OK, client=True)
+                except grpc.aio.AioRpcError as exc:
+                    _end(client_span, exc.code(), client=True)
+                    _end(server_span, exc.code())
+                    await context.abort(
+                        exc.code(),
+                        exc.details() or "",
+                        trailing_metadata=tuple(exc.trailing_metadata() or ()),
+                    )
+                finally:
+                    self._gate.leave()
+                context.set_trailing_metadata(tuple(trailing or ()))
+                _end(server_span, grpc.StatusCode.OK)
+                return response
+
+        return forward
+
+    def _stream(self, route: Route) -> Any:
+        upstream = self._upstreams[route.upstream]
+
+        async def forward(request: bytes, context: Context) -> AsyncIterator[bytes]:
+            with self._server_span(route, context) as server_span:
+                try:
+                    metadata = await self._admit(route, context)
+                except StrataError as exc:
+                    _end(server_span, exc.code)
+                    await context.abort(exc.code, exc.message, trailing_metadata=exc.trailing_metadata())
+                call = None
+                client_span = None
+                trailing = None
+                try:
+                    with self._client_span(route, metadata) as client_span:
+                        call = upstream.pick().unary_stream(
+                            route.path, request_serializer=None, response_deserializer=None
+                        )(request, metadata=metadata, timeout=context.time_remaining())
+                        async for message in call:
+                            yield message
+                        trailing = await call.trailing_metadata()
+                        _end(client_span, grpc.StatusCode.OK, client=True)
+                except grpc.aio.AioRpcError as exc:
+                    _end(client_span, exc.code(), client=True)
+                    _end(server_span, exc.code())
+                    await context.abort(
+                        exc.code(),
+                        exc.details() or "",
+                        trailing_metadata=tuple(exc.trailing_metadata() or ()),
+                    )
+                finally:
+                    if call is not None:
+                        call.cancel()  # the caller went away, or we are done: free the upstream stream
+                    self._gate.leave()
+                if trailing:
+                    context.set_trailing_metadata(tuple(trailing or ()))
+                _end(server_span, grpc.StatusCode.OK)
+
+        return forward
+
+
+async def _call_unary(
+    upstream: Upstream, route: Route, request: bytes, metadata: list[tuple[str, str]], context: Context
+) -> tuple[bytes, Any]:
+    """Forward one unary call; retry once on another address if the first could not be reached."""
+    channel = upstream.pick()
+    for attempt in (1, 2):
+        call = channel.unary_unary(route.path, request_serializer=None, response_deserializer=None)(
+            request, metadata=metadata, timeout=context.time_remaining()
+        )
+        try:
+            response: bytes = await call
+            return response, await call.trailing_metadata()
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        except grpc.aio.AioRpcError as exc:
+            if attempt == 2 or not _never_reached(exc):
+                raise
+            channel = upstream.pick(exclude=channel)
+    raise AssertionError("unreachable")
+
+
+def _never_reached(exc: grpc.aio.AioRpcError) -> bool:
+    """Whether the upstream certainly did not run the call (so another address may)."""
+    if exc.code() != grpc.StatusCode.UNAVAILABLE:
+        return False
+    for key, value in exc.trailing_metadata() or ():
+        if key == DETAILS_KEY:
+            # A draining service refuses before running anything; any other
+            # answer with details came from a handler that may have run.
+            status = status_pb2.Status.FromString(value)
+            info = error_details_pb2.ErrorInfo()
+            return any(d.Unpack(info) and info.reason == "SHUTTING_DOWN" for d in status.details)
+    return True  # no details: the connection failed before any service answered
+
+
+def _end(span: Any, code: grpc.StatusCode, *, client: bool = False) -> None:
+    if span is not None and isinstance(span, trace.Span):
+        end_rpc_span(span, code, client=client)

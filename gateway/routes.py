@@ -1,0 +1,68 @@
+"""What the gateway serves: every Strata method, the service that owns it, and the scope it needs.
+
+Built from the generated descriptors, so a new RPC in a proto is routed
+without touching the gateway; only its scope rule lives here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from google.protobuf import descriptor
+from strata.admin.v1 import admin_pb2
+from strata.kv.v1 import kv_pb2
+
+from shared.identity import ADMIN_SCOPE, INTERNAL_SCOPE
+
+__all__ = ["ROUTED_SERVICES", "Route", "build_routes"]
+
+# Upstream name (its STRATA_<NAME>_UPSTREAMS / port setting) → the services it serves.
+ROUTED_SERVICES: dict[str, tuple[descriptor.ServiceDescriptor, ...]] = {
+    "kv": (kv_pb2.DESCRIPTOR.services_by_name["KvService"],),
+    "admin": (admin_pb2.DESCRIPTOR.services_by_name["AdminService"],),
+}
+
+# Methods that only read; every other method of a data service writes.
+_READS = frozenset({"Get", "BatchGet", "List", "Watch"})
+# Methods no API key may call through the gateway.
+_INTERNAL = frozenset({"/strata.admin.v1.AdminService/AuthenticateApiKey"})
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One method: where it goes and what the caller needs."""
+
+    path: str  # "/strata.kv.v1.KvService/Get"
+    service: str  # "strata.kv.v1.KvService"
+    method: str  # "Get"
+    upstream: str  # "kv"
+    scope: str  # "kv:read"
+    server_streaming: bool
+
+
+def _scope(upstream: str, path: str, method: str) -> str:
+    if path in _INTERNAL:
+        return INTERNAL_SCOPE
+    if upstream == "admin":
+        return ADMIN_SCOPE
+    return f"{upstream}:{'read' if method in _READS else 'write'}"
+
+
+def build_routes() -> dict[str, Route]:
+    """Path → route for every method of every routed service."""
+    routes: dict[str, Route] = {}
+    for upstream, services in ROUTED_SERVICES.items():
+        for service in services:
+            for method in service.methods:
+                if method.client_streaming:
+                    raise NotImplementedError(f"client streaming is not routed: {method.full_name}")
+                path = f"/{service.full_name}/{method.name}"
+                routes[path] = Route(
+                    path,
+                    service.full_name,
+                    method.name,
+                    upstream,
+                    _scope(upstream, path, method.name),
+                    method.server_streaming,
+                )
+    return routes

@@ -1,0 +1,97 @@
+"""Channels to the services behind the gateway: round robin over addresses, failed ones skipped.
+
+Each address gets its own channel and a health watcher (grpc.health.v1
+Check every second). :meth:`Upstream.pick` walks the addresses round robin,
+skipping those that are not serving or whose connection has failed; when none
+qualifies it still returns one, so the call fails with the real error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+__all__ = ["Upstream"]
+
+_log = logging.getLogger(__name__)
+_BAD_STATES = frozenset({grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN})
+
+
+class _Address:
+    def __init__(self, address: str, options: list[tuple[str, int]]) -> None:
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address, options=options)
+        self.serving = True  # optimistic until the first check says otherwise
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    def usable(self) -> bool:
+        return self.serving and self.channel.get_state(try_to_connect=True) not in _BAD_STATES
+
+    async def check(self) -> bool:
+        try:
+            reply = await self._health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+            self.serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.aio.AioRpcError:
+            self.serving = False
+        return self.serving
+
+
+class Upstream:
+    """The addresses of one service, with health and round-robin selection."""
+
+    def __init__(self, name: str, addresses: tuple[str, ...], max_message_bytes: int) -> None:
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.enable_retries", 0),
+        ]
+        self.name = name
+        self._addresses = [_Address(a, options) for a in addresses]
+        self._turn = itertools.cycle(range(len(self._addresses)))
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def serving(self) -> bool:
+        """True while at least one address is serving."""
+        return any(a.serving for a in self._addresses)
+
+    def pick(self, exclude: grpc.aio.Channel | None = None) -> grpc.aio.Channel:
+        """The next usable channel (not ``exclude``), or the next one when none is usable."""
+        first = next(self._turn)
+        count = len(self._addresses)
+        for step in range(count):
+            candidate = self._addresses[(first + step) % count]
+            if candidate.channel is not exclude and candidate.usable():
+                return candidate.channel
+        return self._addresses[first].channel
+
+    def start(self, on_change: Callable[[str, bool], Awaitable[None]], interval_s: float = 1.0) -> None:
+        """Check every address every ``interval_s``; call ``on_change(name, serving)`` on changes."""
+        self._task = asyncio.create_task(self._watch(on_change, interval_s), name=f"upstream-{self.name}")
+
+    async def _watch(self, on_change: Callable[[str, bool], Awaitable[None]], interval_s: float) -> None:
+        last: bool | None = None
+        while True:
+            results = await asyncio.gather(*(a.check() for a in self._addresses))
+            now = any(results)
+            if now != last:
+                if last is not None:
+                    _log.warning("upstream health changed", extra={"upstream": self.name, "serving": now})
+                await on_change(self.name, now)
+                last = now
+            await asyncio.sleep(interval_s)
+
+    async def close(self) -> None:
+        """Stop checking and close every channel."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for address in self._addresses:
+            await address.channel.close()
