@@ -128,13 +128,17 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
                 except StrataError as exc:
                     _end(server_span, exc.code)
                     await context.abort(exc.code, exc.message, trailing_metadata=exc.trailing_metadata())
-                client_span = None
                 try:
                     with self._client_span(route, metadata) as client_span:
-                        response, trailing = await _call_unary(upstream, route, request, metadata, context)
+                        try:
+                            response, trailing = await _call_unary(
+                                upstream, route, request, metadata, context
+                            )
+                        except grpc.aio.AioRpcError as exc:
+                            _end(client_span, exc.code(), client=True)
+                            raise
                         _end(client_span, grpc.StatusCode.OK, client=True)
                 except grpc.aio.AioRpcError as exc:
-                    _end(client_span, exc.code(), client=True)
                     _end(server_span, exc.code())
                     await context.abort(
                         exc.code(),
@@ -160,19 +164,21 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
                     _end(server_span, exc.code)
                     await context.abort(exc.code, exc.message, trailing_metadata=exc.trailing_metadata())
                 call = None
-                client_span = None
                 trailing = None
                 try:
                     with self._client_span(route, metadata) as client_span:
                         call = upstream.pick().unary_stream(
                             route.path, request_serializer=None, response_deserializer=None
                         )(request, metadata=metadata, timeout=context.time_remaining())
-                        async for message in call:
-                            yield message
-                        trailing = await call.trailing_metadata()
+                        try:
+                            async for message in call:
+                                yield message
+                            trailing = await call.trailing_metadata()
+                        except grpc.aio.AioRpcError as exc:
+                            _end(client_span, exc.code(), client=True)
+                            raise
                         _end(client_span, grpc.StatusCode.OK, client=True)
                 except grpc.aio.AioRpcError as exc:
-                    _end(client_span, exc.code(), client=True)
                     _end(server_span, exc.code())
                     await context.abort(
                         exc.code(),

@@ -126,6 +126,7 @@ class ServiceProcess:
 
 async def ensure_dev_api_key(settings: Settings, env: dict[str, str], processes: list[ServiceProcess]) -> str:
     """The dev API key, made through the admin service on first start and kept in ``<data>/dev-api-key``."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
     path = settings.data_dir / DEV_KEY_FILE
     if path.exists():
         return path.read_text().strip()

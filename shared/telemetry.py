@@ -32,6 +32,7 @@ __all__ = [
     "shutdown_telemetry",
     "tracing_enabled",
     "tracing_on",
+    "untraced",
 ]
 
 _enabled = False
@@ -145,6 +146,15 @@ def end_rpc_span(span: trace.Span, code: grpc.StatusCode | None, *, client: bool
     span.set_attribute("rpc.grpc.status_code", code.value[0])
     if (client and code != grpc.StatusCode.OK) or code in _SERVER_ERROR_CODES:
         span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
+
+
+@contextmanager
+def untraced() -> Iterator[None]:
+    """No spans inside: for background work (polls, sweeps) that would flood traces with roots."""
+    from opentelemetry.instrumentation.utils import suppress_instrumentation
+
+    with suppress_instrumentation():
+        yield
 
 
 def _tracer() -> trace.Tracer:

@@ -16,6 +16,8 @@ from typing import Any
 
 import asyncpg
 
+from shared.telemetry import untraced
+
 __all__ = ["FeedClosed", "RevisionFeed"]
 
 CHANNEL = "strata_kv"
@@ -84,6 +86,10 @@ class RevisionFeed:
             self.observe(int(payload))
 
     async def _run(self) -> None:
+        with untraced():
+            await self._listen()
+
+    async def _listen(self) -> None:
         while not self._closed:
             try:
                 conn = await asyncpg.connect(self._dsn, timeout=5.0)

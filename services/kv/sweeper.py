@@ -14,6 +14,7 @@ import logging
 
 from services.kv.revisions import RevisionFeed
 from services.kv.store import KvStore
+from shared.telemetry import untraced
 
 __all__ = ["Sweeper"]
 
@@ -55,6 +56,10 @@ class Sweeper:
                 return total
 
     async def _run(self) -> None:
+        with untraced():
+            await self._loop()
+
+    async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         next_compaction = loop.time() + _COMPACT_EVERY_S
         while True:

@@ -1,0 +1,69 @@
+"""A session-wide Strata (launcher, services, gateway as processes) exporting traces to a test receiver."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from strata.admin.v1 import admin_pb2, admin_pb2_grpc
+from strata.kv.v1 import kv_pb2_grpc
+
+from tests.otlp import TraceReceiver, start_receiver
+from tests.stack import Stack, remove_data, start_stack
+
+
+@pytest.fixture(scope="session")
+async def receiver() -> AsyncIterator[TraceReceiver]:
+    server, receiver = await start_receiver()
+    yield receiver
+    await server.stop(None)
+
+
+@pytest.fixture(scope="session")
+async def stack(settings, receiver) -> AsyncIterator[Stack]:
+    """The launcher in external mode against the test backends; every process traced."""
+    running = await start_stack(settings, receiver.port)
+    yield running
+    await running.stop()
+    remove_data(running)
+
+
+@pytest.fixture(scope="session")
+async def gateway_channel(stack) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+        yield channel
+
+
+def bearer(api_key: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {api_key}"),)
+
+
+@pytest.fixture(scope="session")
+def admin_metadata(stack) -> tuple[tuple[str, str], ...]:
+    """Metadata carrying the stack's dev (admin) key."""
+    return bearer(stack.api_key)
+
+
+@pytest.fixture(scope="session")
+def gw_kv(gateway_channel) -> kv_pb2_grpc.KvServiceStub:
+    return kv_pb2_grpc.KvServiceStub(gateway_channel)
+
+
+@pytest.fixture(scope="session")
+def gw_admin(gateway_channel) -> admin_pb2_grpc.AdminServiceStub:
+    return admin_pb2_grpc.AdminServiceStub(gateway_channel)
+
+
+@pytest.fixture
+def make_key(gw_admin, admin_metadata):
+    """Create an API key through the gateway; returns (api_key, key_id)."""
+
+    async def make(tenant: str, *scopes: str) -> tuple[str, str]:
+        made = await gw_admin.CreateApiKey(
+            admin_pb2.CreateApiKeyRequest(tenant=tenant, name=f"test {tenant}", scopes=list(scopes)),
+            metadata=admin_metadata,
+        )
+        return made.api_key, made.key.key_id
+
+    return make

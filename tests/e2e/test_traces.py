@@ -1,0 +1,143 @@
+"""One grpcurl call through the gateway is one trace across every hop, seen by a real OTLP receiver."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+GRPCURL = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "grpcurl")
+SERVER, CLIENT = 2, 3
+ERROR = 2
+
+
+async def grpcurl(stack, method: str, body: dict, *extra: str) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        GRPCURL,
+        "-plaintext",
+        "-H",
+        f"authorization: Bearer {stack.api_key}",
+        *extra,
+        "-d",
+        json.dumps(body),
+        stack.gateway,
+        method,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), 30)
+    return process.returncode, out.decode()
+
+
+def chain_for(spans, trace_id):
+    return [s for s in spans if s.trace_id == trace_id]
+
+
+async def test_one_call_is_one_trace_from_gateway_to_postgres_and_redis(stack, receiver):
+    namespace = f"trace-{uuid.uuid4().hex[:8]}"
+    code, out = await grpcurl(
+        stack, "strata.kv.v1.KvService/Put", {"namespace": namespace, "key": "k", "value": "dg=="}
+    )
+    assert code == 0, out
+
+    def gateway_server(s):
+        return s.service == "strata-gateway" and s.kind == SERVER and s.name == "strata.kv.v1.KvService/Put"
+
+    def complete(spans):
+        roots = [s for s in spans if gateway_server(s)]
+        return any(
+            {"postgresql", "redis"} <= {x.attributes.get("db.system") for x in chain_for(spans, r.trace_id)}
+            for r in roots
+        )
+
+    spans = await receiver.wait_for(complete, timeout=20)
+    root = next(
+        r
+        for r in spans
+        if gateway_server(r)
+        and {"postgresql", "redis"} <= {x.attributes.get("db.system") for x in chain_for(spans, r.trace_id)}
+    )
+    trace = chain_for(spans, root.trace_id)
+    client = next(
+        s
+        for s in trace
+        if s.service == "strata-gateway" and s.kind == CLIENT and s.attributes.get("rpc.system")
+    )
+    service = next(s for s in trace if s.service == "strata-kv" and s.kind == SERVER)
+    database = next(s for s in trace if s.attributes.get("db.system") == "postgresql")
+    cache = next(s for s in trace if s.attributes.get("db.system") == "redis" and s.service == "strata-kv")
+    limiter = next(
+        s for s in trace if s.attributes.get("db.system") == "redis" and s.service == "strata-gateway"
+    )
+    assert limiter.parent_span_id == root.span_id  # the rate-limit check, inside the gateway's server span
+    assert root.parent_span_id == ""  # grpcurl sends no trace context: the gateway starts the trace
+    assert client.parent_span_id == root.span_id
+    assert service.parent_span_id == client.span_id
+    assert database.parent_span_id == service.span_id and cache.parent_span_id == service.span_id
+    for span in (root, client, service):
+        assert span.name == "strata.kv.v1.KvService/Put"
+        assert span.attributes["rpc.system"] == "grpc"
+        assert span.attributes["rpc.service"] == "strata.kv.v1.KvService"
+        assert span.attributes["rpc.method"] == "Put"
+        assert span.attributes["rpc.grpc.status_code"] == 0
+    assert "kv.put_many" in str(database.attributes.get("db.statement"))
+
+
+async def test_a_failing_call_marks_the_client_span_as_error(stack, receiver):
+    namespace = f"trace-{uuid.uuid4().hex[:8]}"
+    code, out = await grpcurl(stack, "strata.kv.v1.KvService/Get", {"namespace": namespace, "key": "absent"})
+    assert code != 0 and "NotFound" in out
+
+    def found(spans):
+        return any(
+            s.kind == CLIENT
+            and s.name == "strata.kv.v1.KvService/Get"
+            and s.attributes.get("rpc.grpc.status_code") == 5
+            for s in spans
+        )
+
+    spans = await receiver.wait_for(found, timeout=20)
+    client = next(
+        s
+        for s in spans
+        if s.kind == CLIENT
+        and s.name == "strata.kv.v1.KvService/Get"
+        and s.attributes.get("rpc.grpc.status_code") == 5
+    )
+    assert client.status_code == ERROR
+    service = next(
+        s for s in chain_for(spans, client.trace_id) if s.service == "strata-kv" and s.kind == SERVER
+    )
+    assert service.attributes["rpc.grpc.status_code"] == 5
+
+
+async def test_the_callers_trace_context_is_continued(stack, receiver):
+    trace_id, parent = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+    namespace = f"trace-{uuid.uuid4().hex[:8]}"
+    code, out = await grpcurl(
+        stack,
+        "strata.kv.v1.KvService/Put",
+        {"namespace": namespace, "key": "k", "value": "dg=="},
+        "-H",
+        f"traceparent: 00-{trace_id}-{parent}-01",
+    )
+    assert code == 0, out
+    spans = await receiver.wait_for(
+        lambda ss: any(s.trace_id == trace_id and s.service == "strata-kv" for s in ss)
+    )
+    root = next(
+        s for s in spans if s.trace_id == trace_id and s.service == "strata-gateway" and s.kind == SERVER
+    )
+    assert root.parent_span_id == parent
+
+
+async def test_logs_carry_trace_ids(stack):
+    lines = [json.loads(line) for line in stack.output if line.startswith("{")]
+    traced = [line for line in lines if "trace_id" in line]
+    assert lines, "no JSON logs"
+    assert all(len(line["trace_id"]) == 32 for line in traced)

@@ -1,0 +1,151 @@
+"""Real Strata processes for end-to-end tests: the launcher in external mode, and lone gateways.
+
+:func:`start_stack` runs ``python -m shared.launcher`` exactly as ``make run``
+does, but against the session's test Postgres and Redis (external mode), on
+free ports, exporting traces to a given OTLP receiver. :func:`start_gateway`
+starts one more gateway process in front of a stack, with its own settings
+(rate limits, TLS), for tests that need them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.settings import Settings
+from tests.conftest import PROJECT_ROOT, TEST_INTERNAL_SECRET, free_port
+
+TEST_KEY_PEPPER = "test-key-pepper-not-for-production"
+
+
+@dataclass
+class Stack:
+    """A running launcher: its ports, environment and dev (admin) key."""
+
+    process: asyncio.subprocess.Process
+    data_dir: Path
+    env: dict[str, str]
+    ports: dict[str, int]
+    api_key: str
+    output: list[str] = field(default_factory=list)
+    reader: asyncio.Task[None] | None = None
+
+    @property
+    def gateway(self) -> str:
+        return f"127.0.0.1:{self.ports['gateway']}"
+
+    async def stop(self) -> int:
+        """SIGTERM and wait; the exit code."""
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.process.wait(), 60)
+            if self.process.returncode is None:
+                self.process.kill()
+                await self.process.wait()
+        return self.process.returncode if self.process.returncode is not None else -1
+
+
+def stack_environment(
+    settings: Settings, otlp_port: int | None, **extra: str
+) -> tuple[dict[str, str], dict[str, int]]:
+    """The environment of a launcher against the test backends, and its ports."""
+    ports = {name: free_port() for name in ("gateway", "kv", "tenants", "vector", "admin")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STRATA_", "OTEL_"))}
+    env.update(
+        DATABASE_URL=settings.database_url,
+        REDIS_URL=settings.redis_url,
+        STRATA_MIGRATE_DATABASE_URL=settings.migrate_database_url,
+        STRATA_INTERNAL_SECRET=TEST_INTERNAL_SECRET,
+        STRATA_KEY_PEPPER=TEST_KEY_PEPPER,
+        PYTHONUNBUFFERED="1",
+    )
+    env.update({f"STRATA_{name.upper()}_PORT": str(port) for name, port in ports.items()})
+    if otlp_port is not None:
+        env.update(
+            OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{otlp_port}",
+            OTEL_EXPORTER_OTLP_INSECURE="true",
+            OTEL_BSP_SCHEDULE_DELAY="100",
+        )
+    env.update(extra)
+    return env, ports
+
+
+async def start_stack(settings: Settings, otlp_port: int | None = None, **extra: str) -> Stack:
+    """Start the launcher and wait until it reports everything running."""
+    env, ports = stack_environment(settings, otlp_port, **extra)
+    data_dir = PROJECT_ROOT / ".strata" / f"stack-{uuid.uuid4().hex[:8]}"
+    env["STRATA_DATA_DIR"] = str(data_dir)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "shared.launcher",
+        env=env,
+        cwd=PROJECT_ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,
+    )
+    stack = Stack(process, data_dir, env, ports, "")
+    assert process.stdout is not None
+    try:
+        await asyncio.wait_for(_read_until_ready(process.stdout, stack.output), 90)
+    except BaseException:
+        await stack.stop()
+        raise AssertionError("launcher did not start:\n" + "\n".join(stack.output)) from None
+    stack.api_key = (data_dir / "dev-api-key").read_text().strip()
+    stack.reader = asyncio.get_running_loop().create_task(_drain(process.stdout, stack.output))
+    return stack
+
+
+async def _read_until_ready(stream: asyncio.StreamReader, output: list[str]) -> None:
+    while True:
+        line = await stream.readline()
+        if not line:
+            raise EOFError("launcher exited")
+        output.append(line.decode(errors="replace").rstrip())
+        if output[-1].startswith("Press Ctrl-C to stop."):
+            return
+
+
+async def _drain(stream: asyncio.StreamReader, output: list[str]) -> None:
+    async for line in stream:
+        output.append(line.decode(errors="replace").rstrip())
+
+
+async def start_gateway(stack: Stack, **extra: str) -> tuple[asyncio.subprocess.Process, int]:
+    """One more gateway in front of ``stack``'s services, with ``extra`` settings; (process, port)."""
+    port = free_port()
+    env = dict(stack.env)
+    env.update(
+        STRATA_GATEWAY_PORT=str(port),
+        STRATA_KV_UPSTREAMS=f"127.0.0.1:{stack.ports['kv']}",
+        STRATA_ADMIN_UPSTREAMS=f"127.0.0.1:{stack.ports['admin']}",
+    )
+    env.update(extra)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", env=env, cwd=PROJECT_ROOT, stdout=asyncio.subprocess.PIPE
+    )
+    assert process.stdout is not None
+    line = await asyncio.wait_for(process.stdout.readline(), 30)
+    if not line.startswith(b"READY gateway"):
+        process.kill()
+        raise AssertionError(f"gateway did not start: {line!r}")
+    return process, port
+
+
+async def stop_process(process: asyncio.subprocess.Process) -> None:
+    if process.returncode is None:
+        process.terminate()
+        await asyncio.wait_for(process.wait(), 30)
+
+
+def remove_data(stack: Stack) -> None:
+    shutil.rmtree(stack.data_dir, ignore_errors=True)
