@@ -7,40 +7,84 @@ from pathlib import Path
 
 import yaml
 
+from gateway.routes import ROUTED_SERVICES
+from shared.launcher import SERVICES
+
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SETTINGS_SOURCE = (ROOT / "shared" / "settings.py").read_text()
-STRATA_SERVICES = {name: spec for name, spec in COMPOSE["services"].items() if "build" in spec}
+CONTAINERS = COMPOSE["services"]
+STRATA = {name: spec for name, spec in CONTAINERS.items() if "build" in spec}
+
+
+def env_of(name: str) -> dict[str, str]:
+    return {k: str(v) for k, v in STRATA[name]["environment"].items()}
+
+
+def test_every_process_the_launcher_starts_has_a_container():
+    assert set(SERVICES) <= set(STRATA)
 
 
 def test_every_strata_container_runs_a_module_that_exists():
-    assert {"migrate", "kv"} <= set(STRATA_SERVICES)
-    for name, spec in STRATA_SERVICES.items():
+    for name, spec in STRATA.items():
         command = spec["command"]
         assert command[:2] == ["python", "-m"], name
         assert importlib.util.find_spec(command[2]) is not None, f"{name}: no module {command[2]}"
+        if name in SERVICES:
+            assert command[2] == SERVICES[name], (
+                f"{name} runs {command[2]}, the launcher runs {SERVICES[name]}"
+            )
 
 
 def test_every_environment_variable_is_a_setting_the_code_reads():
-    for name, spec in STRATA_SERVICES.items():
-        for variable in spec["environment"]:
+    for name in STRATA:
+        for variable in env_of(name):
             if variable.startswith("OTEL_"):
                 continue  # read by the OpenTelemetry SDK
-            assert f'"{variable}"' in SETTINGS_SOURCE, f"{name}: {variable} is not read by shared/settings.py"
+            if variable.endswith("_UPSTREAMS"):
+                # Read as STRATA_<SERVICE>_UPSTREAMS for each routed service.
+                assert variable.removeprefix("STRATA_").removesuffix("_UPSTREAMS").lower() in ROUTED_SERVICES
+            else:
+                assert f'"{variable}"' in SETTINGS_SOURCE, (
+                    f"{name}: {variable} is not read by shared/settings.py"
+                )
 
 
-def test_services_wait_for_what_they_need():
-    assert STRATA_SERVICES["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
-    assert STRATA_SERVICES["kv"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+def test_each_service_listens_where_the_gateway_looks_and_is_health_checked():
+    gateway = env_of("gateway")
+    for upstream in ROUTED_SERVICES:
+        host, port = gateway[f"STRATA_{upstream.upper()}_UPSTREAMS"].split(":")
+        assert host in STRATA, f"the gateway points at {host}, which is no container"
+        assert env_of(host)[f"STRATA_{upstream.upper()}_PORT"] == port
+        assert port in " ".join(STRATA[host]["healthcheck"]["test"])
+        assert STRATA["gateway"]["depends_on"][host]["condition"] == "service_healthy"
+
+
+def test_gateway_and_services_share_the_internal_secret_and_admin_has_a_pepper():
+    secrets = {env_of(name).get("STRATA_INTERNAL_SECRET") for name in SERVICES}
+    assert len(secrets) == 1 and len(secrets.pop() or "") >= 16
+    assert len(env_of("admin")["STRATA_KEY_PEPPER"]) >= 16
+
+
+def test_only_the_gateway_publishes_a_port():
+    published = {name for name, spec in STRATA.items() if spec.get("ports")}
+    assert published == {"gateway"}
+    port = env_of("gateway")["STRATA_GATEWAY_PORT"]
+    assert f"{port}:{port}" in STRATA["gateway"]["ports"]
+
+
+def test_start_order_follows_dependencies():
+    assert STRATA["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    for name in ("kv", "admin"):
+        assert STRATA[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     for name in ("postgres", "redis"):
-        assert "healthcheck" in COMPOSE["services"][name]
+        assert "healthcheck" in CONTAINERS[name]
 
 
-def test_published_ports_match_the_port_settings():
-    kv = STRATA_SERVICES["kv"]
-    port = kv["environment"]["STRATA_KV_PORT"]
-    assert f"{port}:{port}" in kv["ports"]
-    assert port in " ".join(kv["healthcheck"]["test"])
+def test_services_send_traces_to_the_tracing_backend():
+    for name in SERVICES:
+        assert env_of(name)["OTEL_EXPORTER_OTLP_ENDPOINT"].startswith("http://jaeger:")
+        assert env_of(name)["OTEL_SERVICE_NAME"] == f"strata-{name}"
 
 
 def test_the_image_copies_every_package_the_commands_import():
