@@ -29,7 +29,8 @@ from shared.settings import Settings, load_settings
 from tests.helpers import signing_interceptors
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-TEST_DATA_DIR = PROJECT_ROOT / ".strata" / "test"
+# One folder per pytest process, so concurrent sessions never share a server.
+TEST_DATA_DIR = PROJECT_ROOT / ".strata" / f"test-{os.getpid()}"
 TEST_INTERNAL_SECRET = "test-internal-secret-not-for-production"
 TENANT = Caller("tenant-a", frozenset({"kv:read", "kv:write"}), "key-a")
 
@@ -56,12 +57,20 @@ def base_settings() -> Settings:
 @pytest.fixture(scope="session")
 async def backends(base_settings: Settings) -> AsyncIterator[Backends]:
     """Migrated Postgres and Redis for the whole session."""
-    if base_settings.embedded:
-        shutil.rmtree(base_settings.data_dir / "pg", ignore_errors=True)
-        shutil.rmtree(base_settings.data_dir / "redis", ignore_errors=True)
+    _remove_stale_test_folders()
     started = await open_backends(base_settings, tuple(SERVICES))
     yield started
     started.close()
+    if base_settings.data_dir == TEST_DATA_DIR:
+        shutil.rmtree(TEST_DATA_DIR, ignore_errors=True)
+
+
+def _remove_stale_test_folders() -> None:
+    # Left behind by killed sessions: their pid is gone.
+    for folder in TEST_DATA_DIR.parent.glob("test-*"):
+        pid = folder.name.removeprefix("test-")
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
