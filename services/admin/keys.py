@@ -3,25 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
 
 import asyncpg
-from google.protobuf import timestamp_pb2
 from strata.admin.v1 import admin_pb2
 
 from shared.db import Database
+from shared.timestamps import to_timestamp
 
 __all__ = ["ApiKeyStore", "row_to_key"]
 
 _COLUMNS = "key_id, tenant, name, scopes, created_at, revoked_at"
-
-
-def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
 
 
 def row_to_key(row: asyncpg.Record) -> admin_pb2.ApiKey:
@@ -31,8 +22,8 @@ def row_to_key(row: asyncpg.Record) -> admin_pb2.ApiKey:
         tenant=row["tenant"],
         name=row["name"],
         scopes=sorted(row["scopes"]),
-        create_time=_timestamp(row["created_at"]),
-        revoke_time=_timestamp(row["revoked_at"]),
+        create_time=to_timestamp(row["created_at"]),
+        revoke_time=to_timestamp(row["revoked_at"]),
     )
 
 

@@ -10,18 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 
 import asyncpg
-from google.protobuf import timestamp_pb2
 from strata.kv.v1 import kv_pb2
 
 from services.kv.keyspace import KeyRange
 from shared.db import Database
+from shared.timestamps import to_timestamp
 
 __all__ = ["Change", "DeleteResult", "KvStore", "PutItem", "WriteResult"]
 
-_LIVE = "(expires_at IS NULL OR expires_at > clock_timestamp())"
+_LIVE = "(expires_at IS NULL OR expires_at > clockto_timestamp())"
 _ENTRY_COLUMNS = "key, value, content_type, create_revision, mod_revision, version, expires_at"
 
 
@@ -66,14 +65,6 @@ class Change:
     kv: kv_pb2.KeyValue
 
 
-def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
-
-
 def entry_to_kv(
     namespace: str, row: asyncpg.Record, prefix: str = "", key: str | None = None
 ) -> kv_pb2.KeyValue:
@@ -90,7 +81,7 @@ def entry_to_kv(
         create_revision=row[prefix + "create_revision"],
         mod_revision=row[prefix + "mod_revision"],
         version=row[prefix + "version"],
-        expire_time=_timestamp(row[prefix + "expires_at"]),
+        expire_time=to_timestamp(row[prefix + "expires_at"]),
     )
 
 
@@ -157,7 +148,7 @@ class KvStore:
                     create_revision=row["r_create_revision"],
                     mod_revision=row["r_revision"],
                     version=row["r_version"],
-                    expire_time=_timestamp(row["r_expires_at"]),
+                    expire_time=to_timestamp(row["r_expires_at"]),
                 )
             )
             previous.append(
