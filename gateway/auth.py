@@ -78,7 +78,15 @@ class KeyResolver:
                 timeout=2.0,
             )
         except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.UNAUTHENTICATED:
+            if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
+                # A valid key of a suspended tenant: an answer, cached like any other.
+                answer: Caller | StrataError = StrataError(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    "TENANT_SUSPENDED",
+                    exc.details() or "the tenant is suspended",
+                    domain="strata.gateway",
+                )
+            elif exc.code() != grpc.StatusCode.UNAUTHENTICATED:
                 # Not an answer about the key: do not cache, tell the caller to retry.
                 raise StrataError(
                     grpc.StatusCode.UNAVAILABLE,
@@ -86,7 +94,8 @@ class KeyResolver:
                     "API keys cannot be checked right now; retry",
                     retry_delay_s=1.0,
                 ) from exc
-            answer: Caller | StrataError = _unauthenticated("INVALID_API_KEY", "the API key is not valid")
+            else:
+                answer = _unauthenticated("INVALID_API_KEY", "the API key is not valid")
         else:
             answer = Caller(reply.tenant, frozenset(reply.scopes), reply.key_id)
         if len(self._cache) >= _MAX_CACHED:

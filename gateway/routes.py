@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from google.protobuf import descriptor
 from strata.admin.v1 import admin_pb2
 from strata.kv.v1 import kv_pb2
+from strata.tenants.v1 import tenants_pb2
 
 from shared.identity import ADMIN_SCOPE, INTERNAL_SCOPE
 
@@ -19,13 +20,21 @@ __all__ = ["ROUTED_SERVICES", "Route", "build_routes"]
 # Upstream name (its STRATA_<NAME>_UPSTREAMS / port setting) → the services it serves.
 ROUTED_SERVICES: dict[str, tuple[descriptor.ServiceDescriptor, ...]] = {
     "kv": (kv_pb2.DESCRIPTOR.services_by_name["KvService"],),
+    "tenants": (
+        tenants_pb2.DESCRIPTOR.services_by_name["TenantService"],
+        tenants_pb2.DESCRIPTOR.services_by_name["RecordService"],
+    ),
     "admin": (admin_pb2.DESCRIPTOR.services_by_name["AdminService"],),
 }
 
 # Methods that only read; every other method of a data service writes.
-_READS = frozenset({"Get", "BatchGet", "List", "Watch"})
+_READS = frozenset({"Get", "BatchGet", "List", "Watch", "GetRecord", "BatchGetRecords", "ListRecords"})
+# Services that only operators may call: every method needs the admin scope.
+_ADMIN_SERVICES = frozenset({"strata.admin.v1.AdminService", "strata.tenants.v1.TenantService"})
 # Methods no API key may call through the gateway.
-_INTERNAL = frozenset({"/strata.admin.v1.AdminService/AuthenticateApiKey"})
+_INTERNAL = frozenset(
+    {"/strata.admin.v1.AdminService/AuthenticateApiKey", "/strata.kv.v1.KvService/PurgeTenant"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,10 +49,10 @@ class Route:
     server_streaming: bool
 
 
-def _scope(upstream: str, path: str, method: str) -> str:
+def _scope(upstream: str, service: str, path: str, method: str) -> str:
     if path in _INTERNAL:
         return INTERNAL_SCOPE
-    if upstream == "admin":
+    if service in _ADMIN_SERVICES:
         return ADMIN_SCOPE
     return f"{upstream}:{'read' if method in _READS else 'write'}"
 
@@ -62,7 +71,7 @@ def build_routes() -> dict[str, Route]:
                     service.full_name,
                     method.name,
                     upstream,
-                    _scope(upstream, path, method.name),
+                    _scope(upstream, service.full_name, path, method.name),
                     method.server_streaming,
                 )
     return routes

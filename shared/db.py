@@ -231,6 +231,19 @@ class Database:
             ) from exc
         self.breaker.record_success()
 
+    @asynccontextmanager
+    async def tenant_transaction(
+        self, tenant: str, *, timeout: float = 30.0
+    ) -> AsyncIterator[asyncpg.Connection]:
+        """A transaction in which row-level security shows only ``tenant``'s rows.
+
+        The setting is transaction-local (``set_config(..., true)``), so it
+        ends with the transaction and never reaches the connection's next user.
+        """
+        async with self.transaction(timeout=timeout) as conn:
+            await conn.execute("SELECT set_config('strata.tenant_id', $1, true)", tenant, timeout=timeout)
+            yield conn
+
     def _observe(self, label: str, seconds: float) -> None:
         if seconds >= self._slow_s:
             _log.warning(

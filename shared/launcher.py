@@ -20,7 +20,8 @@ import time
 
 import grpc
 import uvloop
-from strata.admin.v1 import admin_pb2
+from strata.admin.v1 import admin_pb2, admin_pb2_grpc
+from strata.tenants.v1 import tenants_pb2, tenants_pb2_grpc
 
 from shared.backends import Backends, open_backends
 from shared.identity import Caller, sign_caller
@@ -34,6 +35,7 @@ __all__ = ["SERVICES", "ServiceProcess", "main"]
 # its migrations folder (services/<name>/migrations) and its port setting.
 SERVICES: dict[str, str] = {
     "kv": "services.kv",
+    "tenants": "services.tenants",
     "admin": "services.admin",
     "gateway": "gateway",  # last: it checks the others' health
 }
@@ -130,18 +132,27 @@ async def ensure_dev_api_key(settings: Settings, env: dict[str, str], processes:
     path = settings.data_dir / DEV_KEY_FILE
     if path.exists():
         return path.read_text().strip()
-    admin = next(p for p in processes if p.name == "admin")
+    address = {p.name: p.address for p in processes}
     secret = env["STRATA_INTERNAL_SECRET"].encode()
-    method = "/strata.admin.v1.AdminService/CreateApiKey"
-    async with grpc.aio.insecure_channel(admin.address) as channel:
-        create = channel.unary_unary(
-            method,
-            request_serializer=admin_pb2.CreateApiKeyRequest.SerializeToString,
-            response_deserializer=admin_pb2.CreateApiKeyResponse.FromString,
-        )
-        made = await create(
+    launcher = Caller("dev", frozenset({"admin"}), "launcher")
+    create_tenant = "/strata.tenants.v1.TenantService/CreateTenant"
+    async with grpc.aio.insecure_channel(address["tenants"]) as channel:
+        try:
+            await tenants_pb2_grpc.TenantServiceStub(channel).CreateTenant(
+                tenants_pb2.CreateTenantRequest(
+                    tenant=tenants_pb2.Tenant(slug="dev", display_name="Development (make run)")
+                ),
+                metadata=sign_caller(secret, create_tenant, launcher),
+                timeout=10,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+    create_key = "/strata.admin.v1.AdminService/CreateApiKey"
+    async with grpc.aio.insecure_channel(address["admin"]) as channel:
+        made = await admin_pb2_grpc.AdminServiceStub(channel).CreateApiKey(
             admin_pb2.CreateApiKeyRequest(tenant="dev", name="dev key (make run)", scopes=["admin"]),
-            metadata=sign_caller(secret, method, Caller("dev", frozenset({"admin"}), "launcher")),
+            metadata=sign_caller(secret, create_key, launcher),
             timeout=10,
         )
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -207,7 +218,13 @@ async def run(settings: Settings) -> None:
         await stop.wait()
         print("Strata: stopping", flush=True)
     finally:
-        codes = await asyncio.gather(*(p.stop() for p in reversed(processes)), return_exceptions=True)
+        # The gateway first: it drains calls it accepted while the services still answer them.
+        codes: list[object] = [await p.stop() for p in processes if p.name == "gateway"]
+        codes.extend(
+            await asyncio.gather(
+                *(p.stop() for p in processes if p.name != "gateway"), return_exceptions=True
+            )
+        )
         for task in supervisors:
             task.cancel()
         backends.close()

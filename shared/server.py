@@ -196,8 +196,6 @@ def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     """TLS from the STRATA_TLS_* files; mutual TLS when a client CA is given. None: plaintext."""
     if not settings.tls_cert_file:
         return None
-    if not settings.tls_key_file:
-        raise ConfigError("STRATA_TLS_CERT_FILE needs STRATA_TLS_KEY_FILE")
     with open(settings.tls_key_file, "rb") as key, open(settings.tls_cert_file, "rb") as cert:
         pair = (key.read(), cert.read())
     client_ca = None

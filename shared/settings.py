@@ -99,63 +99,76 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     redis_url = reader.url("REDIS_URL", ("redis://", "rediss://", "unix://"))
     if bool(database_url) != bool(redis_url):
         raise ConfigError("set both DATABASE_URL and REDIS_URL (external mode) or neither (embedded mode)")
-    return Settings(
-        data_dir=Path(env.get("STRATA_DATA_DIR", str(defaults.data_dir))),
-        host=env.get("STRATA_HOST", defaults.host),
-        gateway_port=reader.port("STRATA_GATEWAY_PORT", defaults.gateway_port),
-        kv_port=reader.port("STRATA_KV_PORT", defaults.kv_port),
-        tenants_port=reader.port("STRATA_TENANTS_PORT", defaults.tenants_port),
-        vector_port=reader.port("STRATA_VECTOR_PORT", defaults.vector_port),
-        admin_port=reader.port("STRATA_ADMIN_PORT", defaults.admin_port),
-        database_url=database_url,
-        migrate_database_url=reader.url("STRATA_MIGRATE_DATABASE_URL", ("postgres://", "postgresql://"))
-        or database_url,
-        database_read_urls=tuple(
-            u.strip() for u in env.get("DATABASE_READ_URLS", "").split(",") if u.strip()
-        ),
-        redis_url=redis_url,
-        embedded_pg_port=reader.port("STRATA_EMBEDDED_PG_PORT", defaults.embedded_pg_port),
-        embedded_redis_port=reader.port("STRATA_EMBEDDED_REDIS_PORT", defaults.embedded_redis_port),
-        pool_min_size=reader.integer("STRATA_POOL_MIN_SIZE", defaults.pool_min_size, 0, 1000),
-        pool_max_size=reader.integer("STRATA_POOL_MAX_SIZE", defaults.pool_max_size, 1, 1000),
-        slow_query_ms=reader.number("STRATA_SLOW_QUERY_MS", defaults.slow_query_ms, 0.0),
-        max_message_bytes=reader.integer(
-            "STRATA_MAX_MESSAGE_BYTES", defaults.max_message_bytes, 1024, 1 << 30
-        ),
-        shutdown_grace_s=reader.number("STRATA_SHUTDOWN_GRACE_S", defaults.shutdown_grace_s, 0.0),
-        cache_local_entries=reader.integer(
-            "STRATA_CACHE_LOCAL_ENTRIES", defaults.cache_local_entries, 0, 100_000_000
-        ),
-        cache_ttl_s=reader.number("STRATA_CACHE_TTL_S", defaults.cache_ttl_s, 0.001),
-        kv_max_value_bytes=reader.integer(
-            "STRATA_KV_MAX_VALUE_BYTES", defaults.kv_max_value_bytes, 1, 256 * 1024 * 1024
-        ),
-        kv_max_key_bytes=reader.integer("STRATA_KV_MAX_KEY_BYTES", defaults.kv_max_key_bytes, 1, 65536),
-        kv_max_batch=reader.integer("STRATA_KV_MAX_BATCH", defaults.kv_max_batch, 1, 100_000),
-        kv_sweep_interval_s=reader.number("STRATA_KV_SWEEP_INTERVAL_S", defaults.kv_sweep_interval_s, 0.01),
-        kv_history_revisions=reader.integer(
-            "STRATA_KV_HISTORY_REVISIONS", defaults.kv_history_revisions, 1, 1 << 62
-        ),
-        log_level=reader.choice(
-            "STRATA_LOG_LEVEL", defaults.log_level, ("DEBUG", "INFO", "WARNING", "ERROR")
-        ),
-        internal_secret=env.get("STRATA_INTERNAL_SECRET", ""),
-        key_pepper=env.get("STRATA_KEY_PEPPER", ""),
-        key_cache_ttl_s=reader.number("STRATA_KEY_CACHE_TTL_S", defaults.key_cache_ttl_s, 0.0),
-        rate_limit_rps=reader.number("STRATA_RATE_LIMIT_RPS", defaults.rate_limit_rps, 0.001),
-        rate_limit_burst=reader.integer("STRATA_RATE_LIMIT_BURST", defaults.rate_limit_burst, 1, 1 << 30),
-        upstreams=tuple(
-            (service, addresses)
-            for service in _SERVICES
-            if (addresses := reader.addresses(f"STRATA_{service.upper()}_UPSTREAMS"))
-        ),
-        tls_cert_file=reader.existing_file("STRATA_TLS_CERT_FILE"),
-        tls_key_file=reader.existing_file("STRATA_TLS_KEY_FILE"),
-        tls_client_ca_file=reader.existing_file("STRATA_TLS_CLIENT_CA_FILE"),
+    return _check_tls(
+        Settings(
+            data_dir=Path(env.get("STRATA_DATA_DIR", str(defaults.data_dir))),
+            host=env.get("STRATA_HOST", defaults.host),
+            gateway_port=reader.port("STRATA_GATEWAY_PORT", defaults.gateway_port),
+            kv_port=reader.port("STRATA_KV_PORT", defaults.kv_port),
+            tenants_port=reader.port("STRATA_TENANTS_PORT", defaults.tenants_port),
+            vector_port=reader.port("STRATA_VECTOR_PORT", defaults.vector_port),
+            admin_port=reader.port("STRATA_ADMIN_PORT", defaults.admin_port),
+            database_url=database_url,
+            migrate_database_url=reader.url("STRATA_MIGRATE_DATABASE_URL", ("postgres://", "postgresql://"))
+            or database_url,
+            database_read_urls=tuple(
+                u.strip() for u in env.get("DATABASE_READ_URLS", "").split(",") if u.strip()
+            ),
+            redis_url=redis_url,
+            embedded_pg_port=reader.port("STRATA_EMBEDDED_PG_PORT", defaults.embedded_pg_port),
+            embedded_redis_port=reader.port("STRATA_EMBEDDED_REDIS_PORT", defaults.embedded_redis_port),
+            pool_min_size=reader.integer("STRATA_POOL_MIN_SIZE", defaults.pool_min_size, 0, 1000),
+            pool_max_size=reader.integer("STRATA_POOL_MAX_SIZE", defaults.pool_max_size, 1, 1000),
+            slow_query_ms=reader.number("STRATA_SLOW_QUERY_MS", defaults.slow_query_ms, 0.0),
+            max_message_bytes=reader.integer(
+                "STRATA_MAX_MESSAGE_BYTES", defaults.max_message_bytes, 1024, 1 << 30
+            ),
+            shutdown_grace_s=reader.number("STRATA_SHUTDOWN_GRACE_S", defaults.shutdown_grace_s, 0.0),
+            cache_local_entries=reader.integer(
+                "STRATA_CACHE_LOCAL_ENTRIES", defaults.cache_local_entries, 0, 100_000_000
+            ),
+            cache_ttl_s=reader.number("STRATA_CACHE_TTL_S", defaults.cache_ttl_s, 0.001),
+            kv_max_value_bytes=reader.integer(
+                "STRATA_KV_MAX_VALUE_BYTES", defaults.kv_max_value_bytes, 1, 256 * 1024 * 1024
+            ),
+            kv_max_key_bytes=reader.integer("STRATA_KV_MAX_KEY_BYTES", defaults.kv_max_key_bytes, 1, 65536),
+            kv_max_batch=reader.integer("STRATA_KV_MAX_BATCH", defaults.kv_max_batch, 1, 100_000),
+            kv_sweep_interval_s=reader.number(
+                "STRATA_KV_SWEEP_INTERVAL_S", defaults.kv_sweep_interval_s, 0.01
+            ),
+            kv_history_revisions=reader.integer(
+                "STRATA_KV_HISTORY_REVISIONS", defaults.kv_history_revisions, 1, 1 << 62
+            ),
+            log_level=reader.choice(
+                "STRATA_LOG_LEVEL", defaults.log_level, ("DEBUG", "INFO", "WARNING", "ERROR")
+            ),
+            internal_secret=env.get("STRATA_INTERNAL_SECRET", ""),
+            key_pepper=env.get("STRATA_KEY_PEPPER", ""),
+            key_cache_ttl_s=reader.number("STRATA_KEY_CACHE_TTL_S", defaults.key_cache_ttl_s, 0.0),
+            rate_limit_rps=reader.number("STRATA_RATE_LIMIT_RPS", defaults.rate_limit_rps, 0.001),
+            rate_limit_burst=reader.integer("STRATA_RATE_LIMIT_BURST", defaults.rate_limit_burst, 1, 1 << 30),
+            upstreams=tuple(
+                (service, addresses)
+                for service in _SERVICES
+                if (addresses := reader.addresses(f"STRATA_{service.upper()}_UPSTREAMS"))
+            ),
+            tls_cert_file=reader.existing_file("STRATA_TLS_CERT_FILE"),
+            tls_key_file=reader.existing_file("STRATA_TLS_KEY_FILE"),
+            tls_client_ca_file=reader.existing_file("STRATA_TLS_CLIENT_CA_FILE"),
+        )
     )
 
 
 _SERVICES = ("kv", "tenants", "vector", "admin")
+
+
+def _check_tls(settings: Settings) -> Settings:
+    """TLS needs both cert and key; a client CA needs TLS. Half a setting is an error, not plaintext."""
+    if bool(settings.tls_cert_file) != bool(settings.tls_key_file):
+        raise ConfigError("set both STRATA_TLS_CERT_FILE and STRATA_TLS_KEY_FILE, or neither")
+    if settings.tls_client_ca_file and not settings.tls_cert_file:
+        raise ConfigError("STRATA_TLS_CLIENT_CA_FILE needs STRATA_TLS_CERT_FILE and STRATA_TLS_KEY_FILE")
+    return settings
 
 
 def require_internal_secret(settings: Settings) -> bytes:

@@ -58,11 +58,19 @@ class ApiKeyStore:
         return row
 
     async def find_for_authentication(self, key_id: str, *, timeout: float) -> asyncpg.Record | None:
-        """The live (not revoked) key ``key_id`` with its secret hash."""
+        """The live key ``key_id`` with its secret hash and its tenant's status (NULL: no tenant)."""
         return await self._db.fetchrow(
-            f"SELECT {_COLUMNS}, secret_hash FROM admin.api_keys WHERE key_id = $1 AND revoked_at IS NULL",
+            "SELECT k.key_id, k.tenant, k.scopes, k.secret_hash, t.status AS tenant_status "
+            "FROM admin.api_keys k LEFT JOIN tenants.tenants t ON t.slug = k.tenant "
+            "WHERE k.key_id = $1 AND k.revoked_at IS NULL",
             key_id,
             timeout=timeout,
+        )
+
+    async def tenant_exists(self, tenant: str, *, timeout: float) -> bool:
+        """Whether the registry knows ``tenant``."""
+        return bool(
+            await self._db.fetchval("SELECT 1 FROM tenants.tenants WHERE slug = $1", tenant, timeout=timeout)
         )
 
     async def page(

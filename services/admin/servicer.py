@@ -22,6 +22,7 @@ DOMAIN = "strata.admin.v1"
 TENANT_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _KEY_ID_RE = re.compile(r"[0-9a-f]{16}")
 _MAX_PAGE = 1000
+SUSPENDED = 2  # strata.tenants.v1.TenantStatus
 
 
 class AdminServicer:
@@ -53,6 +54,14 @@ class AdminServicer:
                 )
         if errors:
             raise invalid_argument(errors, domain=DOMAIN)
+        if not await self._keys.tenant_exists(request.tenant, timeout=deadline_timeout(context)):
+            raise StrataError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "TENANT_NOT_FOUND",
+                f"tenant {request.tenant!r} is not registered; create it with TenantService first",
+                domain=DOMAIN,
+                metadata={"tenant": request.tenant},
+            )
         made = new_api_key(self._pepper)
         row = await self._keys.insert(
             made.key_id,
@@ -108,6 +117,21 @@ class AdminServicer:
         if row is None or parsed is None or not secrets_match(self._pepper, parsed[1], row["secret_hash"]):
             raise StrataError(
                 grpc.StatusCode.UNAUTHENTICATED, "INVALID_API_KEY", "the API key is not valid", domain=DOMAIN
+            )
+        if row["tenant_status"] is None:
+            raise StrataError(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "INVALID_API_KEY",
+                "the key's tenant no longer exists",
+                domain=DOMAIN,
+            )
+        if row["tenant_status"] == SUSPENDED:
+            raise StrataError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "TENANT_SUSPENDED",
+                f"tenant {row['tenant']!r} is suspended",
+                domain=DOMAIN,
+                metadata={"tenant": row["tenant"]},
             )
         return admin_pb2.AuthenticateApiKeyResponse(
             key_id=row["key_id"], tenant=row["tenant"], scopes=row["scopes"]

@@ -27,7 +27,7 @@ from services.kv.store import KvStore, PutItem, entry_to_kv
 from shared.cache import CacheEntry, RevisionedCache
 from shared.db import deadline_timeout
 from shared.errors import FieldViolation, StrataError, not_found
-from shared.identity import require_scope
+from shared.identity import INTERNAL_SCOPE, require_scope
 from shared.pagetoken import decode_page_token, encode_page_token
 
 __all__ = ["KvServicer"]
@@ -280,6 +280,36 @@ class KvServicer:
                     domain=DOMAIN,
                     metadata={"resume_revision": str(cursor[0] + 1)},
                 ) from None
+
+    # -- tenant lifecycle --------------------------------------------------
+
+    async def PurgeTenant(
+        self, request: kv_pb2.PurgeTenantRequest, context: Context
+    ) -> kv_pb2.PurgeTenantResponse:
+        require_scope(INTERNAL_SCOPE)
+        if not request.tenant:
+            raise_if([FieldViolation("tenant", "required")])
+        deleted = 0
+        timeout = deadline_timeout(context)
+        for namespace in await self._store.namespaces(request.tenant, timeout=timeout):
+            result = await self._store.delete_range(
+                request.tenant,
+                namespace,
+                KeyRange("", None),
+                if_revision=None,
+                return_previous=False,
+                timeout=timeout,
+            )
+            if result.deleted:
+                await self._cache.record_writes(
+                    [
+                        (cache_key(request.tenant, namespace, kv.key), CacheEntry(result.revision, None))
+                        for kv in result.deleted
+                    ]
+                )
+                self._feed.observe(result.revision)
+            deleted += len(result.deleted)
+        return kv_pb2.PurgeTenantResponse(deleted=deleted)
 
     # -- helpers -----------------------------------------------------------
 

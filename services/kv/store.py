@@ -20,7 +20,7 @@ from shared.timestamps import to_timestamp
 
 __all__ = ["Change", "DeleteResult", "KvStore", "PutItem", "WriteResult"]
 
-_LIVE = "(expires_at IS NULL OR expires_at > clockto_timestamp())"
+_LIVE = "(expires_at IS NULL OR expires_at > clock_timestamp())"
 _ENTRY_COLUMNS = "key, value, content_type, create_revision, mod_revision, version, expires_at"
 
 
@@ -231,6 +231,13 @@ class KvStore:
             )
             value = await self._db.fetchval(sql, tenant, namespace, keys.start, keys.end, timeout=timeout)
         return int(value)
+
+    async def namespaces(self, tenant: str, *, timeout: float) -> list[str]:
+        """Every namespace in which ``tenant`` has rows (live or expired)."""
+        rows = await self._db.fetch(
+            "SELECT DISTINCT namespace FROM kv.entries WHERE tenant = $1", tenant, timeout=timeout
+        )
+        return [row["namespace"] for row in rows]
 
     async def revisions(self, *, timeout: float) -> tuple[int, int]:
         """(current store revision, compacted revision)."""

@@ -8,6 +8,7 @@ import grpc
 import pytest
 from strata.admin.v1 import admin_pb2, admin_pb2_grpc
 from strata.kv.v1 import kv_pb2_grpc
+from strata.tenants.v1 import tenants_pb2, tenants_pb2_grpc
 
 from tests.otlp import TraceReceiver, start_receiver
 from tests.stack import Stack, remove_data, start_stack
@@ -55,11 +56,24 @@ def gw_admin(gateway_channel) -> admin_pb2_grpc.AdminServiceStub:
     return admin_pb2_grpc.AdminServiceStub(gateway_channel)
 
 
+@pytest.fixture(scope="session")
+def gw_tenants(gateway_channel) -> tenants_pb2_grpc.TenantServiceStub:
+    return tenants_pb2_grpc.TenantServiceStub(gateway_channel)
+
+
 @pytest.fixture
-def make_key(gw_admin, admin_metadata):
-    """Create an API key through the gateway; returns (api_key, key_id)."""
+def make_key(gw_admin, gw_tenants, admin_metadata):
+    """Create an API key (registering its tenant if needed) through the gateway; (api_key, key_id)."""
 
     async def make(tenant: str, *scopes: str) -> tuple[str, str]:
+        try:
+            await gw_tenants.CreateTenant(
+                tenants_pb2.CreateTenantRequest(tenant=tenants_pb2.Tenant(slug=tenant)),
+                metadata=admin_metadata,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
+                raise
         made = await gw_admin.CreateApiKey(
             admin_pb2.CreateApiKeyRequest(tenant=tenant, name=f"test {tenant}", scopes=list(scopes)),
             metadata=admin_metadata,

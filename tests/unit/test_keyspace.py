@@ -141,9 +141,10 @@ def test_intersect_of_disjoint_ranges_contains_nothing():
     assert not any(keys.contains(k) for k in ["a", "ab", "x", "xa", "b"])
 
 
-def test_cache_key_separates_namespace_and_key_with_nul():
-    assert cache_key("ns", "ké") == "ns\x00ké".encode()
-    assert cache_key("a", "b/c") != cache_key("a/b", "c")
+def test_cache_key_separates_tenant_namespace_and_key_with_nul():
+    assert cache_key("t", "ns", "ké") == "t\x00ns\x00ké".encode()
+    assert cache_key("t", "a", "b/c") != cache_key("t", "a/b", "c")
+    assert cache_key("t1", "ns", "k") != cache_key("t2", "ns", "k")
 
 
 # -- namespace ---------------------------------------------------------------

@@ -1,0 +1,45 @@
+"""Wires the tenants process: TenantService and RecordService on one server."""
+
+from __future__ import annotations
+
+from strata.tenants.v1 import tenants_pb2
+
+from services.tenants.purge import TenantPurge
+from services.tenants.records import RecordServicer
+from services.tenants.registry import TenantServicer
+from shared.db import Database
+from shared.server import StrataServer, run_service
+from shared.settings import Settings, require_internal_secret
+
+__all__ = ["build_tenants_server", "main"]
+
+TENANT_SERVICE = tenants_pb2.DESCRIPTOR.services_by_name["TenantService"]
+RECORD_SERVICE = tenants_pb2.DESCRIPTOR.services_by_name["RecordService"]
+
+
+async def build_tenants_server(settings: Settings) -> StrataServer:
+    """A ready-to-start tenants server on ``settings``' database."""
+    db = await Database.open(
+        settings.database_url,
+        min_size=settings.pool_min_size,
+        max_size=settings.pool_max_size,
+        slow_query_ms=settings.slow_query_ms,
+        application_name="strata-tenants",
+    )
+    purge = TenantPurge(
+        db,
+        settings.upstreams_of("kv")[0],
+        settings.upstreams_of("admin")[0],
+        require_internal_secret(settings),
+    )
+    server = StrataServer(settings, "tenants")
+    server.add_servicer(TenantServicer(db, purge), TENANT_SERVICE)
+    server.add_servicer(RecordServicer(db), RECORD_SERVICE)
+    server.after_drain(purge.close)
+    server.after_drain(db.close)
+    return server
+
+
+def main() -> None:
+    """Entry point of the tenants process."""
+    run_service("tenants", build_tenants_server)

@@ -1,0 +1,91 @@
+"""Everything a tenant owns, counted and removed when the tenant is deleted.
+
+Records are deleted here (the tenants schema is ours). KV keys and API keys
+belong to other services, so they are removed through those services' RPCs,
+which keep their own promises (KV delete events and cache tombstones; key
+revocation). Counting reads the other schemas directly: reads only.
+"""
+
+from __future__ import annotations
+
+import grpc
+from strata.admin.v1 import admin_pb2, admin_pb2_grpc
+from strata.kv.v1 import kv_pb2, kv_pb2_grpc
+
+from shared.db import Database
+from shared.identity import ADMIN_SCOPE, INTERNAL_SCOPE, Caller, sign_caller
+
+__all__ = ["TenantPurge"]
+
+_PURGE_KV = "/strata.kv.v1.KvService/PurgeTenant"
+_LIST_KEYS = "/strata.admin.v1.AdminService/ListApiKeys"
+_REVOKE_KEY = "/strata.admin.v1.AdminService/RevokeApiKey"
+
+
+class TenantPurge:
+    """Counts and removes a tenant's records, KV keys and API keys."""
+
+    def __init__(self, db: Database, kv_address: str, admin_address: str, secret: bytes) -> None:
+        self._db = db
+        self._secret = secret
+        self._kv = grpc.aio.insecure_channel(kv_address)
+        self._admin = grpc.aio.insecure_channel(admin_address)
+
+    async def close(self) -> None:
+        await self._kv.close()
+        await self._admin.close()
+
+    async def count(self, tenant: str, *, timeout: float) -> dict[str, int]:
+        """What ``tenant`` still owns: records, kv_keys, api_keys (working ones)."""
+        async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
+            records = await conn.fetchval("SELECT count(*) FROM tenants.records", timeout=timeout)
+            kv_keys = await conn.fetchval(
+                "SELECT count(*) FROM kv.entries WHERE tenant = $1", tenant, timeout=timeout
+            )
+            api_keys = await conn.fetchval(
+                "SELECT count(*) FROM admin.api_keys WHERE tenant = $1 AND revoked_at IS NULL",
+                tenant,
+                timeout=timeout,
+            )
+        return {"records": int(records), "kv_keys": int(kv_keys), "api_keys": int(api_keys)}
+
+    async def purge(self, tenant: str, *, timeout: float) -> dict[str, int]:
+        """Remove all of it; how many of each went."""
+        api_keys = await self._revoke_keys(tenant, timeout)
+        kv = await kv_pb2_grpc.KvServiceStub(self._kv).PurgeTenant(
+            kv_pb2.PurgeTenantRequest(tenant=tenant),
+            metadata=self._sign(_PURGE_KV, INTERNAL_SCOPE),
+            timeout=timeout,
+        )
+        async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
+            records = await conn.fetchval(
+                "WITH gone AS (DELETE FROM tenants.records RETURNING 1) SELECT count(*) FROM gone",
+                timeout=timeout,
+            )
+        return {"records": int(records), "kv_keys": int(kv.deleted), "api_keys": api_keys}
+
+    async def _revoke_keys(self, tenant: str, timeout: float) -> int:
+        admin = admin_pb2_grpc.AdminServiceStub(self._admin)
+        revoked = 0
+        page_token = ""
+        while True:
+            page = await admin.ListApiKeys(
+                admin_pb2.ListApiKeysRequest(tenant=tenant, page_size=1000, page_token=page_token),
+                metadata=self._sign(_LIST_KEYS, ADMIN_SCOPE),
+                timeout=timeout,
+            )
+            for key in page.keys:
+                await admin.RevokeApiKey(
+                    admin_pb2.RevokeApiKeyRequest(key_id=key.key_id),
+                    metadata=self._sign(_REVOKE_KEY, ADMIN_SCOPE),
+                    timeout=timeout,
+                )
+                revoked += 1
+            if not page.next_page_token:
+                return revoked
+            page_token = page.next_page_token
+
+    def _sign(self, method: str, scope: str) -> list[tuple[str, str]]:
+        return sign_caller(
+            self._secret, method, Caller("strata-system", frozenset({scope}), "tenants-service")
+        )

@@ -1,0 +1,398 @@
+"""``strata.tenants.v1.RecordService``: tenant-scoped JSON records under row-level security.
+
+Every statement runs inside :meth:`Database.tenant_transaction` for the
+caller's tenant, so Postgres itself filters rows; the SQL below never names
+the tenant in a WHERE clause (only when inserting, where the policy's WITH
+CHECK verifies it).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+import uuid
+from typing import Any, TypeAlias
+
+import asyncpg
+import grpc
+from google.protobuf import json_format, struct_pb2
+from strata.tenants.v1 import tenants_pb2
+
+from services.tenants.registry import DOMAIN
+from shared.db import Database, deadline_timeout
+from shared.errors import FieldViolation, aborted, already_exists, invalid_argument, not_found
+from shared.filters import SqlParams, compile_filter, json_path_sql, validate_path
+from shared.identity import require_scope
+from shared.pagetoken import decode_page_token, encode_page_token
+from shared.timestamps import to_timestamp
+
+__all__ = ["RecordServicer"]
+
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+READ, WRITE = "tenants:read", "tenants:write"
+_COLLECTION_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+_MAX_DATA = 1024 * 1024
+_MAX_BATCH = 1000
+_COLUMNS = "collection, id, data, revision, created_at, updated_at"
+_TIME_ORDERS = {"create_time": "created_at", "update_time": "updated_at"}
+
+
+def row_to_record(row: asyncpg.Record) -> tenants_pb2.Record:
+    """A ``Record`` from a tenants.records row."""
+    data = struct_pb2.Struct()
+    data.update(json.loads(row["data"]))
+    return tenants_pb2.Record(
+        collection=row["collection"],
+        id=row["id"],
+        data=data,
+        revision=row["revision"],
+        etag=f"r{row['revision']}",
+        create_time=to_timestamp(row["created_at"]),
+        update_time=to_timestamp(row["updated_at"]),
+    )
+
+
+class RecordServicer:
+    """Serves RecordService from tenants.records."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def CreateRecord(
+        self, request: tenants_pb2.CreateRecordRequest, context: Context
+    ) -> tenants_pb2.CreateRecordResponse:
+        tenant = require_scope(WRITE).tenant
+        record = request.record
+        errors: list[FieldViolation] = []
+        _check_collection(record.collection, "record.collection", errors)
+        if record.id:
+            _check_id(record.id, "record.id", errors)
+        if len(request.request_id) > 128:
+            errors.append(FieldViolation("request_id", "must be at most 128 characters"))
+        data = _data_json(record.data, "record.data", errors)
+        _raise(errors)
+        record_id = record.id or str(uuid.uuid4())
+        timeout = deadline_timeout(context)
+        async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
+            row = await conn.fetchrow(
+                f"INSERT INTO tenants.records (tenant, collection, id, data, request_id) "
+                f"VALUES ($1, $2, $3, $4::jsonb, nullif($5, '')) ON CONFLICT DO NOTHING RETURNING {_COLUMNS}",
+                tenant,
+                record.collection,
+                record_id,
+                data,
+                request.request_id,
+                timeout=timeout,
+            )
+            if row is None and request.request_id:
+                row = await conn.fetchrow(
+                    f"SELECT {_COLUMNS} FROM tenants.records WHERE collection = $1 AND request_id = $2",
+                    record.collection,
+                    request.request_id,
+                    timeout=timeout,
+                )
+        if row is None:
+            raise already_exists(
+                "RECORD_ALREADY_EXISTS", f"record {record_id!r} exists", domain=DOMAIN, id=record_id
+            )
+        return tenants_pb2.CreateRecordResponse(record=row_to_record(row))
+
+    async def GetRecord(
+        self, request: tenants_pb2.GetRecordRequest, context: Context
+    ) -> tenants_pb2.GetRecordResponse:
+        tenant = require_scope(READ).tenant
+        errors: list[FieldViolation] = []
+        _check_collection(request.collection, "collection", errors)
+        _check_id(request.id, "id", errors)
+        _raise(errors)
+        timeout = deadline_timeout(context)
+        async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
+            row = await conn.fetchrow(
+                f"SELECT {_COLUMNS} FROM tenants.records WHERE collection = $1 AND id = $2",
+                request.collection,
+                request.id,
+                timeout=timeout,
+            )
+        if row is None:
+            raise _record_not_found(request.id)
+        return tenants_pb2.GetRecordResponse(record=row_to_record(row))
+
+    async def BatchGetRecords(
+        self, request: tenants_pb2.BatchGetRecordsRequest, context: Context
+    ) -> tenants_pb2.BatchGetRecordsResponse:
+        tenant = require_scope(READ).tenant
+        errors: list[FieldViolation] = []
+        _check_collection(request.collection, "collection", errors)
+        if not 0 < len(request.ids) <= _MAX_BATCH:
+            errors.append(FieldViolation("ids", f"must hold 1 to {_MAX_BATCH} ids"))
+        for i, record_id in enumerate(request.ids):
+            _check_id(record_id, f"ids[{i}]", errors)
+        _raise(errors)
+        timeout = deadline_timeout(context)
+        async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
+            rows = await conn.fetch(
+                f"SELECT {_COLUMNS} FROM tenants.records WHERE collection = $1 AND id = ANY($2::text[])",
+                request.collection,
+                list(request.ids),
+                timeout=timeout,
+            )
+        found = {row["id"]: row for row in rows}
+        ids = list(dict.fromkeys(request.ids))
+        return tenants_pb2.BatchGetRecordsResponse(
+            records=[row_to_record(found[i]) for i in ids if i in found],
+            missing_ids=[i for i in ids if i not in found],
+        )
+
+    async def UpdateRecord(
+        self, request: tenants_pb2.UpdateRecordRequest, context: Context
+    ) -> tenants_pb2.UpdateRecordResponse:
+        tenant = require_scope(WRITE).tenant
+        record = request.record
+        errors: list[FieldViolation] = []
+        _check_collection(record.collection, "record.collection", errors)
+        _check_id(record.id, "record.id", errors)
+        revision = _revision_of(request.etag, errors)
+        paths = _mask_paths(request, errors)
+        incoming = json_format.MessageToDict(record.data)
+        _raise(errors)
+        timeout = deadline_timeout(context)
+        async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
+            current = await conn.fetchrow(
+                "SELECT data, revision FROM tenants.records WHERE collection = $1 AND id = $2 FOR UPDATE",
+                record.collection,
+                record.id,
+                timeout=timeout,
+            )
+            if current is None:
+                raise _record_not_found(record.id)
+            if revision is not None and revision != current["revision"]:
+                raise aborted("ETAG_MISMATCH", "the record changed since that etag", domain=DOMAIN)
+            data = incoming if paths is None else _apply_mask(json.loads(current["data"]), incoming, paths)
+            text = _data_json_dict(data, "record.data", errors)
+            _raise(errors)
+            row = await conn.fetchrow(
+                f"UPDATE tenants.records SET data = $3::jsonb, revision = revision + 1, updated_at = now() "
+                f"WHERE collection = $1 AND id = $2 RETURNING {_COLUMNS}",
+                record.collection,
+                record.id,
+                text,
+                timeout=timeout,
+            )
+        assert row is not None
+        return tenants_pb2.UpdateRecordResponse(record=row_to_record(row))
+
+    async def DeleteRecord(
+        self, request: tenants_pb2.DeleteRecordRequest, context: Context
+    ) -> tenants_pb2.DeleteRecordResponse:
+        tenant = require_scope(WRITE).tenant
+        errors: list[FieldViolation] = []
+        _check_collection(request.collection, "collection", errors)
+        _check_id(request.id, "id", errors)
+        revision = _revision_of(request.etag, errors)
+        _raise(errors)
+        timeout = deadline_timeout(context)
+        async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
+            row = await conn.fetchrow(
+                f"DELETE FROM tenants.records WHERE collection = $1 AND id = $2 "
+                f"AND ($3::bigint IS NULL OR revision = $3) RETURNING {_COLUMNS}",
+                request.collection,
+                request.id,
+                revision,
+                timeout=timeout,
+            )
+            if row is None:
+                exists = await conn.fetchval(
+                    "SELECT 1 FROM tenants.records WHERE collection = $1 AND id = $2",
+                    request.collection,
+                    request.id,
+                    timeout=timeout,
+                )
+                if exists:
+                    raise aborted("ETAG_MISMATCH", "the record changed since that etag", domain=DOMAIN)
+                raise _record_not_found(request.id)
+        return tenants_pb2.DeleteRecordResponse(record=row_to_record(row))
+
+    async def ListRecords(
+        self, request: tenants_pb2.ListRecordsRequest, context: Context
+    ) -> tenants_pb2.ListRecordsResponse:
+        tenant = require_scope(READ).tenant
+        errors: list[FieldViolation] = []
+        _check_collection(request.collection, "collection", errors)
+        if not 0 <= request.page_size <= 1000:
+            errors.append(FieldViolation("page_size", "must be between 0 and 1000"))
+        sort, kind = _sort_key(request.order_by, errors)
+        _raise(errors)
+        size = request.page_size or 100
+        params = SqlParams()
+        collection = params.add(request.collection)
+        where = compile_filter(request.filter if request.HasField("filter") else None, "data", params)
+        query = [
+            "tenants.ListRecords",
+            tenant,
+            request.collection,
+            request.filter.SerializeToString(deterministic=True).hex(),
+            request.order_by or "create_time",
+            request.descending,
+        ]
+        conditions = [f"collection = {collection}", where]
+        if request.page_token:
+            cursor = decode_page_token(request.page_token, query, domain=DOMAIN)
+            conditions.append(_after(cursor, sort, kind, request.descending, params))
+        direction = "DESC" if request.descending else "ASC"
+        limit = params.add(size + 1)
+        timeout = deadline_timeout(context)
+        async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
+            rows = await conn.fetch(
+                f"SELECT {_COLUMNS}, {sort} AS sort_key FROM tenants.records "
+                f"WHERE {' AND '.join(conditions)} "
+                f"ORDER BY {sort} {direction} NULLS LAST, id {direction} LIMIT {limit}",
+                *params.values,
+                timeout=timeout,
+            )
+            total = 0
+            if request.include_total_size:
+                count_params = SqlParams()
+                count_collection = count_params.add(request.collection)
+                count_where = compile_filter(
+                    request.filter if request.HasField("filter") else None, "data", count_params
+                )
+                total = await conn.fetchval(
+                    "SELECT count(*) FROM tenants.records "
+                    f"WHERE collection = {count_collection} AND {count_where}",
+                    *count_params.values,
+                    timeout=timeout,
+                )
+        response = tenants_pb2.ListRecordsResponse(
+            records=[row_to_record(r) for r in rows[:size]], total_size=int(total)
+        )
+        if len(rows) > size:
+            last = rows[size - 1]
+            response.next_page_token = encode_page_token(
+                query, [_cursor_value(last["sort_key"], kind), last["id"]]
+            )
+        return response
+
+
+def _raise(errors: list[FieldViolation]) -> None:
+    if errors:
+        raise invalid_argument(errors, domain=DOMAIN)
+
+
+def _record_not_found(record_id: str) -> Exception:
+    return not_found("RECORD_NOT_FOUND", f"record {record_id!r} not found", domain=DOMAIN, id=record_id)
+
+
+def _check_collection(value: str, field: str, errors: list[FieldViolation]) -> None:
+    if not _COLLECTION_RE.fullmatch(value):
+        errors.append(FieldViolation(field, "must be 1-64 characters of [A-Za-z0-9_-]"))
+
+
+def _check_id(value: str, field: str, errors: list[FieldViolation]) -> None:
+    if not _ID_RE.fullmatch(value):
+        errors.append(FieldViolation(field, "must be 1-128 characters of [A-Za-z0-9_.:-]"))
+
+
+def _data_json(data: struct_pb2.Struct, field: str, errors: list[FieldViolation]) -> str:
+    return _data_json_dict(json_format.MessageToDict(data), field, errors)
+
+
+def _data_json_dict(data: dict[str, Any], field: str, errors: list[FieldViolation]) -> str:
+    text = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    if len(text.encode()) > _MAX_DATA:
+        errors.append(FieldViolation(field, f"must be at most {_MAX_DATA} bytes as JSON"))
+    if "\x00" in text or "\\u0000" in text:
+        errors.append(
+            FieldViolation(field, "must not contain NUL characters (Postgres jsonb cannot store them)")
+        )
+    return text
+
+
+def _revision_of(etag: str, errors: list[FieldViolation]) -> int | None:
+    if not etag:
+        return None
+    if etag.startswith("r") and etag[1:].isdigit():
+        return int(etag[1:])
+    errors.append(FieldViolation("etag", "is not an etag of this API"))
+    return None
+
+
+def _mask_paths(
+    request: tenants_pb2.UpdateRecordRequest, errors: list[FieldViolation]
+) -> list[list[str]] | None:
+    """The data paths to change (as key lists), or None for a full replace."""
+    paths = list(request.update_mask.paths)
+    if not paths or "data" in paths:
+        return None
+    found: list[list[str]] = []
+    for i, path in enumerate(paths):
+        field = f"update_mask.paths[{i}]"
+        if not path.startswith("data."):
+            errors.append(FieldViolation(field, 'must be "data" or "data.<path>"'))
+            continue
+        found.append(validate_path(path.removeprefix("data."), field, errors))
+    return found
+
+
+def _apply_mask(current: dict[str, Any], incoming: dict[str, Any], paths: list[list[str]]) -> dict[str, Any]:
+    """``current`` with each masked path set from ``incoming``, or removed where incoming lacks it."""
+    for path in paths:
+        source: Any = incoming
+        for key in path:
+            source = source.get(key) if isinstance(source, dict) else None
+            if source is None:
+                break
+        target = current
+        for key in path[:-1]:
+            child = target.get(key)
+            if not isinstance(child, dict):
+                child = {}
+                target[key] = child
+            target = child
+        if source is None:
+            target.pop(path[-1], None)
+        else:
+            target[path[-1]] = source
+    return current
+
+
+def _sort_key(order_by: str, errors: list[FieldViolation]) -> tuple[str, str]:
+    """(SQL expression, kind) for ``order_by``; kind is "time", "id" or "json"."""
+    if not order_by or order_by in _TIME_ORDERS:
+        return _TIME_ORDERS.get(order_by or "create_time", "created_at"), "time"
+    if order_by == "id":
+        return "id", "id"
+    if order_by.startswith("data."):
+        if validate_path(order_by.removeprefix("data."), "order_by", errors):
+            return json_path_sql("data", order_by.removeprefix("data.")), "json"
+        return "id", "id"
+    errors.append(FieldViolation("order_by", 'must be "create_time", "update_time", "id" or "data.<path>"'))
+    return "id", "id"
+
+
+def _cursor_value(value: Any, kind: str) -> Any:
+    if kind == "time":
+        return value.isoformat()
+    return value  # id: text; json: the jsonb value as text (asyncpg returns jsonb as str)
+
+
+def _after(cursor: Any, sort: str, kind: str, descending: bool, params: SqlParams) -> str:
+    """The keyset condition for rows after ``cursor`` in (sort NULLS LAST, id) order."""
+    if not (isinstance(cursor, list) and len(cursor) == 2 and isinstance(cursor[1], str)):
+        raise invalid_argument(
+            [FieldViolation("page_token", "is not a page token of this API")], domain=DOMAIN
+        )
+    value, last_id = cursor
+    beyond = "<" if descending else ">"
+    after_id = params.add(last_id)
+    if kind == "id":
+        return f"id {beyond} {after_id}"
+    if value is None:  # already among the records without the sort key
+        return f"({sort} IS NULL AND id {beyond} {after_id})"
+    cast = "::timestamptz" if kind == "time" else "::jsonb"
+    bound = params.add(datetime.datetime.fromisoformat(value) if kind == "time" else value)
+    return (
+        f"({sort} {beyond} {bound}{cast} OR ({sort} = {bound}{cast} AND id {beyond} {after_id}) "
+        f"OR {sort} IS NULL)"
+    )

@@ -1,0 +1,238 @@
+"""``strata.tenants.v1.TenantService``: the tenant registry (admin scope)."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import Any, TypeAlias
+
+import asyncpg
+import grpc
+from google.protobuf import json_format, struct_pb2
+from strata.tenants.v1 import tenants_pb2
+
+from services.tenants.purge import TenantPurge
+from shared.db import Database, deadline_timeout
+from shared.errors import FieldViolation, StrataError, aborted, already_exists, invalid_argument, not_found
+from shared.identity import ADMIN_SCOPE, require_scope
+from shared.pagetoken import decode_page_token, encode_page_token
+from shared.timestamps import to_timestamp
+
+__all__ = ["DOMAIN", "TENANT_SLUG_RE", "TenantServicer"]
+
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+DOMAIN = "strata.tenants.v1"
+TENANT_SLUG_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+_MUTABLE = ("display_name", "status", "plan", "metadata")
+_MAX_METADATA = 64 * 1024
+_COLUMNS = "id, slug, display_name, status, plan, metadata, version, created_at, updated_at"
+
+
+def row_to_tenant(row: asyncpg.Record) -> tenants_pb2.Tenant:
+    """A ``Tenant`` from a tenants.tenants row."""
+    metadata = struct_pb2.Struct()
+    metadata.update(json.loads(row["metadata"]))
+    return tenants_pb2.Tenant(
+        id=str(row["id"]),
+        slug=row["slug"],
+        display_name=row["display_name"],
+        status=row["status"],
+        plan=row["plan"],
+        metadata=metadata,
+        etag=f"v{row['version']}",
+        create_time=to_timestamp(row["created_at"]),
+        update_time=to_timestamp(row["updated_at"]),
+    )
+
+
+class TenantServicer:
+    """Serves TenantService from tenants.tenants; cascades through :class:`TenantPurge`."""
+
+    def __init__(self, db: Database, purge: TenantPurge) -> None:
+        self._db = db
+        self._purge = purge
+
+    async def CreateTenant(
+        self, request: tenants_pb2.CreateTenantRequest, context: Context
+    ) -> tenants_pb2.CreateTenantResponse:
+        require_scope(ADMIN_SCOPE)
+        tenant = request.tenant
+        errors: list[FieldViolation] = []
+        if not TENANT_SLUG_RE.fullmatch(tenant.slug):
+            errors.append(
+                FieldViolation(
+                    "tenant.slug", "must be 1-63 characters of [a-z0-9-], starting with a letter or digit"
+                )
+            )
+        metadata = _check_fields(tenant, "tenant.", errors)
+        if errors:
+            raise invalid_argument(errors, domain=DOMAIN)
+        row = await self._db.write_row(
+            f"INSERT INTO tenants.tenants (slug, display_name, status, plan, metadata) "
+            f"VALUES ($1, $2, $3, $4, $5::jsonb) ON CONFLICT (slug) DO NOTHING RETURNING {_COLUMNS}",
+            tenant.slug,
+            tenant.display_name,
+            tenant.status or tenants_pb2.TENANT_STATUS_ACTIVE,
+            tenant.plan,
+            metadata,
+            timeout=deadline_timeout(context),
+        )
+        if row is None:
+            raise already_exists(
+                "TENANT_ALREADY_EXISTS", f"tenant {tenant.slug!r} exists", domain=DOMAIN, slug=tenant.slug
+            )
+        return tenants_pb2.CreateTenantResponse(tenant=row_to_tenant(row))
+
+    async def GetTenant(
+        self, request: tenants_pb2.GetTenantRequest, context: Context
+    ) -> tenants_pb2.GetTenantResponse:
+        require_scope(ADMIN_SCOPE)
+        row = await self._find(request, context)
+        return tenants_pb2.GetTenantResponse(tenant=row_to_tenant(row))
+
+    async def ListTenants(
+        self, request: tenants_pb2.ListTenantsRequest, context: Context
+    ) -> tenants_pb2.ListTenantsResponse:
+        require_scope(ADMIN_SCOPE)
+        if not 0 <= request.page_size <= 1000:
+            raise invalid_argument([FieldViolation("page_size", "must be between 0 and 1000")], domain=DOMAIN)
+        size = request.page_size or 100
+        query = ["tenants.ListTenants", request.status]
+        after = decode_page_token(request.page_token, query, domain=DOMAIN) if request.page_token else ""
+        rows = await self._db.fetch(
+            f"SELECT {_COLUMNS} FROM tenants.tenants WHERE ($1 = 0 OR status = $1) AND slug > $2 "
+            "ORDER BY slug LIMIT $3",
+            request.status,
+            str(after),
+            size + 1,
+            timeout=deadline_timeout(context),
+        )
+        response = tenants_pb2.ListTenantsResponse(tenants=[row_to_tenant(r) for r in rows[:size]])
+        if len(rows) > size:
+            response.next_page_token = encode_page_token(query, rows[size - 1]["slug"])
+        return response
+
+    async def UpdateTenant(
+        self, request: tenants_pb2.UpdateTenantRequest, context: Context
+    ) -> tenants_pb2.UpdateTenantResponse:
+        require_scope(ADMIN_SCOPE)
+        errors: list[FieldViolation] = []
+        paths = list(request.update_mask.paths)
+        if not paths:
+            errors.append(FieldViolation("update_mask", f"name the fields to change: {', '.join(_MUTABLE)}"))
+        for i, path in enumerate(paths):
+            if path not in _MUTABLE:
+                errors.append(
+                    FieldViolation(f"update_mask.paths[{i}]", f"must be one of {', '.join(_MUTABLE)}")
+                )
+        if "status" in paths and request.tenant.status == tenants_pb2.TENANT_STATUS_UNSPECIFIED:
+            errors.append(FieldViolation("tenant.status", "must be ACTIVE or SUSPENDED"))
+        metadata = _check_fields(request.tenant, "tenant.", errors)
+        if errors:
+            raise invalid_argument(errors, domain=DOMAIN)
+        by, name = _name_of(request.tenant.id, request.tenant.slug)
+        sets = ", ".join(
+            f"{p} = ${i + 3}" + ("::jsonb" if p == "metadata" else "") for i, p in enumerate(paths)
+        )
+        values = {
+            "display_name": request.tenant.display_name,
+            "status": request.tenant.status,
+            "plan": request.tenant.plan,
+            "metadata": metadata,
+        }
+        version = _version_of(request.etag)
+        row = await self._db.write_row(
+            f"UPDATE tenants.tenants SET {sets}, version = version + 1, updated_at = now() "
+            f"WHERE {by} = $1 AND ($2::bigint IS NULL OR version = $2) RETURNING {_COLUMNS}",
+            name,
+            version,
+            *(values[p] for p in paths),
+            timeout=deadline_timeout(context),
+        )
+        if row is None:
+            await self._find_by(by, name, context)  # NOT_FOUND if absent
+            raise aborted("ETAG_MISMATCH", "the tenant changed since that etag", domain=DOMAIN)
+        return tenants_pb2.UpdateTenantResponse(tenant=row_to_tenant(row))
+
+    async def DeleteTenant(
+        self, request: tenants_pb2.DeleteTenantRequest, context: Context
+    ) -> tenants_pb2.DeleteTenantResponse:
+        require_scope(ADMIN_SCOPE)
+        row = await self._find(request, context)
+        if request.etag and request.etag != f"v{row['version']}":
+            raise aborted("ETAG_MISMATCH", "the tenant changed since that etag", domain=DOMAIN)
+        slug = row["slug"]
+        remaining = await self._purge.count(slug, timeout=deadline_timeout(context))
+        if any(remaining.values()) and not request.cascade:
+            raise StrataError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "TENANT_NOT_EMPTY",
+                "the tenant still owns data; delete it first or set cascade",
+                domain=DOMAIN,
+                metadata={name: str(count) for name, count in remaining.items()},
+            )
+        removed = await self._purge.purge(slug, timeout=deadline_timeout(context))
+        await self._db.write_row(
+            "DELETE FROM tenants.tenants WHERE id = $1 RETURNING id",
+            row["id"],
+            timeout=deadline_timeout(context),
+        )
+        return tenants_pb2.DeleteTenantResponse(
+            records_deleted=removed["records"],
+            kv_keys_deleted=removed["kv_keys"],
+            api_keys_deleted=removed["api_keys"],
+        )
+
+    async def _find(
+        self, request: tenants_pb2.GetTenantRequest | tenants_pb2.DeleteTenantRequest, context: Context
+    ) -> asyncpg.Record:
+        which = request.WhichOneof("name")
+        if which is None:
+            raise invalid_argument([FieldViolation("id", "set id or slug")], domain=DOMAIN)
+        by, name = _name_of(request.id if which == "id" else "", request.slug if which == "slug" else "")
+        return await self._find_by(by, name, context)
+
+    async def _find_by(self, by: str, name: str, context: Context) -> asyncpg.Record:
+        row = await self._db.fetchrow(
+            f"SELECT {_COLUMNS} FROM tenants.tenants WHERE {by} = $1", name, timeout=deadline_timeout(context)
+        )
+        if row is None:
+            raise not_found("TENANT_NOT_FOUND", "no such tenant", domain=DOMAIN, **{by: name})
+        return row
+
+
+def _name_of(tenant_id: str, slug: str) -> tuple[str, Any]:
+    """("id", UUID) or ("slug", slug); INVALID_ARGUMENT for neither or a malformed one."""
+    if tenant_id:
+        try:
+            return "id", str(uuid.UUID(tenant_id))
+        except ValueError:
+            raise invalid_argument([FieldViolation("id", "is not a UUID")], domain=DOMAIN) from None
+    if TENANT_SLUG_RE.fullmatch(slug):
+        return "slug", slug
+    raise invalid_argument([FieldViolation("slug", "set a tenant id or a valid slug")], domain=DOMAIN)
+
+
+def _version_of(etag: str) -> int | None:
+    if not etag:
+        return None
+    if not (etag.startswith("v") and etag[1:].isdigit()):
+        raise invalid_argument([FieldViolation("etag", "is not an etag of this API")], domain=DOMAIN)
+    return int(etag[1:])
+
+
+def _check_fields(tenant: tenants_pb2.Tenant, prefix: str, errors: list[FieldViolation]) -> str:
+    """Validate the mutable fields; the metadata as JSON text."""
+    if len(tenant.display_name) > 200:
+        errors.append(FieldViolation(f"{prefix}display_name", "must be at most 200 characters"))
+    if len(tenant.plan) > 64:
+        errors.append(FieldViolation(f"{prefix}plan", "must be at most 64 characters"))
+    if tenant.status not in (0, tenants_pb2.TENANT_STATUS_ACTIVE, tenants_pb2.TENANT_STATUS_SUSPENDED):
+        errors.append(FieldViolation(f"{prefix}status", "is not a TenantStatus"))
+    metadata = json.dumps(json_format.MessageToDict(tenant.metadata))
+    if len(metadata) > _MAX_METADATA:
+        errors.append(FieldViolation(f"{prefix}metadata", f"must be at most {_MAX_METADATA} bytes as JSON"))
+    if "\\u0000" in metadata:
+        errors.append(FieldViolation(f"{prefix}metadata", "must not contain NUL characters"))
+    return metadata
