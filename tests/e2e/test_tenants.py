@@ -1,0 +1,569 @@
+"""TenantService and RecordService through the real gateway and processes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import asyncpg
+import grpc
+import pytest
+from google.protobuf import field_mask_pb2, json_format, struct_pb2
+from strata.common.v1 import filter_pb2
+from strata.kv.v1 import kv_pb2
+from strata.tenants.v1 import tenants_pb2, tenants_pb2_grpc
+
+from tests.e2e.conftest import bearer
+from tests.helpers import error_info, field_violations
+
+pytestmark = pytest.mark.e2e
+
+Status = tenants_pb2.TenantStatus
+
+
+def struct(value: dict) -> struct_pb2.Struct:
+    data = struct_pb2.Struct()
+    data.update(value)
+    return data
+
+
+def cond(path: str, op: str, value=None, values=None) -> filter_pb2.Filter:
+    condition = filter_pb2.Condition(path=path, op=filter_pb2.Operator.Value(op))
+    if value is not None:
+        condition.value.CopyFrom(json_format.ParseDict(value, struct_pb2.Value()))
+    for v in values or ():
+        condition.values.append(json_format.ParseDict(v, struct_pb2.Value()))
+    return filter_pb2.Filter(condition=condition)
+
+
+@pytest.fixture(scope="session")
+def gw_records(gateway_channel) -> tenants_pb2_grpc.RecordServiceStub:
+    return tenants_pb2_grpc.RecordServiceStub(gateway_channel)
+
+
+@pytest.fixture
+def slug() -> str:
+    return f"t-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+async def writer(make_key, slug) -> tuple[tuple[str, str], ...]:
+    """Metadata of a key with tenants:read and tenants:write for a fresh tenant."""
+    api_key, _ = await make_key(slug, "tenants:read", "tenants:write", "kv:read", "kv:write")
+    return bearer(api_key)
+
+
+# -- the registry -------------------------------------------------------------
+
+
+async def test_create_get_and_list_tenants(gw_tenants, admin_metadata, slug):
+    created = (
+        await gw_tenants.CreateTenant(
+            tenants_pb2.CreateTenantRequest(
+                tenant=tenants_pb2.Tenant(
+                    slug=slug, display_name="Acme", plan="pro", metadata=struct({"region": "eu"})
+                )
+            ),
+            metadata=admin_metadata,
+        )
+    ).tenant
+    assert created.status == Status.TENANT_STATUS_ACTIVE and created.etag and uuid.UUID(created.id)
+    by_id = await gw_tenants.GetTenant(tenants_pb2.GetTenantRequest(id=created.id), metadata=admin_metadata)
+    by_slug = await gw_tenants.GetTenant(tenants_pb2.GetTenantRequest(slug=slug), metadata=admin_metadata)
+    assert by_id.tenant == by_slug.tenant == created
+    assert json_format.MessageToDict(created.metadata) == {"region": "eu"}
+    seen, token = [], ""
+    while True:
+        page = await gw_tenants.ListTenants(
+            tenants_pb2.ListTenantsRequest(page_size=2, page_token=token), metadata=admin_metadata
+        )
+        seen.extend(t.slug for t in page.tenants)
+        token = page.next_page_token
+        if not token:
+            break
+    assert slug in seen and seen == sorted(seen) and len(seen) == len(set(seen))
+
+
+async def test_a_taken_slug_is_already_exists(gw_tenants, admin_metadata, slug):
+    request = tenants_pb2.CreateTenantRequest(tenant=tenants_pb2.Tenant(slug=slug))
+    await gw_tenants.CreateTenant(request, metadata=admin_metadata)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gw_tenants.CreateTenant(request, metadata=admin_metadata)
+    assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+@pytest.mark.parametrize(
+    "bad", ["", "UPPER", "-dash", "a b", "x" * 64, "é", "a'; DROP TABLE tenants.tenants; --"]
+)
+async def test_bad_slugs_are_invalid_argument(gw_tenants, admin_metadata, bad):
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gw_tenants.CreateTenant(
+            tenants_pb2.CreateTenantRequest(tenant=tenants_pb2.Tenant(slug=bad)), metadata=admin_metadata
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "tenant.slug" in field_violations(caught.value)
+
+
+async def test_update_changes_only_masked_fields_and_checks_the_etag(gw_tenants, admin_metadata, slug):
+    created = (
+        await gw_tenants.CreateTenant(
+            tenants_pb2.CreateTenantRequest(
+                tenant=tenants_pb2.Tenant(slug=slug, display_name="Old", plan="free")
+            ),
+            metadata=admin_metadata,
+        )
+    ).tenant
+    updated = (
+        await gw_tenants.UpdateTenant(
+            tenants_pb2.UpdateTenantRequest(
+                tenant=tenants_pb2.Tenant(slug=slug, display_name="New", plan="ignored"),
+                update_mask=field_mask_pb2.FieldMask(paths=["display_name"]),
+                etag=created.etag,
+            ),
+            metadata=admin_metadata,
+        )
+    ).tenant
+    assert (updated.display_name, updated.plan) == ("New", "free") and updated.etag != created.etag
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gw_tenants.UpdateTenant(
+            tenants_pb2.UpdateTenantRequest(
+                tenant=tenants_pb2.Tenant(slug=slug, plan="pro"),
+                update_mask=field_mask_pb2.FieldMask(paths=["plan"]),
+                etag=created.etag,
+            ),
+            metadata=admin_metadata,
+        )
+    assert caught.value.code() == grpc.StatusCode.ABORTED
+    assert error_info(caught.value).reason == "ETAG_MISMATCH"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gw_tenants.UpdateTenant(
+            tenants_pb2.UpdateTenantRequest(
+                tenant=tenants_pb2.Tenant(slug=slug), update_mask=field_mask_pb2.FieldMask(paths=["slug"])
+            ),
+            metadata=admin_metadata,
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_tenant_calls_need_the_admin_scope(gw_tenants, writer):
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gw_tenants.ListTenants(tenants_pb2.ListTenantsRequest(), metadata=writer)
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_a_suspended_tenants_keys_are_refused_until_it_is_active_again(
+    gw_tenants, gw_records, admin_metadata, writer, slug
+):
+    request = tenants_pb2.ListRecordsRequest(collection="c")
+    await gw_records.ListRecords(request, metadata=writer)
+
+    async def set_status(status: int) -> None:
+        await gw_tenants.UpdateTenant(
+            tenants_pb2.UpdateTenantRequest(
+                tenant=tenants_pb2.Tenant(slug=slug, status=status),
+                update_mask=field_mask_pb2.FieldMask(paths=["status"]),
+            ),
+            metadata=admin_metadata,
+        )
+
+    async def wait_for(code: grpc.StatusCode | None) -> None:
+        deadline = time.monotonic() + 3
+        while True:
+            try:
+                await gw_records.ListRecords(request, metadata=writer)
+                got = None
+            except grpc.aio.AioRpcError as exc:
+                got = exc.code()
+                if code is not None:
+                    assert error_info(exc).reason == "TENANT_SUSPENDED"
+            if got == code:
+                return
+            assert time.monotonic() < deadline, f"still {got} after 3 s"
+            await asyncio.sleep(0.1)
+
+    await set_status(Status.TENANT_STATUS_SUSPENDED)
+    await wait_for(grpc.StatusCode.PERMISSION_DENIED)
+    await set_status(Status.TENANT_STATUS_ACTIVE)
+    await wait_for(None)
+
+
+async def test_deleting_a_tenant_with_data_needs_cascade_which_removes_everything(
+    gw_tenants, gw_records, gw_kv, admin_metadata, writer, slug, settings
+):
+    await gw_records.CreateRecord(
+        tenants_pb2.CreateRecordRequest(
+            record=tenants_pb2.Record(collection="c", id="r1", data=struct({"a": 1}))
+        ),
+        metadata=writer,
+    )
+    await gw_kv.Put(kv_pb2.PutRequest(namespace="ns", key="k", value=b"v"), metadata=writer)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gw_tenants.DeleteTenant(tenants_pb2.DeleteTenantRequest(slug=slug), metadata=admin_metadata)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    info = error_info(caught.value)
+    assert info.reason == "TENANT_NOT_EMPTY"
+    assert (info.metadata["records"], info.metadata["kv_keys"], info.metadata["api_keys"]) == ("1", "1", "1")
+    gone = await gw_tenants.DeleteTenant(
+        tenants_pb2.DeleteTenantRequest(slug=slug, cascade=True), metadata=admin_metadata
+    )
+    assert (gone.records_deleted, gone.kv_keys_deleted, gone.api_keys_deleted) == (1, 1, 1)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gw_tenants.GetTenant(tenants_pb2.GetTenantRequest(slug=slug), metadata=admin_metadata)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    await asyncio.sleep(1.2)  # the gateway's key cache
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gw_kv.Get(kv_pb2.GetRequest(namespace="ns", key="k"), metadata=writer)
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    owner = await asyncpg.connect(settings.migrate_database_url)
+    try:
+        assert await owner.fetchval("SELECT count(*) FROM tenants.records WHERE tenant = $1", slug) == 0
+        assert await owner.fetchval("SELECT count(*) FROM kv.entries WHERE tenant = $1", slug) == 0
+    finally:
+        await owner.close()
+
+
+# -- records ------------------------------------------------------------------
+
+
+async def create(
+    gw_records, metadata, collection: str, data: dict, record_id: str = "", request_id: str = ""
+):
+    response = await gw_records.CreateRecord(
+        tenants_pb2.CreateRecordRequest(
+            record=tenants_pb2.Record(collection=collection, id=record_id, data=struct(data)),
+            request_id=request_id,
+        ),
+        metadata=metadata,
+    )
+    return response.record
+
+
+async def test_record_crud_with_revisions_and_etags(gw_records, writer):
+    made = await create(gw_records, writer, "docs", {"title": "a", "n": 1}, "doc-1")
+    assert (made.revision, made.etag) == (1, "r1")
+    got = (
+        await gw_records.GetRecord(
+            tenants_pb2.GetRecordRequest(collection="docs", id="doc-1"), metadata=writer
+        )
+    ).record
+    assert json_format.MessageToDict(got.data) == {"title": "a", "n": 1}
+    replaced = (
+        await gw_records.UpdateRecord(
+            tenants_pb2.UpdateRecordRequest(
+                record=tenants_pb2.Record(collection="docs", id="doc-1", data=struct({"title": "b"})),
+                etag=made.etag,
+            ),
+            metadata=writer,
+        )
+    ).record
+    assert json_format.MessageToDict(replaced.data) == {"title": "b"} and replaced.revision == 2
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gw_records.UpdateRecord(
+            tenants_pb2.UpdateRecordRequest(
+                record=tenants_pb2.Record(collection="docs", id="doc-1", data=struct({})), etag=made.etag
+            ),
+            metadata=writer,
+        )
+    assert caught.value.code() == grpc.StatusCode.ABORTED
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gw_records.DeleteRecord(
+            tenants_pb2.DeleteRecordRequest(collection="docs", id="doc-1", etag="r1"), metadata=writer
+        )
+    assert caught.value.code() == grpc.StatusCode.ABORTED
+    deleted = await gw_records.DeleteRecord(
+        tenants_pb2.DeleteRecordRequest(collection="docs", id="doc-1", etag=replaced.etag), metadata=writer
+    )
+    assert deleted.record.id == "doc-1"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gw_records.GetRecord(
+            tenants_pb2.GetRecordRequest(collection="docs", id="doc-1"), metadata=writer
+        )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert error_info(caught.value).reason == "RECORD_NOT_FOUND"
+
+
+async def test_update_with_a_mask_changes_only_those_paths(gw_records, writer):
+    await create(gw_records, writer, "docs", {"a": {"b": 1, "c": 2}, "d": 3, "e": 4}, "m1")
+    updated = (
+        await gw_records.UpdateRecord(
+            tenants_pb2.UpdateRecordRequest(
+                record=tenants_pb2.Record(collection="docs", id="m1", data=struct({"a": {"b": 10}, "d": 99})),
+                update_mask=field_mask_pb2.FieldMask(paths=["data.a.b", "data.e"]),
+            ),
+            metadata=writer,
+        )
+    ).record
+    assert json_format.MessageToDict(updated.data) == {"a": {"b": 10, "c": 2}, "d": 3}
+
+
+async def test_a_duplicate_id_is_already_exists_but_a_retried_request_id_is_idempotent(gw_records, writer):
+    first = await create(gw_records, writer, "docs", {"x": 1}, request_id="req-1")
+    again = await create(gw_records, writer, "docs", {"x": 1}, request_id="req-1")
+    assert again.id == first.id and again.revision == 1
+    await create(gw_records, writer, "docs", {}, "fixed")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await create(gw_records, writer, "docs", {}, "fixed")
+    assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert error_info(caught.value).reason == "RECORD_ALREADY_EXISTS"
+
+
+async def test_batch_get_returns_found_in_order_and_lists_missing(gw_records, writer):
+    for i in range(3):
+        await create(gw_records, writer, "docs", {"i": i}, f"b{i}")
+    response = await gw_records.BatchGetRecords(
+        tenants_pb2.BatchGetRecordsRequest(collection="docs", ids=["b2", "nope", "b0"]), metadata=writer
+    )
+    assert [r.id for r in response.records] == ["b2", "b0"] and list(response.missing_ids) == ["nope"]
+
+
+async def test_list_filters_orders_and_pages(gw_records, writer):
+    for i in range(12):
+        data = {"score": i, "kind": "even" if i % 2 == 0 else "odd", "tags": ["t"] if i % 3 == 0 else []}
+        if i == 5:
+            del data["score"]
+        await create(gw_records, writer, "scores", data, f"s{i:02d}")
+    request = tenants_pb2.ListRecordsRequest(
+        collection="scores",
+        filter=filter_pb2.Filter(
+            all_of=filter_pb2.FilterList(
+                filters=[cond("kind", "OPERATOR_EQ", "even"), cond("score", "OPERATOR_GTE", 2)]
+            )
+        ),
+        order_by="data.score",
+        descending=True,
+        page_size=2,
+        include_total_size=True,
+    )
+    seen = []
+    while True:
+        page = await gw_records.ListRecords(request, metadata=writer)
+        assert page.total_size == 5
+        seen.extend(r.id for r in page.records)
+        if not page.next_page_token:
+            break
+        request.page_token = page.next_page_token
+    assert seen == ["s10", "s08", "s06", "s04", "s02"]
+    everything = await gw_records.ListRecords(
+        tenants_pb2.ListRecordsRequest(collection="scores", order_by="data.score", page_size=5),
+        metadata=writer,
+    )
+    walked, token = [], ""
+    while True:
+        page = await gw_records.ListRecords(
+            tenants_pb2.ListRecordsRequest(
+                collection="scores", order_by="data.score", page_size=5, page_token=token
+            ),
+            metadata=writer,
+        )
+        walked.extend(r.id for r in page.records)
+        token = page.next_page_token
+        if not token:
+            break
+    assert walked[-1] == "s05", "a record without the sort key sorts last"
+    assert walked[:3] == [r.id for r in everything.records][:3] == ["s00", "s01", "s02"]
+    assert len(walked) == 12
+
+
+async def test_every_filter_operator_works_through_the_gateway(gw_records, writer):
+    docs = {
+        "f1": {"name": "alpha", "n": 1, "tags": ["x", "y"], "nested": {"ok": True}},
+        "f2": {"name": "beta", "n": 2.5, "tags": ["y"], "empty": None},
+        "f3": {"name": "alphabet", "n": 3, "tags": []},
+    }
+    for record_id, data in docs.items():
+        await create(gw_records, writer, "ops", data, record_id)
+    cases = [
+        (cond("name", "OPERATOR_EQ", "beta"), ["f2"]),
+        (cond("name", "OPERATOR_NE", "beta"), ["f1", "f3"]),
+        (cond("n", "OPERATOR_LT", 2.5), ["f1"]),
+        (cond("n", "OPERATOR_LTE", 2.5), ["f1", "f2"]),
+        (cond("n", "OPERATOR_GT", 1), ["f2", "f3"]),
+        (cond("n", "OPERATOR_GTE", 3), ["f3"]),
+        (cond("name", "OPERATOR_IN", values=["alpha", "beta", "zeta"]), ["f1", "f2"]),
+        (cond("tags", "OPERATOR_CONTAINS", "y"), ["f1", "f2"]),
+        (cond("name", "OPERATOR_CONTAINS", "phab"), ["f3"]),
+        (cond("empty", "OPERATOR_EXISTS", True), ["f2"]),
+        (cond("nested.ok", "OPERATOR_EXISTS", False), ["f2", "f3"]),
+        (cond("name", "OPERATOR_PREFIX", "alpha"), ["f1", "f3"]),
+        (
+            filter_pb2.Filter(
+                any_of=filter_pb2.FilterList(
+                    filters=[cond("n", "OPERATOR_EQ", 1), cond("n", "OPERATOR_EQ", 3)]
+                )
+            ),
+            ["f1", "f3"],
+        ),
+        (
+            filter_pb2.Filter(
+                none_of=filter_pb2.FilterList(filters=[cond("name", "OPERATOR_PREFIX", "alpha")])
+            ),
+            ["f2"],
+        ),
+    ]
+    for filter_, expected in cases:
+        page = await gw_records.ListRecords(
+            tenants_pb2.ListRecordsRequest(collection="ops", filter=filter_, order_by="id"), metadata=writer
+        )
+        assert [r.id for r in page.records] == expected, filter_
+
+
+async def test_another_tenant_sees_nothing_by_id_filter_or_page_token(gw_records, writer, make_key):
+    for i in range(3):
+        await create(gw_records, writer, "private", {"secret": i}, f"p{i}")
+    other_key, _ = await make_key(f"t-{uuid.uuid4().hex[:10]}", "tenants:read", "tenants:write")
+    other = bearer(other_key)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gw_records.GetRecord(
+            tenants_pb2.GetRecordRequest(collection="private", id="p0"), metadata=other
+        )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    page = await gw_records.ListRecords(
+        tenants_pb2.ListRecordsRequest(
+            collection="private", filter=cond("secret", "OPERATOR_GTE", 0), include_total_size=True
+        ),
+        metadata=other,
+    )
+    assert list(page.records) == [] and page.total_size == 0
+    mine = await gw_records.ListRecords(
+        tenants_pb2.ListRecordsRequest(collection="private", page_size=1), metadata=writer
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gw_records.ListRecords(
+            tenants_pb2.ListRecordsRequest(
+                collection="private", page_size=1, page_token=mine.next_page_token
+            ),
+            metadata=other,
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gw_records.DeleteRecord(
+            tenants_pb2.DeleteRecordRequest(collection="private", id="p0"), metadata=other
+        )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    still = await gw_records.GetRecord(
+        tenants_pb2.GetRecordRequest(collection="private", id="p0"), metadata=writer
+    )
+    assert json_format.MessageToDict(still.record.data) == {"secret": 0}
+
+
+async def test_a_token_with_a_changed_filter_is_rejected(gw_records, writer):
+    for i in range(3):
+        await create(gw_records, writer, "tok", {"i": i}, f"k{i}")
+    page = await gw_records.ListRecords(
+        tenants_pb2.ListRecordsRequest(collection="tok", page_size=1), metadata=writer
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gw_records.ListRecords(
+            tenants_pb2.ListRecordsRequest(
+                collection="tok",
+                page_size=1,
+                page_token=page.next_page_token,
+                filter=cond("i", "OPERATOR_GT", 0),
+            ),
+            metadata=writer,
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "page_token" in field_violations(caught.value)
+
+
+def nested(depth: int) -> filter_pb2.Filter:
+    node = cond("a", "OPERATOR_EQ", 1)
+    for _ in range(depth):
+        node = filter_pb2.Filter(all_of=filter_pb2.FilterList(filters=[node]))
+    return node
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        cond("name", "OPERATOR_EQ", "'; DROP TABLE tenants.records; --"),
+        cond("name", "OPERATOR_PREFIX", "%_\\"),
+        cond("name", "OPERATOR_EQ", "$1"),
+    ],
+)
+async def test_hostile_filter_values_are_plain_data(gw_records, writer, hostile):
+    await create(gw_records, writer, "hostile", {"name": "ok"}, "h1")
+    page = await gw_records.ListRecords(
+        tenants_pb2.ListRecordsRequest(collection="hostile", filter=hostile), metadata=writer
+    )
+    assert list(page.records) == []
+    assert (
+        await gw_records.GetRecord(
+            tenants_pb2.GetRecordRequest(collection="hostile", id="h1"), metadata=writer
+        )
+    ).record.id == "h1"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        nested(9),
+        cond("name", "OPERATOR_EQ", "nul\x00byte"),
+        cond("name", "OPERATOR_IN", values=list(range(1001))),
+        cond("a b", "OPERATOR_EQ", 1),
+        cond("name", "OPERATOR_UNSPECIFIED", 1),
+        cond("name", "OPERATOR_PREFIX", 5),
+    ],
+)
+async def test_malformed_filters_are_invalid_argument(gw_records, writer, bad):
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gw_records.ListRecords(
+            tenants_pb2.ListRecordsRequest(collection="x", filter=bad), metadata=writer
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert any(field.startswith("filter") for field in field_violations(caught.value))
+
+
+async def test_oversized_and_nul_documents_are_rejected_and_not_written(gw_records, writer):
+    for data, record_id in (({"blob": "x" * (1024 * 1024)}, "big"), ({"s": "a\x00b"}, "nul")):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await create(gw_records, writer, "limits", data, record_id)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    page = await gw_records.ListRecords(
+        tenants_pb2.ListRecordsRequest(collection="limits", include_total_size=True), metadata=writer
+    )
+    assert page.total_size == 0
+
+
+@pytest.mark.parametrize(
+    ("collection", "record_id"), [("", "x"), ("a b", "x"), ("ok", "a/b"), ("ok", "x" * 129)]
+)
+async def test_bad_names_are_invalid_argument(gw_records, writer, collection, record_id):
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gw_records.GetRecord(
+            tenants_pb2.GetRecordRequest(collection=collection, id=record_id), metadata=writer
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_pagination_under_concurrent_inserts_neither_skips_nor_repeats(gw_records, writer):
+    for i in range(0, 60, 2):
+        await create(gw_records, writer, "busy", {"n": i}, f"r{i:03d}")
+    stop = asyncio.Event()
+
+    async def inserter() -> None:
+        i = 1
+        while not stop.is_set() and i < 60:
+            await create(gw_records, writer, "busy", {"n": i}, f"r{i:03d}")
+            i += 2
+
+    task = asyncio.create_task(inserter())
+    seen, token = [], ""
+    try:
+        while True:
+            page = await gw_records.ListRecords(
+                tenants_pb2.ListRecordsRequest(
+                    collection="busy", order_by="id", page_size=4, page_token=token
+                ),
+                metadata=writer,
+            )
+            seen.extend(r.id for r in page.records)
+            token = page.next_page_token
+            if not token:
+                break
+    finally:
+        stop.set()
+        await task
+    assert len(seen) == len(set(seen))
+    assert {f"r{i:03d}" for i in range(0, 60, 2)} <= set(seen)
