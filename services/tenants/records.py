@@ -19,7 +19,7 @@ import grpc
 from google.protobuf import json_format, struct_pb2
 from strata.tenants.v1 import tenants_pb2
 
-from services.tenants.registry import DOMAIN
+from services.tenants.registry import COLLECTION_RE, DOMAIN
 from shared.db import Database, deadline_timeout
 from shared.errors import FieldViolation, aborted, already_exists, invalid_argument, not_found
 from shared.filters import SqlParams, compile_filter, json_path_sql, validate_path
@@ -31,7 +31,6 @@ __all__ = ["RecordServicer"]
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 READ, WRITE = "tenants:read", "tenants:write"
-_COLLECTION_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 _MAX_DATA = 1024 * 1024
 _MAX_BATCH = 1000
@@ -285,7 +284,7 @@ def _record_not_found(record_id: str) -> Exception:
 
 
 def _check_collection(value: str, field: str, errors: list[FieldViolation]) -> None:
-    if not _COLLECTION_RE.fullmatch(value):
+    if not COLLECTION_RE.fullmatch(value):
         errors.append(FieldViolation(field, "must be 1-64 characters of [A-Za-z0-9_-]"))
 
 

@@ -15,15 +15,17 @@ from strata.tenants.v1 import tenants_pb2
 from services.tenants.purge import TenantPurge
 from shared.db import Database, deadline_timeout
 from shared.errors import FieldViolation, StrataError, aborted, already_exists, invalid_argument, not_found
+from shared.filters import validate_path
 from shared.identity import ADMIN_SCOPE, require_scope
 from shared.pagetoken import decode_page_token, encode_page_token
 from shared.timestamps import to_timestamp
 
-__all__ = ["DOMAIN", "TENANT_SLUG_RE", "TenantServicer"]
+__all__ = ["COLLECTION_RE", "DOMAIN", "TENANT_SLUG_RE", "TenantServicer"]
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 DOMAIN = "strata.tenants.v1"
 TENANT_SLUG_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+COLLECTION_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _MUTABLE = ("display_name", "status", "plan", "metadata")
 _MAX_METADATA = 64 * 1024
 _COLUMNS = "id, slug, display_name, status, plan, metadata, version, created_at, updated_at"
@@ -182,6 +184,53 @@ class TenantServicer:
             records_deleted=removed["records"],
             kv_keys_deleted=removed["kv_keys"],
             api_keys_deleted=removed["api_keys"],
+        )
+
+    async def DeclareIndex(
+        self, request: tenants_pb2.DeclareIndexRequest, context: Context
+    ) -> tenants_pb2.DeclareIndexResponse:
+        require_scope(ADMIN_SCOPE)
+        errors: list[FieldViolation] = []
+        if not COLLECTION_RE.fullmatch(request.index.collection):
+            errors.append(FieldViolation("index.collection", "must be 1-64 characters of [A-Za-z0-9_-]"))
+        validate_path(request.index.path, "index.path", errors)
+        if errors:
+            raise invalid_argument(errors, domain=DOMAIN)
+        row = await self._db.write_row(
+            "SELECT * FROM tenants.declare_index($1, $2)",
+            request.index.collection,
+            request.index.path,
+            timeout=max(deadline_timeout(context), 5.0),
+        )
+        assert row is not None
+        index = tenants_pb2.RecordIndex(
+            collection=request.index.collection,
+            path=request.index.path,
+            name=row["r_name"],
+            create_time=to_timestamp(row["r_created_at"]),
+        )
+        return tenants_pb2.DeclareIndexResponse(index=index, created=row["r_created"])
+
+    async def ListIndexes(
+        self, request: tenants_pb2.ListIndexesRequest, context: Context
+    ) -> tenants_pb2.ListIndexesResponse:
+        require_scope(ADMIN_SCOPE)
+        rows = await self._db.fetch(
+            "SELECT collection, path, name, created_at FROM tenants.record_indexes "
+            "WHERE $1 = '' OR collection = $1 ORDER BY collection, path",
+            request.collection,
+            timeout=deadline_timeout(context),
+        )
+        return tenants_pb2.ListIndexesResponse(
+            indexes=[
+                tenants_pb2.RecordIndex(
+                    collection=r["collection"],
+                    path=r["path"],
+                    name=r["name"],
+                    create_time=to_timestamp(r["created_at"]),
+                )
+                for r in rows
+            ]
         )
 
     async def _find(
