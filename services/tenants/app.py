@@ -7,6 +7,7 @@ from strata.tenants.v1 import tenants_pb2
 from services.tenants.purge import TenantPurge
 from services.tenants.records import RecordServicer
 from services.tenants.registry import TenantServicer
+from shared.cache import RevisionedCache, open_redis
 from shared.db import Database
 from shared.server import StrataServer, run_service
 from shared.settings import Settings, require_internal_secret
@@ -26,16 +27,25 @@ async def build_tenants_server(settings: Settings) -> StrataServer:
         slow_query_ms=settings.slow_query_ms,
         application_name="strata-tenants",
     )
+    cache = RevisionedCache(
+        open_redis(settings.redis_url),
+        prefix="records",
+        local_entries=settings.cache_local_entries,
+        ttl_s=settings.cache_ttl_s,
+    )
+    cache.start()
     purge = TenantPurge(
         db,
+        cache,
         settings.upstreams_of("kv")[0],
         settings.upstreams_of("admin")[0],
         require_internal_secret(settings),
     )
     server = StrataServer(settings, "tenants")
     server.add_servicer(TenantServicer(db, purge), TENANT_SERVICE)
-    server.add_servicer(RecordServicer(db), RECORD_SERVICE)
+    server.add_servicer(RecordServicer(db, cache), RECORD_SERVICE)
     server.after_drain(purge.close)
+    server.after_drain(cache.close)
     server.after_drain(db.close)
     return server
 

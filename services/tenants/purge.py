@@ -12,6 +12,8 @@ import grpc
 from strata.admin.v1 import admin_pb2, admin_pb2_grpc
 from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 
+from services.tenants.names import record_cache_key
+from shared.cache import CacheEntry, RevisionedCache
 from shared.db import Database
 from shared.identity import ADMIN_SCOPE, INTERNAL_SCOPE, Caller, sign_caller
 
@@ -25,8 +27,11 @@ _REVOKE_KEY = "/strata.admin.v1.AdminService/RevokeApiKey"
 class TenantPurge:
     """Counts and removes a tenant's records, KV keys and API keys."""
 
-    def __init__(self, db: Database, kv_address: str, admin_address: str, secret: bytes) -> None:
+    def __init__(
+        self, db: Database, cache: RevisionedCache, kv_address: str, admin_address: str, secret: bytes
+    ) -> None:
         self._db = db
+        self._cache = cache
         self._secret = secret
         self._kv = grpc.aio.insecure_channel(kv_address)
         self._admin = grpc.aio.insecure_channel(admin_address)
@@ -58,11 +63,19 @@ class TenantPurge:
             timeout=timeout,
         )
         async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
-            records = await conn.fetchval(
-                "WITH gone AS (DELETE FROM tenants.records RETURNING 1) SELECT count(*) FROM gone",
+            gone = await conn.fetch(
+                "DELETE FROM tenants.records "
+                "RETURNING collection, id, nextval('tenants.record_versions') AS version",
                 timeout=timeout,
             )
-        return {"records": int(records), "kv_keys": int(kv.deleted), "api_keys": api_keys}
+        # Tombstones, so no cache anywhere serves a purged record (nor a late fill brings one back).
+        await self._cache.record_writes(
+            [
+                (record_cache_key(tenant, row["collection"], row["id"]), CacheEntry(row["version"], None))
+                for row in gone
+            ]
+        )
+        return {"records": len(gone), "kv_keys": int(kv.deleted), "api_keys": api_keys}
 
     async def _revoke_keys(self, tenant: str, timeout: float) -> int:
         admin = admin_pb2_grpc.AdminServiceStub(self._admin)

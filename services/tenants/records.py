@@ -19,7 +19,8 @@ import grpc
 from google.protobuf import json_format, struct_pb2
 from strata.tenants.v1 import tenants_pb2
 
-from services.tenants.registry import COLLECTION_RE, DOMAIN
+from services.tenants.names import COLLECTION_RE, DOMAIN, record_cache_key
+from shared.cache import CacheEntry, RevisionedCache
 from shared.db import Database, deadline_timeout
 from shared.errors import FieldViolation, aborted, already_exists, invalid_argument, not_found
 from shared.filters import SqlParams, compile_filter, json_path_sql, validate_path
@@ -27,14 +28,14 @@ from shared.identity import require_scope
 from shared.pagetoken import decode_page_token, encode_page_token
 from shared.timestamps import to_timestamp
 
-__all__ = ["RecordServicer"]
+__all__ = ["RecordServicer", "cache_entry"]
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 READ, WRITE = "tenants:read", "tenants:write"
 _ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 _MAX_DATA = 1024 * 1024
 _MAX_BATCH = 1000
-_COLUMNS = "collection, id, data, revision, created_at, updated_at"
+_COLUMNS = "collection, id, data, revision, created_at, updated_at, cache_version"
 _TIME_ORDERS = {"create_time": "created_at", "update_time": "updated_at"}
 
 
@@ -53,11 +54,22 @@ def row_to_record(row: asyncpg.Record) -> tenants_pb2.Record:
     )
 
 
-class RecordServicer:
-    """Serves RecordService from tenants.records."""
+def cache_entry(row: asyncpg.Record) -> CacheEntry:
+    """A record row as a cache entry, guarded by its cache_version."""
+    return CacheEntry(row["cache_version"], row_to_record(row).SerializeToString())
 
-    def __init__(self, db: Database) -> None:
+
+class RecordServicer:
+    """Serves RecordService from tenants.records, with GetRecord and BatchGetRecords cached.
+
+    Every write records its result (or a tombstone) in the cache after commit
+    and before answering, versioned by ``cache_version``, so a late fill can
+    never bring back an older record.
+    """
+
+    def __init__(self, db: Database, cache: RevisionedCache) -> None:
         self._db = db
+        self._cache = cache
 
     async def CreateRecord(
         self, request: tenants_pb2.CreateRecordRequest, context: Context
@@ -96,6 +108,9 @@ class RecordServicer:
             raise already_exists(
                 "RECORD_ALREADY_EXISTS", f"record {record_id!r} exists", domain=DOMAIN, id=record_id
             )
+        await self._cache.record_writes(
+            [(record_cache_key(tenant, row["collection"], row["id"]), cache_entry(row))]
+        )
         return tenants_pb2.CreateRecordResponse(record=row_to_record(row))
 
     async def GetRecord(
@@ -107,16 +122,21 @@ class RecordServicer:
         _check_id(request.id, "id", errors)
         _raise(errors)
         timeout = deadline_timeout(context)
-        async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
-            row = await conn.fetchrow(
-                f"SELECT {_COLUMNS} FROM tenants.records WHERE collection = $1 AND id = $2",
-                request.collection,
-                request.id,
-                timeout=timeout,
-            )
-        if row is None:
+
+        async def load() -> CacheEntry | None:
+            async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
+                row = await conn.fetchrow(
+                    f"SELECT {_COLUMNS} FROM tenants.records WHERE collection = $1 AND id = $2",
+                    request.collection,
+                    request.id,
+                    timeout=timeout,
+                )
+            return None if row is None else cache_entry(row)
+
+        entry = await self._cache.load(record_cache_key(tenant, request.collection, request.id), load)
+        if entry is None or entry.payload is None:
             raise _record_not_found(request.id)
-        return tenants_pb2.GetRecordResponse(record=row_to_record(row))
+        return tenants_pb2.GetRecordResponse(record=tenants_pb2.Record.FromString(entry.payload))
 
     async def BatchGetRecords(
         self, request: tenants_pb2.BatchGetRecordsRequest, context: Context
@@ -129,19 +149,33 @@ class RecordServicer:
         for i, record_id in enumerate(request.ids):
             _check_id(record_id, f"ids[{i}]", errors)
         _raise(errors)
-        timeout = deadline_timeout(context)
-        async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
-            rows = await conn.fetch(
-                f"SELECT {_COLUMNS} FROM tenants.records WHERE collection = $1 AND id = ANY($2::text[])",
-                request.collection,
-                list(request.ids),
-                timeout=timeout,
-            )
-        found = {row["id"]: row for row in rows}
         ids = list(dict.fromkeys(request.ids))
+        found: dict[str, tenants_pb2.Record | None] = {}
+        misses: list[str] = []
+        for record_id in ids:
+            entry = await self._cache.get(record_cache_key(tenant, request.collection, record_id))
+            if entry is None:
+                misses.append(record_id)
+            else:
+                found[record_id] = (
+                    None if entry.payload is None else tenants_pb2.Record.FromString(entry.payload)
+                )
+        if misses:
+            timeout = deadline_timeout(context)
+            async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
+                rows = await conn.fetch(
+                    f"SELECT {_COLUMNS} FROM tenants.records WHERE collection = $1 AND id = ANY($2::text[])",
+                    request.collection,
+                    misses,
+                    timeout=timeout,
+                )
+            for row in rows:
+                entry = cache_entry(row)
+                await self._cache.fill(record_cache_key(tenant, row["collection"], row["id"]), entry)
+                found[row["id"]] = row_to_record(row)
         return tenants_pb2.BatchGetRecordsResponse(
-            records=[row_to_record(found[i]) for i in ids if i in found],
-            missing_ids=[i for i in ids if i not in found],
+            records=[record for i in ids if (record := found.get(i)) is not None],
+            missing_ids=[i for i in ids if found.get(i) is None],
         )
 
     async def UpdateRecord(
@@ -172,7 +206,8 @@ class RecordServicer:
             text = _data_json_dict(data, "record.data", errors)
             _raise(errors)
             row = await conn.fetchrow(
-                f"UPDATE tenants.records SET data = $3::jsonb, revision = revision + 1, updated_at = now() "
+                "UPDATE tenants.records SET data = $3::jsonb, revision = revision + 1, updated_at = now(), "
+                "cache_version = nextval('tenants.record_versions') "
                 f"WHERE collection = $1 AND id = $2 RETURNING {_COLUMNS}",
                 record.collection,
                 record.id,
@@ -180,6 +215,9 @@ class RecordServicer:
                 timeout=timeout,
             )
         assert row is not None
+        await self._cache.record_writes(
+            [(record_cache_key(tenant, row["collection"], row["id"]), cache_entry(row))]
+        )
         return tenants_pb2.UpdateRecordResponse(record=row_to_record(row))
 
     async def DeleteRecord(
@@ -195,7 +233,8 @@ class RecordServicer:
         async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
             row = await conn.fetchrow(
                 f"DELETE FROM tenants.records WHERE collection = $1 AND id = $2 "
-                f"AND ($3::bigint IS NULL OR revision = $3) RETURNING {_COLUMNS}",
+                f"AND ($3::bigint IS NULL OR revision = $3) "
+                f"RETURNING {_COLUMNS}, nextval('tenants.record_versions') AS tombstone_version",
                 request.collection,
                 request.id,
                 revision,
@@ -211,6 +250,14 @@ class RecordServicer:
                 if exists:
                     raise aborted("ETAG_MISMATCH", "the record changed since that etag", domain=DOMAIN)
                 raise _record_not_found(request.id)
+        await self._cache.record_writes(
+            [
+                (
+                    record_cache_key(tenant, request.collection, request.id),
+                    CacheEntry(row["tombstone_version"], None),
+                )
+            ]
+        )
         return tenants_pb2.DeleteRecordResponse(record=row_to_record(row))
 
     async def ListRecords(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from typing import Any, TypeAlias
 
@@ -12,6 +11,7 @@ import grpc
 from google.protobuf import json_format, struct_pb2
 from strata.tenants.v1 import tenants_pb2
 
+from services.tenants.names import COLLECTION_RE, DOMAIN, TENANT_SLUG_RE
 from services.tenants.purge import TenantPurge
 from shared.db import Database, deadline_timeout
 from shared.errors import FieldViolation, StrataError, aborted, already_exists, invalid_argument, not_found
@@ -20,12 +20,9 @@ from shared.identity import ADMIN_SCOPE, require_scope
 from shared.pagetoken import decode_page_token, encode_page_token
 from shared.timestamps import to_timestamp
 
-__all__ = ["COLLECTION_RE", "DOMAIN", "TENANT_SLUG_RE", "TenantServicer"]
+__all__ = ["TenantServicer"]
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
-DOMAIN = "strata.tenants.v1"
-TENANT_SLUG_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
-COLLECTION_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _MUTABLE = ("display_name", "status", "plan", "metadata")
 _MAX_METADATA = 64 * 1024
 _COLUMNS = "id, slug, display_name, status, plan, metadata, version, created_at, updated_at"

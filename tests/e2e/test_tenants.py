@@ -567,3 +567,60 @@ async def test_pagination_under_concurrent_inserts_neither_skips_nor_repeats(gw_
         await task
     assert len(seen) == len(set(seen))
     assert {f"r{i:03d}" for i in range(0, 60, 2)} <= set(seen)
+
+
+async def test_reads_after_each_write_see_that_write_through_the_cache(gw_records, writer):
+    await create(gw_records, writer, "cached", {"v": 0}, "c1")
+    for i in range(1, 15):
+        await gw_records.UpdateRecord(
+            tenants_pb2.UpdateRecordRequest(
+                record=tenants_pb2.Record(collection="cached", id="c1", data=struct({"v": i}))
+            ),
+            metadata=writer,
+        )
+        got = await gw_records.GetRecord(
+            tenants_pb2.GetRecordRequest(collection="cached", id="c1"), metadata=writer
+        )
+        batch = await gw_records.BatchGetRecords(
+            tenants_pb2.BatchGetRecordsRequest(collection="cached", ids=["c1"]), metadata=writer
+        )
+        assert json_format.MessageToDict(got.record.data) == {"v": i} and got.record.revision == i + 1
+        assert json_format.MessageToDict(batch.records[0].data) == {"v": i}
+    await gw_records.DeleteRecord(
+        tenants_pb2.DeleteRecordRequest(collection="cached", id="c1"), metadata=writer
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gw_records.GetRecord(
+            tenants_pb2.GetRecordRequest(collection="cached", id="c1"), metadata=writer
+        )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    batch = await gw_records.BatchGetRecords(
+        tenants_pb2.BatchGetRecordsRequest(collection="cached", ids=["c1"]), metadata=writer
+    )
+    assert list(batch.missing_ids) == ["c1"]
+    # Re-created: revision starts again at 1, yet the cache's tombstone does not hide it.
+    again = await create(gw_records, writer, "cached", {"v": "again"}, "c1")
+    got = await gw_records.GetRecord(
+        tenants_pb2.GetRecordRequest(collection="cached", id="c1"), metadata=writer
+    )
+    assert got.record.revision == again.revision == 1
+    assert json_format.MessageToDict(got.record.data) == {"v": "again"}
+
+
+async def test_a_recreated_tenant_does_not_see_its_predecessors_cached_records(
+    gw_tenants, gw_records, admin_metadata, make_key, slug
+):
+    key, _ = await make_key(slug, "tenants:read", "tenants:write")
+    await create(gw_records, bearer(key), "c", {"old": True}, "r1")
+    await gw_records.GetRecord(
+        tenants_pb2.GetRecordRequest(collection="c", id="r1"), metadata=bearer(key)
+    )  # cached
+    await gw_tenants.DeleteTenant(
+        tenants_pb2.DeleteTenantRequest(slug=slug, cascade=True), metadata=admin_metadata
+    )
+    new_key, _ = await make_key(slug, "tenants:read", "tenants:write")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gw_records.GetRecord(
+            tenants_pb2.GetRecordRequest(collection="c", id="r1"), metadata=bearer(new_key)
+        )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
