@@ -28,6 +28,8 @@ from typing import cast
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from shared.settings import Settings
+
 __all__ = ["CacheEntry", "CacheStats", "RevisionedCache", "open_redis"]
 
 _log = logging.getLogger(__name__)
@@ -135,6 +137,18 @@ class RevisionedCache:
         self._listener: asyncio.Task[None] | None = None
         self._replayer: asyncio.Task[None] | None = None
         self.stats = CacheStats()
+
+    @classmethod
+    def for_service(cls, settings: Settings, prefix: str) -> RevisionedCache:
+        """A started cache on ``settings``' Redis with its size and TTL, keys under ``prefix``."""
+        cache = cls(
+            open_redis(settings.redis_url),
+            prefix=prefix,
+            local_entries=settings.cache_local_entries,
+            ttl_s=settings.cache_ttl_s,
+        )
+        cache.start()
+        return cache
 
     # -- lifecycle ---------------------------------------------------------
 

@@ -24,6 +24,7 @@ import asyncpg
 import grpc
 
 from shared.errors import StrataError, unavailable
+from shared.settings import Settings
 
 __all__ = ["CircuitBreaker", "Database", "deadline_timeout"]
 
@@ -133,6 +134,17 @@ class Database:
                     raise
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
+
+    @classmethod
+    async def for_service(cls, settings: Settings, service: str) -> Database:
+        """The pool a service process uses: ``settings``' database URL, pool sizes, slow-query threshold."""
+        return await cls.open(
+            settings.database_url,
+            min_size=settings.pool_min_size,
+            max_size=settings.pool_max_size,
+            slow_query_ms=settings.slow_query_ms,
+            application_name=f"strata-{service}",
+        )
 
     async def close(self) -> None:
         """Close every connection, waiting at most 5 s for ones in use."""

@@ -19,13 +19,7 @@ async def build_admin_server(settings: Settings) -> StrataServer:
     """A ready-to-start admin server on ``settings``' database."""
     if len(settings.key_pepper) < 16:
         raise ConfigError("STRATA_KEY_PEPPER must be set (16+ characters); API key hashes depend on it")
-    db = await Database.open(
-        settings.database_url,
-        min_size=1,
-        max_size=settings.pool_max_size,
-        slow_query_ms=settings.slow_query_ms,
-        application_name="strata-admin",
-    )
+    db = await Database.for_service(settings, "admin")
     server = StrataServer(settings, "admin")
     server.add_servicer(AdminServicer(ApiKeyStore(db), settings.key_pepper.encode()), SERVICE)
     server.after_drain(db.close)

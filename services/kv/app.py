@@ -9,7 +9,7 @@ from services.kv.revisions import RevisionFeed
 from services.kv.servicer import KvServicer
 from services.kv.store import KvStore
 from services.kv.sweeper import Sweeper
-from shared.cache import RevisionedCache, open_redis
+from shared.cache import RevisionedCache
 from shared.db import Database
 from shared.server import StrataServer, run_service
 from shared.settings import Settings
@@ -21,20 +21,8 @@ SERVICE = kv_pb2.DESCRIPTOR.services_by_name["KvService"]
 
 async def build_kv_server(settings: Settings) -> StrataServer:
     """A ready-to-start KV server on ``settings``' database and Redis."""
-    db = await Database.open(
-        settings.database_url,
-        min_size=settings.pool_min_size,
-        max_size=settings.pool_max_size,
-        slow_query_ms=settings.slow_query_ms,
-        application_name="strata-kv",
-    )
-    cache = RevisionedCache(
-        open_redis(settings.redis_url),
-        prefix="kv",
-        local_entries=settings.cache_local_entries,
-        ttl_s=settings.cache_ttl_s,
-    )
-    cache.start()
+    db = await Database.for_service(settings, "kv")
+    cache = RevisionedCache.for_service(settings, "kv")
     feed = RevisionFeed(settings.database_url)
     feed.start()
     store = KvStore(db)

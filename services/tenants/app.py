@@ -7,7 +7,7 @@ from strata.tenants.v1 import tenants_pb2
 from services.tenants.purge import TenantPurge
 from services.tenants.records import RecordServicer
 from services.tenants.registry import TenantServicer
-from shared.cache import RevisionedCache, open_redis
+from shared.cache import RevisionedCache
 from shared.db import Database
 from shared.server import StrataServer, run_service
 from shared.settings import Settings, require_internal_secret
@@ -20,20 +20,8 @@ RECORD_SERVICE = tenants_pb2.DESCRIPTOR.services_by_name["RecordService"]
 
 async def build_tenants_server(settings: Settings) -> StrataServer:
     """A ready-to-start tenants server on ``settings``' database."""
-    db = await Database.open(
-        settings.database_url,
-        min_size=settings.pool_min_size,
-        max_size=settings.pool_max_size,
-        slow_query_ms=settings.slow_query_ms,
-        application_name="strata-tenants",
-    )
-    cache = RevisionedCache(
-        open_redis(settings.redis_url),
-        prefix="records",
-        local_entries=settings.cache_local_entries,
-        ttl_s=settings.cache_ttl_s,
-    )
-    cache.start()
+    db = await Database.for_service(settings, "tenants")
+    cache = RevisionedCache.for_service(settings, "records")
     purge = TenantPurge(
         db,
         cache,
