@@ -108,12 +108,29 @@ class EmbeddedPostgres:
         )
         log.close()
         _wait_port("127.0.0.1", self.port, self._process, timeout, "postgres")
+        self._wait_ready(timeout)
         host = f"127.0.0.1:{self.port}"
         service_password = stored_secret(self._secrets, "pg-service-password")
         return PostgresUrls(
             owner=f"postgresql://{SUPERUSER}:{quote(owner_password)}@{host}/{DATABASE}",
             service=f"postgresql://{SERVICE_ROLE}:{quote(service_password)}@{host}/{DATABASE}",
         )
+
+    def _wait_ready(self, timeout: float) -> None:
+        # The port opens before recovery (after an unclean stop) ends; the
+        # postmaster writes "ready" into postmaster.pid once it accepts connections.
+        deadline = time.monotonic() + timeout
+        pid_file = self.pgdata / "postmaster.pid"
+        while time.monotonic() < deadline:
+            assert self._process is not None
+            if self._process.poll() is not None:
+                raise RuntimeError(f"postgres exited with code {self._process.returncode} while starting")
+            with contextlib.suppress(OSError):
+                lines = pid_file.read_text().splitlines()
+                if len(lines) >= 8 and lines[7].strip() == "ready":
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"postgres did not become ready within {timeout:.0f}s (see postgres.log)")
 
     def stop(self) -> None:
         """Fast shutdown (SIGINT), then wait for the postmaster to exit."""
