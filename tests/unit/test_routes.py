@@ -1,0 +1,57 @@
+"""The gateway's route table: every method routed, with the scope it needs."""
+
+from __future__ import annotations
+
+from gateway.routes import ROUTED_SERVICES, build_routes
+
+ROUTES = build_routes()
+
+
+def test_every_method_of_every_routed_service_has_a_route():
+    expected = {
+        f"/{service.full_name}/{method.name}"
+        for services in ROUTED_SERVICES.values()
+        for service in services
+        for method in service.methods
+    }
+    assert set(ROUTES) == expected
+
+
+def test_kv_reads_and_writes_need_their_scopes():
+    scopes = {
+        path.rsplit("/", 1)[1]: r.scope for path, r in ROUTES.items() if r.service == "strata.kv.v1.KvService"
+    }
+    assert {m for m, s in scopes.items() if s == "kv:read"} == {"Get", "BatchGet", "List", "Watch"}
+    assert {m for m, s in scopes.items() if s == "kv:write"} == {"Put", "BatchPut", "Delete"}
+    assert scopes["PurgeTenant"] == "internal"
+
+
+def test_records_reads_and_writes_need_their_scopes():
+    scopes = {r.method: r.scope for r in ROUTES.values() if r.service == "strata.tenants.v1.RecordService"}
+    assert {m for m, s in scopes.items() if s == "tenants:read"} == {
+        "GetRecord",
+        "BatchGetRecords",
+        "ListRecords",
+    }
+    assert {m for m, s in scopes.items() if s == "tenants:write"} == {
+        "CreateRecord",
+        "UpdateRecord",
+        "DeleteRecord",
+    }
+
+
+def test_operator_services_need_admin_and_key_checks_are_internal():
+    for route in ROUTES.values():
+        if route.service in ("strata.admin.v1.AdminService", "strata.tenants.v1.TenantService"):
+            expected = "internal" if route.method == "AuthenticateApiKey" else "admin"
+            assert route.scope == expected, route
+
+
+def test_watch_is_the_only_streaming_route():
+    assert [r.method for r in ROUTES.values() if r.server_streaming] == ["Watch"]
+
+
+def test_each_route_goes_to_the_upstream_that_serves_it():
+    for route in ROUTES.values():
+        services = {s.full_name for s in ROUTED_SERVICES[route.upstream]}
+        assert route.service in services
