@@ -12,6 +12,7 @@ from google.protobuf import descriptor
 from strata.admin.v1 import admin_pb2
 from strata.kv.v1 import kv_pb2
 from strata.tenants.v1 import tenants_pb2
+from strata.vector.v1 import vector_pb2
 
 from shared.identity import ADMIN_SCOPE, INTERNAL_SCOPE
 
@@ -24,11 +25,30 @@ ROUTED_SERVICES: dict[str, tuple[descriptor.ServiceDescriptor, ...]] = {
         tenants_pb2.DESCRIPTOR.services_by_name["TenantService"],
         tenants_pb2.DESCRIPTOR.services_by_name["RecordService"],
     ),
+    "vector": (vector_pb2.DESCRIPTOR.services_by_name["VectorService"],),
     "admin": (admin_pb2.DESCRIPTOR.services_by_name["AdminService"],),
 }
 
 # Methods that only read; every other method of a data service writes.
-_READS = frozenset({"Get", "BatchGet", "List", "Watch", "GetRecord", "BatchGetRecords", "ListRecords"})
+_READS = frozenset(
+    {
+        "Get",
+        "BatchGet",
+        "List",
+        "Watch",
+        "GetRecord",
+        "BatchGetRecords",
+        "ListRecords",
+        "GetCollection",
+        "ListCollections",
+        "GetPoints",
+        "CountPoints",
+        "ScrollPoints",
+        "Search",
+        "SearchBatch",
+        "HybridSearch",
+    }
+)
 # Services that only operators may call: every method needs the admin scope.
 _ADMIN_SERVICES = frozenset({"strata.admin.v1.AdminService", "strata.tenants.v1.TenantService"})
 # Methods no API key may call through the gateway.

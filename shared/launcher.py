@@ -36,6 +36,7 @@ __all__ = ["SERVICES", "ServiceProcess", "main"]
 SERVICES: dict[str, str] = {
     "kv": "services.kv",
     "tenants": "services.tenants",
+    "vector": "services.vector",
     "admin": "services.admin",
     "gateway": "gateway",  # last: it checks the others' health
 }

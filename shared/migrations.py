@@ -141,7 +141,7 @@ async def ensure_service_role(conn: asyncpg.Connection, service_url: str) -> Non
         await conn.execute(f"ALTER ROLE {quoted} PASSWORD {literal}")
     await conn.execute(f"GRANT {APP_ROLE} TO {quoted}")
     database = await conn.fetchval("SELECT quote_ident(current_database())")
-    await conn.execute(f"GRANT CONNECT ON DATABASE {database} TO {APP_ROLE}")
+    await conn.execute(f"GRANT CONNECT, TEMPORARY ON DATABASE {database} TO {APP_ROLE}")
 
 
 async def _ensure_app_role(conn: asyncpg.Connection) -> None:

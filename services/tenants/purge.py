@@ -1,6 +1,9 @@
 """Everything a tenant owns, counted and removed when the tenant is deleted.
 
-Records are deleted here (the tenants schema is ours). KV keys and API keys
+Records are deleted here (the tenants schema is ours), and so are vector
+collections, in the same tenant transaction, since they are plain rows under
+the same row-level security (their per-collection indexes are dropped by the
+vector schema's own SECURITY DEFINER function). KV keys and API keys
 belong to other services, so they are removed through those services' RPCs,
 which keep their own promises (KV delete events and cache tombstones; key
 revocation). Counting reads the other schemas directly: reads only.
@@ -68,6 +71,11 @@ class TenantPurge:
                 "RETURNING collection, id, nextval('tenants.record_versions') AS version",
                 timeout=timeout,
             )
+            # Vector collections (RLS: only this tenant's), their indexes first.
+            doomed = await conn.fetch("SELECT id FROM vector.collections", timeout=timeout)
+            for collection in doomed:
+                await conn.execute("SELECT vector.drop_index($1)", collection["id"], timeout=timeout)
+            await conn.execute("DELETE FROM vector.collections", timeout=timeout)
         # Tombstones, so no cache anywhere serves a purged record (nor a late fill brings one back).
         await self._cache.record_writes(
             [
@@ -75,7 +83,12 @@ class TenantPurge:
                 for row in gone
             ]
         )
-        return {"records": len(gone), "kv_keys": int(kv.deleted), "api_keys": api_keys}
+        return {
+            "records": len(gone),
+            "kv_keys": int(kv.deleted),
+            "api_keys": api_keys,
+            "vector_collections": len(doomed),
+        }
 
     async def _revoke_keys(self, tenant: str, timeout: float) -> int:
         admin = admin_pb2_grpc.AdminServiceStub(self._admin)

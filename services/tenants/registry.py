@@ -181,6 +181,7 @@ class TenantServicer:
             records_deleted=removed["records"],
             kv_keys_deleted=removed["kv_keys"],
             api_keys_deleted=removed["api_keys"],
+            vector_collections_deleted=removed["vector_collections"],
         )
 
     async def DeclareIndex(

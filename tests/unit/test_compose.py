@@ -75,7 +75,7 @@ def test_only_the_gateway_publishes_a_port():
 
 def test_start_order_follows_dependencies():
     assert STRATA["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
-    for name in ("kv", "tenants", "admin"):
+    for name in ("kv", "tenants", "vector", "admin"):
         assert STRATA[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     for name in ("postgres", "redis"):
         assert "healthcheck" in CONTAINERS[name]

@@ -47,6 +47,13 @@ def test_operator_services_need_admin_and_key_checks_are_internal():
             assert route.scope == expected, route
 
 
+def test_vector_reads_and_writes_need_their_scopes():
+    scopes = {r.method: r.scope for r in ROUTES.values() if r.service == "strata.vector.v1.VectorService"}
+    writes = {"CreateCollection", "DeleteCollection", "UpsertPoints", "DeletePoints"}
+    assert {m for m, s in scopes.items() if s == "vector:write"} == writes
+    assert all(s == "vector:read" for m, s in scopes.items() if m not in writes)
+
+
 def test_watch_is_the_only_streaming_route():
     assert [r.method for r in ROUTES.values() if r.server_streaming] == ["Watch"]
 

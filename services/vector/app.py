@@ -1,0 +1,28 @@
+"""Wires the vector service into the shared server bootstrap."""
+
+from __future__ import annotations
+
+from strata.vector.v1 import vector_pb2
+
+from services.vector.servicer import VectorServicer
+from shared.db import Database
+from shared.server import StrataServer, run_service
+from shared.settings import Settings
+
+__all__ = ["build_vector_server", "main"]
+
+SERVICE = vector_pb2.DESCRIPTOR.services_by_name["VectorService"]
+
+
+async def build_vector_server(settings: Settings) -> StrataServer:
+    """A ready-to-start vector server on ``settings``' database."""
+    db = await Database.for_service(settings, "vector")
+    server = StrataServer(settings, "vector")
+    server.add_servicer(VectorServicer(db), SERVICE)
+    server.after_drain(db.close)
+    return server
+
+
+def main() -> None:
+    """Entry point of the vector process."""
+    run_service("vector", build_vector_server)

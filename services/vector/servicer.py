@@ -1,0 +1,595 @@
+"""``strata.vector.v1.VectorService``: pgvector collections and top-k search per tenant.
+
+Every statement runs in :meth:`Database.tenant_transaction`, so row-level
+security keeps tenants apart. Distances use the collection's operator on
+``embedding::vector(<dimension>)``, the expression its partial index is built
+on, so the planner can use the index.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+import asyncpg
+import grpc
+from google.protobuf import json_format, struct_pb2
+from strata.vector.v1 import vector_pb2
+
+from shared.db import Database, deadline_timeout
+from shared.errors import FieldViolation, already_exists, invalid_argument, not_found
+from shared.filters import SqlParams, compile_filter
+from shared.identity import require_scope
+from shared.pagetoken import decode_page_token, encode_page_token
+from shared.timestamps import to_timestamp
+
+__all__ = ["VectorServicer"]
+
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+DOMAIN = "strata.vector.v1"
+READ, WRITE = "vector:read", "vector:write"
+_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+_MAX_BATCH = 1000
+_MAX_SEARCHES = 100
+_MAX_INDEXED_DIMENSION = 2000
+_MAX_PAYLOAD = 64 * 1024
+_OPERATOR: dict[int, str] = {
+    vector_pb2.METRIC_COSINE: "<=>",
+    vector_pb2.METRIC_L2: "<->",
+    vector_pb2.METRIC_INNER_PRODUCT: "<#>",
+}
+_NO_INDEX, _HNSW, _IVFFLAT = 0, 1, 2
+
+
+@dataclass(frozen=True, slots=True)
+class _Collection:
+    id: int
+    name: str
+    dimension: int
+    metric: int
+    index_kind: int
+
+    def distance(self, query: str) -> str:
+        """SQL for the distance between each point and the query placeholder ``query``."""
+        cast = f"::vector({self.dimension})"
+        return f"(embedding{cast} {_OPERATOR[self.metric]} {query}{cast})"
+
+    def score(self, distance: float) -> float:
+        """Higher-is-closer score from a pgvector distance."""
+        if self.metric == vector_pb2.METRIC_COSINE:
+            return 1.0 - distance
+        return -distance  # L2: negative distance; inner product: <#> is the negative dot product
+
+
+def _raise(errors: list[FieldViolation]) -> None:
+    if errors:
+        raise invalid_argument(errors, domain=DOMAIN)
+
+
+def _vector_text(
+    vector: vector_pb2.Vector, dimension: int | None, field: str, errors: list[FieldViolation]
+) -> str:
+    values = vector.values
+    if not values:
+        errors.append(FieldViolation(field, "required"))
+        return ""
+    if dimension is not None and len(values) != dimension:
+        errors.append(
+            FieldViolation(field, f"has {len(values)} values; the collection's dimension is {dimension}")
+        )
+        return ""
+    if not all(math.isfinite(v) for v in values):
+        errors.append(FieldViolation(field, "must hold finite numbers only (no NaN or infinity)"))
+        return ""
+    return "[" + ",".join(repr(float(v)) for v in values) + "]"
+
+
+def _payload_json(payload: struct_pb2.Struct, field: str, errors: list[FieldViolation]) -> str:
+    text = json.dumps(json_format.MessageToDict(payload), separators=(",", ":"), ensure_ascii=False)
+    if len(text.encode()) > _MAX_PAYLOAD:
+        errors.append(FieldViolation(field, f"must be at most {_MAX_PAYLOAD} bytes as JSON"))
+    if "\x00" in text or "\\u0000" in text:
+        errors.append(FieldViolation(field, "must not contain NUL characters"))
+    return text
+
+
+def _parse_vector(text: str) -> vector_pb2.Vector:
+    return vector_pb2.Vector(values=[float(v) for v in text.strip("[]").split(",")] if text != "[]" else [])
+
+
+def _point(row: asyncpg.Record, with_vectors: bool, with_payload: bool) -> vector_pb2.Point:
+    point = vector_pb2.Point(id=row["id"])
+    if with_vectors:
+        point.vector.CopyFrom(_parse_vector(row["embedding"]))
+    if with_payload:
+        point.payload.update(json.loads(row["payload"]))
+        point.text = row["text"]
+    return point
+
+
+def _columns(with_vectors: bool, with_payload: bool) -> str:
+    columns = ["id"]
+    if with_vectors:
+        columns.append("embedding::text AS embedding")
+    if with_payload:
+        columns += ["payload", "text"]
+    return ", ".join(columns)
+
+
+class VectorServicer:
+    """Serves VectorService from the vector schema."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    # -- collections -------------------------------------------------------
+
+    async def CreateCollection(
+        self, request: vector_pb2.CreateCollectionRequest, context: Context
+    ) -> vector_pb2.CreateCollectionResponse:
+        tenant = require_scope(WRITE).tenant
+        spec = request.collection
+        errors: list[FieldViolation] = []
+        if not _NAME_RE.fullmatch(spec.name):
+            errors.append(FieldViolation("collection.name", "must be 1-64 characters of [A-Za-z0-9_-]"))
+        if spec.metric not in _OPERATOR:
+            errors.append(FieldViolation("collection.metric", "must be COSINE, L2 or INNER_PRODUCT"))
+        kind = {"hnsw": _HNSW, "ivfflat": _IVFFLAT, "none": _NO_INDEX}.get(
+            spec.WhichOneof("index") or "hnsw", _HNSW
+        )
+        limit = _MAX_INDEXED_DIMENSION if kind != _NO_INDEX else 16000
+        if not 1 <= spec.dimension <= limit:
+            errors.append(
+                FieldViolation("collection.dimension", f"must be between 1 and {limit} for this index")
+            )
+        m = spec.hnsw.m or 16
+        ef = spec.hnsw.ef_construction or 64
+        lists = spec.ivfflat.lists or 100
+        if kind == _HNSW and not (2 <= m <= 100 and 4 <= ef <= 1000 and ef >= 2 * m):
+            errors.append(
+                FieldViolation("collection.hnsw", "m must be 2-100, ef_construction 4-1000 and >= 2*m")
+            )
+        if kind == _IVFFLAT and not 1 <= lists <= 32768:
+            errors.append(FieldViolation("collection.ivfflat.lists", "must be between 1 and 32768"))
+        _raise(errors)
+        timeout = max(deadline_timeout(context), 5.0)
+        async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
+            row = await conn.fetchrow(
+                "INSERT INTO vector.collections "
+                "(tenant, name, dimension, metric, index_kind, hnsw_m, hnsw_ef_construction, ivfflat_lists) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING RETURNING *",
+                tenant,
+                spec.name,
+                spec.dimension,
+                spec.metric,
+                kind,
+                m,
+                ef,
+                lists,
+                timeout=timeout,
+            )
+            if row is None:
+                raise already_exists(
+                    "COLLECTION_ALREADY_EXISTS",
+                    f"collection {spec.name!r} exists",
+                    domain=DOMAIN,
+                    name=spec.name,
+                )
+            await conn.execute("SELECT vector.build_index($1)", row["id"], timeout=timeout)
+        return vector_pb2.CreateCollectionResponse(collection=_describe(row, 0))
+
+    async def GetCollection(
+        self, request: vector_pb2.GetCollectionRequest, context: Context
+    ) -> vector_pb2.GetCollectionResponse:
+        tenant = require_scope(READ).tenant
+        timeout = deadline_timeout(context)
+        async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
+            row = await self._collection_row(conn, request.name, "name", timeout)
+            count = await conn.fetchval(
+                "SELECT count(*) FROM vector.points WHERE collection_id = $1", row["id"], timeout=timeout
+            )
+        return vector_pb2.GetCollectionResponse(collection=_describe(row, int(count)))
+
+    async def ListCollections(
+        self, request: vector_pb2.ListCollectionsRequest, context: Context
+    ) -> vector_pb2.ListCollectionsResponse:
+        tenant = require_scope(READ).tenant
+        if not 0 <= request.page_size <= 1000:
+            _raise([FieldViolation("page_size", "must be between 0 and 1000")])
+        size = request.page_size or 100
+        query = ["vector.ListCollections", tenant]
+        after = decode_page_token(request.page_token, query, domain=DOMAIN) if request.page_token else ""
+        timeout = deadline_timeout(context)
+        async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
+            rows = await conn.fetch(
+                "SELECT * FROM vector.collections WHERE name > $1 ORDER BY name LIMIT $2",
+                str(after),
+                size + 1,
+                timeout=timeout,
+            )
+        response = vector_pb2.ListCollectionsResponse(collections=[_describe(r, 0) for r in rows[:size]])
+        if len(rows) > size:
+            response.next_page_token = encode_page_token(query, rows[size - 1]["name"])
+        return response
+
+    async def DeleteCollection(
+        self, request: vector_pb2.DeleteCollectionRequest, context: Context
+    ) -> vector_pb2.DeleteCollectionResponse:
+        tenant = require_scope(WRITE).tenant
+        timeout = max(deadline_timeout(context), 5.0)
+        async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
+            row = await self._collection_row(conn, request.name, "name", timeout)
+            count = await conn.fetchval(
+                "SELECT count(*) FROM vector.points WHERE collection_id = $1", row["id"], timeout=timeout
+            )
+            await conn.execute("SELECT vector.drop_index($1)", row["id"], timeout=timeout)
+            await conn.execute("DELETE FROM vector.collections WHERE id = $1", row["id"], timeout=timeout)
+        return vector_pb2.DeleteCollectionResponse(points_deleted=int(count))
+
+    # -- points ------------------------------------------------------------
+
+    async def UpsertPoints(
+        self, request: vector_pb2.UpsertPointsRequest, context: Context
+    ) -> vector_pb2.UpsertPointsResponse:
+        tenant = require_scope(WRITE).tenant
+        errors: list[FieldViolation] = []
+        if not 0 < len(request.points) <= _MAX_BATCH:
+            errors.append(FieldViolation("points", f"must hold 1 to {_MAX_BATCH} points"))
+        _raise(errors)
+        timeout = max(deadline_timeout(context), 5.0)
+        async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
+            collection = await self._collection(conn, request.collection, timeout)
+            rows: list[tuple[str, str, str, str]] = []
+            seen: set[str] = set()
+            for i, point in enumerate(request.points):
+                if not _ID_RE.fullmatch(point.id):
+                    errors.append(
+                        FieldViolation(f"points[{i}].id", "must be 1-128 characters of [A-Za-z0-9_.:-]")
+                    )
+                elif point.id in seen:
+                    errors.append(FieldViolation(f"points[{i}].id", "appears more than once"))
+                seen.add(point.id)
+                vector = _vector_text(point.vector, collection.dimension, f"points[{i}].vector", errors)
+                payload = _payload_json(point.payload, f"points[{i}].payload", errors)
+                if len(point.text.encode()) > _MAX_PAYLOAD or "\x00" in point.text:
+                    errors.append(FieldViolation(f"points[{i}].text", "must be at most 64 KiB without NUL"))
+                rows.append((point.id, vector, payload, point.text))
+                if len(errors) >= 20:
+                    break
+            _raise(errors)
+            # COPY into a staging table, then one INSERT … ON CONFLICT: the fast path for batches.
+            await conn.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS upsert_points "
+                "(id text, embedding text, payload text, text text) ON COMMIT DELETE ROWS",
+                timeout=timeout,
+            )
+            await conn.copy_records_to_table("upsert_points", records=rows, timeout=timeout)
+            status = await conn.execute(
+                f"INSERT INTO vector.points (collection_id, tenant, id, embedding, payload, text) "
+                f"SELECT $1, $2, id, embedding::vector({collection.dimension}), payload::jsonb, text "
+                f"FROM upsert_points "
+                f"ON CONFLICT (collection_id, id) DO UPDATE SET "
+                f"embedding = excluded.embedding, payload = excluded.payload, text = excluded.text",
+                collection.id,
+                tenant,
+                timeout=timeout,
+            )
+        return vector_pb2.UpsertPointsResponse(upserted=int(status.split()[-1]))
+
+    async def GetPoints(
+        self, request: vector_pb2.GetPointsRequest, context: Context
+    ) -> vector_pb2.GetPointsResponse:
+        tenant = require_scope(READ).tenant
+        errors: list[FieldViolation] = []
+        if not 0 < len(request.ids) <= _MAX_BATCH:
+            errors.append(FieldViolation("ids", f"must hold 1 to {_MAX_BATCH} ids"))
+        _raise(errors)
+        timeout = deadline_timeout(context)
+        async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
+            collection = await self._collection(conn, request.collection, timeout)
+            rows = await conn.fetch(
+                f"SELECT {_columns(request.with_vectors, request.with_payload)} FROM vector.points "
+                "WHERE collection_id = $1 AND id = ANY($2::text[])",
+                collection.id,
+                list(request.ids),
+                timeout=timeout,
+            )
+        found = {r["id"]: r for r in rows}
+        ids = list(dict.fromkeys(request.ids))
+        return vector_pb2.GetPointsResponse(
+            points=[_point(found[i], request.with_vectors, request.with_payload) for i in ids if i in found],
+            missing_ids=[i for i in ids if i not in found],
+        )
+
+    async def DeletePoints(
+        self, request: vector_pb2.DeletePointsRequest, context: Context
+    ) -> vector_pb2.DeletePointsResponse:
+        tenant = require_scope(WRITE).tenant
+        which = request.WhichOneof("selector")
+        if which is None:
+            _raise([FieldViolation("ids", "set ids or filter")])
+        if which == "ids" and not 0 < len(request.ids.ids) <= _MAX_BATCH:
+            _raise([FieldViolation("ids.ids", f"must hold 1 to {_MAX_BATCH} ids")])
+        timeout = deadline_timeout(context)
+        async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
+            collection = await self._collection(conn, request.collection, timeout)
+            params = SqlParams()
+            collection_id = params.add(collection.id)
+            if which == "ids":
+                condition = f"id = ANY({params.add(list(request.ids.ids))}::text[])"
+            else:
+                condition = compile_filter(request.filter, "payload", params)
+            status = await conn.execute(
+                f"DELETE FROM vector.points WHERE collection_id = {collection_id} AND {condition}",
+                *params.values,
+                timeout=timeout,
+            )
+        return vector_pb2.DeletePointsResponse(deleted=int(status.split()[-1]))
+
+    async def CountPoints(
+        self, request: vector_pb2.CountPointsRequest, context: Context
+    ) -> vector_pb2.CountPointsResponse:
+        tenant = require_scope(READ).tenant
+        timeout = deadline_timeout(context)
+        async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
+            collection = await self._collection(conn, request.collection, timeout)
+            params = SqlParams()
+            collection_id = params.add(collection.id)
+            where = compile_filter(request.filter if request.HasField("filter") else None, "payload", params)
+            count = await conn.fetchval(
+                f"SELECT count(*) FROM vector.points WHERE collection_id = {collection_id} AND {where}",
+                *params.values,
+                timeout=timeout,
+            )
+        return vector_pb2.CountPointsResponse(count=int(count))
+
+    async def ScrollPoints(
+        self, request: vector_pb2.ScrollPointsRequest, context: Context
+    ) -> vector_pb2.ScrollPointsResponse:
+        tenant = require_scope(READ).tenant
+        if not 0 <= request.page_size <= 1000:
+            _raise([FieldViolation("page_size", "must be between 0 and 1000")])
+        size = request.page_size or 100
+        query = [
+            "vector.ScrollPoints",
+            tenant,
+            request.collection,
+            request.filter.SerializeToString(deterministic=True).hex(),
+        ]
+        after = decode_page_token(request.page_token, query, domain=DOMAIN) if request.page_token else ""
+        timeout = deadline_timeout(context)
+        async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
+            collection = await self._collection(conn, request.collection, timeout)
+            params = SqlParams()
+            collection_id = params.add(collection.id)
+            where = compile_filter(request.filter if request.HasField("filter") else None, "payload", params)
+            rows = await conn.fetch(
+                f"SELECT {_columns(request.with_vectors, request.with_payload)} FROM vector.points "
+                f"WHERE collection_id = {collection_id} AND id > {params.add(str(after))} AND {where} "
+                f"ORDER BY id LIMIT {params.add(size + 1)}",
+                *params.values,
+                timeout=timeout,
+            )
+        response = vector_pb2.ScrollPointsResponse(
+            points=[_point(r, request.with_vectors, request.with_payload) for r in rows[:size]]
+        )
+        if len(rows) > size:
+            response.next_page_token = encode_page_token(query, rows[size - 1]["id"])
+        return response
+
+    # -- search ------------------------------------------------------------
+
+    async def Search(self, request: vector_pb2.SearchRequest, context: Context) -> vector_pb2.SearchResponse:
+        tenant = require_scope(READ).tenant
+        timeout = deadline_timeout(context)
+        async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
+            return await self._search(conn, request, "", timeout)
+
+    async def SearchBatch(
+        self, request: vector_pb2.SearchBatchRequest, context: Context
+    ) -> vector_pb2.SearchBatchResponse:
+        tenant = require_scope(READ).tenant
+        if not 0 < len(request.searches) <= _MAX_SEARCHES:
+            _raise([FieldViolation("searches", f"must hold 1 to {_MAX_SEARCHES} searches")])
+        timeout = deadline_timeout(context)
+        async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
+            results = [
+                await self._search(conn, search, f"searches[{i}].", timeout)
+                for i, search in enumerate(request.searches)
+            ]
+        return vector_pb2.SearchBatchResponse(results=results)
+
+    async def HybridSearch(
+        self, request: vector_pb2.HybridSearchRequest, context: Context
+    ) -> vector_pb2.HybridSearchResponse:
+        tenant = require_scope(READ).tenant
+        errors: list[FieldViolation] = []
+        limit = _limit(request.limit, "limit", errors)
+        if not request.text.strip() or len(request.text) > 1000 or "\x00" in request.text:
+            errors.append(FieldViolation("text", "must be 1-1000 characters without NUL"))
+        candidates = request.candidates or 4 * limit
+        if not limit <= candidates <= 10_000:
+            errors.append(FieldViolation("candidates", "must be between limit and 10000"))
+        k = request.rrf_k or 60
+        if not 1 <= k <= 10_000:
+            errors.append(FieldViolation("rrf_k", "must be between 1 and 10000"))
+        _raise(errors)
+        timeout = deadline_timeout(context)
+        async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
+            collection = await self._collection(conn, request.collection, timeout)
+            vector = _vector_text(request.vector, collection.dimension, "vector", errors)
+            _raise(errors)
+            params = SqlParams()
+            collection_id = params.add(collection.id)
+            where = compile_filter(request.filter if request.HasField("filter") else None, "payload", params)
+            query = params.add(vector)
+            distance = collection.distance(query)
+            text = params.add(request.text)
+            columns = ", p.payload, p.text" if request.with_payload else ""
+            await _iterative_scan(conn, collection, max(candidates, 40), 0, timeout)
+            rows = await conn.fetch(
+                f"""
+                WITH by_vector AS MATERIALIZED (
+                    SELECT id, {distance} AS distance FROM vector.points
+                    WHERE collection_id = {collection_id} AND {where}
+                    ORDER BY {distance} LIMIT {params.add(candidates)}
+                ), by_text AS MATERIALIZED (
+                    SELECT id FROM vector.points
+                    WHERE collection_id = {collection_id} AND {where}
+                      AND tsv @@ plainto_tsquery('simple', {text})
+                    ORDER BY ts_rank(tsv, plainto_tsquery('simple', {text})) DESC, id
+                    LIMIT {params.add(candidates)}
+                ), ranked AS (
+                    SELECT id, row_number() OVER (ORDER BY distance, id) AS rank, distance FROM by_vector
+                    UNION ALL
+                    SELECT id, row_number() OVER (), NULL FROM by_text
+                ), fused AS (
+                    SELECT id, sum(1.0 / ({params.add(k)} + rank)) AS score, min(distance) AS distance
+                    FROM ranked GROUP BY id
+                )
+                SELECT f.id, f.score, coalesce(f.distance, 0) AS distance{columns}
+                FROM fused f JOIN vector.points p ON p.collection_id = {collection_id} AND p.id = f.id
+                ORDER BY f.score DESC, f.id LIMIT {params.add(limit)}
+                """,
+                *params.values,
+                timeout=timeout,
+            )
+        hits = []
+        for row in rows:
+            hit = vector_pb2.ScoredPoint(
+                id=row["id"], score=float(row["score"]), distance=float(row["distance"])
+            )
+            if request.with_payload:
+                hit.payload.update(json.loads(row["payload"]))
+                hit.text = row["text"]
+            hits.append(hit)
+        return vector_pb2.HybridSearchResponse(hits=hits)
+
+    async def _search(
+        self, conn: asyncpg.Connection, request: vector_pb2.SearchRequest, prefix: str, timeout: float
+    ) -> vector_pb2.SearchResponse:
+        errors: list[FieldViolation] = []
+        limit = _limit(request.limit, f"{prefix}limit", errors)
+        if not 0 <= request.ef_search <= 1000:
+            errors.append(FieldViolation(f"{prefix}ef_search", "must be between 0 and 1000"))
+        if not 0 <= request.probes <= 32768:
+            errors.append(FieldViolation(f"{prefix}probes", "must be between 0 and 32768"))
+        if request.HasField("score_threshold") and not math.isfinite(request.score_threshold):
+            errors.append(FieldViolation(f"{prefix}score_threshold", "must be a finite number"))
+        _raise(errors)
+        collection = await self._collection(conn, request.collection, timeout, f"{prefix}collection")
+        vector = _vector_text(request.vector, collection.dimension, f"{prefix}vector", errors)
+        _raise(errors)
+        params = SqlParams()
+        collection_id = params.add(collection.id)
+        where = compile_filter(
+            request.filter if request.HasField("filter") else None, "payload", params, field=f"{prefix}filter"
+        )
+        distance = collection.distance(params.add(vector))
+        columns = _columns(request.with_vectors, request.with_payload)
+        if request.exact or collection.index_kind == _NO_INDEX:
+            await conn.execute("SELECT set_config('enable_indexscan', 'off', true)", timeout=timeout)
+            await conn.execute("SELECT set_config('enable_bitmapscan', 'off', true)", timeout=timeout)
+        else:
+            await _iterative_scan(
+                conn, collection, request.ef_search or max(40, limit), request.probes, timeout
+            )
+        # relaxed_order iterative scans may return near-ties out of order: sort the few hits again.
+        rows = await conn.fetch(
+            f"WITH hits AS MATERIALIZED ("
+            f"SELECT {columns}, {distance} AS distance FROM vector.points "
+            f"WHERE collection_id = {collection_id} AND {where} "
+            f"ORDER BY {distance} LIMIT {params.add(limit)}"
+            f") SELECT * FROM hits ORDER BY distance, id",
+            *params.values,
+            timeout=timeout,
+        )
+        if request.exact or collection.index_kind == _NO_INDEX:
+            await conn.execute("SELECT set_config('enable_indexscan', 'on', true)", timeout=timeout)
+            await conn.execute("SELECT set_config('enable_bitmapscan', 'on', true)", timeout=timeout)
+        hits = []
+        for row in rows:
+            score = collection.score(float(row["distance"]))
+            if request.HasField("score_threshold") and score < request.score_threshold:
+                continue
+            point = _point(row, request.with_vectors, request.with_payload)
+            hits.append(
+                vector_pb2.ScoredPoint(
+                    id=point.id,
+                    score=score,
+                    distance=float(row["distance"]),
+                    vector=point.vector if request.with_vectors else None,
+                    payload=point.payload if request.with_payload else None,
+                    text=point.text,
+                )
+            )
+        return vector_pb2.SearchResponse(hits=hits)
+
+    # -- helpers -----------------------------------------------------------
+
+    async def _collection_row(
+        self, conn: asyncpg.Connection, name: str, field: str, timeout: float
+    ) -> asyncpg.Record:
+        if not _NAME_RE.fullmatch(name):
+            _raise([FieldViolation(field, "must be 1-64 characters of [A-Za-z0-9_-]")])
+        row = await conn.fetchrow("SELECT * FROM vector.collections WHERE name = $1", name, timeout=timeout)
+        if row is None:
+            raise not_found(
+                "COLLECTION_NOT_FOUND", f"collection {name!r} not found", domain=DOMAIN, name=name
+            )
+        return row
+
+    async def _collection(
+        self, conn: asyncpg.Connection, name: str, timeout: float, field: str = "collection"
+    ) -> _Collection:
+        row = await self._collection_row(conn, name, field, timeout)
+        return _Collection(row["id"], row["name"], row["dimension"], row["metric"], row["index_kind"])
+
+
+def _limit(value: int, field: str, errors: list[FieldViolation]) -> int:
+    if not 0 <= value <= 1000:
+        errors.append(FieldViolation(field, "must be between 0 and 1000"))
+    return value or 10
+
+
+async def _iterative_scan(
+    conn: asyncpg.Connection, collection: _Collection, ef_search: int, probes: int, timeout: float
+) -> None:
+    # Transaction-local: keep scanning the index until LIMIT rows pass the filter.
+    if collection.index_kind == _HNSW:
+        await conn.execute(
+            "SELECT set_config('hnsw.ef_search', $1, true), "
+            "set_config('hnsw.iterative_scan', 'relaxed_order', true)",
+            str(ef_search),
+            timeout=timeout,
+        )
+    elif collection.index_kind == _IVFFLAT:
+        await conn.execute(
+            "SELECT set_config('ivfflat.probes', $1, true), "
+            "set_config('ivfflat.iterative_scan', 'relaxed_order', true)",
+            str(probes or 10),
+            timeout=timeout,
+        )
+
+
+def _describe(row: asyncpg.Record, point_count: int) -> vector_pb2.Collection:
+    collection = vector_pb2.Collection(
+        name=row["name"],
+        dimension=row["dimension"],
+        metric=row["metric"],
+        create_time=to_timestamp(row["created_at"]),
+        point_count=point_count,
+    )
+    if row["index_kind"] == _HNSW:
+        collection.hnsw.CopyFrom(
+            vector_pb2.HnswIndex(m=row["hnsw_m"], ef_construction=row["hnsw_ef_construction"])
+        )
+    elif row["index_kind"] == _IVFFLAT:
+        collection.ivfflat.CopyFrom(vector_pb2.IvfflatIndex(lists=row["ivfflat_lists"]))
+    else:
+        collection.none.SetInParent()
+    return collection
