@@ -94,3 +94,18 @@ async def test_the_service_role_cannot_switch_security_off(settings):
         assert forced is True
     finally:
         await conn.close()
+
+
+@pytest.mark.parametrize("table", ["tenants.records", "vector.collections", "vector.points"])
+async def test_every_tenant_scoped_table_forces_row_level_security(settings, table):
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        forced = await conn.fetchval(
+            "SELECT relforcerowsecurity AND relrowsecurity FROM pg_class WHERE oid = $1::regclass", table
+        )
+        policies = await conn.fetchval(
+            "SELECT count(*) FROM pg_policies WHERE schemaname || '.' || tablename = $1", table
+        )
+        assert forced is True and policies == 1
+    finally:
+        await conn.close()
