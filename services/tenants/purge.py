@@ -44,7 +44,7 @@ class TenantPurge:
         await self._admin.close()
 
     async def count(self, tenant: str, *, timeout: float) -> dict[str, int]:
-        """What ``tenant`` still owns: records, kv_keys, api_keys (working ones)."""
+        """What ``tenant`` still owns: records, kv_keys, api_keys (working ones), vector_collections."""
         async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
             records = await conn.fetchval("SELECT count(*) FROM tenants.records", timeout=timeout)
             kv_keys = await conn.fetchval(
@@ -55,7 +55,13 @@ class TenantPurge:
                 tenant,
                 timeout=timeout,
             )
-        return {"records": int(records), "kv_keys": int(kv_keys), "api_keys": int(api_keys)}
+            collections = await conn.fetchval("SELECT count(*) FROM vector.collections", timeout=timeout)
+        return {
+            "records": int(records),
+            "kv_keys": int(kv_keys),
+            "api_keys": int(api_keys),
+            "vector_collections": int(collections),
+        }
 
     async def purge(self, tenant: str, *, timeout: float) -> dict[str, int]:
         """Remove all of it; how many of each went."""

@@ -22,6 +22,7 @@ from strata.tenants.v1 import tenants_pb2
 from services.tenants.names import COLLECTION_RE, DOMAIN, record_cache_key
 from shared.cache import CacheEntry, RevisionedCache
 from shared.db import Database, deadline_timeout
+from shared.documents import document_json
 from shared.errors import FieldViolation, aborted, already_exists, invalid_argument, not_found
 from shared.filters import SqlParams, compile_filter, json_path_sql, validate_path
 from shared.identity import require_scope
@@ -82,7 +83,7 @@ class RecordServicer:
             _check_id(record.id, "record.id", errors)
         if len(request.request_id) > 128:
             errors.append(FieldViolation("request_id", "must be at most 128 characters"))
-        data = _data_json(record.data, "record.data", errors)
+        data = document_json(record.data, "record.data", errors, max_bytes=_MAX_DATA)
         _raise(errors)
         record_id = record.id or str(uuid.uuid4())
         timeout = deadline_timeout(context)
@@ -203,7 +204,7 @@ class RecordServicer:
             if revision is not None and revision != current["revision"]:
                 raise aborted("ETAG_MISMATCH", "the record changed since that etag", domain=DOMAIN)
             data = incoming if paths is None else _apply_mask(json.loads(current["data"]), incoming, paths)
-            text = _data_json_dict(data, "record.data", errors)
+            text = document_json(data, "record.data", errors, max_bytes=_MAX_DATA)
             _raise(errors)
             row = await conn.fetchrow(
                 "UPDATE tenants.records SET data = $3::jsonb, revision = revision + 1, updated_at = now(), "
@@ -338,21 +339,6 @@ def _check_collection(value: str, field: str, errors: list[FieldViolation]) -> N
 def _check_id(value: str, field: str, errors: list[FieldViolation]) -> None:
     if not _ID_RE.fullmatch(value):
         errors.append(FieldViolation(field, "must be 1-128 characters of [A-Za-z0-9_.:-]"))
-
-
-def _data_json(data: struct_pb2.Struct, field: str, errors: list[FieldViolation]) -> str:
-    return _data_json_dict(json_format.MessageToDict(data), field, errors)
-
-
-def _data_json_dict(data: dict[str, Any], field: str, errors: list[FieldViolation]) -> str:
-    text = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
-    if len(text.encode()) > _MAX_DATA:
-        errors.append(FieldViolation(field, f"must be at most {_MAX_DATA} bytes as JSON"))
-    if "\x00" in text or "\\u0000" in text:
-        errors.append(
-            FieldViolation(field, "must not contain NUL characters (Postgres jsonb cannot store them)")
-        )
-    return text
 
 
 def _revision_of(etag: str, errors: list[FieldViolation]) -> int | None:

@@ -8,12 +8,13 @@ from typing import Any, TypeAlias
 
 import asyncpg
 import grpc
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 from strata.tenants.v1 import tenants_pb2
 
 from services.tenants.names import COLLECTION_RE, DOMAIN, TENANT_SLUG_RE
 from services.tenants.purge import TenantPurge
 from shared.db import Database, deadline_timeout
+from shared.documents import document_json
 from shared.errors import FieldViolation, StrataError, aborted, already_exists, invalid_argument, not_found
 from shared.filters import validate_path
 from shared.identity import ADMIN_SCOPE, require_scope
@@ -277,9 +278,4 @@ def _check_fields(tenant: tenants_pb2.Tenant, prefix: str, errors: list[FieldVio
         errors.append(FieldViolation(f"{prefix}plan", "must be at most 64 characters"))
     if tenant.status not in (0, tenants_pb2.TENANT_STATUS_ACTIVE, tenants_pb2.TENANT_STATUS_SUSPENDED):
         errors.append(FieldViolation(f"{prefix}status", "is not a TenantStatus"))
-    metadata = json.dumps(json_format.MessageToDict(tenant.metadata))
-    if len(metadata) > _MAX_METADATA:
-        errors.append(FieldViolation(f"{prefix}metadata", f"must be at most {_MAX_METADATA} bytes as JSON"))
-    if "\\u0000" in metadata:
-        errors.append(FieldViolation(f"{prefix}metadata", "must not contain NUL characters"))
-    return metadata
+    return document_json(tenant.metadata, f"{prefix}metadata", errors, max_bytes=_MAX_METADATA)

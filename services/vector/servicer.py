@@ -16,10 +16,10 @@ from typing import Any, TypeAlias
 
 import asyncpg
 import grpc
-from google.protobuf import json_format, struct_pb2
 from strata.vector.v1 import vector_pb2
 
 from shared.db import Database, deadline_timeout
+from shared.documents import document_json
 from shared.errors import FieldViolation, already_exists, invalid_argument, not_found
 from shared.filters import SqlParams, compile_filter
 from shared.identity import require_scope
@@ -86,15 +86,6 @@ def _vector_text(
         errors.append(FieldViolation(field, "must hold finite numbers only (no NaN or infinity)"))
         return ""
     return "[" + ",".join(repr(float(v)) for v in values) + "]"
-
-
-def _payload_json(payload: struct_pb2.Struct, field: str, errors: list[FieldViolation]) -> str:
-    text = json.dumps(json_format.MessageToDict(payload), separators=(",", ":"), ensure_ascii=False)
-    if len(text.encode()) > _MAX_PAYLOAD:
-        errors.append(FieldViolation(field, f"must be at most {_MAX_PAYLOAD} bytes as JSON"))
-    if "\x00" in text or "\\u0000" in text:
-        errors.append(FieldViolation(field, "must not contain NUL characters"))
-    return text
 
 
 def _parse_vector(text: str) -> vector_pb2.Vector:
@@ -223,12 +214,15 @@ class VectorServicer:
         timeout = max(deadline_timeout(context), 5.0)
         async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
             row = await self._collection_row(conn, request.name, "name", timeout)
-            count = await conn.fetchval(
-                "SELECT count(*) FROM vector.points WHERE collection_id = $1", row["id"], timeout=timeout
-            )
+            # DROP INDEX first: it takes the table's exclusive lock before this
+            # transaction holds any other lock on vector.points, so concurrent
+            # deletes queue instead of deadlocking.
             await conn.execute("SELECT vector.drop_index($1)", row["id"], timeout=timeout)
+            status = await conn.execute(
+                "DELETE FROM vector.points WHERE collection_id = $1", row["id"], timeout=timeout
+            )
             await conn.execute("DELETE FROM vector.collections WHERE id = $1", row["id"], timeout=timeout)
-        return vector_pb2.DeleteCollectionResponse(points_deleted=int(count))
+        return vector_pb2.DeleteCollectionResponse(points_deleted=int(status.split()[-1]))
 
     # -- points ------------------------------------------------------------
 
@@ -254,7 +248,7 @@ class VectorServicer:
                     errors.append(FieldViolation(f"points[{i}].id", "appears more than once"))
                 seen.add(point.id)
                 vector = _vector_text(point.vector, collection.dimension, f"points[{i}].vector", errors)
-                payload = _payload_json(point.payload, f"points[{i}].payload", errors)
+                payload = document_json(point.payload, f"points[{i}].payload", errors, max_bytes=_MAX_PAYLOAD)
                 if len(point.text.encode()) > _MAX_PAYLOAD or "\x00" in point.text:
                     errors.append(FieldViolation(f"points[{i}].text", "must be at most 64 KiB without NUL"))
                 rows.append((point.id, vector, payload, point.text))
@@ -559,7 +553,11 @@ def _limit(value: int, field: str, errors: list[FieldViolation]) -> int:
 async def _iterative_scan(
     conn: asyncpg.Connection, collection: _Collection, ef_search: int, probes: int, timeout: float
 ) -> None:
-    # Transaction-local: keep scanning the index until LIMIT rows pass the filter.
+    # Transaction-local. Custom plans: a generic plan cannot use a collection's
+    # partial index (its predicate names the collection id), and Postgres
+    # switches a prepared statement to one after a few executions.
+    await conn.execute("SELECT set_config('plan_cache_mode', 'force_custom_plan', true)", timeout=timeout)
+    # Keep scanning the index until LIMIT rows pass the filter.
     if collection.index_kind == _HNSW:
         await conn.execute(
             "SELECT set_config('hnsw.ef_search', $1, true), "
