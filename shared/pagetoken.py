@@ -17,8 +17,17 @@ from typing import Any
 
 from shared.errors import FieldViolation, invalid_argument
 
-__all__ = ["decode_page_token", "encode_page_token"]
+__all__ = [
+    "DEFAULT_PAGE_SIZE",
+    "MAX_PAGE_SIZE",
+    "decode_page_token",
+    "encode_page_token",
+    "page_cursor",
+    "page_size",
+]
 
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
 _VERSION = 1
 _SIGNATURE_BYTES = 12
 # Binds tokens to Strata rather than protecting a secret: anyone may read a
@@ -63,3 +72,15 @@ def decode_page_token(token: str, query: Sequence[Any], *, domain: str = "strata
             domain=domain,
         )
     return decoded.get("c")
+
+
+def page_size(value: int, errors: list[FieldViolation]) -> int:
+    """The page size for a request's ``page_size``: 0 means the default; out of range is a violation."""
+    if not 0 <= value <= MAX_PAGE_SIZE:
+        errors.append(FieldViolation("page_size", f"must be between 0 and {MAX_PAGE_SIZE}"))
+    return value or DEFAULT_PAGE_SIZE
+
+
+def page_cursor(token: str, query: Sequence[Any], first: Any, *, domain: str = "strata") -> Any:
+    """The cursor in ``token`` (see :func:`decode_page_token`), or ``first`` when there is no token."""
+    return decode_page_token(token, query, domain=domain) if token else first

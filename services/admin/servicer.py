@@ -13,7 +13,7 @@ from shared.apikeys import new_api_key, parse_api_key, secrets_match
 from shared.db import deadline_timeout
 from shared.errors import FieldViolation, StrataError, invalid_argument, not_found
 from shared.identity import ADMIN_SCOPE, INTERNAL_SCOPE, SCOPES, require_scope
-from shared.pagetoken import decode_page_token, encode_page_token
+from shared.pagetoken import encode_page_token, page_cursor, page_size
 
 __all__ = ["AdminServicer"]
 
@@ -21,7 +21,6 @@ Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 DOMAIN = "strata.admin.v1"
 TENANT_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _KEY_ID_RE = re.compile(r"[0-9a-f]{16}")
-_MAX_PAGE = 1000
 SUSPENDED = 2  # strata.tenants.v1.TenantStatus
 
 
@@ -80,13 +79,11 @@ class AdminServicer:
         errors: list[FieldViolation] = []
         if request.tenant and not TENANT_RE.fullmatch(request.tenant):
             errors.append(FieldViolation("tenant", "is not a tenant slug"))
-        if not 0 <= request.page_size <= _MAX_PAGE:
-            errors.append(FieldViolation("page_size", f"must be between 0 and {_MAX_PAGE}"))
+        size = page_size(request.page_size, errors)
         if errors:
             raise invalid_argument(errors, domain=DOMAIN)
-        size = request.page_size or 100
         query = ["admin.ListApiKeys", request.tenant, request.include_revoked]
-        after = decode_page_token(request.page_token, query, domain=DOMAIN) if request.page_token else ""
+        after = page_cursor(request.page_token, query, "", domain=DOMAIN)
         rows = await self._keys.page(
             request.tenant, request.include_revoked, str(after), size + 1, timeout=deadline_timeout(context)
         )

@@ -13,6 +13,7 @@ from google.protobuf import duration_pb2
 from strata.kv.v1 import kv_pb2
 
 from shared.errors import FieldViolation, StrataError, aborted, invalid_argument
+from shared.pagetoken import page_size
 from shared.settings import Settings
 
 __all__ = ["DOMAIN", "KeyRange", "Limits", "cache_key", "prefix_end", "raise_if", "revision_mismatch"]
@@ -21,8 +22,6 @@ DOMAIN = "strata.kv.v1"
 _NAMESPACE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
 _CONTENT_TYPE_RE = re.compile(r"[\x20-\x7e]{0,255}")
 _MAX_CODE_POINT = 0x10FFFF
-MAX_PAGE_SIZE = 1000
-DEFAULT_PAGE_SIZE = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,9 +154,7 @@ class Limits:
         return KeyRange("", None)
 
     def page_size(self, value: int, errors: list[FieldViolation]) -> int:
-        if value < 0 or value > MAX_PAGE_SIZE:
-            errors.append(FieldViolation("page_size", f"must be between 0 and {MAX_PAGE_SIZE}"))
-        return value or DEFAULT_PAGE_SIZE
+        return page_size(value, errors)
 
 
 def raise_if(errors: list[FieldViolation]) -> None:

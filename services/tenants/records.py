@@ -26,7 +26,7 @@ from shared.documents import document_json
 from shared.errors import FieldViolation, aborted, already_exists, invalid_argument, not_found
 from shared.filters import SqlParams, compile_filter, json_path_sql, validate_path
 from shared.identity import require_scope
-from shared.pagetoken import decode_page_token, encode_page_token
+from shared.pagetoken import decode_page_token, encode_page_token, page_size
 from shared.timestamps import to_timestamp
 
 __all__ = ["RecordServicer", "cache_entry"]
@@ -267,11 +267,9 @@ class RecordServicer:
         tenant = require_scope(READ).tenant
         errors: list[FieldViolation] = []
         _check_collection(request.collection, "collection", errors)
-        if not 0 <= request.page_size <= 1000:
-            errors.append(FieldViolation("page_size", "must be between 0 and 1000"))
+        size = page_size(request.page_size, errors)
         sort, kind = _sort_key(request.order_by, errors)
         _raise(errors)
-        size = request.page_size or 100
         params = SqlParams()
         collection = params.add(request.collection)
         where = compile_filter(request.filter if request.HasField("filter") else None, "data", params)

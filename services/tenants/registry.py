@@ -18,7 +18,7 @@ from shared.documents import document_json
 from shared.errors import FieldViolation, StrataError, aborted, already_exists, invalid_argument, not_found
 from shared.filters import validate_path
 from shared.identity import ADMIN_SCOPE, require_scope
-from shared.pagetoken import decode_page_token, encode_page_token
+from shared.pagetoken import encode_page_token, page_cursor, page_size
 from shared.timestamps import to_timestamp
 
 __all__ = ["TenantServicer"]
@@ -95,11 +95,12 @@ class TenantServicer:
         self, request: tenants_pb2.ListTenantsRequest, context: Context
     ) -> tenants_pb2.ListTenantsResponse:
         require_scope(ADMIN_SCOPE)
-        if not 0 <= request.page_size <= 1000:
-            raise invalid_argument([FieldViolation("page_size", "must be between 0 and 1000")], domain=DOMAIN)
-        size = request.page_size or 100
+        errors: list[FieldViolation] = []
+        size = page_size(request.page_size, errors)
+        if errors:
+            raise invalid_argument(errors, domain=DOMAIN)
         query = ["tenants.ListTenants", request.status]
-        after = decode_page_token(request.page_token, query, domain=DOMAIN) if request.page_token else ""
+        after = page_cursor(request.page_token, query, "", domain=DOMAIN)
         rows = await self._db.fetch(
             f"SELECT {_COLUMNS} FROM tenants.tenants WHERE ($1 = 0 OR status = $1) AND slug > $2 "
             "ORDER BY slug LIMIT $3",

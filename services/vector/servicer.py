@@ -23,7 +23,7 @@ from shared.documents import document_json
 from shared.errors import FieldViolation, already_exists, invalid_argument, not_found
 from shared.filters import SqlParams, compile_filter
 from shared.identity import require_scope
-from shared.pagetoken import decode_page_token, encode_page_token
+from shared.pagetoken import encode_page_token, page_cursor, page_size
 from shared.timestamps import to_timestamp
 
 __all__ = ["VectorServicer"]
@@ -189,11 +189,11 @@ class VectorServicer:
         self, request: vector_pb2.ListCollectionsRequest, context: Context
     ) -> vector_pb2.ListCollectionsResponse:
         tenant = require_scope(READ).tenant
-        if not 0 <= request.page_size <= 1000:
-            _raise([FieldViolation("page_size", "must be between 0 and 1000")])
-        size = request.page_size or 100
+        errors: list[FieldViolation] = []
+        size = page_size(request.page_size, errors)
+        _raise(errors)
         query = ["vector.ListCollections", tenant]
-        after = decode_page_token(request.page_token, query, domain=DOMAIN) if request.page_token else ""
+        after = page_cursor(request.page_token, query, "", domain=DOMAIN)
         timeout = deadline_timeout(context)
         async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
             rows = await conn.fetch(
@@ -345,16 +345,16 @@ class VectorServicer:
         self, request: vector_pb2.ScrollPointsRequest, context: Context
     ) -> vector_pb2.ScrollPointsResponse:
         tenant = require_scope(READ).tenant
-        if not 0 <= request.page_size <= 1000:
-            _raise([FieldViolation("page_size", "must be between 0 and 1000")])
-        size = request.page_size or 100
+        errors: list[FieldViolation] = []
+        size = page_size(request.page_size, errors)
+        _raise(errors)
         query = [
             "vector.ScrollPoints",
             tenant,
             request.collection,
             request.filter.SerializeToString(deterministic=True).hex(),
         ]
-        after = decode_page_token(request.page_token, query, domain=DOMAIN) if request.page_token else ""
+        after = page_cursor(request.page_token, query, "", domain=DOMAIN)
         timeout = deadline_timeout(context)
         async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
             collection = await self._collection(conn, request.collection, timeout)

@@ -7,9 +7,7 @@ import pytest
 from google.protobuf import duration_pb2
 
 from services.kv.keyspace import (
-    DEFAULT_PAGE_SIZE,
     DOMAIN,
-    MAX_PAGE_SIZE,
     KeyRange,
     Limits,
     cache_key,
@@ -18,6 +16,7 @@ from services.kv.keyspace import (
     revision_mismatch,
 )
 from shared.errors import FieldViolation, StrataError
+from shared.pagetoken import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from shared.settings import Settings
 
 TEN_YEARS_S = 10 * 365 * 86400
