@@ -71,19 +71,25 @@ def _raise(errors: list[FieldViolation]) -> None:
 
 
 def _vector_text(
-    vector: vector_pb2.Vector, dimension: int | None, field: str, errors: list[FieldViolation]
+    vector: vector_pb2.Vector, collection: _Collection, field: str, errors: list[FieldViolation]
 ) -> str:
+    """``vector`` as pgvector text for ``collection``, noting violations in ``errors``."""
     values = vector.values
+    dimension = collection.dimension
     if not values:
         errors.append(FieldViolation(field, "required"))
         return ""
-    if dimension is not None and len(values) != dimension:
+    if len(values) != dimension:
         errors.append(
             FieldViolation(field, f"has {len(values)} values; the collection's dimension is {dimension}")
         )
         return ""
     if not all(math.isfinite(v) for v in values):
         errors.append(FieldViolation(field, "must hold finite numbers only (no NaN or infinity)"))
+        return ""
+    if collection.metric == vector_pb2.METRIC_COSINE and not any(values):
+        # Cosine distance to a zero vector is undefined (NaN), and HNSW indexes leave it out.
+        errors.append(FieldViolation(field, "must not be all zeros in a cosine collection"))
         return ""
     return "[" + ",".join(repr(float(v)) for v in values) + "]"
 
@@ -247,7 +253,7 @@ class VectorServicer:
                 elif point.id in seen:
                     errors.append(FieldViolation(f"points[{i}].id", "appears more than once"))
                 seen.add(point.id)
-                vector = _vector_text(point.vector, collection.dimension, f"points[{i}].vector", errors)
+                vector = _vector_text(point.vector, collection, f"points[{i}].vector", errors)
                 payload = document_json(point.payload, f"points[{i}].payload", errors, max_bytes=_MAX_PAYLOAD)
                 if len(point.text.encode()) > _MAX_PAYLOAD or "\x00" in point.text:
                     errors.append(FieldViolation(f"points[{i}].text", "must be at most 64 KiB without NUL"))
@@ -415,7 +421,7 @@ class VectorServicer:
         timeout = deadline_timeout(context)
         async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
             collection = await self._collection(conn, request.collection, timeout)
-            vector = _vector_text(request.vector, collection.dimension, "vector", errors)
+            vector = _vector_text(request.vector, collection, "vector", errors)
             _raise(errors)
             params = SqlParams()
             collection_id = params.add(collection.id)
@@ -476,7 +482,7 @@ class VectorServicer:
             errors.append(FieldViolation(f"{prefix}score_threshold", "must be a finite number"))
         _raise(errors)
         collection = await self._collection(conn, request.collection, timeout, f"{prefix}collection")
-        vector = _vector_text(request.vector, collection.dimension, f"{prefix}vector", errors)
+        vector = _vector_text(request.vector, collection, f"{prefix}vector", errors)
         _raise(errors)
         params = SqlParams()
         collection_id = params.add(collection.id)

@@ -1337,3 +1337,20 @@ async def test_real_sentence_embeddings_find_the_semantically_closest_sentence(g
         query = [float(x) for x in model.encode([question], normalize_embeddings=True)[0]]
         hits = await search(gw_vector, md, "minilm", query, limit=3)
         assert hits[0].id == expected, (question, [(h.id, round(h.score, 3)) for h in hits])
+
+
+async def test_a_zero_vector_is_refused_in_a_cosine_collection_only(gw_vector, md):
+    await create(gw_vector, md, "zeros-cos", 3, COSINE)
+    await create(gw_vector, md, "zeros-l2", 3, vector_pb2.METRIC_L2)
+    error = await rpc_error(
+        gw_vector.UpsertPoints(
+            vector_pb2.UpsertPointsRequest(collection="zeros-cos", points=[point("z", [0, 0, 0])]),
+            metadata=md,
+        )
+    )
+    assert_invalid(error, "points[0].vector")
+    assert await count(gw_vector, md, "zeros-cos") == 0
+    assert_invalid(await rpc_error(search(gw_vector, md, "zeros-cos", [0, 0, 0])), "vector")
+    assert await upsert(gw_vector, md, "zeros-l2", [point("z", [0, 0, 0])]) == 1
+    hits = await search(gw_vector, md, "zeros-l2", [0, 0, 0], limit=1)
+    assert [h.id for h in hits] == ["z"] and hits[0].distance == 0
