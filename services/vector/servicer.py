@@ -496,7 +496,7 @@ class VectorServicer:
             await conn.execute("SELECT set_config('enable_bitmapscan', 'off', true)", timeout=timeout)
         else:
             await _iterative_scan(
-                conn, collection, request.ef_search or max(40, limit), request.probes, timeout
+                conn, collection, request.ef_search or max(100, limit), request.probes, timeout
             )
         # relaxed_order iterative scans may return near-ties out of order: sort the few hits again.
         rows = await conn.fetch(
