@@ -41,19 +41,33 @@ async def traced_kv(settings):
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
+    logs: list[str] = []
+
+    async def drain_stderr() -> None:
+        # Read logs as they come: a full pipe would block the process mid-write.
+        assert process.stderr is not None
+        async for raw in process.stderr:
+            logs.append(raw.decode(errors="replace"))
+
+    reader = asyncio.create_task(drain_stderr())
     try:
         line = await asyncio.wait_for(process.stdout.readline(), 30)
         assert line.startswith(b"READY kv"), line
-        yield port, receiver, process
+        yield port, receiver, process, logs
     finally:
         if process.returncode is None:
             process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), 30)
+        except TimeoutError:
+            process.kill()
             await process.wait()
+        await asyncio.wait_for(reader, 10)
         await server.stop(None)
 
 
 async def test_a_call_yields_server_database_and_redis_spans_in_one_trace(traced_kv, namespace):
-    port, receiver, _ = traced_kv
+    port, receiver, _, _ = traced_kv
     async with signed_channel(port, TENANT) as channel:
         kv = kv_pb2_grpc.KvServiceStub(channel)
         await kv.Put(kv_pb2.PutRequest(namespace=namespace, key="k", value=b"v"))
@@ -82,7 +96,7 @@ async def test_a_call_yields_server_database_and_redis_spans_in_one_trace(traced
 
 
 async def test_a_failing_call_records_its_code_and_server_errors_only_for_server_faults(traced_kv, namespace):
-    port, receiver, _ = traced_kv
+    port, receiver, _, _ = traced_kv
     async with signed_channel(port, TENANT) as channel:
         kv = kv_pb2_grpc.KvServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError):
@@ -95,17 +109,18 @@ async def test_a_failing_call_records_its_code_and_server_errors_only_for_server
 
 
 async def test_logs_are_json_lines_with_trace_ids(traced_kv):
-    _, _, process = traced_kv
+    _, _, process, logs = traced_kv
     process.terminate()
-    _, stderr = await asyncio.wait_for(process.communicate(), 30)
-    lines = [json.loads(line) for line in stderr.decode().splitlines() if line.startswith("{")]
+    assert await asyncio.wait_for(process.wait(), 30) == 0
+    await asyncio.sleep(0.2)  # the last lines reach the reader
+    lines = [json.loads(line) for line in logs if line.startswith("{")]
     assert lines, "no JSON log lines"
     assert all({"ts", "level", "service", "msg"} <= set(line) for line in lines)
     assert any(line["msg"] == "stopped" for line in lines)
 
 
 async def test_server_span_continues_the_callers_w3c_trace(traced_kv, namespace):
-    port, receiver, _ = traced_kv
+    port, receiver, _, _ = traced_kv
     trace_id, parent_id = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
     async with signed_channel(port, TENANT) as channel:
         kv = kv_pb2_grpc.KvServiceStub(channel)
