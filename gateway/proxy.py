@@ -110,6 +110,15 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
         forwarded.extend(sign_caller(self._secret, route.path, caller))
         return forwarded
 
+    async def _admitted(self, route: Route, context: Context, server_span: Any) -> list[tuple[str, str]]:
+        """:meth:`_admit`, answering the caller with the refusal when there is one."""
+        try:
+            return await self._admit(route, context)
+        except StrataError as exc:
+            _end(server_span, exc.code)
+            await context.abort(exc.code, exc.message, trailing_metadata=exc.trailing_metadata())
+            raise AssertionError("unreachable") from None
+
     def _server_span(self, route: Route, context: Context) -> AbstractContextManager[Any]:
         if not tracing_on():
             return nullcontext()
@@ -123,11 +132,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
 
         async def forward(request: bytes, context: Context) -> bytes:
             with self._server_span(route, context) as server_span:
-                try:
-                    metadata = await self._admit(route, context)
-                except StrataError as exc:
-                    _end(server_span, exc.code)
-                    await context.abort(exc.code, exc.message, trailing_metadata=exc.trailing_metadata())
+                metadata = await self._admitted(route, context, server_span)
                 try:
                     with self._client_span(route, metadata) as client_span:
                         try:
@@ -139,12 +144,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
                             raise
                         _end(client_span, grpc.StatusCode.OK, client=True)
                 except grpc.aio.AioRpcError as exc:
-                    _end(server_span, exc.code())
-                    await context.abort(
-                        exc.code(),
-                        exc.details() or "",
-                        trailing_metadata=tuple(exc.trailing_metadata() or ()),
-                    )
+                    await _pass_back(exc, context, server_span)
                 finally:
                     self._gate.leave()
                 context.set_trailing_metadata(tuple(trailing or ()))
@@ -158,11 +158,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
 
         async def forward(request: bytes, context: Context) -> AsyncIterator[bytes]:
             with self._server_span(route, context) as server_span:
-                try:
-                    metadata = await self._admit(route, context)
-                except StrataError as exc:
-                    _end(server_span, exc.code)
-                    await context.abort(exc.code, exc.message, trailing_metadata=exc.trailing_metadata())
+                metadata = await self._admitted(route, context, server_span)
                 call = None
                 trailing = None
                 try:
@@ -179,12 +175,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
                             raise
                         _end(client_span, grpc.StatusCode.OK, client=True)
                 except grpc.aio.AioRpcError as exc:
-                    _end(server_span, exc.code())
-                    await context.abort(
-                        exc.code(),
-                        exc.details() or "",
-                        trailing_metadata=tuple(exc.trailing_metadata() or ()),
-                    )
+                    await _pass_back(exc, context, server_span)
                 finally:
                     if call is not None:
                         call.cancel()  # the caller went away, or we are done: free the upstream stream
@@ -216,6 +207,14 @@ async def _call_unary(
                 raise
             channel = upstream.pick(exclude=channel)
     raise AssertionError("unreachable")
+
+
+async def _pass_back(exc: grpc.aio.AioRpcError, context: Context, server_span: Any) -> None:
+    """Answer the caller with the upstream's status, message and trailing metadata, unchanged."""
+    _end(server_span, exc.code())
+    await context.abort(
+        exc.code(), exc.details() or "", trailing_metadata=tuple(exc.trailing_metadata() or ())
+    )
 
 
 def _never_reached(exc: grpc.aio.AioRpcError) -> bool:

@@ -23,7 +23,7 @@ from services.kv.keyspace import (
     revision_mismatch,
 )
 from services.kv.revisions import FeedClosed, RevisionFeed
-from services.kv.store import KvStore, PutItem, entry_to_kv
+from services.kv.store import DeleteResult, KvStore, PutItem, entry_to_kv
 from shared.cache import CacheEntry, RevisionedCache
 from shared.db import deadline_timeout
 from shared.errors import FieldViolation, StrataError, not_found
@@ -213,14 +213,7 @@ class KvServicer:
             raise revision_mismatch(
                 result.mismatch_key, if_revision or 0, result.mismatch_current, result.revision
             )
-        if result.deleted:
-            await self._cache.record_writes(
-                [
-                    (cache_key(tenant, request.namespace, kv.key), CacheEntry(result.revision, None))
-                    for kv in result.deleted
-                ]
-            )
-            self._feed.observe(result.revision)
+        await self._publish_deletes(tenant, request.namespace, result)
         response = kv_pb2.DeleteResponse(header=self._header(result.revision), deleted=len(result.deleted))
         if request.return_previous:
             response.previous.extend(result.deleted[:_RETURN_PREVIOUS_LIMIT])
@@ -300,14 +293,7 @@ class KvServicer:
                 return_previous=False,
                 timeout=timeout,
             )
-            if result.deleted:
-                await self._cache.record_writes(
-                    [
-                        (cache_key(request.tenant, namespace, kv.key), CacheEntry(result.revision, None))
-                        for kv in result.deleted
-                    ]
-                )
-                self._feed.observe(result.revision)
+            await self._publish_deletes(request.tenant, namespace, result)
             deleted += len(result.deleted)
         return kv_pb2.PurgeTenantResponse(deleted=deleted)
 
@@ -324,6 +310,18 @@ class KvServicer:
         if if_revision is not None:
             self._limits.if_revision(if_revision, errors, f"{path}if_revision")
         return PutItem(item.key, item.value, item.content_type, ttl_ms, if_revision)
+
+    async def _publish_deletes(self, tenant: str, namespace: str, result: DeleteResult) -> None:
+        # Before the answer: tombstones, so no cache serves a deleted key (nor a late fill revives it).
+        if not result.deleted:
+            return
+        await self._cache.record_writes(
+            [
+                (cache_key(tenant, namespace, kv.key), CacheEntry(result.revision, None))
+                for kv in result.deleted
+            ]
+        )
+        self._feed.observe(result.revision)
 
     async def _publish_writes(self, tenant: str, revision: int, kvs: list[kv_pb2.KeyValue]) -> None:
         # Before the answer: the cache must not hold anything older than this write.

@@ -109,10 +109,14 @@ class RecordServicer:
             raise already_exists(
                 "RECORD_ALREADY_EXISTS", f"record {record_id!r} exists", domain=DOMAIN, id=record_id
             )
+        await self._publish(tenant, row)
+        return tenants_pb2.CreateRecordResponse(record=row_to_record(row))
+
+    async def _publish(self, tenant: str, row: asyncpg.Record) -> None:
+        # After commit, before the answer: the cache must not hold anything older.
         await self._cache.record_writes(
             [(record_cache_key(tenant, row["collection"], row["id"]), cache_entry(row))]
         )
-        return tenants_pb2.CreateRecordResponse(record=row_to_record(row))
 
     async def GetRecord(
         self, request: tenants_pb2.GetRecordRequest, context: Context
@@ -216,9 +220,7 @@ class RecordServicer:
                 timeout=timeout,
             )
         assert row is not None
-        await self._cache.record_writes(
-            [(record_cache_key(tenant, row["collection"], row["id"]), cache_entry(row))]
-        )
+        await self._publish(tenant, row)
         return tenants_pb2.UpdateRecordResponse(record=row_to_record(row))
 
     async def DeleteRecord(
