@@ -39,6 +39,8 @@ _MARKER = b"A"  # revision known, content not cached (too large, or invalidated)
 _DELETED = b"D"  # tombstone: absent as of this revision
 _VALUE = b"V"
 _REV_DIGITS = 20
+# How often the invalidation listener looks up from Redis to see whether it should stop.
+_POLL_S = 1.0
 
 # KEYS[1] = entry key; ARGV[1] = encoded entry; ARGV[2] = TTL in ms.
 # Stores unless the current entry's revision+flag prefix is >= the new one.
@@ -136,6 +138,7 @@ class RevisionedCache:
         self._set_script = redis.register_script(_GUARDED_SET) if redis is not None else None
         self._listener: asyncio.Task[None] | None = None
         self._replayer: asyncio.Task[None] | None = None
+        self._closed = False
         self.stats = CacheStats()
 
     @classmethod
@@ -158,12 +161,17 @@ class RevisionedCache:
             self._listener = asyncio.create_task(self._listen(), name="cache-invalidations")
 
     async def close(self) -> None:
-        """Stop background tasks and close the Redis client."""
+        """Stop background tasks and close the Redis client.
+
+        redis-py can swallow a cancellation that lands inside a blocking read,
+        so the listener also stops on its own (it polls ``_closed`` every
+        ``_POLL_S``); close never waits longer than that for it.
+        """
+        self._closed = True
         for task in (self._listener, self._replayer):
             if task is not None:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+                await asyncio.wait({task}, timeout=2 * _POLL_S)
         if self._redis is not None:
             with contextlib.suppress(Exception):
                 await self._redis.aclose()
@@ -374,22 +382,29 @@ class RevisionedCache:
     async def _listen(self) -> None:
         assert self._redis is not None
         subscribed_before = False
-        while True:
+        while not self._closed:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
-                pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
                 await pubsub.subscribe(self._channel)
                 if subscribed_before:
                     # Invalidations missed while unsubscribed: local entries may be stale.
                     self._local.clear()
                 subscribed_before = True
-                async for message in pubsub.listen():
-                    for revision, key in _parse_invalidations(message["data"]):
-                        self._apply_invalidation(revision, key)
+                while not self._closed:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=_POLL_S)
+                    if message is not None:
+                        for revision, key in _parse_invalidations(message["data"]):
+                            self._apply_invalidation(revision, key)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if self._closed:
+                    return
                 self._redis_failed(exc)
                 await asyncio.sleep(self._redis_retry_s)
+            finally:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(pubsub.aclose(), _POLL_S)
 
     def _apply_invalidation(self, revision: int, key: bytes) -> None:
         self.stats.invalidations_received += 1

@@ -44,6 +44,8 @@ __all__ = ["CallGate", "ShutdownHook", "StrataServer", "run_service"]
 
 ShutdownHook = Callable[[], Awaitable[None]]
 _log = logging.getLogger(__name__)
+# Longest one shutdown or after-drain hook may take before it is abandoned.
+_HOOK_TIMEOUT_S = 10.0
 
 
 class StrataServer:
@@ -289,7 +291,10 @@ def run_service(name: str, build: Callable[[Settings], Awaitable[StrataServer]])
 async def _run_hooks(hooks: list[ShutdownHook]) -> None:
     for hook in hooks:
         try:
-            await hook()
+            # A stuck hook must not keep the process from exiting.
+            await asyncio.wait_for(hook(), _HOOK_TIMEOUT_S)
+        except TimeoutError:
+            _log.error("shutdown hook timed out", extra={"hook": getattr(hook, "__qualname__", repr(hook))})
         except Exception:
             _log.exception("shutdown hook failed")
 
