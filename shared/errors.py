@@ -132,6 +132,8 @@ _SQLSTATE_MAP: dict[str, tuple[grpc.StatusCode, str]] = {
     "40P01": (grpc.StatusCode.ABORTED, "DEADLOCK_DETECTED"),
     "42501": (grpc.StatusCode.PERMISSION_DENIED, "INSUFFICIENT_PRIVILEGE"),
     "57014": (grpc.StatusCode.DEADLINE_EXCEEDED, "QUERY_CANCELED"),
+    # lock_timeout: the statement (and its transaction) was rolled back; safe to retry.
+    "55P03": (grpc.StatusCode.UNAVAILABLE, "LOCK_NOT_AVAILABLE"),
     "53": (grpc.StatusCode.RESOURCE_EXHAUSTED, "DATABASE_RESOURCES_EXHAUSTED"),
     "57P": (grpc.StatusCode.UNAVAILABLE, "DATABASE_SHUTTING_DOWN"),
     "08": (grpc.StatusCode.UNAVAILABLE, "DATABASE_CONNECTION_FAILED"),

@@ -135,23 +135,7 @@ class VectorServicer:
             errors.append(FieldViolation("collection.name", "must be 1-64 characters of [A-Za-z0-9_-]"))
         if spec.metric not in _OPERATOR:
             errors.append(FieldViolation("collection.metric", "must be COSINE, L2 or INNER_PRODUCT"))
-        kind = {"hnsw": _HNSW, "ivfflat": _IVFFLAT, "none": _NO_INDEX}.get(
-            spec.WhichOneof("index") or "hnsw", _HNSW
-        )
-        limit = _MAX_INDEXED_DIMENSION if kind != _NO_INDEX else 16000
-        if not 1 <= spec.dimension <= limit:
-            errors.append(
-                FieldViolation("collection.dimension", f"must be between 1 and {limit} for this index")
-            )
-        m = spec.hnsw.m or 16
-        ef = spec.hnsw.ef_construction or 64
-        lists = spec.ivfflat.lists or 100
-        if kind == _HNSW and not (2 <= m <= 100 and 4 <= ef <= 1000 and ef >= 2 * m):
-            errors.append(
-                FieldViolation("collection.hnsw", "m must be 2-100, ef_construction 4-1000 and >= 2*m")
-            )
-        if kind == _IVFFLAT and not 1 <= lists <= 32768:
-            errors.append(FieldViolation("collection.ivfflat.lists", "must be between 1 and 32768"))
+        index = _index_spec(spec, spec.dimension, "collection", errors)
         _raise(errors)
         timeout = max(deadline_timeout(context), 5.0)
         async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
@@ -163,10 +147,10 @@ class VectorServicer:
                 spec.name,
                 spec.dimension,
                 spec.metric,
-                kind,
-                m,
-                ef,
-                lists,
+                index.kind,
+                index.m,
+                index.ef_construction,
+                index.lists,
                 timeout=timeout,
             )
             if row is None:
@@ -229,6 +213,34 @@ class VectorServicer:
             )
             await conn.execute("DELETE FROM vector.collections WHERE id = $1", row["id"], timeout=timeout)
         return vector_pb2.DeleteCollectionResponse(points_deleted=int(status.split()[-1]))
+
+    async def RebuildIndex(
+        self, request: vector_pb2.RebuildIndexRequest, context: Context
+    ) -> vector_pb2.RebuildIndexResponse:
+        tenant = require_scope(WRITE).tenant
+        # Building takes a while on a large collection: not less than a minute unless the caller says so.
+        timeout = max(deadline_timeout(context), 60.0)
+        async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
+            row = await self._collection_row(conn, request.name, "name", timeout)
+            if request.WhichOneof("index") is not None:
+                errors: list[FieldViolation] = []
+                index = _index_spec(request, row["dimension"], "", errors)
+                _raise(errors)
+                row = await conn.fetchrow(
+                    "UPDATE vector.collections SET index_kind = $2, hnsw_m = $3, "
+                    "hnsw_ef_construction = $4, ivfflat_lists = $5 WHERE id = $1 RETURNING *",
+                    row["id"],
+                    index.kind,
+                    index.m,
+                    index.ef_construction,
+                    index.lists,
+                    timeout=timeout,
+                )
+            await conn.execute("SELECT vector.rebuild_index($1)", row["id"], timeout=timeout)
+            count = await conn.fetchval(
+                "SELECT count(*) FROM vector.points WHERE collection_id = $1", row["id"], timeout=timeout
+            )
+        return vector_pb2.RebuildIndexResponse(collection=_describe(row, int(count)))
 
     # -- points ------------------------------------------------------------
 
@@ -430,7 +442,7 @@ class VectorServicer:
             distance = collection.distance(query)
             text = params.add(request.text)
             columns = ", p.payload, p.text" if request.with_payload else ""
-            await _iterative_scan(conn, collection, max(candidates, 40), 0, timeout)
+            await _plan_search(conn, collection.index_kind == _NO_INDEX, max(candidates, 100), 10, timeout)
             rows = await conn.fetch(
                 f"""
                 WITH by_vector AS MATERIALIZED (
@@ -489,28 +501,23 @@ class VectorServicer:
         where = compile_filter(
             request.filter if request.HasField("filter") else None, "payload", params, field=f"{prefix}filter"
         )
+        exact = request.exact or collection.index_kind == _NO_INDEX
         distance = collection.distance(params.add(vector))
+        # "+ 0" hides the distance from the planner's index matching: an exact
+        # search scans the collection's rows (through the primary key) and sorts them.
+        order = f"{distance} + 0" if exact else distance
         columns = _columns(request.with_vectors, request.with_payload)
-        if request.exact or collection.index_kind == _NO_INDEX:
-            await conn.execute("SELECT set_config('enable_indexscan', 'off', true)", timeout=timeout)
-            await conn.execute("SELECT set_config('enable_bitmapscan', 'off', true)", timeout=timeout)
-        else:
-            await _iterative_scan(
-                conn, collection, request.ef_search or max(100, limit), request.probes, timeout
-            )
+        await _plan_search(conn, exact, request.ef_search or max(100, limit), request.probes or 10, timeout)
         # relaxed_order iterative scans may return near-ties out of order: sort the few hits again.
         rows = await conn.fetch(
             f"WITH hits AS MATERIALIZED ("
             f"SELECT {columns}, {distance} AS distance FROM vector.points "
             f"WHERE collection_id = {collection_id} AND {where} "
-            f"ORDER BY {distance} LIMIT {params.add(limit)}"
+            f"ORDER BY {order} LIMIT {params.add(limit)}"
             f") SELECT * FROM hits ORDER BY distance, id",
             *params.values,
             timeout=timeout,
         )
-        if request.exact or collection.index_kind == _NO_INDEX:
-            await conn.execute("SELECT set_config('enable_indexscan', 'on', true)", timeout=timeout)
-            await conn.execute("SELECT set_config('enable_bitmapscan', 'on', true)", timeout=timeout)
         hits = []
         for row in rows:
             score = collection.score(float(row["distance"]))
@@ -550,34 +557,73 @@ class VectorServicer:
         return _Collection(row["id"], row["name"], row["dimension"], row["metric"], row["index_kind"])
 
 
+@dataclass(frozen=True, slots=True)
+class _IndexSpec:
+    kind: int
+    m: int
+    ef_construction: int
+    lists: int
+
+
+def _index_spec(
+    message: vector_pb2.Collection | vector_pb2.RebuildIndexRequest,
+    dimension: int,
+    prefix: str,
+    errors: list[FieldViolation],
+) -> _IndexSpec:
+    """The index asked for by ``message``'s ``index`` oneof (unset: HNSW), checked against ``dimension``.
+
+    Violations name fields under ``prefix`` ("collection" at creation, "" for a rebuild).
+    """
+    field = f"{prefix}." if prefix else ""
+    chosen = message.WhichOneof("index") or "hnsw"
+    kind = {"hnsw": _HNSW, "ivfflat": _IVFFLAT, "none": _NO_INDEX}[chosen]
+    limit = _MAX_INDEXED_DIMENSION if kind != _NO_INDEX else 16000
+    if not 1 <= dimension <= limit:
+        # At creation the dimension is the caller's to change; on a rebuild, the index.
+        where = f"{field}dimension" if prefix else chosen
+        errors.append(FieldViolation(where, f"dimension must be between 1 and {limit} for this index"))
+    spec = _IndexSpec(
+        kind, message.hnsw.m or 16, message.hnsw.ef_construction or 64, message.ivfflat.lists or 100
+    )
+    if kind == _HNSW and not (
+        2 <= spec.m <= 100 and 4 <= spec.ef_construction <= 1000 and spec.ef_construction >= 2 * spec.m
+    ):
+        errors.append(FieldViolation(f"{field}hnsw", "m must be 2-100, ef_construction 4-1000 and >= 2*m"))
+    if kind == _IVFFLAT and not 1 <= spec.lists <= 32768:
+        errors.append(FieldViolation(f"{field}ivfflat.lists", "must be between 1 and 32768"))
+    return spec
+
+
 def _limit(value: int, field: str, errors: list[FieldViolation]) -> int:
     if not 0 <= value <= 1000:
         errors.append(FieldViolation(field, "must be between 0 and 1000"))
     return value or 10
 
 
-async def _iterative_scan(
-    conn: asyncpg.Connection, collection: _Collection, ef_search: int, probes: int, timeout: float
+async def _plan_search(
+    conn: asyncpg.Connection, exact: bool, ef_search: int, probes: int, timeout: float
 ) -> None:
-    # Transaction-local. Custom plans: a generic plan cannot use a collection's
-    # partial index (its predicate names the collection id), and Postgres
-    # switches a prepared statement to one after a few executions.
-    await conn.execute("SELECT set_config('plan_cache_mode', 'force_custom_plan', true)", timeout=timeout)
-    # Keep scanning the index until LIMIT rows pass the filter.
-    if collection.index_kind == _HNSW:
-        await conn.execute(
-            "SELECT set_config('hnsw.ef_search', $1, true), "
-            "set_config('hnsw.iterative_scan', 'relaxed_order', true)",
-            str(ef_search),
-            timeout=timeout,
-        )
-    elif collection.index_kind == _IVFFLAT:
-        await conn.execute(
-            "SELECT set_config('ivfflat.probes', $1, true), "
-            "set_config('ivfflat.iterative_scan', 'relaxed_order', true)",
-            str(probes or 10),
-            timeout=timeout,
-        )
+    """Set this transaction's planner and index settings for the next nearest-neighbour query.
+
+    Approximate: sorting is disabled, so the planner walks the collection's
+    ANN index instead of sorting the rows it expects (without fresh
+    statistics it expects few, and every search would be a full scan), and
+    iterative scans keep reading the index until LIMIT rows pass the filter.
+    Custom plans always: a generic plan cannot use a collection's partial
+    index (its predicate names the collection id), and Postgres switches a
+    prepared statement to one after a few executions.
+    """
+    await conn.execute(
+        "SELECT set_config('plan_cache_mode', 'force_custom_plan', true), "
+        "set_config('enable_sort', $1, true), "
+        "set_config('hnsw.ef_search', $2, true), set_config('hnsw.iterative_scan', 'relaxed_order', true), "
+        "set_config('ivfflat.probes', $3, true), set_config('ivfflat.iterative_scan', 'relaxed_order', true)",
+        "on" if exact else "off",
+        str(ef_search),
+        str(probes),
+        timeout=timeout,
+    )
 
 
 def _describe(row: asyncpg.Record, point_count: int) -> vector_pb2.Collection:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 
 import grpc
@@ -9,6 +10,7 @@ import pytest
 from strata.admin.v1 import admin_pb2, admin_pb2_grpc
 from strata.kv.v1 import kv_pb2_grpc
 from strata.tenants.v1 import tenants_pb2, tenants_pb2_grpc
+from strata.vector.v1 import vector_pb2_grpc
 
 from tests.otlp import TraceReceiver, start_receiver
 from tests.stack import Stack, remove_data, start_stack
@@ -81,3 +83,21 @@ def make_key(gw_admin, gw_tenants, admin_metadata):
         return made.api_key, made.key.key_id
 
     return make
+
+
+@pytest.fixture(scope="session")
+def gw_vector(gateway_channel) -> vector_pb2_grpc.VectorServiceStub:
+    return vector_pb2_grpc.VectorServiceStub(gateway_channel)
+
+
+@pytest.fixture
+def slug() -> str:
+    """A fresh tenant slug."""
+    return f"v-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+async def md(make_key, slug) -> tuple[tuple[str, str], ...]:
+    """Metadata of a key with vector:read and vector:write for a fresh tenant (``slug``)."""
+    api_key, _ = await make_key(slug, "vector:read", "vector:write")
+    return bearer(api_key)
