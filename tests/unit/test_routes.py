@@ -49,7 +49,7 @@ def test_operator_services_need_admin_and_key_checks_are_internal():
 
 def test_vector_reads_and_writes_need_their_scopes():
     scopes = {r.method: r.scope for r in ROUTES.values() if r.service == "strata.vector.v1.VectorService"}
-    writes = {"CreateCollection", "DeleteCollection", "UpsertPoints", "DeletePoints"}
+    writes = {"CreateCollection", "DeleteCollection", "RebuildIndex", "UpsertPoints", "DeletePoints"}
     assert {m for m, s in scopes.items() if s == "vector:write"} == writes
     assert all(s == "vector:read" for m, s in scopes.items() if m not in writes)
 
