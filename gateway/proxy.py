@@ -17,6 +17,7 @@ included) come back unchanged; cancellation propagates both ways.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, TypeAlias
@@ -37,6 +38,9 @@ from shared.telemetry import end_rpc_span, rpc_client_span, rpc_server_span, tra
 __all__ = ["Proxy"]
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+# How much of a refused client stream is still read before answering (see _discard).
+_DISCARD_LIMIT_BYTES = 64 * 1024 * 1024
+_DISCARD_LIMIT_S = 5.0
 _DROPPED = frozenset(
     {
         "authorization",
@@ -73,13 +77,15 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
         self._gate = gate
         self._upstreams = upstreams
         self._handlers: dict[str, grpc.RpcMethodHandler] = {
-            path: (
-                grpc.unary_stream_rpc_method_handler(self._stream(route))
-                if route.server_streaming
-                else grpc.unary_unary_rpc_method_handler(self._unary(route))
-            )
-            for path, route in routes.items()
+            path: self._handler(route) for path, route in routes.items()
         }
+
+    def _handler(self, route: Route) -> grpc.RpcMethodHandler:
+        if route.client_streaming:
+            return grpc.stream_unary_rpc_method_handler(self._upload(route))
+        if route.server_streaming:
+            return grpc.unary_stream_rpc_method_handler(self._stream(route))
+        return grpc.unary_unary_rpc_method_handler(self._unary(route))
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         return self._handlers.get(handler_call_details.method)
@@ -110,11 +116,22 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
         forwarded.extend(sign_caller(self._secret, route.path, caller))
         return forwarded
 
-    async def _admitted(self, route: Route, context: Context, server_span: Any) -> list[tuple[str, str]]:
-        """:meth:`_admit`, answering the caller with the refusal when there is one."""
+    async def _admitted(
+        self,
+        route: Route,
+        context: Context,
+        server_span: Any,
+        requests: AsyncIterator[bytes] | None = None,
+    ) -> list[tuple[str, str]]:
+        """:meth:`_admit`, answering the caller with the refusal when there is one.
+
+        ``requests``, a client stream, is read on (bounded) before refusing: see :func:`_discard`.
+        """
         try:
             return await self._admit(route, context)
         except StrataError as exc:
+            if requests is not None:
+                await _discard(requests)
             _end(server_span, exc.code)
             await context.abort(exc.code, exc.message, trailing_metadata=exc.trailing_metadata())
             raise AssertionError("unreachable") from None
@@ -186,6 +203,39 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
 
         return forward
 
+    def _upload(self, route: Route) -> Any:
+        upstream = self._upstreams[route.upstream]
+
+        async def forward(requests: AsyncIterator[bytes], context: Context) -> bytes:
+            with self._server_span(route, context) as server_span:
+                metadata = await self._admitted(route, context, server_span, requests)
+                call = None
+                try:
+                    with self._client_span(route, metadata) as client_span:
+                        # The caller's messages flow to the upstream as they arrive; no retry
+                        # on another address: a stream already sent cannot be replayed.
+                        call = upstream.pick().stream_unary(
+                            route.path, request_serializer=None, response_deserializer=None
+                        )(requests, metadata=metadata, timeout=context.time_remaining())
+                        try:
+                            response: bytes = await call
+                            trailing = await call.trailing_metadata()
+                        except grpc.aio.AioRpcError as exc:
+                            _end(client_span, exc.code(), client=True)
+                            raise
+                        _end(client_span, grpc.StatusCode.OK, client=True)
+                except grpc.aio.AioRpcError as exc:
+                    await _pass_back(exc, context, server_span)
+                finally:
+                    if call is not None:
+                        call.cancel()  # the caller went away: stop the upstream call (no-op once done)
+                    self._gate.leave()
+                context.set_trailing_metadata(tuple(trailing or ()))
+                _end(server_span, grpc.StatusCode.OK)
+                return response
+
+        return forward
+
 
 async def _call_unary(
     upstream: Upstream, route: Route, request: bytes, metadata: list[tuple[str, str]], context: Context
@@ -207,6 +257,23 @@ async def _call_unary(
                 raise
             channel = upstream.pick(exclude=channel)
     raise AssertionError("unreachable")
+
+
+async def _discard(requests: AsyncIterator[bytes]) -> None:
+    """Read (a bounded part of) what a refused caller is still sending before answering it.
+
+    A grpc-python asyncio client still writing when the answer comes can
+    report INTERNAL ("Internal error from Core") instead of the answer
+    (grpc/grpc#36066). AdminService/Restore does the same before refusing
+    an upload, so its answer comes back after the caller's last message.
+    """
+    read = 0
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(_DISCARD_LIMIT_S):
+            async for message in requests:
+                read += len(message)
+                if read > _DISCARD_LIMIT_BYTES:
+                    return
 
 
 async def _pass_back(exc: grpc.aio.AioRpcError, context: Context, server_span: Any) -> None:

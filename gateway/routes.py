@@ -67,6 +67,7 @@ class Route:
     upstream: str  # "kv"
     scope: str  # "kv:read"
     server_streaming: bool
+    client_streaming: bool = False
 
 
 def _scope(upstream: str, service: str, path: str, method: str) -> str:
@@ -83,8 +84,8 @@ def build_routes() -> dict[str, Route]:
     for upstream, services in ROUTED_SERVICES.items():
         for service in services:
             for method in service.methods:
-                if method.client_streaming:
-                    raise NotImplementedError(f"client streaming is not routed: {method.full_name}")
+                if method.client_streaming and method.server_streaming:
+                    raise NotImplementedError(f"bidirectional streaming is not routed: {method.full_name}")
                 path = f"/{service.full_name}/{method.name}"
                 routes[path] = Route(
                     path,
@@ -93,5 +94,6 @@ def build_routes() -> dict[str, Route]:
                     upstream,
                     _scope(upstream, service.full_name, path, method.name),
                     method.server_streaming,
+                    method.client_streaming,
                 )
     return routes

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -39,6 +40,8 @@ _MARKER = b"A"  # revision known, content not cached (too large, or invalidated)
 _DELETED = b"D"  # tombstone: absent as of this revision
 _VALUE = b"V"
 _REV_DIGITS = 20
+# An invalidation message that drops every local entry under a key prefix.
+_DROP_PREFIX = b"P"
 # How often the invalidation listener looks up from Redis to see whether it should stop.
 _POLL_S = 1.0
 
@@ -52,6 +55,43 @@ end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
+
+
+def redis_key_prefix(name: str) -> bytes:
+    """Where the cache named ``name`` ("kv", "tenants") keeps its entries in Redis."""
+    return f"strata:cache:{name}:".encode()
+
+
+def invalidation_channel(name: str) -> str:
+    """The pub/sub channel on which the processes of cache ``name`` hear invalidations."""
+    return f"strata:cache:invalidate:{name}"
+
+
+async def invalidate_prefix(redis: aioredis.Redis, name: str, prefix: bytes) -> int:
+    """Drop every entry of cache ``name`` whose key starts with ``prefix`` (b"": all), everywhere.
+
+    Redis entries are unlinked; every process drops its local ones on hearing
+    the broadcast. Returns how many Redis entries were removed. A fill that
+    read Postgres before the call may still land afterwards, as after any
+    eviction: entries are revisioned, so it can only hold what was current
+    when it was read.
+    """
+    pattern = _glob_escape(redis_key_prefix(name) + prefix) + b"*"
+    removed = 0
+    batch: list[bytes] = []
+    async for key in redis.scan_iter(match=pattern, count=1000):
+        batch.append(key)
+        if len(batch) >= 500:
+            removed += await redis.unlink(*batch)
+            batch.clear()
+    if batch:
+        removed += await redis.unlink(*batch)
+    await redis.publish(invalidation_channel(name), _DROP_PREFIX + prefix)
+    return removed
+
+
+def _glob_escape(raw: bytes) -> bytes:
+    return re.sub(rb"([*?\[\]\\])", rb"\\\1", raw)
 
 
 def open_redis(url: str, *, timeout_s: float = 0.5) -> aioredis.Redis:
@@ -125,8 +165,8 @@ class RevisionedCache:
         redis_retry_s: float = 1.0,
     ) -> None:
         self._redis = redis
-        self._prefix = prefix.encode()
-        self._channel = f"strata:cache:invalidate:{prefix}"
+        self._prefix = redis_key_prefix(prefix)
+        self._channel = invalidation_channel(prefix)
         self._local: OrderedDict[bytes, _LocalEntry] = OrderedDict()
         self._local_max = local_entries
         self._ttl_s = ttl_s
@@ -313,6 +353,18 @@ class RevisionedCache:
         """Empty the in-process tier."""
         self._local.clear()
 
+    def drop_local_prefix(self, prefix: bytes) -> int:
+        """Drop the in-process entries whose key starts with ``prefix``; how many were dropped."""
+        doomed = [key for key in self._local if key.startswith(prefix)]
+        for key in doomed:
+            del self._local[key]
+        self.stats.invalidations_received += len(doomed)
+        return len(doomed)
+
+    def snapshot(self) -> dict[str, int]:
+        """The counters and the local tier's size, for the process's published stats."""
+        return {**self.stats.as_dict(), "local_entries": len(self._local)}
+
     # -- internals ---------------------------------------------------------
 
     def _flag_for(self, entry: CacheEntry) -> bytes:
@@ -392,9 +444,14 @@ class RevisionedCache:
                 subscribed_before = True
                 while not self._closed:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=_POLL_S)
-                    if message is not None:
-                        for revision, key in _parse_invalidations(message["data"]):
-                            self._apply_invalidation(revision, key)
+                    if message is None:
+                        continue
+                    data = message["data"]
+                    if data.startswith(_DROP_PREFIX):
+                        self.drop_local_prefix(data[len(_DROP_PREFIX) :])
+                        continue
+                    for revision, key in _parse_invalidations(data):
+                        self._apply_invalidation(revision, key)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -23,8 +23,10 @@ from typing import Any, TypeVar
 import asyncpg
 import grpc
 
+from shared.cache import open_redis
 from shared.errors import StrataError, unavailable
 from shared.settings import Settings
+from shared.slowlog import SlowLog
 
 __all__ = ["CircuitBreaker", "Database", "deadline_timeout"]
 
@@ -98,11 +100,12 @@ class Database:
         row = await db.fetchrow("SELECT 1 AS one", timeout=deadline_timeout(context))
     """
 
-    def __init__(self, pool: asyncpg.Pool, *, slow_query_ms: float, retries: int = 3) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, slow: _SlowStatements | None = None, retries: int = 3) -> None:
         self.pool = pool
         self.breaker = CircuitBreaker()
-        self._slow_s = slow_query_ms / 1000.0
+        self._slow = slow
         self._retries = retries
+        self._waiters = 0  # calls waiting for a pooled connection
 
     @classmethod
     async def open(
@@ -114,8 +117,14 @@ class Database:
         slow_query_ms: float = 200.0,
         application_name: str = "strata",
         connect_timeout: float = 5.0,
+        slow_log: SlowLog | None = None,
     ) -> Database:
-        """Open a pool on ``dsn``, retrying for up to ``connect_timeout`` s while Postgres starts."""
+        """Open a pool on ``dsn``, retrying for up to ``connect_timeout`` s while Postgres starts.
+
+        Every statement slower than ``slow_query_ms`` is logged, and appended
+        to ``slow_log`` when given.
+        """
+        slow = _SlowStatements(slow_query_ms / 1000.0, slow_log)
         deadline = time.monotonic() + connect_timeout
         delay = 0.05
         while True:
@@ -127,8 +136,9 @@ class Database:
                     reset=_rollback_if_in_transaction,
                     server_settings={"application_name": application_name, "jit": "off"},
                     timeout=connect_timeout,
+                    init=slow.watch,
                 )
-                return cls(pool, slow_query_ms=slow_query_ms)
+                return cls(pool, slow=slow)
             except _CONNECTION_ERRORS:
                 if time.monotonic() + delay > deadline:
                     raise
@@ -144,6 +154,7 @@ class Database:
             max_size=settings.pool_max_size,
             slow_query_ms=settings.slow_query_ms,
             application_name=f"strata-{service}",
+            slow_log=SlowLog(open_redis(settings.redis_url), service) if settings.redis_url else None,
         )
 
     async def close(self) -> None:
@@ -152,18 +163,43 @@ class Database:
             await asyncio.wait_for(self.pool.close(), 5.0)
         except TimeoutError:
             self.pool.terminate()
+        if self._slow is not None and self._slow.log is not None:
+            await self._slow.log.close()
+
+    def pool_stats(self) -> dict[str, int]:
+        """The pool's size, idle connections, bounds, and calls waiting for a connection."""
+        return {
+            "size": self.pool.get_size(),
+            "idle": self.pool.get_idle_size(),
+            "min_size": self.pool.get_min_size(),
+            "max_size": self.pool.get_max_size(),
+            "waiters": self._waiters,
+        }
+
+    @asynccontextmanager
+    async def _acquire(self, timeout: float | None = None) -> AsyncIterator[asyncpg.Connection]:
+        # Counts the wait, so pool pressure shows in the process's published stats.
+        self._waiters += 1
+        try:
+            conn = await self.pool.acquire(timeout=timeout)
+        finally:
+            self._waiters -= 1
+        try:
+            yield conn
+        finally:
+            await self.pool.release(conn)
 
     async def fetch(self, sql: str, *args: Any, timeout: float = 30.0) -> list[asyncpg.Record]:
         """Run a read; retried on connection loss."""
-        return await self.run(lambda c: c.fetch(sql, *args, timeout=timeout), sql, idempotent=True)
+        return await self.run(lambda c: c.fetch(sql, *args, timeout=timeout), idempotent=True)
 
     async def fetchrow(self, sql: str, *args: Any, timeout: float = 30.0) -> asyncpg.Record | None:
         """Run a read returning at most one row; retried on connection loss."""
-        return await self.run(lambda c: c.fetchrow(sql, *args, timeout=timeout), sql, idempotent=True)
+        return await self.run(lambda c: c.fetchrow(sql, *args, timeout=timeout), idempotent=True)
 
     async def fetchval(self, sql: str, *args: Any, timeout: float = 30.0) -> Any:
         """Run a read returning one value; retried on connection loss."""
-        return await self.run(lambda c: c.fetchval(sql, *args, timeout=timeout), sql, idempotent=True)
+        return await self.run(lambda c: c.fetchval(sql, *args, timeout=timeout), idempotent=True)
 
     async def write_row(self, sql: str, *args: Any, timeout: float = 30.0) -> asyncpg.Record | None:
         """Run one write statement (autocommit) returning at most one row.
@@ -171,20 +207,19 @@ class Database:
         Not retried once sent: a lost connection after sending leaves the
         outcome unknown, which the caller hears as UNAVAILABLE.
         """
-        return await self.run(lambda c: c.fetchrow(sql, *args, timeout=timeout), sql, idempotent=False)
+        return await self.run(lambda c: c.fetchrow(sql, *args, timeout=timeout), idempotent=False)
 
     async def write_rows(self, sql: str, *args: Any, timeout: float = 30.0) -> list[asyncpg.Record]:
         """As :meth:`write_row`, returning all rows."""
-        return await self.run(lambda c: c.fetch(sql, *args, timeout=timeout), sql, idempotent=False)
+        return await self.run(lambda c: c.fetch(sql, *args, timeout=timeout), idempotent=False)
 
     async def run(
         self,
         work: Callable[[asyncpg.Connection], Awaitable[T]],
-        label: str,
         *,
         idempotent: bool,
     ) -> T:
-        """Run ``work`` on a pooled connection with breaker, retry and timing.
+        """Run ``work`` on a pooled connection with breaker and retry.
 
         ``idempotent`` work is retried on connection loss with exponential
         backoff and jitter; other work only when the connection could not be
@@ -198,11 +233,9 @@ class Database:
                 )
             acquired = False
             try:
-                async with self.pool.acquire() as conn:
+                async with self._acquire() as conn:
                     acquired = True
-                    started = time.perf_counter()
                     result = await work(conn)
-                    self._observe(label, time.perf_counter() - started)
                 self.breaker.record_success()
                 return result
             except TimeoutError:
@@ -232,7 +265,7 @@ class Database:
         if not self.breaker.allow():
             raise unavailable("DATABASE_UNAVAILABLE", "the database is unavailable; retry", retry_delay_s=1.0)
         try:
-            async with self.pool.acquire(timeout=timeout) as conn, conn.transaction():
+            async with self._acquire(timeout) as conn, conn.transaction():
                 yield conn
         except TimeoutError:
             raise
@@ -256,11 +289,28 @@ class Database:
             await conn.execute("SELECT set_config('strata.tenant_id', $1, true)", tenant, timeout=timeout)
             yield conn
 
-    def _observe(self, label: str, seconds: float) -> None:
-        if seconds >= self._slow_s:
-            _log.warning(
-                "slow query", extra={"duration_ms": round(seconds * 1000, 2), "statement": label[:500]}
-            )
+
+class _SlowStatements:
+    """Watches every statement of every pooled connection and reports the slow ones."""
+
+    def __init__(self, threshold_s: float, log: SlowLog | None) -> None:
+        self.threshold_s = threshold_s
+        self.log = log
+
+    async def watch(self, conn: asyncpg.Connection) -> None:
+        """Pool ``init`` hook: observe this connection's statements."""
+        conn.add_query_logger(self._observe)
+
+    def _observe(self, record: Any) -> None:
+        # Runs in the calling task's context (asyncpg uses call_soon): the trace id is the call's.
+        if record.elapsed < self.threshold_s:
+            return
+        _log.warning(
+            "slow query",
+            extra={"duration_ms": round(record.elapsed * 1000, 2), "statement": record.query[:500]},
+        )
+        if self.log is not None:
+            self.log.record(record.query, record.elapsed)
 
 
 async def _rollback_if_in_transaction(conn: asyncpg.Connection) -> None:

@@ -59,6 +59,7 @@ class Caller:
     tenant: str
     scopes: frozenset[str]
     key_id: str
+    method: str = ""  # the full method the signature was checked for ("" outside a call)
 
     def has_scope(self, scope: str) -> bool:
         """True for ``scope`` itself or the ``admin`` scope, which implies every other but internal."""
@@ -109,7 +110,7 @@ def verify_caller(
         raise _unauthenticated("the caller signature is not valid")
     if not -_MAX_SKEW_S <= age <= _MAX_SKEW_S:
         raise _unauthenticated("the caller signature has expired")
-    return Caller(tenant, frozenset(s for s in scopes.split(",") if s), key_id)
+    return Caller(tenant, frozenset(s for s in scopes.split(",") if s), key_id, method)
 
 
 def current_caller() -> Caller:

@@ -177,7 +177,7 @@ def service_environment(settings: Settings, backends: Backends) -> dict[str, str
         STRATA_INTERNAL_SECRET=settings.internal_secret or stored_secret(folder, "internal-secret"),
         STRATA_KEY_PEPPER=settings.key_pepper or stored_secret(folder, "key-pepper"),
     )
-    env.pop("STRATA_MIGRATE_DATABASE_URL", None)  # the owner's URL stays with the launcher
+    env.pop("STRATA_MIGRATE_DATABASE_URL", None)  # the owner's URL goes to admin alone
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -199,6 +199,9 @@ async def run(settings: Settings) -> None:
         for service in processes:
             env_port = {f"STRATA_{service.name.upper()}_PORT": str(settings.port_of(service.name))}
             service.env = {**env, **env_port}
+            if service.name == "admin":
+                # The operator's service: migrations, backups and branches need the owner role.
+                service.env["STRATA_MIGRATE_DATABASE_URL"] = backends.migrate_database_url
             await service.start()
             supervisors.append(asyncio.create_task(service.supervise()))
         api_key = await ensure_dev_api_key(settings, env, processes)

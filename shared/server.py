@@ -27,10 +27,13 @@ from google.protobuf import message as _message
 from google.protobuf import message_factory
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from shared.cache import open_redis
 from shared.errors import FieldViolation, StrataError, from_exception, invalid_argument
 from shared.identity import set_current_caller, verify_caller
+from shared.metrics import Metrics
 from shared.reflection import add_reflection
 from shared.settings import ConfigError, Settings, load_settings, require_internal_secret
+from shared.stats import ProcessReporter
 from shared.telemetry import (
     configure_logging,
     end_rpc_span,
@@ -64,7 +67,13 @@ class StrataServer:
         self.name = name
         self._tls = tls
         limit = settings.max_message_bytes
+        # The process's own figures (pool, cache, calls in flight): published
+        # to Redis for admin and exported to Prometheus when a port is set.
+        self._figures: dict[str, Callable[[], Any]] = {"calls_in_flight": lambda: self._gate.inflight}
+        metrics_port = settings.metrics_port_of(name)
+        self._metrics = Metrics(name, self._figures) if metrics_port else None
         self._server = grpc.aio.server(
+            interceptors=[self._metrics.interceptor()] if self._metrics is not None else None,
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
@@ -82,20 +91,32 @@ class StrataServer:
         self._gate = CallGate()
         self._secret = require_internal_secret(settings)
         self.port = 0
+        self.reporter: ProcessReporter | None = None
+        if settings.redis_url:
+            self.reporter = ProcessReporter(
+                open_redis(settings.redis_url), name, settings.stats_interval_s, self._figures
+            )
 
     def add_servicer(self, servicer: object, service: _descriptor.ServiceDescriptor) -> None:
         """Serve every method of ``service`` from the same-named coroutine of ``servicer``.
 
         Unary methods are ``async def Method(request, context) -> response``;
-        server-streaming ones are async generators yielding responses.
+        server-streaming ones are async generators yielding responses;
+        client-streaming ones are ``async def Method(requests, context) -> response``
+        where ``requests`` is an async iterator of decoded messages.
         """
         handlers: dict[str, grpc.RpcMethodHandler] = {}
         for method in service.methods:
             impl = getattr(servicer, method.name)
             request_type = message_factory.GetMessageClass(method.input_type)
+            if method.client_streaming and method.server_streaming:
+                raise NotImplementedError(f"bidirectional streaming is not supported: {method.full_name}")
             if method.client_streaming:
-                raise NotImplementedError(f"client streaming is not supported: {method.full_name}")
-            if method.server_streaming:
+                upload = _client_stream_handler(impl, request_type, self._admission(service, method))
+                if tracing_on():
+                    upload = _traced_unary(upload, service.full_name, method.name)
+                handlers[method.name] = grpc.stream_unary_rpc_method_handler(upload)
+            elif method.server_streaming:
                 stream = _stream_handler(impl, request_type, self._admission(service, method))
                 if tracing_on():
                     stream = _traced_stream(stream, service.full_name, method.name)
@@ -143,6 +164,10 @@ class StrataServer:
         """Run ``hook`` once every call has finished (close pools and clients here)."""
         self._closers.append(hook)
 
+    def report(self, name: str, source: Callable[[], Any]) -> None:
+        """Publish ``source()`` as ``name`` among this process's figures (Redis for admin, Prometheus)."""
+        self._figures[name] = source
+
     async def start(self, port: int) -> int:
         """Bind ``host:port`` (0 picks a free port), start serving, return the port."""
         add_reflection(self._server, self._service_names)
@@ -157,6 +182,11 @@ class StrataServer:
         await self._server.start()
         for name in ("", *self._service_names):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.reporter is not None:
+            self.reporter.start()
+            self.after_drain(self.reporter.close)
+        if self._metrics is not None:
+            self._metrics.serve(self._settings.metrics_port_of(self.name), self._settings.host)
         _log.info("serving", extra={"service": self.name, "port": self.port})
         return self.port
 
@@ -320,16 +350,37 @@ def _unary_handler(
     impl: Callable[..., Awaitable[_message.Message]],
     request_type: type[_message.Message],
     admission: _Admission,
-) -> Callable[[bytes, grpc.aio.ServicerContext[Any, Any]], Awaitable[bytes]]:
+) -> UnaryHandler:
+    return _answering_once(impl, lambda raw: _decode(request_type, raw), admission)
+
+
+def _client_stream_handler(
+    impl: Callable[..., Awaitable[_message.Message]],
+    request_type: type[_message.Message],
+    admission: _Admission,
+) -> UnaryHandler:
+    async def decoded(raw_requests: AsyncIterator[bytes]) -> AsyncIterator[_message.Message]:
+        async for raw in raw_requests:
+            yield _decode(request_type, raw)
+
+    return _answering_once(impl, decoded, admission)
+
+
+def _answering_once(
+    impl: Callable[..., Awaitable[_message.Message]],
+    requests: Callable[[Any], Any],
+    admission: _Admission,
+) -> UnaryHandler:
+    """A handler with one response: admit, hand ``requests(raw)`` to ``impl``, map errors to statuses."""
     gate = admission.gate
 
-    async def handle(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+    async def handle(raw: Any, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         try:
             admission.admit(context)
         except StrataError as exc:
             await _abort(context, exc)
         try:
-            response = await impl(_decode(request_type, raw), context)
+            response = await impl(requests(raw), context)
             return response.SerializeToString()
         except asyncio.CancelledError:
             raise
@@ -371,12 +422,12 @@ def _stream_handler(
     return handle
 
 
-UnaryHandler = Callable[[bytes, "grpc.aio.ServicerContext[Any, Any]"], Awaitable[bytes]]
+UnaryHandler = Callable[[Any, "grpc.aio.ServicerContext[Any, Any]"], Awaitable[bytes]]
 StreamHandler = Callable[[bytes, "grpc.aio.ServicerContext[Any, Any]"], AsyncIterator[bytes]]
 
 
 def _traced_unary(handle: UnaryHandler, service: str, method: str) -> UnaryHandler:
-    async def traced(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+    async def traced(raw: Any, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         with rpc_server_span(service, method, context.invocation_metadata(), context.peer()) as span:
             try:
                 result = await handle(raw, context)

@@ -45,6 +45,7 @@ class Settings:
     pool_min_size: int = 2
     pool_max_size: int = 10
     slow_query_ms: float = 200.0
+    stats_interval_s: float = 5.0
     max_message_bytes: int = 8 * 1024 * 1024
     shutdown_grace_s: float = 10.0
     cache_local_entries: int = 100_000
@@ -61,9 +62,11 @@ class Settings:
     rate_limit_rps: float = 1000.0
     rate_limit_burst: int = 2000
     upstreams: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    metrics_ports: tuple[tuple[str, int], ...] = ()  # process → Prometheus port; absent: no metrics
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_client_ca_file: str = ""
+    restore_max_bytes: int = 10 * 1024**3
 
     @property
     def embedded(self) -> bool:
@@ -71,11 +74,18 @@ class Settings:
         return not self.database_url and not self.redis_url
 
     def upstreams_of(self, service: str) -> tuple[str, ...]:
-        """The gateway's addresses for ``service`` (``STRATA_<SERVICE>_UPSTREAMS``)."""
+        """Where ``service`` runs (``STRATA_<SERVICE>_UPSTREAMS``); unset: this host, its port.
+
+        The gateway routes there; admin checks health there.
+        """
         for name, addresses in self.upstreams:
             if name == service:
                 return addresses
         return (f"127.0.0.1:{self.port_of(service)}",)
+
+    def metrics_port_of(self, process: str) -> int:
+        """The Prometheus port of ``process`` (``STRATA_<NAME>_METRICS_PORT``); 0 when metrics are off."""
+        return dict(self.metrics_ports).get(process, 0)
 
     def port_of(self, service: str) -> int:
         """The listening port of ``service`` ("kv", "tenants", "vector", "admin", "gateway")."""
@@ -120,6 +130,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             pool_min_size=reader.integer("STRATA_POOL_MIN_SIZE", defaults.pool_min_size, 0, 1000),
             pool_max_size=reader.integer("STRATA_POOL_MAX_SIZE", defaults.pool_max_size, 1, 1000),
             slow_query_ms=reader.number("STRATA_SLOW_QUERY_MS", defaults.slow_query_ms, 0.0),
+            stats_interval_s=reader.number("STRATA_STATS_INTERVAL_S", defaults.stats_interval_s, 0.1),
             max_message_bytes=reader.integer(
                 "STRATA_MAX_MESSAGE_BYTES", defaults.max_message_bytes, 1024, 1 << 30
             ),
@@ -149,12 +160,20 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             rate_limit_burst=reader.integer("STRATA_RATE_LIMIT_BURST", defaults.rate_limit_burst, 1, 1 << 30),
             upstreams=tuple(
                 (service, addresses)
-                for service in _SERVICES
+                for service in (*_SERVICES, "gateway")
                 if (addresses := reader.addresses(f"STRATA_{service.upper()}_UPSTREAMS"))
+            ),
+            metrics_ports=tuple(
+                (name, reader.port(f"STRATA_{name.upper()}_METRICS_PORT", 1))
+                for name in (*_SERVICES, "gateway")
+                if f"STRATA_{name.upper()}_METRICS_PORT" in env
             ),
             tls_cert_file=reader.existing_file("STRATA_TLS_CERT_FILE"),
             tls_key_file=reader.existing_file("STRATA_TLS_KEY_FILE"),
             tls_client_ca_file=reader.existing_file("STRATA_TLS_CLIENT_CA_FILE"),
+            restore_max_bytes=reader.integer(
+                "STRATA_RESTORE_MAX_BYTES", defaults.restore_max_bytes, 1, 1 << 50
+            ),
         )
     )
 

@@ -65,9 +65,12 @@ def stack_environment(
         STRATA_MIGRATE_DATABASE_URL=settings.migrate_database_url,
         STRATA_INTERNAL_SECRET=TEST_INTERNAL_SECRET,
         STRATA_KEY_PEPPER=TEST_KEY_PEPPER,
+        # Processes publish their figures often, so admin's view is fresh within a test.
+        STRATA_STATS_INTERVAL_S="0.3",
         PYTHONUNBUFFERED="1",
     )
     env.update({f"STRATA_{name.upper()}_PORT": str(port) for name, port in ports.items()})
+    env.update({f"STRATA_{name.upper()}_METRICS_PORT": str(free_port()) for name in ports})
     if otlp_port is not None:
         env.update(
             OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{otlp_port}",
@@ -126,6 +129,7 @@ async def start_gateway(stack: Stack, **extra: str) -> tuple[asyncio.subprocess.
     env = dict(stack.env)
     env.update(
         STRATA_GATEWAY_PORT=str(port),
+        STRATA_GATEWAY_METRICS_PORT=str(free_port()),  # the stack's gateway holds its own
         STRATA_KV_UPSTREAMS=f"127.0.0.1:{stack.ports['kv']}",
         STRATA_ADMIN_UPSTREAMS=f"127.0.0.1:{stack.ports['admin']}",
     )

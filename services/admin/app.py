@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from strata.admin.v1 import admin_pb2
 
+from services.admin.audit_log import AuditLog
+from services.admin.backups import Backups
 from services.admin.keys import ApiKeyStore
+from services.admin.operations import Operations
 from services.admin.servicer import AdminServicer
+from shared.cache import open_redis
 from shared.db import Database
 from shared.server import StrataServer, run_service
 from shared.settings import ConfigError, Settings
@@ -21,7 +25,12 @@ async def build_admin_server(settings: Settings) -> StrataServer:
         raise ConfigError("STRATA_KEY_PEPPER must be set (16+ characters); API key hashes depend on it")
     db = await Database.for_service(settings, "admin")
     server = StrataServer(settings, "admin")
-    server.add_servicer(AdminServicer(ApiKeyStore(db), settings.key_pepper.encode()), SERVICE)
+    server.report("pool", db.pool_stats)
+    operations = Operations.for_settings(settings, db, open_redis(settings.redis_url))
+    server.after_drain(operations.close)
+    backups = Backups(db, settings.migrate_database_url, settings.restore_max_bytes)
+    servicer = AdminServicer(ApiKeyStore(db), settings.key_pepper.encode(), operations, backups, AuditLog(db))
+    server.add_servicer(servicer, SERVICE)
     server.after_drain(db.close)
     return server
 

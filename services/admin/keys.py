@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import asyncpg
 from strata.admin.v1 import admin_pb2
 
+from shared.audit import record_audit
 from shared.db import Database
 from shared.timestamps import to_timestamp
 
@@ -43,18 +44,25 @@ class ApiKeyStore:
         *,
         timeout: float,
     ) -> asyncpg.Record:
-        """Store a new key; the row as stored."""
-        row = await self._db.write_row(
-            f"INSERT INTO admin.api_keys (key_id, tenant, name, scopes, secret_hash) "
-            f"VALUES ($1, $2, $3, $4, $5) RETURNING {_COLUMNS}",
-            key_id,
-            tenant,
-            name,
-            sorted(set(scopes)),
-            secret_hash,
-            timeout=timeout,
-        )
-        assert row is not None
+        """Store a new key, audited; the row as stored."""
+        async with self._db.transaction(timeout=timeout) as conn:
+            row = await conn.fetchrow(
+                f"INSERT INTO admin.api_keys (key_id, tenant, name, scopes, secret_hash) "
+                f"VALUES ($1, $2, $3, $4, $5) RETURNING {_COLUMNS}",
+                key_id,
+                tenant,
+                name,
+                sorted(set(scopes)),
+                secret_hash,
+                timeout=timeout,
+            )
+            assert row is not None
+            await record_audit(
+                conn,
+                f"api_key/{key_id}",
+                {"tenant": tenant, "name": name, "scopes": row["scopes"]},
+                timeout=timeout,
+            )
         return row
 
     async def find_for_authentication(self, key_id: str, *, timeout: float) -> asyncpg.Record | None:
@@ -89,10 +97,14 @@ class ApiKeyStore:
         )
 
     async def revoke(self, key_id: str, *, timeout: float) -> asyncpg.Record | None:
-        """Revoke ``key_id`` (keeping the first revocation time); None if unknown."""
-        return await self._db.write_row(
-            f"UPDATE admin.api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE key_id = $1 "
-            f"RETURNING {_COLUMNS}",
-            key_id,
-            timeout=timeout,
-        )
+        """Revoke ``key_id`` (keeping the first revocation time), audited; None if unknown."""
+        async with self._db.transaction(timeout=timeout) as conn:
+            row = await conn.fetchrow(
+                f"UPDATE admin.api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE key_id = $1 "
+                f"RETURNING {_COLUMNS}",
+                key_id,
+                timeout=timeout,
+            )
+            if row is not None:
+                await record_audit(conn, f"api_key/{key_id}", {"tenant": row["tenant"]}, timeout=timeout)
+        return row

@@ -1,14 +1,22 @@
-"""``strata.admin.v1.AdminService``: API keys (more operator calls come with the admin issue)."""
+"""``strata.admin.v1.AdminService``: API keys here; operations delegated to their own modules.
+
+Every call needs the ``admin`` scope (checked here, before any delegation),
+except AuthenticateApiKey, which is internal.
+"""
 
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
 import grpc
 from strata.admin.v1 import admin_pb2
 
+from services.admin.audit_log import AuditLog
+from services.admin.backups import Backups
 from services.admin.keys import ApiKeyStore, row_to_key
+from services.admin.operations import Operations
 from shared.apikeys import new_api_key, parse_api_key, secrets_match
 from shared.db import deadline_timeout
 from shared.errors import FieldViolation, StrataError, invalid_argument, not_found
@@ -27,9 +35,14 @@ SUSPENDED = 2  # strata.tenants.v1.TenantStatus
 class AdminServicer:
     """Serves AdminService from the admin schema."""
 
-    def __init__(self, keys: ApiKeyStore, pepper: bytes) -> None:
+    def __init__(
+        self, keys: ApiKeyStore, pepper: bytes, operations: Operations, backups: Backups, audit: AuditLog
+    ) -> None:
         self._keys = keys
         self._pepper = pepper
+        self._operations = operations
+        self._backups = backups
+        self._audit = audit
 
     async def CreateApiKey(
         self, request: admin_pb2.CreateApiKeyRequest, context: Context
@@ -133,3 +146,77 @@ class AdminServicer:
         return admin_pb2.AuthenticateApiKeyResponse(
             key_id=row["key_id"], tenant=row["tenant"], scopes=row["scopes"]
         )
+
+    # -- operations (each module documents its calls) -----------------------
+
+    async def GetSystemHealth(
+        self, request: admin_pb2.GetSystemHealthRequest, context: Context
+    ) -> admin_pb2.GetSystemHealthResponse:
+        require_scope(ADMIN_SCOPE)
+        return await self._operations.system_health(deadline_timeout(context))
+
+    async def GetDatabaseStats(
+        self, request: admin_pb2.GetDatabaseStatsRequest, context: Context
+    ) -> admin_pb2.GetDatabaseStatsResponse:
+        require_scope(ADMIN_SCOPE)
+        return await self._operations.database_stats(request, deadline_timeout(context))
+
+    async def GetCacheStats(
+        self, request: admin_pb2.GetCacheStatsRequest, context: Context
+    ) -> admin_pb2.GetCacheStatsResponse:
+        require_scope(ADMIN_SCOPE)
+        return await self._operations.cache_stats()
+
+    async def InvalidateCache(
+        self, request: admin_pb2.InvalidateCacheRequest, context: Context
+    ) -> admin_pb2.InvalidateCacheResponse:
+        require_scope(ADMIN_SCOPE)
+        return await self._operations.invalidate_cache(request, deadline_timeout(context))
+
+    async def GetMigrationStatus(
+        self, request: admin_pb2.GetMigrationStatusRequest, context: Context
+    ) -> admin_pb2.GetMigrationStatusResponse:
+        require_scope(ADMIN_SCOPE)
+        return await self._operations.migration_status(deadline_timeout(context))
+
+    async def ApplyMigrations(
+        self, request: admin_pb2.ApplyMigrationsRequest, context: Context
+    ) -> admin_pb2.ApplyMigrationsResponse:
+        require_scope(ADMIN_SCOPE)
+        return await self._operations.apply_migrations(deadline_timeout(context))
+
+    def Backup(
+        self, request: admin_pb2.BackupRequest, context: Context
+    ) -> AsyncIterator[admin_pb2.BackupResponse]:
+        require_scope(ADMIN_SCOPE)
+        return self._backups.backup(request, context)
+
+    async def Restore(
+        self, requests: AsyncIterator[admin_pb2.RestoreRequest], context: Context
+    ) -> admin_pb2.RestoreResponse:
+        require_scope(ADMIN_SCOPE)
+        return await self._backups.restore(requests, context)
+
+    async def CreateBranch(
+        self, request: admin_pb2.CreateBranchRequest, context: Context
+    ) -> admin_pb2.CreateBranchResponse:
+        require_scope(ADMIN_SCOPE)
+        return await self._backups.create_branch(request, context)
+
+    async def ListBranches(
+        self, request: admin_pb2.ListBranchesRequest, context: Context
+    ) -> admin_pb2.ListBranchesResponse:
+        require_scope(ADMIN_SCOPE)
+        return await self._backups.list_branches(request, context)
+
+    async def DeleteBranch(
+        self, request: admin_pb2.DeleteBranchRequest, context: Context
+    ) -> admin_pb2.DeleteBranchResponse:
+        require_scope(ADMIN_SCOPE)
+        return await self._backups.delete_branch(request, context)
+
+    async def ListAuditEvents(
+        self, request: admin_pb2.ListAuditEventsRequest, context: Context
+    ) -> admin_pb2.ListAuditEventsResponse:
+        require_scope(ADMIN_SCOPE)
+        return await self._audit.page(request, deadline_timeout(context))

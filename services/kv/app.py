@@ -31,6 +31,8 @@ async def build_kv_server(settings: Settings) -> StrataServer:
     )
     sweeper.start()
     server = StrataServer(settings, "kv")
+    server.report("pool", db.pool_stats)
+    server.report("cache", cache.snapshot)
     server.add_servicer(KvServicer(store, cache, feed, Limits(settings)), SERVICE)
     # Watch streams end first (clients resume elsewhere), then in-flight calls drain.
     server.on_shutdown(feed.close)

@@ -30,6 +30,8 @@ async def build_tenants_server(settings: Settings) -> StrataServer:
         require_internal_secret(settings),
     )
     server = StrataServer(settings, "tenants")
+    server.report("pool", db.pool_stats)
+    server.report("cache", cache.snapshot)
     server.add_servicer(TenantServicer(db, purge), TENANT_SERVICE)
     server.add_servicer(RecordServicer(db, cache), RECORD_SERVICE)
     server.after_drain(purge.close)

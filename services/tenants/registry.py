@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from typing import Any, TypeAlias
 
 import asyncpg
@@ -13,6 +14,7 @@ from strata.tenants.v1 import tenants_pb2
 
 from services.tenants.names import COLLECTION_RE, DOMAIN, TENANT_SLUG_RE
 from services.tenants.purge import TenantPurge
+from shared.audit import record_audit
 from shared.db import Database, deadline_timeout
 from shared.documents import document_json
 from shared.errors import FieldViolation, StrataError, aborted, already_exists, invalid_argument, not_found
@@ -68,7 +70,7 @@ class TenantServicer:
         metadata = _check_fields(tenant, "tenant.", errors)
         if errors:
             raise invalid_argument(errors, domain=DOMAIN)
-        row = await self._db.write_row(
+        row = await self._write_audited(
             f"INSERT INTO tenants.tenants (slug, display_name, status, plan, metadata) "
             f"VALUES ($1, $2, $3, $4, $5::jsonb) ON CONFLICT (slug) DO NOTHING RETURNING {_COLUMNS}",
             tenant.slug,
@@ -77,6 +79,7 @@ class TenantServicer:
             tenant.plan,
             metadata,
             timeout=deadline_timeout(context),
+            details=lambda r: {"status": r["status"], "plan": r["plan"]},
         )
         if row is None:
             raise already_exists(
@@ -143,13 +146,14 @@ class TenantServicer:
             "metadata": metadata,
         }
         version = _version_of(request.etag)
-        row = await self._db.write_row(
+        row = await self._write_audited(
             f"UPDATE tenants.tenants SET {sets}, version = version + 1, updated_at = now() "
             f"WHERE {by} = $1 AND ($2::bigint IS NULL OR version = $2) RETURNING {_COLUMNS}",
             name,
             version,
             *(values[p] for p in paths),
             timeout=deadline_timeout(context),
+            details=lambda r: {"fields": paths, "status": r["status"], "version": r["version"]},
         )
         if row is None:
             await self._find_by(by, name, context)  # NOT_FOUND if absent
@@ -174,10 +178,11 @@ class TenantServicer:
                 metadata={name: str(count) for name, count in remaining.items()},
             )
         removed = await self._purge.purge(slug, timeout=deadline_timeout(context))
-        await self._db.write_row(
-            "DELETE FROM tenants.tenants WHERE id = $1 RETURNING id",
+        await self._write_audited(
+            "DELETE FROM tenants.tenants WHERE id = $1 RETURNING slug",
             row["id"],
             timeout=deadline_timeout(context),
+            details=lambda _: {"cascade": request.cascade, **removed},
         )
         return tenants_pb2.DeleteTenantResponse(
             records_deleted=removed["records"],
@@ -196,13 +201,22 @@ class TenantServicer:
         validate_path(request.index.path, "index.path", errors)
         if errors:
             raise invalid_argument(errors, domain=DOMAIN)
-        row = await self._db.write_row(
-            "SELECT * FROM tenants.declare_index($1, $2)",
-            request.index.collection,
-            request.index.path,
-            timeout=max(deadline_timeout(context), 5.0),
-        )
-        assert row is not None
+        timeout = max(deadline_timeout(context), 5.0)
+        async with self._db.transaction(timeout=timeout) as conn:
+            row = await conn.fetchrow(
+                "SELECT * FROM tenants.declare_index($1, $2)",
+                request.index.collection,
+                request.index.path,
+                timeout=timeout,
+            )
+            assert row is not None
+            if row["r_created"]:
+                await record_audit(
+                    conn,
+                    f"record_index/{request.index.collection}",
+                    {"path": request.index.path, "name": row["r_name"]},
+                    timeout=timeout,
+                )
         index = tenants_pb2.RecordIndex(
             collection=request.index.collection,
             path=request.index.path,
@@ -232,6 +246,20 @@ class TenantServicer:
                 for r in rows
             ]
         )
+
+    async def _write_audited(
+        self,
+        sql: str,
+        *args: Any,
+        timeout: float,
+        details: Callable[[asyncpg.Record], dict[str, Any]],
+    ) -> asyncpg.Record | None:
+        """Run one tenant write returning ``slug``; when it hits a row, audit it in the same transaction."""
+        async with self._db.transaction(timeout=timeout) as conn:
+            row = await conn.fetchrow(sql, *args, timeout=timeout)
+            if row is not None:
+                await record_audit(conn, f"tenant/{row['slug']}", details(row), timeout=timeout)
+        return row
 
     async def _find(
         self, request: tenants_pb2.GetTenantRequest | tenants_pb2.DeleteTenantRequest, context: Context

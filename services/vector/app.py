@@ -18,6 +18,7 @@ async def build_vector_server(settings: Settings) -> StrataServer:
     """A ready-to-start vector server on ``settings``' database."""
     db = await Database.for_service(settings, "vector")
     server = StrataServer(settings, "vector")
+    server.report("pool", db.pool_stats)
     server.add_servicer(VectorServicer(db), SERVICE)
     server.after_drain(db.close)
     return server

@@ -42,8 +42,9 @@ def test_every_environment_variable_is_a_setting_the_code_reads():
             if variable.startswith("OTEL_"):
                 continue  # read by the OpenTelemetry SDK
             if variable.endswith("_UPSTREAMS"):
-                # Read as STRATA_<SERVICE>_UPSTREAMS for each routed service.
-                assert variable.removeprefix("STRATA_").removesuffix("_UPSTREAMS").lower() in ROUTED_SERVICES
+                # Read as STRATA_<SERVICE>_UPSTREAMS for each routed service and the gateway.
+                process = variable.removeprefix("STRATA_").removesuffix("_UPSTREAMS").lower()
+                assert process in (*ROUTED_SERVICES, "gateway"), variable
             else:
                 assert f'"{variable}"' in SETTINGS_SOURCE, (
                     f"{name}: {variable} is not read by shared/settings.py"
@@ -91,3 +92,12 @@ def test_the_image_copies_every_package_the_commands_import():
     dockerfile = (ROOT / "Dockerfile").read_text()
     for folder in ("protos", "shared", "services", "gateway"):
         assert f"COPY {folder} ./{folder}" in dockerfile
+
+
+def test_admin_checks_every_process_where_it_runs():
+    admin = env_of("admin")
+    for process in (*ROUTED_SERVICES, "gateway"):
+        host, port = admin[f"STRATA_{process.upper()}_UPSTREAMS"].split(":")
+        container = "admin" if host == "127.0.0.1" else host
+        assert container == process, f"admin looks for {process} at {host}"
+        assert env_of(container)[f"STRATA_{process.upper()}_PORT"] == port

@@ -54,8 +54,9 @@ def test_vector_reads_and_writes_need_their_scopes():
     assert all(s == "vector:read" for m, s in scopes.items() if m not in writes)
 
 
-def test_watch_is_the_only_streaming_route():
-    assert [r.method for r in ROUTES.values() if r.server_streaming] == ["Watch"]
+def test_streaming_routes_are_watch_backup_and_restore():
+    assert {r.method for r in ROUTES.values() if r.server_streaming} == {"Watch", "Backup"}
+    assert [r.method for r in ROUTES.values() if r.client_streaming] == ["Restore"]
 
 
 def test_each_route_goes_to_the_upstream_that_serves_it():

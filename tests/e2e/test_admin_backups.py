@@ -1,0 +1,545 @@
+"""Backups, restores and branches (AdminService) through the real gateway, against real Postgres.
+
+A few 1 MiB random (incompressible) KV values make the archive several
+chunks long, and long enough that an unread pg_dump blocks on its pipe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import asyncpg
+import grpc
+import pytest
+from google.protobuf import struct_pb2
+from strata.admin.v1 import admin_pb2
+from strata.kv.v1 import kv_pb2
+from strata.tenants.v1 import tenants_pb2, tenants_pb2_grpc
+
+from services.admin.backups import CHUNK_BYTES, DATABASE_PREFIX, Backups, pg_tool
+from shared.db import Database
+from shared.errors import StrataError
+from shared.settings import Settings
+from tests.e2e.conftest import bearer
+from tests.helpers import error_info, field_violations
+
+pytestmark = pytest.mark.e2e
+
+RUN = f"t{uuid.uuid4().hex[:8]}"  # every branch this module makes starts with it
+NAMESPACE = f"backups-{RUN}"
+VALUES = 4  # 1 MiB each
+ADMIN = "/strata.admin.v1.AdminService/"
+
+
+@asynccontextmanager
+async def owner(settings: Settings, database: str | None = None) -> AsyncIterator[asyncpg.Connection]:
+    """The owner role on the live database or on ``database``."""
+    conn = await asyncpg.connect(settings.migrate_database_url, database=database)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def database_exists(settings: Settings, database: str) -> bool:
+    async with owner(settings) as conn:
+        return bool(await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", database))
+
+
+async def branch_names(gw_admin, metadata) -> list[str]:
+    return [
+        b.name
+        for b in (await gw_admin.ListBranches(admin_pb2.ListBranchesRequest(), metadata=metadata)).branches
+    ]
+
+
+async def eventually(check, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+async def table_digests(conn: asyncpg.Connection) -> dict[str, str]:
+    """An md5 of every row of every Strata table (the branch registry aside: backups leave it out)."""
+    await conn.execute("SET row_security = off")  # fails loudly rather than compare filtered rows
+    tables = await conn.fetch(
+        "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables "
+        "WHERE schemaname IN ('kv', 'tenants', 'vector', 'admin', 'public') "
+        "AND (schemaname, tablename) <> ('admin', 'branches') ORDER BY 1"
+    )
+    digests = {}
+    for (table,) in tables:
+        digests[table] = await conn.fetchval(
+            f"SELECT md5(coalesce(string_agg(t::text, E'\\n' ORDER BY t::text), '')) FROM {table} t"
+        )
+    return digests
+
+
+def upload(database: str, archive: bytes, sha256: str = "") -> AsyncIterator[admin_pb2.RestoreRequest]:
+    async def messages() -> AsyncIterator[admin_pb2.RestoreRequest]:
+        yield admin_pb2.RestoreRequest(database=database, sha256=sha256)
+        for start in range(0, len(archive), CHUNK_BYTES):
+            yield admin_pb2.RestoreRequest(data=archive[start : start + CHUNK_BYTES])
+
+    return messages()
+
+
+@dataclass
+class Backup:
+    chunks: list[admin_pb2.BackupResponse]
+    archive: bytes
+    digests: dict[str, str]  # the live database's tables while the backup ran
+    seconds: float
+
+
+@pytest.fixture(scope="module")
+def gw_records(gateway_channel) -> tenants_pb2_grpc.RecordServiceStub:
+    return tenants_pb2_grpc.RecordServiceStub(gateway_channel)
+
+
+@pytest.fixture(scope="module")
+async def dataset(gw_kv, gw_records, admin_metadata) -> None:
+    """Random KV values and one record of tenant 'dev' (the admin key's tenant)."""
+    for i in range(VALUES):
+        await gw_kv.Put(
+            kv_pb2.PutRequest(namespace=NAMESPACE, key=f"k{i}", value=os.urandom(1024 * 1024)),
+            metadata=admin_metadata,
+        )
+    data = struct_pb2.Struct()
+    data.update({"run": RUN})
+    await gw_records.CreateRecord(
+        tenants_pb2.CreateRecordRequest(record=tenants_pb2.Record(collection=NAMESPACE, id="r1", data=data)),
+        metadata=admin_metadata,
+    )
+
+
+@pytest.fixture(scope="module", autouse=True)
+async def drop_leftovers(settings) -> AsyncIterator[None]:
+    """Whatever a failing test leaves of this module's branches goes at the end."""
+    yield
+    async with owner(settings) as conn:
+        for (database,) in await conn.fetch(
+            "SELECT datname FROM pg_database WHERE datname LIKE $1", f"{DATABASE_PREFIX}{RUN}%"
+        ):
+            await conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        await conn.execute("DELETE FROM admin.branches WHERE name LIKE $1", f"{RUN}%")
+
+
+@pytest.fixture(scope="module")
+async def backup(gw_admin, admin_metadata, settings, dataset) -> Backup:
+    """One backup, taken while the live tables did not change (checked before and after)."""
+    for _ in range(3):
+        async with owner(settings) as conn:
+            before = await table_digests(conn)
+        started = time.monotonic()
+        chunks = [c async for c in gw_admin.Backup(admin_pb2.BackupRequest(), metadata=admin_metadata)]
+        seconds = time.monotonic() - started
+        async with owner(settings) as conn:
+            if await table_digests(conn) == before:
+                return Backup(chunks, b"".join(c.data for c in chunks), before, seconds)
+    raise AssertionError("the live database kept changing while it was backed up")
+
+
+# -- backup and restore ----------------------------------------------------------
+
+
+async def test_backup_streams_contiguous_chunks_with_size_and_sha256_last(backup):
+    assert len(backup.chunks) >= VALUES  # the random values do not compress
+    offset = 0
+    for chunk in backup.chunks:
+        assert chunk.offset == offset
+        assert 0 < len(chunk.data) <= CHUNK_BYTES
+        offset += len(chunk.data)
+    assert all(c.total_bytes == 0 and c.sha256 == "" for c in backup.chunks[:-1])
+    assert backup.chunks[-1].total_bytes == len(backup.archive) == offset
+    assert backup.chunks[-1].sha256 == hashlib.sha256(backup.archive).hexdigest()
+    assert backup.archive.startswith(b"PGDMP")
+    print(f"backup: {len(backup.archive)} bytes in {len(backup.chunks)} chunks, {backup.seconds:.2f} s")
+
+
+async def test_a_restored_backup_holds_the_same_data(gw_admin, admin_metadata, settings, backup):
+    name = f"{RUN}_restored"
+    sha256 = hashlib.sha256(backup.archive).hexdigest()
+    started = time.monotonic()
+    restored = await gw_admin.Restore(upload(name, backup.archive, sha256), metadata=admin_metadata)
+    print(f"restore: {len(backup.archive)} bytes in {time.monotonic() - started:.2f} s")
+    assert restored.bytes_read == len(backup.archive)
+    assert restored.branch.name == name
+    assert restored.branch.origin == "restore"
+    assert restored.branch.bytes > len(backup.archive)
+    async with owner(settings, DATABASE_PREFIX + name) as conn:
+        assert await table_digests(conn) == backup.digests
+    assert name in await branch_names(gw_admin, admin_metadata)
+    await gw_admin.DeleteBranch(admin_pb2.DeleteBranchRequest(name=name), metadata=admin_metadata)
+    assert not await database_exists(settings, DATABASE_PREFIX + name)
+
+
+async def test_a_cancelled_backup_stops_and_the_next_one_works(gw_admin, admin_metadata, settings, dataset):
+    call = gw_admin.Backup(admin_pb2.BackupRequest(), metadata=admin_metadata)
+    assert len((await call.read()).data) == CHUNK_BYTES
+    call.cancel()
+    await eventually(lambda: _is_zero(backup_connections(settings)))
+    chunks = [c async for c in gw_admin.Backup(admin_pb2.BackupRequest(), metadata=admin_metadata)]
+    assert chunks[-1].sha256 == hashlib.sha256(b"".join(c.data for c in chunks)).hexdigest()
+
+
+async def refused(call) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    return caught.value
+
+
+@pytest.mark.parametrize(
+    ("case", "code", "reason"),
+    [
+        ("not an archive", grpc.StatusCode.INVALID_ARGUMENT, "NOT_A_BACKUP"),
+        ("sha256 mismatch", grpc.StatusCode.INVALID_ARGUMENT, "CHECKSUM_MISMATCH"),
+        ("truncated archive", grpc.StatusCode.INVALID_ARGUMENT, "RESTORE_FAILED"),
+        ("no archive bytes", grpc.StatusCode.INVALID_ARGUMENT, "NOT_A_BACKUP"),
+    ],
+)
+async def test_a_restore_that_fails_keeps_nothing(
+    gw_admin, admin_metadata, settings, backup, case, code, reason
+):
+    name = f"{RUN}_{case.replace(' ', '_').replace('256', '')}"
+    archive, sha256 = {
+        "not an archive": (b"this is not a backup\n" * 1000, ""),
+        "sha256 mismatch": (backup.archive, "0" * 64),
+        "truncated archive": (backup.archive[: len(backup.archive) // 2], ""),
+        "no archive bytes": (b"", ""),
+    }[case]
+    error = await refused(gw_admin.Restore(upload(name, archive, sha256), metadata=admin_metadata))
+    assert (error.code(), error_info(error).reason) == (code, reason)
+    assert not await database_exists(settings, DATABASE_PREFIX + name)
+    assert name not in await branch_names(gw_admin, admin_metadata)
+
+
+async def test_an_empty_restore_stream_is_invalid(gw_admin, admin_metadata):
+    async def nothing() -> AsyncIterator[admin_pb2.RestoreRequest]:
+        return
+        yield
+
+    error = await refused(gw_admin.Restore(nothing(), metadata=admin_metadata))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "database" in field_violations(error)
+
+
+@pytest.mark.parametrize("name", ["", "Upper", "1abc", "with-dash", "a" * 49, "strata branch"])
+async def test_bad_names_are_invalid(gw_admin, admin_metadata, backup, name):
+    error = await refused(gw_admin.Restore(upload(name, backup.archive), metadata=admin_metadata))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "database" in field_violations(error)
+    for call in (
+        gw_admin.CreateBranch(admin_pb2.CreateBranchRequest(name=name), metadata=admin_metadata),
+        gw_admin.DeleteBranch(admin_pb2.DeleteBranchRequest(name=name), metadata=admin_metadata),
+    ):
+        error = await refused(call)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "name" in field_violations(error)
+
+
+async def test_a_cancelled_restore_keeps_nothing(gw_admin, admin_metadata, settings, backup):
+    name = f"{RUN}_cancelled"
+
+    async def stalls() -> AsyncIterator[admin_pb2.RestoreRequest]:
+        yield admin_pb2.RestoreRequest(database=name, data=backup.archive[:CHUNK_BYTES])
+        await asyncio.sleep(60)
+
+    call = gw_admin.Restore(stalls(), metadata=admin_metadata)
+    await eventually(lambda: database_exists(settings, DATABASE_PREFIX + name))
+    call.cancel()
+    await eventually(lambda: _not(database_exists(settings, DATABASE_PREFIX + name)))
+    assert name not in await branch_names(gw_admin, admin_metadata)
+
+
+async def _not(check) -> bool:
+    return not await check
+
+
+# -- branches --------------------------------------------------------------------
+
+
+async def test_a_branch_diverges_from_its_parent(
+    gw_admin, gw_kv, gw_tenants, admin_metadata, settings, dataset
+):
+    name = f"{RUN}_branch"
+    database = DATABASE_PREFIX + name
+    started = time.monotonic()
+    made = await gw_admin.CreateBranch(admin_pb2.CreateBranchRequest(name=name), metadata=admin_metadata)
+    print(f"branch: {made.branch.bytes} bytes in {time.monotonic() - started:.2f} s")
+    assert (made.branch.name, made.branch.origin) == (name, "branch")
+    assert made.branch.bytes > 0
+
+    # Written to the live system after branching: the branch does not see it.
+    await gw_kv.Put(
+        kv_pb2.PutRequest(namespace=NAMESPACE, key="after", value=b"live"), metadata=admin_metadata
+    )
+    slug = f"branch-only-{RUN}"
+    async with owner(settings, database) as conn:
+        keys = await conn.fetch("SELECT key FROM kv.entries WHERE namespace = $1 ORDER BY key", NAMESPACE)
+        assert [r["key"] for r in keys] == [f"k{i}" for i in range(VALUES)]
+        # Written to the branch: the live system does not see it.
+        await conn.execute("INSERT INTO tenants.tenants (slug) VALUES ($1)", slug)
+    error = await refused(
+        gw_tenants.GetTenant(tenants_pb2.GetTenantRequest(slug=slug), metadata=admin_metadata)
+    )
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+
+    # The same service role can use the branch, under the same row-level security.
+    conn = await asyncpg.connect(settings.database_url, database=database)
+    try:
+        count = "SELECT count(*) FROM tenants.records WHERE collection = $1"
+        assert await conn.fetchval(count, NAMESPACE) == 0  # no tenant set: no rows
+        async with conn.transaction():
+            await conn.execute("SELECT set_config('strata.tenant_id', 'dev', true)")
+            assert await conn.fetchval(count, NAMESPACE) == 1
+    finally:
+        await conn.close()
+
+    # What pg_dump does not carry is copied too: who may connect, and the LEAKPROOF marks.
+    acl = (
+        "SELECT array_agg(a ORDER BY a::text) FROM pg_database d, aclexplode(d.datacl) a "
+        "WHERE d.datname = current_database() AND a.grantee <> d.datdba"
+    )
+    leakproof = "SELECT array_agg(oid::regprocedure::text ORDER BY oid) FROM pg_proc WHERE proleakproof"
+    async with owner(settings) as live, owner(settings, database) as copy:
+        assert await copy.fetchval(acl) == await live.fetchval(acl)
+        assert await copy.fetchval(leakproof) == await live.fetchval(leakproof)
+
+
+async def test_branches_are_listed_and_deleted(gw_admin, admin_metadata, settings):
+    name = f"{RUN}_listed"
+    await gw_admin.CreateBranch(admin_pb2.CreateBranchRequest(name=name), metadata=admin_metadata)
+    listed = (await gw_admin.ListBranches(admin_pb2.ListBranchesRequest(), metadata=admin_metadata)).branches
+    assert [b.name for b in listed] == sorted(b.name for b in listed)
+    (branch,) = [b for b in listed if b.name == name]
+    assert branch.origin == "branch"
+    assert branch.bytes > 0
+    assert branch.create_time.seconds > 0
+
+    await gw_admin.DeleteBranch(admin_pb2.DeleteBranchRequest(name=name), metadata=admin_metadata)
+    assert not await database_exists(settings, DATABASE_PREFIX + name)
+    assert name not in await branch_names(gw_admin, admin_metadata)
+    error = await refused(
+        gw_admin.DeleteBranch(admin_pb2.DeleteBranchRequest(name=name), metadata=admin_metadata)
+    )
+    assert (error.code(), error_info(error).reason) == (grpc.StatusCode.NOT_FOUND, "BRANCH_NOT_FOUND")
+
+
+async def test_taken_names_are_refused_and_unregistered_databases_never_dropped(
+    gw_admin, admin_metadata, settings, backup
+):
+    # A database of the branch naming scheme that the registry does not list.
+    name = f"{RUN}_foreign"
+    database = DATABASE_PREFIX + name
+    async with owner(settings) as conn:
+        await conn.execute(f'CREATE DATABASE "{database}"')
+    try:
+        error = await refused(
+            gw_admin.DeleteBranch(admin_pb2.DeleteBranchRequest(name=name), metadata=admin_metadata)
+        )
+        assert error.code() == grpc.StatusCode.NOT_FOUND
+        for call in (
+            gw_admin.CreateBranch(admin_pb2.CreateBranchRequest(name=name), metadata=admin_metadata),
+            gw_admin.Restore(upload(name, backup.archive), metadata=admin_metadata),
+        ):
+            error = await refused(call)
+            assert (error.code(), error_info(error).reason) == (
+                grpc.StatusCode.ALREADY_EXISTS,
+                "BRANCH_ALREADY_EXISTS",
+            )
+        assert await database_exists(settings, database)
+        assert name not in await branch_names(gw_admin, admin_metadata)
+    finally:
+        async with owner(settings) as conn:
+            await conn.execute(f'DROP DATABASE "{database}"')
+
+    # A registered branch's name.
+    name = f"{RUN}_taken"
+    await gw_admin.CreateBranch(admin_pb2.CreateBranchRequest(name=name), metadata=admin_metadata)
+    for call in (
+        gw_admin.CreateBranch(admin_pb2.CreateBranchRequest(name=name), metadata=admin_metadata),
+        gw_admin.Restore(upload(name, backup.archive), metadata=admin_metadata),
+    ):
+        error = await refused(call)
+        assert error.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert await database_exists(settings, DATABASE_PREFIX + name)  # the refusals dropped nothing
+    await gw_admin.DeleteBranch(admin_pb2.DeleteBranchRequest(name=name), metadata=admin_metadata)
+
+
+# -- audit and scopes --------------------------------------------------------------
+
+
+async def test_every_branch_mutation_is_audited(gw_admin, admin_metadata, backup, stack):
+    branch, restored, refused_name = f"{RUN}_audit_b", f"{RUN}_audit_r", f"{RUN}_audit_x"
+    await gw_admin.CreateBranch(admin_pb2.CreateBranchRequest(name=branch), metadata=admin_metadata)
+    await gw_admin.Restore(upload(restored, backup.archive), metadata=admin_metadata)
+    for name in (branch, restored):
+        await gw_admin.DeleteBranch(admin_pb2.DeleteBranchRequest(name=name), metadata=admin_metadata)
+    await refused(gw_admin.Restore(upload(refused_name, b"nope"), metadata=admin_metadata))
+
+    events = (
+        await gw_admin.ListAuditEvents(
+            admin_pb2.ListAuditEventsRequest(target_prefix=f"branch/{RUN}_audit_"), metadata=admin_metadata
+        )
+    ).events
+    seen = sorted((e.target, e.action) for e in events)
+    assert seen == sorted(
+        [
+            (f"branch/{branch}", ADMIN + "CreateBranch"),
+            (f"branch/{branch}", ADMIN + "DeleteBranch"),
+            (f"branch/{restored}", ADMIN + "Restore"),
+            (f"branch/{restored}", ADMIN + "DeleteBranch"),
+        ]
+    )
+    admin_key_id = stack.api_key.split("_")[1]
+    assert {e.actor_key_id for e in events} == {admin_key_id}
+    (restore_event,) = [e for e in events if e.action == ADMIN + "Restore"]
+    assert restore_event.details["sha256"] == hashlib.sha256(backup.archive).hexdigest()
+    assert restore_event.details["database"] == DATABASE_PREFIX + restored
+
+
+async def test_a_key_without_the_admin_scope_is_refused_on_every_call(gw_admin, make_key, slug, backup):
+    api_key, _ = await make_key(slug, "kv:read", "kv:write")
+    md = bearer(api_key)
+
+    async def backup_call() -> None:
+        async for _ in gw_admin.Backup(admin_pb2.BackupRequest(), metadata=md):
+            pass
+
+    calls = [
+        backup_call(),
+        gw_admin.Restore(upload(f"{RUN}_denied", backup.archive[:CHUNK_BYTES]), metadata=md),
+        gw_admin.CreateBranch(admin_pb2.CreateBranchRequest(name=f"{RUN}_denied"), metadata=md),
+        gw_admin.ListBranches(admin_pb2.ListBranchesRequest(), metadata=md),
+        gw_admin.DeleteBranch(admin_pb2.DeleteBranchRequest(name=f"{RUN}_denied"), metadata=md),
+    ]
+    for call in calls:
+        error = await refused(call)
+        assert (error.code(), error_info(error).reason) == (
+            grpc.StatusCode.PERMISSION_DENIED,
+            "MISSING_SCOPE",
+        )
+
+
+# -- in process: what the gateway cannot show --------------------------------------
+
+
+class _Context:
+    """The little of a ServicerContext that Backups uses."""
+
+    def time_remaining(self) -> float | None:
+        return None
+
+
+@pytest.fixture
+async def service_db(settings) -> AsyncIterator[Database]:
+    db = await Database.open(settings.database_url, min_size=1, max_size=2)
+    yield db
+    await db.close()
+
+
+async def backup_connections(settings: Settings) -> int:
+    async with owner(settings) as conn:
+        return int(
+            await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'strata-backup'"
+            )
+        )
+
+
+async def test_an_abandoned_backup_stops_pg_dump(settings, service_db, dataset):
+    backups = Backups(service_db, settings.migrate_database_url, 1 << 40)
+    stream = backups.backup(admin_pb2.BackupRequest(), _Context())
+    first = await anext(stream)
+    assert len(first.data) == CHUNK_BYTES
+    # Nobody reads on: pg_dump blocks on its pipe, connected.
+    assert await backup_connections(settings) == 1
+    await stream.aclose()
+    await eventually(lambda: _is_zero(backup_connections(settings)), timeout=5)
+
+
+async def _is_zero(value) -> bool:
+    return await value == 0
+
+
+def with_netloc(url: str, **parts: Any) -> str:
+    """``url`` with its password or port replaced."""
+    split = urlsplit(url)
+    user = split.username or ""
+    password = parts.get("password", split.password or "")
+    port = parts.get("port", split.port)
+    return urlunsplit(split._replace(netloc=f"{user}:{quote(password)}@{split.hostname}:{port}"))
+
+
+@pytest.mark.parametrize(
+    ("broken", "code"),
+    [
+        ({"password": "not-the-password-4711"}, grpc.StatusCode.INTERNAL),
+        ({"port": "1"}, grpc.StatusCode.UNAVAILABLE),  # nothing listens there: retry later
+    ],
+)
+async def test_a_failing_pg_dump_answers_a_safe_error(settings, service_db, caplog, broken, code):
+    url = with_netloc(settings.migrate_database_url, **broken)
+    backups = Backups(service_db, url, 1 << 40)
+    with pytest.raises(StrataError) as caught:
+        async for _ in backups.backup(admin_pb2.BackupRequest(), _Context()):
+            pass
+    assert (caught.value.code, caught.value.reason) == (code, "BACKUP_FAILED")
+    (logged,) = [r for r in caplog.records if r.name == "services.admin.backups"]
+    assert logged.stderr  # the tool's own words are logged for the operator …
+    secret = urlsplit(url).password or ""
+    assert secret not in logged.stderr  # … never with the password,
+    assert logged.stderr not in caught.value.message  # and the caller gets a safe message
+
+
+async def test_restores_over_the_size_limit_are_refused_and_keep_nothing(settings, service_db, backup):
+    backups = Backups(service_db, settings.migrate_database_url, 2 * CHUNK_BYTES)
+    name = f"{RUN}_too_large"
+    with pytest.raises(StrataError) as caught:
+        await backups.restore(upload(name, backup.archive), _Context())
+    assert (caught.value.code, caught.value.reason) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "RESTORE_TOO_LARGE",
+    )
+    assert not await database_exists(settings, DATABASE_PREFIX + name)
+    async with owner(settings) as conn:
+        assert not await conn.fetchval("SELECT 1 FROM admin.branches WHERE name = $1", name)
+
+
+async def test_without_the_owner_role_calls_fail_with_a_precondition(service_db, backup):
+    backups = Backups(service_db, "", 1 << 40)
+    calls: Sequence[Any] = [
+        anext(backups.backup(admin_pb2.BackupRequest(), _Context())),
+        backups.restore(upload(f"{RUN}_x", backup.archive), _Context()),
+        backups.create_branch(admin_pb2.CreateBranchRequest(name=f"{RUN}_x"), _Context()),
+        backups.delete_branch(admin_pb2.DeleteBranchRequest(name=f"{RUN}_x"), _Context()),
+    ]
+    for call in calls:
+        with pytest.raises(StrataError) as caught:
+            await call
+        assert (caught.value.code, caught.value.reason) == (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "OWNER_ROLE_NOT_CONFIGURED",
+        )
+
+
+async def test_the_tools_found_are_not_older_than_the_server(settings):
+    async with owner(settings) as conn:
+        server_major = int(await conn.fetchval("SHOW server_version_num")) // 10000
+    for tool in ("pg_dump", "pg_restore"):
+        proc = await asyncio.create_subprocess_exec(
+            await pg_tool(tool), "--version", stdout=asyncio.subprocess.PIPE
+        )
+        out, _ = await proc.communicate()
+        assert int(out.split(b"(PostgreSQL) ")[1].split(b".")[0]) >= server_major
