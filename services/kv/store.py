@@ -1,7 +1,8 @@
 """The KV store's SQL: every statement the service runs, in one place.
 
 Writes are single calls of the plpgsql functions in migrations/ (one round
-trip, autocommit); reads are plain SELECTs that never return an expired key.
+trip, autocommit; puts go through a group commit, see groupcommit.py);
+reads are plain SELECTs that never return an expired key.
 Rows are turned into ``KeyValue`` messages here so the servicer deals only in
 protobuf.
 """
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import asyncpg
 from strata.kv.v1 import kv_pb2
 
+from services.kv.groupcommit import GroupCommit
 from services.kv.keyspace import KeyRange
 from shared.db import Database
 from shared.timestamps import to_timestamp
@@ -44,6 +46,46 @@ class WriteResult:
     previous: list[kv_pb2.KeyValue | None]
     mismatch_key: str | None = None
     mismatch_current: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _PutEntry:
+    """One put_many call waiting for its group commit."""
+
+    tenant: str
+    namespace: str
+    items: tuple[PutItem, ...]
+    return_previous: bool
+
+
+def _write_result(entry: _PutEntry, rows: list[asyncpg.Record]) -> WriteResult:
+    """An entry's WriteResult from its kv.put_batch rows."""
+    first = rows[0]
+    if first["r_status"] == "mismatch":
+        return WriteResult(first["r_revision"], [], [], first["r_key"], first["r_prev_mod_revision"])
+    by_key = {row["r_key"]: row for row in rows}
+    kvs: list[kv_pb2.KeyValue] = []
+    previous: list[kv_pb2.KeyValue | None] = []
+    for item in entry.items:
+        row = by_key[item.key]
+        kvs.append(
+            kv_pb2.KeyValue(
+                namespace=entry.namespace,
+                key=item.key,
+                value=item.value,
+                content_type=item.content_type,
+                create_revision=row["r_create_revision"],
+                mod_revision=row["r_revision"],
+                version=row["r_version"],
+                expire_time=to_timestamp(row["r_expires_at"]),
+            )
+        )
+        previous.append(
+            None
+            if row["r_prev_mod_revision"] is None
+            else entry_to_kv(entry.namespace, row, "r_prev_", key=item.key)
+        )
+    return WriteResult(first["r_revision"], kvs, previous)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +132,7 @@ class KvStore:
 
     def __init__(self, db: Database) -> None:
         self._db = db
+        self._group: GroupCommit[_PutEntry, WriteResult] = GroupCommit(self._put_batch)
 
     async def get(self, tenant: str, namespace: str, key: str, *, timeout: float) -> asyncpg.Record | None:
         """The live entry row of one key, or None."""
@@ -118,45 +161,33 @@ class KvStore:
     async def put_many(
         self, tenant: str, namespace: str, items: Sequence[PutItem], *, return_previous: bool, timeout: float
     ) -> WriteResult:
-        """Write ``items`` atomically at one new revision (see kv.put_many)."""
+        """Write ``items`` atomically at one new revision, in the next group commit (see kv.put_batch)."""
+        return await self._group.submit(_PutEntry(tenant, namespace, tuple(items), return_previous), timeout)
+
+    async def _put_batch(self, entries: Sequence[_PutEntry], timeout: float) -> list[WriteResult]:
+        starts: list[int] = []
+        items: list[PutItem] = []
+        for entry in entries:
+            starts.append(len(items) + 1)
+            items.extend(entry.items)
         rows = await self._db.write_rows(
-            "SELECT * FROM kv.put_many($1, $2, $3, $4, $5, $6, $7, $8)",
-            tenant,
-            namespace,
+            "SELECT * FROM kv.put_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            [e.tenant for e in entries],
+            [e.namespace for e in entries],
+            [e.return_previous for e in entries],
+            starts,
+            [len(e.items) for e in entries],
             [i.key for i in items],
             [i.value for i in items],
             [i.content_type for i in items],
             [i.ttl_ms for i in items],
             [i.if_revision for i in items],
-            return_previous,
             timeout=timeout,
         )
-        first = rows[0]
-        if first["r_status"] == "mismatch":
-            return WriteResult(first["r_revision"], [], [], first["r_key"], first["r_prev_mod_revision"])
-        by_key = {row["r_key"]: row for row in rows}
-        kvs: list[kv_pb2.KeyValue] = []
-        previous: list[kv_pb2.KeyValue | None] = []
-        for item in items:
-            row = by_key[item.key]
-            kvs.append(
-                kv_pb2.KeyValue(
-                    namespace=namespace,
-                    key=item.key,
-                    value=item.value,
-                    content_type=item.content_type,
-                    create_revision=row["r_create_revision"],
-                    mod_revision=row["r_revision"],
-                    version=row["r_version"],
-                    expire_time=to_timestamp(row["r_expires_at"]),
-                )
-            )
-            previous.append(
-                None
-                if row["r_prev_mod_revision"] is None
-                else entry_to_kv(namespace, row, "r_prev_", key=item.key)
-            )
-        return WriteResult(first["r_revision"], kvs, previous)
+        by_entry: list[list[asyncpg.Record]] = [[] for _ in entries]
+        for row in rows:
+            by_entry[row["r_entry"] - 1].append(row)
+        return [_write_result(e, r) for e, r in zip(entries, by_entry, strict=True)]
 
     async def delete_range(
         self,

@@ -85,7 +85,7 @@ async def test_one_call_is_one_trace_from_gateway_to_postgres_and_redis(stack, r
         assert span.attributes["rpc.service"] == "strata.kv.v1.KvService"
         assert span.attributes["rpc.method"] == "Put"
         assert span.attributes["rpc.grpc.status_code"] == 0
-    assert "kv.put_many" in str(database.attributes.get("db.statement"))
+    assert "kv.put_batch" in str(database.attributes.get("db.statement"))
 
 
 async def test_a_failing_call_marks_the_client_span_as_error(stack, receiver):

@@ -91,7 +91,7 @@ async def test_a_call_yields_server_database_and_redis_spans_in_one_trace(traced
     trace = [s for s in spans if s.trace_id == server_span.trace_id]
     db_span = next(s for s in trace if s.attributes.get("db.system") == "postgresql")
     assert db_span.kind == CLIENT
-    assert "kv.put_many" in str(db_span.attributes.get("db.statement", ""))
+    assert "kv.put_batch" in str(db_span.attributes.get("db.statement", ""))
     assert db_span.parent_span_id == server_span.span_id
 
 

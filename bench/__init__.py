@@ -1,0 +1,1 @@
+"""Strata's benchmark suite: ``make bench`` (``python -m bench``)."""

@@ -1,0 +1,43 @@
+"""``python -m bench``: start a Strata on embedded backends, run the suite, write the results."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import uvloop
+
+from bench.h2load import h2load_available
+from bench.report import write_results
+from bench.stack import ROOT, bench_backends, running_strata
+from bench.suite import Config, Suite
+
+
+async def main(config: Config, folder: Path) -> int:
+    if not h2load_available():
+        print("bench: h2load is not installed (Debian package nghttp2-client); `make bench` installs it")
+        return 2
+    data_dir = ROOT / ".strata" / "bench"
+    shutil.rmtree(data_dir, ignore_errors=True)
+    async with bench_backends(data_dir) as backends, running_strata(backends, data_dir) as target:
+        suite = Suite(target, config, backends.migrate_database_url)
+        await suite.run()
+    document = write_results(suite, config, folder)
+    print(f"\nwritten to {folder}/latest.json and latest.md")
+    for name, value in document["ratios"].items():
+        print(f"  {name:<24} {'-' if value is None else f'{value:.2f}'}")
+    return 0
+
+
+if __name__ == "__main__":
+    # The load workers fork while this process holds gRPC channels; gRPC's note about it is noise here.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=Config.rounds)
+    parser.add_argument("--duration", type=float, default=Config.duration_s)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args()
+    sys.exit(uvloop.run(main(Config(rounds=args.rounds, duration_s=args.duration), args.out)))

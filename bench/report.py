@@ -1,0 +1,98 @@
+"""Writing a run's figures: bench/results/latest.json and latest.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.suite import Config, Suite
+
+__all__ = ["TARGETS", "write_results"]
+
+# Targets from the benchmarks issue: ratio name → minimum.
+TARGETS: dict[str, float] = {
+    "kv_get_direct_vs_echo": 0.75,
+    "kv_get_gateway_vs_echo": 0.40,
+    "batchget_keys_vs_get": 20.0,
+    "put_vs_asyncpg": 0.70,
+    "vector_qps_vs_sql": 0.80,
+    "tracing_on_vs_off": 0.85,
+}
+GATEWAY_ADDED_P50_MS = 1.0
+
+
+def results(suite: Suite, config: Config) -> dict[str, Any]:
+    """The run as one JSON document (fixed names, comparable run to run)."""
+    medians = suite.medians()
+    return {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "system": platform.platform(),
+        },
+        "config": config.__dict__,
+        "ratios": suite.ratios(),
+        "echo_ceiling_rps": medians["echo"]["rps"],
+        "gateway_added_p50_ms": suite.gateway_added_p50_ms(),
+        "recall_at_10": None,
+        "cache_hit_ratio": None,
+        "scenarios": medians,
+        "rounds": [{name: m.as_dict() for name, m in r.items()} for r in suite.rounds],
+        "memory_bytes": suite.memory,
+    }
+
+
+def write_results(suite: Suite, config: Config, folder: Path) -> dict[str, Any]:
+    """Write latest.json and latest.md into ``folder``; the document written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    document = results(suite, config)
+    (folder / "latest.json").write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+    (folder / "latest.md").write_text(markdown(document))
+    return document
+
+
+def markdown(document: dict[str, Any]) -> str:
+    """The run as markdown tables."""
+    config = document["config"]
+    lines = [
+        f"# Strata benchmark run, {document['time']}",
+        "",
+        f"{document['machine']['cpus']} CPUs, Python {document['machine']['python']}. "
+        f"{config['rounds']} rounds of {config['duration_s']} s (+{config['warmup_s']} s warm-up) "
+        "per scenario; "
+        "figures are medians over rounds, ratios are medians of per-round ratios.",
+        "",
+        "## Ratios",
+        "",
+        "| ratio | value | target |",
+        "|---|---|---|",
+    ]
+    for name, value in document["ratios"].items():
+        target = TARGETS.get(name)
+        shown = "not measured yet" if value is None else f"{value:.2f}"
+        verdict = "" if value is None or target is None else (" (met)" if value >= target else " (missed)")
+        lines.append(f"| {name} | {shown}{verdict} | {'' if target is None else f'>= {target}'} |")
+    added = document["gateway_added_p50_ms"]
+    verdict = " (met)" if added <= GATEWAY_ADDED_P50_MS else " (missed)"
+    lines += [
+        f"| gateway_added_p50_ms | {added:.3f} ms{verdict} | <= {GATEWAY_ADDED_P50_MS} ms |",
+        "",
+        "## Scenarios",
+        "",
+        "| scenario | rps | p50 ms | p99 ms | load generator |",
+        "|---|---|---|---|---|",
+    ]
+    for name, m in document["scenarios"].items():
+        lines.append(f"| {name} | {m['rps']:.0f} | {m['p50_ms']:.3f} | {m['p99_ms']:.3f} | {m['tool']} |")
+    lines += ["", "## Resident memory (MiB)", "", "| process | idle | under load |", "|---|---|---|"]
+    memory = document["memory_bytes"]
+    for name in sorted(memory.get("idle", {})):
+        idle = memory["idle"][name] / 2**20
+        loaded = memory.get("under_load", {}).get(name, 0) / 2**20
+        lines.append(f"| {name} | {idle:.1f} | {loaded:.1f} |")
+    return "\n".join(lines) + "\n"

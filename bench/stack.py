@@ -1,0 +1,145 @@
+"""A Strata for benchmarking: embedded Postgres and Redis, and the launcher's processes.
+
+The backends are started once (in-process, as ``make run`` does) under
+``.strata/bench``; the launcher runs in external mode against them, so it
+can be restarted with other settings (tracing on) while the data stays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+from bench.target import Target
+from shared.backends import Backends, open_backends
+from shared.launcher import SERVICES
+from shared.settings import load_settings
+
+__all__ = ["bench_backends", "child_pids", "running_strata"]
+
+ROOT = Path(__file__).resolve().parent.parent
+PROCESSES = ("gateway", "kv", "tenants", "vector", "admin")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def bench_backends(data_dir: Path) -> AsyncIterator[Backends]:
+    """Embedded Postgres + Redis under ``data_dir``, migrated; stopped on exit."""
+    settings = replace(
+        load_settings({"STRATA_DATA_DIR": str(data_dir)}),
+        embedded_pg_port=free_port(),
+        embedded_redis_port=free_port(),
+    )
+    backends = await open_backends(settings, tuple(SERVICES))
+    try:
+        yield backends
+    finally:
+        backends.close()
+
+
+@contextlib.asynccontextmanager
+async def running_strata(
+    backends: Backends, data_dir: Path, extra_env: dict[str, str] | None = None
+) -> AsyncIterator[Target]:
+    """The launcher's processes on ``backends`` (external mode), with ``extra_env``; stopped on exit."""
+    ports = {name: free_port() for name in PROCESSES}
+    secret = secrets.token_urlsafe(24)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STRATA_", "OTEL_"))}
+    env.update(
+        DATABASE_URL=backends.database_url,
+        REDIS_URL=backends.redis_url,
+        STRATA_MIGRATE_DATABASE_URL=backends.migrate_database_url,
+        STRATA_DATA_DIR=str(data_dir),
+        STRATA_INTERNAL_SECRET=secret,
+        STRATA_KEY_PEPPER="bench-key-pepper-0123456789",
+        STRATA_LOG_LEVEL="WARNING",
+        # The bench measures throughput: rate limits would measure themselves.
+        STRATA_RATE_LIMIT_RPS="1000000000",
+        STRATA_RATE_LIMIT_BURST="1000000000",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update({f"STRATA_{name.upper()}_PORT": str(port) for name, port in ports.items()})
+    env.update(extra_env or {})
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "shared.launcher",
+        env=env,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,
+    )
+    assert process.stdout is not None
+    output: list[str] = []
+    try:
+        await asyncio.wait_for(_until_ready(process.stdout, output), 120)
+    except BaseException:
+        await _stop(process)
+        raise RuntimeError("the launcher did not start:\n" + "\n".join(output[-40:])) from None
+    drain = asyncio.create_task(_drain(process.stdout))
+    try:
+        yield Target(
+            ports=ports,
+            api_key=(data_dir / "dev-api-key").read_text().strip(),
+            internal_secret=secret,
+            database_url=backends.database_url,
+            redis_url=backends.redis_url,
+            pids=child_pids(process.pid),
+        )
+    finally:
+        await _stop(process)
+        drain.cancel()
+
+
+async def _until_ready(stream: asyncio.StreamReader, output: list[str]) -> None:
+    while True:
+        line = await stream.readline()
+        if not line:
+            raise EOFError("the launcher exited")
+        output.append(line.decode(errors="replace").rstrip())
+        if output[-1].startswith("Press Ctrl-C to stop."):
+            return
+
+
+async def _drain(stream: asyncio.StreamReader) -> None:
+    async for _ in stream:
+        pass
+
+
+def child_pids(launcher_pid: int) -> dict[str, int]:
+    """The launcher's child processes by Strata process name (from /proc)."""
+    modules = {module: name for name, module in SERVICES.items()}
+    found: dict[str, int] = {}
+    for task in Path(f"/proc/{launcher_pid}/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            with contextlib.suppress(OSError):
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                if b"-m" in argv:
+                    module = argv[argv.index(b"-m") + 1].decode()
+                    if module in modules:
+                        found[modules[module]] = int(pid)
+    return found
+
+
+async def _stop(process: asyncio.subprocess.Process) -> None:
+    if process.returncode is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), 60)
+        except TimeoutError:
+            process.kill()
+            await process.wait()

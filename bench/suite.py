@@ -1,0 +1,316 @@
+"""The benchmark scenarios, run side by side in rounds against one Strata.
+
+Every figure that matters is a ratio of two measurements taken in the same
+round (service vs the bare echo server, service vs raw asyncpg), and the
+reported ratio is the median over rounds, so the machine's noise hits both
+sides of each ratio alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import statistics
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+from strata.kv.v1 import kv_pb2
+
+from bench.h2load import Measurement, run_h2load
+from bench.pyload import Job, run_python_load
+from bench.stack import ROOT, free_port
+from bench.target import Target
+
+__all__ = ["Config", "Suite"]
+
+KV = "/strata.kv.v1.KvService/"
+ECHO = "/bench.Echo/Echo"
+NAMESPACE = "bench"
+BATCH = 100
+
+
+@dataclass(frozen=True)
+class Config:
+    """How long and how hard: the defaults are ``make bench``'s; tests use a tiny one."""
+
+    rounds: int = 3
+    duration_s: float = 5.0
+    warmup_s: float = 1.0
+    connections: int = 4  # h2load connections
+    streams: int = 16  # h2load concurrent streams per connection (64 calls in flight)
+    moderate_streams: int = 4  # one connection, this many in flight: latency at moderate load
+    python_processes: int = 2
+    python_concurrency: int = 64
+    keys: int = 10_000
+
+
+@dataclass
+class Suite:
+    """Runs the scenarios against ``target`` and collects every round's measurements."""
+
+    target: Target
+    config: Config
+    owner_url: str
+    rounds: list[dict[str, Measurement]] = field(default_factory=list)
+    memory: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    async def run(self, log: Callable[[str], None] = print) -> None:
+        """Prepare the data, then run every scenario once per round."""
+        await self._prepare()
+        scenarios = self._scenarios()
+        self.memory["idle"] = resident_memory(self.target.pids)
+        async with echo_server() as echo_port:
+            for round_number in range(1, self.config.rounds + 1):
+                measured: dict[str, Measurement] = {}
+                for name, scenario in scenarios.items():
+                    measured[name] = await scenario(echo_port)
+                    log(f"round {round_number} {name:<26} {_line(measured[name])}")
+                self.rounds.append(measured)
+
+    # -- preparation -------------------------------------------------------
+
+    async def _prepare(self) -> None:
+        direct = self._direct("Put")
+        async with grpc.aio.insecure_channel(self.target.address("kv")) as channel:
+            put = channel.unary_unary(KV + "Put")
+            for key in ("hot", *(f"b{i}" for i in range(BATCH))):
+                await put(_put(key), metadata=direct)
+        async with grpc.aio.insecure_channel(self.target.address("gateway")) as channel:
+            await channel.unary_unary(KV + "Put")(_put("hot"), metadata=self.target.bearer())
+        conn = await asyncpg.connect(self.owner_url)
+        try:
+            # The raw baseline's table: same durability (a logged table, synchronous commit).
+            await conn.execute(
+                "CREATE SCHEMA IF NOT EXISTS bench;"
+                "CREATE TABLE IF NOT EXISTS bench.kv (k text PRIMARY KEY, v bytea NOT NULL);"
+                "GRANT USAGE ON SCHEMA bench TO strata_app;"
+                "GRANT SELECT, INSERT, UPDATE ON bench.kv TO strata_app;"
+            )
+            await conn.execute(
+                "INSERT INTO bench.kv SELECT 'k' || i, '\\x7631'::bytea FROM generate_series(0, $1 - 1) i "
+                "ON CONFLICT DO NOTHING",
+                self.config.keys,
+            )
+        finally:
+            await conn.close()
+
+    def _direct(self, method: str) -> list[tuple[str, str]]:
+        return self.target.signed(KV + method)
+
+    # -- scenarios ---------------------------------------------------------
+
+    def _scenarios(self) -> dict[str, Callable[[int], Awaitable[Measurement]]]:
+        get = kv_pb2.GetRequest(namespace=NAMESPACE, key="hot").SerializeToString()
+        batch = kv_pb2.BatchGetRequest(
+            namespace=NAMESPACE, keys=[f"b{i}" for i in range(BATCH)]
+        ).SerializeToString()
+        config = self.config
+
+        async def echo(port: int) -> Measurement:
+            return await self._h2load(f"127.0.0.1:{port}", ECHO, get, len(get), [])
+
+        async def kv_get_direct(_: int) -> Measurement:
+            return await self._unary("kv", "Get", get, self._direct("Get"))
+
+        async def kv_get_gateway(_: int) -> Measurement:
+            return await self._unary("gateway", "Get", get, self.target.bearer(), sample_memory=True)
+
+        async def kv_get_direct_moderate(_: int) -> Measurement:
+            return await self._unary("kv", "Get", get, self._direct("Get"), moderate=True)
+
+        async def kv_get_gateway_moderate(_: int) -> Measurement:
+            return await self._unary("gateway", "Get", get, self.target.bearer(), moderate=True)
+
+        async def batchget_direct(_: int) -> Measurement:
+            return await self._unary("kv", "BatchGet", batch, self._direct("BatchGet"))
+
+        async def kv_put_direct(_: int) -> Measurement:
+            bodies = [_put(f"w{i}") for i in range(config.keys)]
+            job = Job(
+                "grpc",
+                {
+                    "address": self.target.address("kv"),
+                    "path": KV + "Put",
+                    "bodies": bodies,
+                    "metadata": self._direct("Put"),
+                },
+            )
+            return await self._python(job)
+
+        async def kv_get_direct_python(_: int) -> Measurement:
+            # The same Get through the same Python client as the Put: shows when that client is the limit.
+            job = Job(
+                "grpc",
+                {
+                    "address": self.target.address("kv"),
+                    "path": KV + "Get",
+                    "bodies": [get],
+                    "metadata": self._direct("Get"),
+                },
+            )
+            return await self._python(job)
+
+        async def asyncpg_upsert(_: int) -> Measurement:
+            sql = "INSERT INTO bench.kv (k, v) VALUES ($1, $2) ON CONFLICT (k) DO UPDATE SET v = excluded.v"
+            return await self._python(
+                Job(
+                    "asyncpg",
+                    {"dsn": self.target.database_url, "sql": sql, "keys": config.keys, "value": b"v1"},
+                )
+            )
+
+        async def asyncpg_select(_: int) -> Measurement:
+            sql = "SELECT v FROM bench.kv WHERE k = $1"
+            return await self._python(
+                Job("asyncpg", {"dsn": self.target.database_url, "sql": sql, "keys": config.keys})
+            )
+
+        async def redis_get(_: int) -> Measurement:
+            return await self._python(Job("redis_get", {"url": self.target.redis_url, "keys": config.keys}))
+
+        return {
+            "echo": echo,
+            "kv_get_direct": kv_get_direct,
+            "kv_get_gateway": kv_get_gateway,
+            "kv_get_direct_moderate": kv_get_direct_moderate,
+            "kv_get_gateway_moderate": kv_get_gateway_moderate,
+            "batchget100_direct": batchget_direct,
+            "kv_put_direct": kv_put_direct,
+            "kv_get_direct_python": kv_get_direct_python,
+            "asyncpg_upsert": asyncpg_upsert,
+            "asyncpg_select": asyncpg_select,
+            "redis_get": redis_get,
+        }
+
+    async def _unary(
+        self,
+        process: str,
+        method: str,
+        body: bytes,
+        metadata: list[tuple[str, str]],
+        *,
+        sample_memory: bool = False,
+        moderate: bool = False,
+    ) -> Measurement:
+        # One call first: the exact response size lets the run tell successes from failures.
+        async with grpc.aio.insecure_channel(self.target.address(process)) as channel:
+            response = await channel.unary_unary(KV + method)(body, metadata=metadata, timeout=10)
+        shape = {"connections": 1, "streams": self.config.moderate_streams} if moderate else {}
+        run = self._h2load(self.target.address(process), KV + method, body, len(response), metadata, **shape)
+        if not sample_memory:
+            return await run
+        task = asyncio.create_task(run)
+        await asyncio.sleep(self.config.warmup_s + self.config.duration_s / 2)
+        self.memory["under_load"] = resident_memory(self.target.pids)
+        return await task
+
+    async def _h2load(
+        self,
+        address: str,
+        path: str,
+        body: bytes,
+        response_bytes: int,
+        headers: list[tuple[str, str]],
+        *,
+        connections: int | None = None,
+        streams: int | None = None,
+    ) -> Measurement:
+        return await run_h2load(
+            address,
+            path,
+            body,
+            response_bytes,
+            headers=headers,
+            connections=connections or self.config.connections,
+            streams=streams or self.config.streams,
+            duration_s=self.config.duration_s,
+            warmup_s=self.config.warmup_s,
+        )
+
+    async def _python(self, job: Job) -> Measurement:
+        return await run_python_load(
+            job,
+            processes=self.config.python_processes,
+            concurrency=self.config.python_concurrency,
+            duration_s=self.config.duration_s,
+            warmup_s=self.config.warmup_s,
+        )
+
+    # -- results -----------------------------------------------------------
+
+    def medians(self) -> dict[str, dict[str, Any]]:
+        """Per scenario, the median over rounds of rps, p50 and p99."""
+        names = self.rounds[0].keys() if self.rounds else []
+        return {
+            name: {
+                "rps": statistics.median(r[name].rps for r in self.rounds),
+                "p50_ms": statistics.median(r[name].p50_ms for r in self.rounds),
+                "p99_ms": statistics.median(r[name].p99_ms for r in self.rounds),
+                "tool": self.rounds[0][name].tool,
+            }
+            for name in names
+        }
+
+    def ratios(self) -> dict[str, float | None]:
+        """The headline ratios: per round, then the median over rounds."""
+
+        def median_of(numerator: str, denominator: str, scale: float = 1.0) -> float:
+            return statistics.median(scale * r[numerator].rps / r[denominator].rps for r in self.rounds)
+
+        return {
+            "kv_get_direct_vs_echo": median_of("kv_get_direct", "echo"),
+            "kv_get_gateway_vs_echo": median_of("kv_get_gateway", "echo"),
+            "batchget_keys_vs_get": median_of("batchget100_direct", "kv_get_direct", BATCH),
+            "put_vs_asyncpg": median_of("kv_put_direct", "asyncpg_upsert"),
+            "vector_qps_vs_sql": None,
+            "tracing_on_vs_off": None,
+            "kv_get_vs_etcd_range": None,
+        }
+
+    def gateway_added_p50_ms(self) -> float:
+        """Median over rounds of the gateway's p50 minus the service's, at moderate load."""
+        return statistics.median(
+            r["kv_get_gateway_moderate"].p50_ms - r["kv_get_direct_moderate"].p50_ms for r in self.rounds
+        )
+
+
+def _put(key: str) -> bytes:
+    return kv_pb2.PutRequest(namespace=NAMESPACE, key=key, value=b"v" * 64).SerializeToString()
+
+
+def _line(m: Measurement) -> str:
+    return f"{m.rps:>10.0f} rps  p50 {m.p50_ms:7.3f} ms  p99 {m.p99_ms:7.3f} ms  ({m.tool})"
+
+
+def resident_memory(pids: dict[str, int]) -> dict[str, int]:
+    """Resident set size in bytes of each process (VmRSS)."""
+    found: dict[str, int] = {}
+    for name, pid in pids.items():
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    found[name] = int(line.split()[1]) * 1024
+    return found
+
+
+@contextlib.asynccontextmanager
+async def echo_server() -> Any:
+    """The bare echo server as its own process; yields its port."""
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.echo_server", str(port), cwd=ROOT, stdout=asyncio.subprocess.PIPE
+    )
+    assert process.stdout is not None
+    try:
+        line = await asyncio.wait_for(process.stdout.readline(), 30)
+        if not line.startswith(b"READY"):
+            raise RuntimeError("the echo server did not start")
+        yield port
+    finally:
+        process.kill()
+        await process.wait()

@@ -1,0 +1,68 @@
+"""The benchmark harness in a tiny configuration against the e2e stack, so it cannot rot.
+
+Nothing here is timed: it checks that every scenario runs, that h2load's
+results are read and checked, and that the results document has its fixed
+names.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.report import write_results
+from bench.stack import child_pids
+from bench.suite import Config, Suite
+from bench.target import Target
+from tests.conftest import TEST_INTERNAL_SECRET
+
+pytestmark = pytest.mark.e2e
+
+TINY = Config(
+    rounds=1,
+    duration_s=1,
+    warmup_s=0,
+    connections=1,
+    streams=2,
+    moderate_streams=1,
+    python_processes=1,
+    python_concurrency=2,
+    keys=50,
+)
+
+
+async def test_the_suite_runs_every_scenario_and_writes_its_figures(stack, settings, tmp_path):
+    target = Target(
+        ports=stack.ports,
+        api_key=stack.api_key,
+        internal_secret=TEST_INTERNAL_SECRET,
+        database_url=settings.database_url,
+        redis_url=settings.redis_url,
+        pids=child_pids(stack.process.pid),
+    )
+    suite = Suite(target, TINY, settings.migrate_database_url)
+    lines: list[str] = []
+    await suite.run(log=lines.append)
+    assert len(lines) == len(suite.rounds[0]) == 11
+    document = write_results(suite, TINY, tmp_path)
+    assert json.loads((tmp_path / "latest.json").read_text()) == json.loads(json.dumps(document))
+    ratios = document["ratios"]
+    assert set(ratios) == {
+        "kv_get_direct_vs_echo",
+        "kv_get_gateway_vs_echo",
+        "batchget_keys_vs_get",
+        "put_vs_asyncpg",
+        "vector_qps_vs_sql",
+        "tracing_on_vs_off",
+        "kv_get_vs_etcd_range",
+    }
+    for name in ("kv_get_direct_vs_echo", "kv_get_gateway_vs_echo", "batchget_keys_vs_get", "put_vs_asyncpg"):
+        assert ratios[name] > 0, name
+    assert document["echo_ceiling_rps"] > 0
+    for name, scenario in document["scenarios"].items():
+        assert scenario["rps"] > 0 and 0 < scenario["p50_ms"] <= scenario["p99_ms"], name
+    assert set(document["memory_bytes"]["idle"]) == {"gateway", "kv", "tenants", "vector", "admin"}
+    assert all(size > 10 * 2**20 for size in document["memory_bytes"]["under_load"].values())
+    table = (tmp_path / "latest.md").read_text()
+    assert "| kv_get_direct_vs_echo |" in table and "| echo |" in table
