@@ -11,9 +11,36 @@ from pathlib import Path
 import uvloop
 
 from bench.h2load import h2load_available
+from bench.otlp_sink import OtlpSink
 from bench.report import write_results
 from bench.stack import ROOT, bench_backends, running_strata
 from bench.suite import Config, Suite
+from shared.backends import Backends
+
+
+async def tracing_rounds(backends: Backends, data_dir: Path, config: Config) -> list[dict[str, float]]:
+    """Per round: gateway Get throughput with tracing off, then on (100 % sampled, exported to a sink)."""
+    sink = OtlpSink()
+    await sink.start()
+    rounds: list[dict[str, float]] = []
+    try:
+        for number in range(1, config.rounds + 1):
+            measured: dict[str, float] = {}
+            for label, env in (("off", {}), ("on", sink.environment())):
+                async with running_strata(backends, data_dir, env) as target:
+                    suite = Suite(target, config, backends.migrate_database_url)
+                    await suite.prepare_kv()
+                    measurement = await suite.scenario("kv_get_gateway")
+                    measured[label] = measurement.rps
+                    print(
+                        f"round {number} kv_get_gateway tracing {label:<3} {measurement.rps:>10.0f} rps",
+                        flush=True,
+                    )
+            rounds.append(measured)
+    finally:
+        await sink.stop()
+    print(f"spans received: {sink.spans} in {sink.requests} exports")
+    return rounds
 
 
 async def main(config: Config, folder: Path) -> int:
@@ -22,9 +49,11 @@ async def main(config: Config, folder: Path) -> int:
         return 2
     data_dir = ROOT / ".strata" / "bench"
     shutil.rmtree(data_dir, ignore_errors=True)
-    async with bench_backends(data_dir) as backends, running_strata(backends, data_dir) as target:
-        suite = Suite(target, config, backends.migrate_database_url)
-        await suite.run()
+    async with bench_backends(data_dir) as backends:
+        async with running_strata(backends, data_dir) as target:
+            suite = Suite(target, config, backends.migrate_database_url)
+            await suite.run()
+        suite.tracing = await tracing_rounds(backends, data_dir, config)
     document = write_results(suite, config, folder)
     print(f"\nwritten to {folder}/latest.json and latest.md")
     for name, value in document["ratios"].items():

@@ -40,10 +40,12 @@ def results(suite: Suite, config: Config) -> dict[str, Any]:
         "echo_ceiling_rps": medians["echo"]["rps"],
         "gateway_added_p50_ms": suite.gateway_added_p50_ms(),
         "recall_at_10": None,
-        "cache_hit_ratio": None,
+        "cache_hit_ratio": (suite.cache_figures() or {}).get("hit_ratio"),
+        "cache_zipf": suite.cache_figures(),
         "scenarios": medians,
         "rounds": [{name: m.as_dict() for name, m in r.items()} for r in suite.rounds],
         "memory_bytes": suite.memory,
+        "tracing_rounds": suite.tracing,
     }
 
 
@@ -89,6 +91,15 @@ def markdown(document: dict[str, Any]) -> str:
     ]
     for name, m in document["scenarios"].items():
         lines.append(f"| {name} | {m['rps']:.0f} | {m['p50_ms']:.3f} | {m['p99_ms']:.3f} | {m['tool']} |")
+    cache = document.get("cache_zipf")
+    if cache:
+        lines += [
+            "",
+            "## Cache on a Zipf read mix (s = 1.1 over the bench keys)",
+            "",
+            f"Hit ratio {cache['hit_ratio']:.3f} (target >= 0.95); "
+            f"Postgres reads per 1,000 Gets: {cache['postgres_reads_per_1000_gets']:.1f}.",
+        ]
     lines += ["", "## Resident memory (MiB)", "", "| process | idle | under load |", "|---|---|---|"]
     memory = document["memory_bytes"]
     for name in sorted(memory.get("idle", {})):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import statistics
 import sys
 from collections.abc import Awaitable, Callable
@@ -25,12 +26,15 @@ from bench.h2load import Measurement, run_h2load
 from bench.pyload import Job, run_python_load
 from bench.stack import ROOT, free_port
 from bench.target import Target
+from shared.cache import invalidate_prefix, open_redis
+from shared.stats import read_process_stats
 
 __all__ = ["Config", "Suite"]
 
 KV = "/strata.kv.v1.KvService/"
 ECHO = "/bench.Echo/Echo"
 NAMESPACE = "bench"
+TENANT = "bench"  # direct calls are signed for this tenant (Target.signed)
 BATCH = 100
 
 
@@ -58,6 +62,8 @@ class Suite:
     owner_url: str
     rounds: list[dict[str, Measurement]] = field(default_factory=list)
     memory: dict[str, dict[str, int]] = field(default_factory=dict)
+    cache: list[dict[str, float]] = field(default_factory=list)  # per round: the Zipf mix's figures
+    tracing: list[dict[str, float]] = field(default_factory=list)  # per round: gateway Get rps, "off" / "on"
 
     async def run(self, log: Callable[[str], None] = print) -> None:
         """Prepare the data, then run every scenario once per round."""
@@ -74,14 +80,33 @@ class Suite:
 
     # -- preparation -------------------------------------------------------
 
+    async def scenario(self, name: str) -> Measurement:
+        """Run one scenario by name (outside the rounds)."""
+        return await self._scenarios()[name](0)
+
     async def _prepare(self) -> None:
+        await self.prepare_kv()
+        await self._prepare_sql()
+
+    async def prepare_kv(self) -> None:
+        """The keys the KV scenarios read."""
         direct = self._direct("Put")
         async with grpc.aio.insecure_channel(self.target.address("kv")) as channel:
             put = channel.unary_unary(KV + "Put")
             for key in ("hot", *(f"b{i}" for i in range(BATCH))):
                 await put(_put(key), metadata=direct)
+            batch_put = channel.unary_unary(KV + "BatchPut")
+            for start in range(0, self.config.keys, 1000):
+                items = [
+                    kv_pb2.BatchPutItem(key=f"z{i}", value=b"v" * 64)
+                    for i in range(start, min(start + 1000, self.config.keys))
+                ]
+                request = kv_pb2.BatchPutRequest(namespace=NAMESPACE, items=items)
+                await batch_put(request.SerializeToString(), metadata=self._direct("BatchPut"))
         async with grpc.aio.insecure_channel(self.target.address("gateway")) as channel:
             await channel.unary_unary(KV + "Put")(_put("hot"), metadata=self.target.bearer())
+
+    async def _prepare_sql(self) -> None:
         conn = await asyncpg.connect(self.owner_url)
         try:
             # The raw baseline's table: same durability (a logged table, synchronous commit).
@@ -98,6 +123,19 @@ class Suite:
             )
         finally:
             await conn.close()
+
+    async def _kv_cache_counters(self) -> dict[str, float]:
+        """The kv processes' cache counters, summed, as last published."""
+        redis = open_redis(self.target.redis_url)
+        try:
+            snapshots = [s for s in await read_process_stats(redis) if s.component == "kv"]
+        finally:
+            await redis.aclose()
+        totals: dict[str, float] = {k: 0.0 for k in ("local_hits", "redis_hits", "misses", "loads")}
+        for snapshot in snapshots:
+            for name in totals:
+                totals[name] += float(snapshot.figures.get("cache", {}).get(name, 0))
+        return totals
 
     def _direct(self, method: str) -> list[tuple[str, str]]:
         return self.target.signed(KV + method)
@@ -142,6 +180,46 @@ class Suite:
             )
             return await self._python(job)
 
+        async def kv_get_zipf(_: int) -> Measurement:
+            # Start cold: the keys were cached when written; the mix itself decides what gets cached.
+            redis = open_redis(self.target.redis_url)
+            try:
+                await invalidate_prefix(redis, "kv", f"{TENANT}\x00{NAMESPACE}\x00z".encode())
+            finally:
+                await redis.aclose()
+            await asyncio.sleep(0.2)  # the broadcast reaches the kv process's local tier
+
+            def zipf_job(seed: int) -> Job:
+                return Job(
+                    "grpc",
+                    {
+                        "address": self.target.address("kv"),
+                        "path": KV + "Get",
+                        "bodies": zipf_gets(config.keys, seed=seed),
+                        "metadata": self._direct("Get"),
+                    },
+                )
+
+            # Steady state: a warm-up of the same mix (3x the run), then a fresh draw is measured.
+            await self._python(zipf_job(seed=1), warmup_s=0.0, duration_s=3 * config.duration_s)
+            await asyncio.sleep(0.6)  # the kv process publishes its counters every 0.25 s
+            before = await self._kv_cache_counters()
+            measured = await self._python(zipf_job(seed=2), warmup_s=0.0)
+            await asyncio.sleep(0.6)
+            after = await self._kv_cache_counters()
+            lookups = sum(after[k] - before[k] for k in ("local_hits", "redis_hits", "misses"))
+            hits = sum(after[k] - before[k] for k in ("local_hits", "redis_hits"))
+            self.cache.append(
+                {
+                    "hit_ratio": hits / lookups if lookups else 0.0,
+                    "postgres_reads_per_1000_gets": 1000 * (after["loads"] - before["loads"]) / lookups
+                    if lookups
+                    else 0.0,
+                    "lookups": lookups,
+                }
+            )
+            return measured
+
         async def kv_get_direct_python(_: int) -> Measurement:
             # The same Get through the same Python client as the Put: shows when that client is the limit.
             job = Job(
@@ -182,6 +260,7 @@ class Suite:
             "batchget100_direct": batchget_direct,
             "kv_put_direct": kv_put_direct,
             "kv_get_direct_python": kv_get_direct_python,
+            "kv_get_zipf": kv_get_zipf,
             "asyncpg_upsert": asyncpg_upsert,
             "asyncpg_select": asyncpg_select,
             "redis_get": redis_get,
@@ -232,13 +311,15 @@ class Suite:
             warmup_s=self.config.warmup_s,
         )
 
-    async def _python(self, job: Job) -> Measurement:
+    async def _python(
+        self, job: Job, *, warmup_s: float | None = None, duration_s: float | None = None
+    ) -> Measurement:
         return await run_python_load(
             job,
             processes=self.config.python_processes,
             concurrency=self.config.python_concurrency,
-            duration_s=self.config.duration_s,
-            warmup_s=self.config.warmup_s,
+            duration_s=self.config.duration_s if duration_s is None else duration_s,
+            warmup_s=self.config.warmup_s if warmup_s is None else warmup_s,
         )
 
     # -- results -----------------------------------------------------------
@@ -256,6 +337,15 @@ class Suite:
             for name in names
         }
 
+    def cache_figures(self) -> dict[str, float] | None:
+        """The Zipf mix: median hit ratio and Postgres reads per 1,000 Gets over rounds."""
+        if not self.cache:
+            return None
+        return {
+            name: statistics.median(r[name] for r in self.cache)
+            for name in ("hit_ratio", "postgres_reads_per_1000_gets")
+        }
+
     def ratios(self) -> dict[str, float | None]:
         """The headline ratios: per round, then the median over rounds."""
 
@@ -268,7 +358,9 @@ class Suite:
             "batchget_keys_vs_get": median_of("batchget100_direct", "kv_get_direct", BATCH),
             "put_vs_asyncpg": median_of("kv_put_direct", "asyncpg_upsert"),
             "vector_qps_vs_sql": None,
-            "tracing_on_vs_off": None,
+            "tracing_on_vs_off": statistics.median(r["on"] / r["off"] for r in self.tracing)
+            if self.tracing
+            else None,
             "kv_get_vs_etcd_range": None,
         }
 
@@ -277,6 +369,14 @@ class Suite:
         return statistics.median(
             r["kv_get_gateway_moderate"].p50_ms - r["kv_get_direct_moderate"].p50_ms for r in self.rounds
         )
+
+
+def zipf_gets(keys: int, samples: int = 50_000, exponent: float = 1.1, seed: int = 7) -> list[bytes]:
+    """Get requests for keys z0..z<keys-1> drawn from a Zipf distribution (a fixed seed)."""
+    rng = random.Random(seed)
+    weights = [1.0 / (rank + 1) ** exponent for rank in range(keys)]
+    drawn = rng.choices(range(keys), weights=weights, k=samples)
+    return [kv_pb2.GetRequest(namespace=NAMESPACE, key=f"z{i}").SerializeToString() for i in drawn]
 
 
 def _put(key: str) -> bytes:

@@ -44,7 +44,7 @@ async def test_the_suite_runs_every_scenario_and_writes_its_figures(stack, setti
     suite = Suite(target, TINY, settings.migrate_database_url)
     lines: list[str] = []
     await suite.run(log=lines.append)
-    assert len(lines) == len(suite.rounds[0]) == 11
+    assert len(lines) == len(suite.rounds[0]) == 12
     document = write_results(suite, TINY, tmp_path)
     assert json.loads((tmp_path / "latest.json").read_text()) == json.loads(json.dumps(document))
     ratios = document["ratios"]
@@ -60,6 +60,8 @@ async def test_the_suite_runs_every_scenario_and_writes_its_figures(stack, setti
     for name in ("kv_get_direct_vs_echo", "kv_get_gateway_vs_echo", "batchget_keys_vs_get", "put_vs_asyncpg"):
         assert ratios[name] > 0, name
     assert document["echo_ceiling_rps"] > 0
+    assert 0 < document["cache_hit_ratio"] <= 1
+    assert document["cache_zipf"]["postgres_reads_per_1000_gets"] >= 0
     for name, scenario in document["scenarios"].items():
         assert scenario["rps"] > 0 and 0 < scenario["p50_ms"] <= scenario["p99_ms"], name
     assert set(document["memory_bytes"]["idle"]) == {"gateway", "kv", "tenants", "vector", "admin"}
