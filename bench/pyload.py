@@ -64,6 +64,24 @@ async def _operation(job: Job, worker: int) -> tuple[Any, Any]:
             await pool.execute(sql, *args)
 
         return one, pool.close
+    if job.kind == "asyncpg_tenant":
+        # A tenant-scoped read as the services make it: a transaction that sets the tenant first.
+        import asyncpg
+
+        pool = await asyncpg.create_pool(
+            params["dsn"], min_size=params["concurrency"], max_size=params["concurrency"]
+        )
+        sql = params["sql"]
+        fixed: list[Any] = list(params["args"])
+        ids: int = params.get("ids", 0)
+
+        async def one(i: int) -> None:
+            args = [*fixed, f"r{(worker * 7919 + i) % ids}"] if ids else fixed
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute("SELECT set_config('strata.tenant_id', $1, true)", params["tenant"])
+                await conn.fetch(sql, *args)
+
+        return one, pool.close
     if job.kind == "redis_get":
         import redis.asyncio as aioredis
 

@@ -20,7 +20,9 @@ from typing import Any
 
 import asyncpg
 import grpc
+from strata.common.v1 import filter_pb2
 from strata.kv.v1 import kv_pb2
+from strata.tenants.v1 import tenants_pb2
 
 from bench.h2load import Measurement, run_h2load
 from bench.pyload import Job, run_python_load
@@ -32,6 +34,7 @@ from shared.stats import read_process_stats
 __all__ = ["Config", "Suite"]
 
 KV = "/strata.kv.v1.KvService/"
+RECORDS = "/strata.tenants.v1.RecordService/"
 ECHO = "/bench.Echo/Echo"
 NAMESPACE = "bench"
 TENANT = "bench"  # direct calls are signed for this tenant (Target.signed)
@@ -51,6 +54,7 @@ class Config:
     python_processes: int = 2
     python_concurrency: int = 64
     keys: int = 10_000
+    records: int = 2_000
 
 
 @dataclass
@@ -86,7 +90,24 @@ class Suite:
 
     async def _prepare(self) -> None:
         await self.prepare_kv()
+        await self._prepare_records()
         await self._prepare_sql()
+
+    async def _prepare_records(self) -> None:
+        """Records r0..r<records-1> in collection "orders"; one in ten is "open"."""
+        metadata = self.target.signed(RECORDS + "CreateRecord")
+        async with grpc.aio.insecure_channel(self.target.address("tenants")) as channel:
+            create = channel.unary_unary(RECORDS + "CreateRecord")
+
+            async def one(i: int) -> None:
+                record = tenants_pb2.Record(collection="orders", id=f"r{i}")
+                record.data.update({"status": "open" if i % 10 == 0 else "closed", "total": i})
+                request = tenants_pb2.CreateRecordRequest(record=record)
+                with contextlib.suppress(grpc.aio.AioRpcError):  # ALREADY_EXISTS on a second prepare
+                    await create(request.SerializeToString(), metadata=metadata)
+
+            for start in range(0, self.config.records, 50):
+                await asyncio.gather(*(one(i) for i in range(start, min(start + 50, self.config.records))))
 
     async def prepare_kv(self) -> None:
         """The keys the KV scenarios read."""
@@ -123,6 +144,17 @@ class Suite:
             )
         finally:
             await conn.close()
+
+    def _grpc_job(self, process: str, path: str, bodies: list[bytes]) -> Job:
+        metadata = self.target.signed(path)
+        return Job(
+            "grpc",
+            {"address": self.target.address(process), "path": path, "bodies": bodies, "metadata": metadata},
+        )
+
+    def _tenant_sql_job(self, sql: str, args: list[str], ids: int = 0) -> Job:
+        params = {"dsn": self.target.database_url, "tenant": TENANT, "sql": sql, "args": args, "ids": ids}
+        return Job("asyncpg_tenant", params)
 
     async def _kv_cache_counters(self) -> dict[str, float]:
         """The kv processes' cache counters, summed, as last published."""
@@ -233,6 +265,33 @@ class Suite:
             )
             return await self._python(job)
 
+        record_columns = "collection, id, data, revision, created_at, updated_at"
+        list_request = tenants_pb2.ListRecordsRequest(
+            collection="orders", filter=_status_is("open"), page_size=20
+        )
+
+        async def records_get_direct(_: int) -> Measurement:
+            bodies = [
+                tenants_pb2.GetRecordRequest(collection="orders", id=f"r{i}").SerializeToString()
+                for i in range(config.records)
+            ]
+            return await self._python(self._grpc_job("tenants", RECORDS + "GetRecord", bodies))
+
+        async def records_list_direct(_: int) -> Measurement:
+            body = list_request.SerializeToString()
+            return await self._python(self._grpc_job("tenants", RECORDS + "ListRecords", [body]))
+
+        async def asyncpg_record_get(_: int) -> Measurement:
+            sql = f"SELECT {record_columns} FROM tenants.records WHERE collection = $1 AND id = $2"
+            return await self._python(self._tenant_sql_job(sql, ["orders"], ids=config.records))
+
+        async def asyncpg_record_list(_: int) -> Measurement:
+            sql = (
+                f"SELECT {record_columns} FROM tenants.records "
+                "WHERE collection = $1 AND data -> 'status' = to_jsonb($2::text) ORDER BY id LIMIT 21"
+            )
+            return await self._python(self._tenant_sql_job(sql, ["orders", "open"]))
+
         async def asyncpg_upsert(_: int) -> Measurement:
             sql = "INSERT INTO bench.kv (k, v) VALUES ($1, $2) ON CONFLICT (k) DO UPDATE SET v = excluded.v"
             return await self._python(
@@ -261,6 +320,10 @@ class Suite:
             "kv_put_direct": kv_put_direct,
             "kv_get_direct_python": kv_get_direct_python,
             "kv_get_zipf": kv_get_zipf,
+            "records_get_direct": records_get_direct,
+            "asyncpg_record_get": asyncpg_record_get,
+            "records_list_direct": records_list_direct,
+            "asyncpg_record_list": asyncpg_record_list,
             "asyncpg_upsert": asyncpg_upsert,
             "asyncpg_select": asyncpg_select,
             "redis_get": redis_get,
@@ -357,6 +420,8 @@ class Suite:
             "kv_get_gateway_vs_echo": median_of("kv_get_gateway", "echo"),
             "batchget_keys_vs_get": median_of("batchget100_direct", "kv_get_direct", BATCH),
             "put_vs_asyncpg": median_of("kv_put_direct", "asyncpg_upsert"),
+            "records_get_vs_sql": median_of("records_get_direct", "asyncpg_record_get"),
+            "records_list_vs_sql": median_of("records_list_direct", "asyncpg_record_list"),
             "vector_qps_vs_sql": None,
             "tracing_on_vs_off": statistics.median(r["on"] / r["off"] for r in self.tracing)
             if self.tracing
@@ -377,6 +442,12 @@ def zipf_gets(keys: int, samples: int = 50_000, exponent: float = 1.1, seed: int
     weights = [1.0 / (rank + 1) ** exponent for rank in range(keys)]
     drawn = rng.choices(range(keys), weights=weights, k=samples)
     return [kv_pb2.GetRequest(namespace=NAMESPACE, key=f"z{i}").SerializeToString() for i in drawn]
+
+
+def _status_is(status: str) -> filter_pb2.Filter:
+    condition = filter_pb2.Condition(path="status", op=filter_pb2.OPERATOR_EQ)
+    condition.value.string_value = status
+    return filter_pb2.Filter(condition=condition)
 
 
 def _put(key: str) -> bytes:

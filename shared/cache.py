@@ -31,7 +31,16 @@ from redis.exceptions import RedisError
 
 from shared.settings import Settings
 
-__all__ = ["CacheEntry", "CacheStats", "RevisionedCache", "open_redis"]
+__all__ = [
+    "CACHE_COUNTERS",
+    "CacheEntry",
+    "CacheStats",
+    "RevisionedCache",
+    "invalidate_prefix",
+    "invalidation_channel",
+    "open_redis",
+    "redis_key_prefix",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -40,6 +49,8 @@ _MARKER = b"A"  # revision known, content not cached (too large, or invalidated)
 _DELETED = b"D"  # tombstone: absent as of this revision
 _VALUE = b"V"
 _REV_DIGITS = 20
+# The counters a cache reports as its own (admin, Prometheus); CacheStats holds more.
+CACHE_COUNTERS = ("local_hits", "redis_hits", "misses", "evictions", "invalidations_received", "redis_errors")
 # An invalidation message that drops every local entry under a key prefix.
 _DROP_PREFIX = b"P"
 # How often the invalidation listener looks up from Redis to see whether it should stop.

@@ -22,18 +22,12 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from shared.cache import CACHE_COUNTERS
+
 __all__ = ["Metrics"]
 
 # From a cache hit (~100 µs) to a slow statement or a long stream.
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-_CACHE_COUNTERS = (
-    "local_hits",
-    "redis_hits",
-    "misses",
-    "evictions",
-    "invalidations_received",
-    "redis_errors",
-)
 
 
 class Metrics:
@@ -100,7 +94,7 @@ class _FiguresCollector(Collector):
                 yield gauge
         cache = values.get("cache")
         if isinstance(cache, dict):
-            for name in _CACHE_COUNTERS:
+            for name in CACHE_COUNTERS:
                 counter = CounterMetricFamily(
                     f"strata_cache_{name}", f"Cache {name.replace('_', ' ')} since start.", labels=labels
                 )

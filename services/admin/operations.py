@@ -26,7 +26,7 @@ from strata.admin.v1 import admin_pb2
 
 from shared.audit import record_audit
 from shared.backends import migration_plan
-from shared.cache import invalidate_prefix
+from shared.cache import CACHE_COUNTERS, invalidate_prefix
 from shared.db import Database
 from shared.errors import FieldViolation, StrataError, invalid_argument, unavailable
 from shared.migrations import Migration, MigrationError, apply_migrations
@@ -391,7 +391,7 @@ def _process_stats(snapshot: ProcessSnapshot) -> admin_pb2.ProcessStats:
         stats.pool.CopyFrom(admin_pb2.PoolStats(**{k: int(pool.get(k, 0)) for k in _POOL_FIELDS}))
     cache = figures.get("cache")
     if isinstance(cache, dict):
-        counters = {k: int(cache.get(k, 0)) for k in _CACHE_FIELDS}
+        counters = {k: int(cache.get(k, 0)) for k in (*CACHE_COUNTERS, "local_entries")}
         lookups = counters["local_hits"] + counters["redis_hits"] + counters["misses"]
         hits = counters["local_hits"] + counters["redis_hits"]
         stats.cache.CopyFrom(
@@ -410,15 +410,6 @@ def _error_text(exc: BaseException) -> str:
 
 
 _POOL_FIELDS = ("size", "idle", "min_size", "max_size", "waiters")
-_CACHE_FIELDS = (
-    "local_hits",
-    "redis_hits",
-    "misses",
-    "evictions",
-    "invalidations_received",
-    "redis_errors",
-    "local_entries",
-)
 
 _TABLES_SQL = """
 SELECT s.schemaname AS schema, s.relname AS name,

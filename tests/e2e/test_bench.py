@@ -29,6 +29,7 @@ TINY = Config(
     python_processes=1,
     python_concurrency=2,
     keys=50,
+    records=30,
 )
 
 
@@ -44,11 +45,11 @@ async def test_the_suite_runs_every_scenario_and_writes_its_figures(stack, setti
     suite = Suite(target, TINY, settings.migrate_database_url)
     lines: list[str] = []
     await suite.run(log=lines.append)
-    assert len(lines) == len(suite.rounds[0]) == 12
+    assert len(lines) == len(suite.rounds[0]) == 16
     document = write_results(suite, TINY, tmp_path)
     assert json.loads((tmp_path / "latest.json").read_text()) == json.loads(json.dumps(document))
     ratios = document["ratios"]
-    assert set(ratios) == {
+    assert set(ratios) >= {
         "kv_get_direct_vs_echo",
         "kv_get_gateway_vs_echo",
         "batchget_keys_vs_get",
@@ -57,7 +58,15 @@ async def test_the_suite_runs_every_scenario_and_writes_its_figures(stack, setti
         "tracing_on_vs_off",
         "kv_get_vs_etcd_range",
     }
-    for name in ("kv_get_direct_vs_echo", "kv_get_gateway_vs_echo", "batchget_keys_vs_get", "put_vs_asyncpg"):
+    measured = (
+        "kv_get_direct_vs_echo",
+        "kv_get_gateway_vs_echo",
+        "batchget_keys_vs_get",
+        "put_vs_asyncpg",
+        "records_get_vs_sql",
+        "records_list_vs_sql",
+    )
+    for name in measured:
         assert ratios[name] > 0, name
     assert document["echo_ceiling_rps"] > 0
     assert 0 < document["cache_hit_ratio"] <= 1
