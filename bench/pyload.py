@@ -82,6 +82,22 @@ async def _operation(job: Job, worker: int) -> tuple[Any, Any]:
                 await conn.fetch(sql, *args)
 
         return one, pool.close
+    if job.kind == "asyncpg_query":
+        # One statement per call in a transaction that first runs ``setup`` (SET LOCAL ...).
+        import asyncpg
+
+        pool = await asyncpg.create_pool(
+            params["dsn"], min_size=params["concurrency"], max_size=params["concurrency"]
+        )
+        arguments: list[Any] = params["arguments"]
+
+        async def one(i: int) -> None:
+            async with pool.acquire() as conn, conn.transaction():
+                for statement in params["setup"]:
+                    await conn.execute(statement)
+                await conn.fetch(params["sql"], arguments[(worker * 7919 + i) % len(arguments)])
+
+        return one, pool.close
     if job.kind == "redis_get":
         import redis.asyncio as aioredis
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -39,13 +40,15 @@ def results(suite: Suite, config: Config) -> dict[str, Any]:
         "ratios": suite.ratios(),
         "echo_ceiling_rps": medians["echo"]["rps"],
         "gateway_added_p50_ms": suite.gateway_added_p50_ms(),
-        "recall_at_10": None,
+        "recall_at_10": suite.vector.get("recall_at_10"),
+        "vector_load": suite.vector,
         "cache_hit_ratio": (suite.cache_figures() or {}).get("hit_ratio"),
         "cache_zipf": suite.cache_figures(),
         "scenarios": medians,
         "rounds": [{name: m.as_dict() for name, m in r.items()} for r in suite.rounds],
         "memory_bytes": suite.memory,
         "tracing_rounds": suite.tracing,
+        "puts_per_commit": statistics.median(suite.puts_per_commit) if suite.puts_per_commit else None,
     }
 
 
@@ -100,6 +103,18 @@ def markdown(document: dict[str, Any]) -> str:
             f"Hit ratio {cache['hit_ratio']:.3f} (target >= 0.95); "
             f"Postgres reads per 1,000 Gets: {cache['postgres_reads_per_1000_gets']:.1f}.",
         ]
+    load = document.get("vector_load")
+    if load:
+        lines += [
+            "",
+            f"## Vectors ({load['points']:.0f} x 128, cosine, HNSW m 16 / ef_construction 64, ef_search 100)",
+            "",
+            f"Bulk load through the service {load['service_upsert_points_per_s']:.0f} points/s vs raw COPY "
+            f"{load['copy_points_per_s']:.0f} points/s into an equally indexed table "
+            f"(ratio {load['upsert_vs_copy']:.2f}); recall@10 at defaults {load['recall_at_10']:.3f}.",
+        ]
+    if document.get("puts_per_commit"):
+        lines += ["", f"Group commit under the Put load: {document['puts_per_commit']:.1f} puts per commit."]
     lines += ["", "## Resident memory (MiB)", "", "| process | idle | under load |", "|---|---|---|"]
     memory = document["memory_bytes"]
     for name in sorted(memory.get("idle", {})):

@@ -29,6 +29,17 @@ from bench.h2load import Measurement, run_h2load
 from bench.pyload import Job, run_python_load
 from bench.stack import ROOT, free_port
 from bench.target import Target
+from bench.vectors import (
+    EF_SEARCH,
+    RAW_SEARCH,
+    VECTOR,
+    VectorData,
+    load_raw,
+    load_service,
+    raw_queries,
+    recall_at_10,
+    search_bodies,
+)
 from shared.cache import invalidate_prefix, open_redis
 from shared.stats import read_process_stats
 
@@ -56,6 +67,7 @@ class Config:
     python_concurrency: int = 64
     keys: int = 10_000
     records: int = 2_000
+    vectors: int = 100_000  # points of the 128-dimension vector scenarios
 
 
 @dataclass
@@ -69,6 +81,9 @@ class Suite:
     memory: dict[str, dict[str, int]] = field(default_factory=dict)
     cache: list[dict[str, float]] = field(default_factory=list)  # per round: the Zipf mix's figures
     tracing: list[dict[str, float]] = field(default_factory=list)  # per round: gateway Get rps, "off" / "on"
+    puts_per_commit: list[float] = field(
+        default_factory=list
+    )  # per round: group commit's batch size under Put
 
     async def run(self, log: Callable[[str], None] = print) -> None:
         """Prepare the data, then run every scenario once per round."""
@@ -96,6 +111,21 @@ class Suite:
         await self.prepare_kv()
         await self._prepare_records()
         await self._prepare_sql()
+        await self._prepare_vectors()
+
+    async def _prepare_vectors(self) -> None:
+        """Load the same points through the service and by raw COPY (timed), and measure recall once."""
+        data = VectorData.clustered(self.config.vectors, queries=min(200, max(10, self.config.vectors // 10)))
+        self._vector_data = data
+        service_pps = await load_service(self.target, data)
+        copy_pps = await load_raw(self.owner_url, self.target.database_url, data)
+        self.vector = {
+            "points": len(data.points),
+            "service_upsert_points_per_s": service_pps,
+            "copy_points_per_s": copy_pps,
+            "upsert_vs_copy": service_pps / copy_pps,
+            "recall_at_10": await recall_at_10(self.target, data),
+        }
 
     async def _prepare_records(self) -> None:
         """Records r0..r<records-1> in collection "orders"; one in ten is "open"."""
@@ -162,15 +192,19 @@ class Suite:
 
     async def _kv_cache_counters(self) -> dict[str, float]:
         """The kv processes' cache counters, summed, as last published."""
+        return await self._kv_figures("cache", ("local_hits", "redis_hits", "misses", "loads"))
+
+    async def _kv_figures(self, source: str, names: tuple[str, ...]) -> dict[str, float]:
+        """The kv processes' published figures ``source`` (``names`` of it), summed."""
         redis = open_redis(self.target.redis_url)
         try:
             snapshots = [s for s in await read_process_stats(redis) if s.component == "kv"]
         finally:
             await redis.aclose()
-        totals: dict[str, float] = {k: 0.0 for k in ("local_hits", "redis_hits", "misses", "loads")}
+        totals: dict[str, float] = {k: 0.0 for k in names}
         for snapshot in snapshots:
             for name in totals:
-                totals[name] += float(snapshot.figures.get("cache", {}).get(name, 0))
+                totals[name] += float(snapshot.figures.get(source, {}).get(name, 0))
         return totals
 
     def _direct(self, method: str) -> list[tuple[str, str]]:
@@ -204,6 +238,15 @@ class Suite:
             return await self._unary("kv", "BatchGet", batch, self._direct("BatchGet"))
 
         async def kv_put_direct(_: int) -> Measurement:
+            before = await self._kv_figures("group_commit", ("batches", "entries"))
+            measured = await put_distinct_keys()
+            await asyncio.sleep(0.6)  # the kv process publishes its figures every 0.25 s
+            after = await self._kv_figures("group_commit", ("batches", "entries"))
+            batches = after["batches"] - before["batches"]
+            self.puts_per_commit.append((after["entries"] - before["entries"]) / batches if batches else 0.0)
+            return measured
+
+        async def put_distinct_keys() -> Measurement:
             bodies = [_put(f"w{i}") for i in range(config.keys)]
             job = Job(
                 "grpc",
@@ -296,6 +339,22 @@ class Suite:
             )
             return await self._python(self._tenant_sql_job(sql, ["orders", "open"]))
 
+        async def vector_search_direct(_: int) -> Measurement:
+            assert self._vector_data is not None
+            return await self._python(
+                self._grpc_job("vector", VECTOR + "Search", search_bodies(self._vector_data))
+            )
+
+        async def sql_vector_search(_: int) -> Measurement:
+            assert self._vector_data is not None
+            params = {
+                "dsn": self.target.database_url,
+                "sql": RAW_SEARCH,
+                "arguments": raw_queries(self._vector_data),
+                "setup": [f"SET LOCAL hnsw.ef_search = {EF_SEARCH}"],
+            }
+            return await self._python(Job("asyncpg_query", params))
+
         async def asyncpg_upsert(_: int) -> Measurement:
             sql = "INSERT INTO bench.kv (k, v) VALUES ($1, $2) ON CONFLICT (k) DO UPDATE SET v = excluded.v"
             return await self._python(
@@ -328,6 +387,8 @@ class Suite:
             "asyncpg_record_get": asyncpg_record_get,
             "records_list_direct": records_list_direct,
             "asyncpg_record_list": asyncpg_record_list,
+            "vector_search_direct": vector_search_direct,
+            "sql_vector_search": sql_vector_search,
             "asyncpg_upsert": asyncpg_upsert,
             "asyncpg_select": asyncpg_select,
             "redis_get": redis_get,
@@ -449,7 +510,7 @@ class Suite:
             "put_vs_asyncpg": median_of("kv_put_direct", "asyncpg_upsert"),
             "records_get_vs_sql": median_of("records_get_direct", "asyncpg_record_get"),
             "records_list_vs_sql": median_of("records_list_direct", "asyncpg_record_list"),
-            "vector_qps_vs_sql": None,
+            "vector_qps_vs_sql": median_of("vector_search_direct", "sql_vector_search"),
             "tracing_on_vs_off": statistics.median(r["on"] / r["off"] for r in self.tracing)
             if self.tracing
             else None,

@@ -33,6 +33,7 @@ async def build_kv_server(settings: Settings) -> StrataServer:
     server = StrataServer(settings, "kv")
     server.report("pool", db.pool_stats)
     server.report("cache", cache.snapshot)
+    server.report("group_commit", store.group_commit_stats)
     server.add_servicer(KvServicer(store, cache, feed, Limits(settings)), SERVICE)
     # Watch streams end first (clients resume elsewhere), then in-flight calls drain.
     server.on_shutdown(feed.close)

@@ -134,6 +134,10 @@ class KvStore:
         self._db = db
         self._group: GroupCommit[_PutEntry, WriteResult] = GroupCommit(self._put_batch)
 
+    def group_commit_stats(self) -> dict[str, int]:
+        """Batches written and puts they carried, since start (entries / batches: puts per commit)."""
+        return {"batches": self._group.batches, "entries": self._group.entries}
+
     async def get(self, tenant: str, namespace: str, key: str, *, timeout: float) -> asyncpg.Record | None:
         """The live entry row of one key, or None."""
         return await self._db.fetchrow(

@@ -30,6 +30,7 @@ TINY = Config(
     python_concurrency=2,
     keys=50,
     records=30,
+    vectors=300,
 )
 
 
@@ -45,7 +46,7 @@ async def test_the_suite_runs_every_scenario_and_writes_its_figures(stack, setti
     suite = Suite(target, TINY, settings.migrate_database_url)
     lines: list[str] = []
     await suite.run(log=lines.append)
-    assert len(lines) == len(suite.rounds[0]) == 19  # with the etcd peer (the Makefile installs it)
+    assert len(lines) == len(suite.rounds[0]) == 21  # with the etcd peer (the Makefile installs it)
     document = write_results(suite, TINY, tmp_path)
     assert json.loads((tmp_path / "latest.json").read_text()) == json.loads(json.dumps(document))
     ratios = document["ratios"]
@@ -67,10 +68,14 @@ async def test_the_suite_runs_every_scenario_and_writes_its_figures(stack, setti
         "records_list_vs_sql",
         "kv_get_vs_etcd_range",
         "kv_put_vs_etcd_put",
+        "vector_qps_vs_sql",
     )
     for name in measured:
         assert ratios[name] > 0, name
     assert document["echo_ceiling_rps"] > 0
+    assert document["puts_per_commit"] >= 1
+    assert 0 < document["recall_at_10"] <= 1
+    assert document["vector_load"]["points"] == 300 and document["vector_load"]["upsert_vs_copy"] > 0
     assert 0 < document["cache_hit_ratio"] <= 1
     assert document["cache_zipf"]["postgres_reads_per_1000_gets"] >= 0
     for name, scenario in document["scenarios"].items():
