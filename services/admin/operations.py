@@ -30,6 +30,7 @@ from shared.cache import CACHE_COUNTERS, invalidate_prefix
 from shared.db import Database
 from shared.errors import FieldViolation, StrataError, invalid_argument, unavailable
 from shared.migrations import Migration, MigrationError, apply_migrations
+from shared.migrations import status as migration_versions
 from shared.settings import Settings
 from shared.slowlog import read_slow_queries
 from shared.stats import ProcessSnapshot, read_process_stats
@@ -105,7 +106,7 @@ class Operations:
         else:
             response.processes.extend(_process_stats(s) for s in await read_process_stats(self._redis))
         if postgres.reachable:
-            versions = await self._schema_versions(timeout)
+            versions = self._schema_versions(await self._applied_versions(timeout))
             response.migrations.extend(versions)
             reasons.extend(
                 f"schema {v.schema} is at migration {v.applied_version}; this build has {v.latest_version}"
@@ -159,8 +160,8 @@ class Operations:
             reachable=True, round_trip=_duration(seconds), version=str(info.get("redis_version", ""))
         )
 
-    async def _schema_versions(self, timeout: float) -> list[admin_pb2.SchemaVersion]:
-        applied = {r["schema_name"]: r["version"] for r in await self._applied_rows(timeout)}
+    def _schema_versions(self, applied: dict[str, int]) -> list[admin_pb2.SchemaVersion]:
+        """Each schema's applied version (from ``applied``) beside this build's latest."""
         latest: dict[str, int] = {}
         for migration in self._plan:
             latest[migration.schema] = max(latest.get(migration.schema, 0), migration.version)
@@ -312,9 +313,12 @@ class Operations:
 
     async def migration_status(self, timeout: float) -> admin_pb2.GetMigrationStatusResponse:
         """Applied and pending migrations per schema."""
-        rows = await self._applied_rows(timeout, detailed=True)
+        rows = await self._applied_migrations(timeout)
         done = {(r["schema_name"], r["version"]) for r in rows}
-        response = admin_pb2.GetMigrationStatusResponse(schemas=await self._schema_versions(timeout))
+        applied: dict[str, int] = {}
+        for schema, version in done:
+            applied[schema] = max(applied.get(schema, 0), version)
+        response = admin_pb2.GetMigrationStatusResponse(schemas=self._schema_versions(applied))
         for row in rows:
             response.applied.add(
                 schema=row["schema_name"],
@@ -354,20 +358,21 @@ class Operations:
             )
         return admin_pb2.ApplyMigrationsResponse(applied=[_migration_record(m) for m in applied])
 
-    async def _applied_rows(self, timeout: float, *, detailed: bool = False) -> list[asyncpg.Record]:
+    async def _applied_versions(self, timeout: float) -> dict[str, int]:
+        """The highest applied migration per schema (the start-up runner's own reading)."""
+        async with self._db.transaction(timeout=timeout) as conn:
+            return await migration_versions(conn)
+
+    async def _applied_migrations(self, timeout: float) -> list[asyncpg.Record]:
+        """Every applied migration, by schema and number (none before the first run)."""
         exists = await self._db.fetchval(
             "SELECT to_regclass('public.strata_migrations') IS NOT NULL", timeout=timeout
         )
         if not exists:
             return []
-        if detailed:
-            return await self._db.fetch(
-                "SELECT schema_name, version, name, checksum, applied_at FROM public.strata_migrations "
-                "ORDER BY schema_name, version",
-                timeout=timeout,
-            )
         return await self._db.fetch(
-            "SELECT schema_name, max(version) AS version FROM public.strata_migrations GROUP BY schema_name",
+            "SELECT schema_name, version, name, checksum, applied_at FROM public.strata_migrations "
+            "ORDER BY schema_name, version",
             timeout=timeout,
         )
 
