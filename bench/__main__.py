@@ -53,7 +53,8 @@ async def main(config: Config, folder: Path) -> int:
         async with running_strata(backends, data_dir) as target:
             suite = Suite(target, config, backends.migrate_database_url)
             await suite.run()
-        suite.tracing = await tracing_rounds(backends, data_dir, config)
+        if config.tracing:
+            suite.tracing = await tracing_rounds(backends, data_dir, config)
     document = write_results(suite, config, folder)
     print(f"\nwritten to {folder}/latest.json and latest.md")
     for name, value in document["ratios"].items():
@@ -67,6 +68,16 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=Config.rounds)
     parser.add_argument("--duration", type=float, default=Config.duration_s)
+    parser.add_argument("--vectors", type=int, default=Config.vectors, help="points in the vector scenarios")
+    parser.add_argument("--only", default="", help="comma-separated scenario names (default: all)")
+    parser.add_argument("--no-tracing", action="store_true", help="skip the tracing on/off phase")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
-    sys.exit(uvloop.run(main(Config(rounds=args.rounds, duration_s=args.duration), args.out)))
+    config = Config(
+        rounds=args.rounds,
+        duration_s=args.duration,
+        vectors=args.vectors,
+        only=frozenset(filter(None, args.only.split(","))),
+        tracing=not args.no_tracing,
+    )
+    sys.exit(uvloop.run(main(config, args.out)))

@@ -68,6 +68,8 @@ class Config:
     keys: int = 10_000
     records: int = 2_000
     vectors: int = 100_000  # points of the 128-dimension vector scenarios
+    tracing: bool = True  # run the tracing on/off phase
+    only: frozenset[str] = frozenset()  # scenario names to run (empty: all); for profiling one
 
 
 @dataclass
@@ -94,6 +96,8 @@ class Suite:
         async with echo_server() as echo_port, peer as etcd_port:
             if etcd_port is not None:
                 scenarios.update(await self._etcd_scenarios(etcd_port))
+            if self.config.only:
+                scenarios = {name: run for name, run in scenarios.items() if name in self.config.only}
             for round_number in range(1, self.config.rounds + 1):
                 measured: dict[str, Measurement] = {}
                 for name, scenario in scenarios.items():
@@ -500,7 +504,9 @@ class Suite:
     def ratios(self) -> dict[str, float | None]:
         """The headline ratios: per round, then the median over rounds."""
 
-        def median_of(numerator: str, denominator: str, scale: float = 1.0) -> float:
+        def median_of(numerator: str, denominator: str, scale: float = 1.0) -> float | None:
+            if not (self._has(numerator) and self._has(denominator)):
+                return None  # not run (an --only run, or etcd missing)
             return statistics.median(scale * r[numerator].rps / r[denominator].rps for r in self.rounds)
 
         return {
@@ -514,19 +520,17 @@ class Suite:
             "tracing_on_vs_off": statistics.median(r["on"] / r["off"] for r in self.tracing)
             if self.tracing
             else None,
-            "kv_get_vs_etcd_range": median_of("kv_get_direct", "etcd_range")
-            if self._has("etcd_range")
-            else None,
-            "kv_put_vs_etcd_put": median_of("kv_put_hot_direct", "etcd_put")
-            if self._has("etcd_put")
-            else None,
+            "kv_get_vs_etcd_range": median_of("kv_get_direct", "etcd_range"),
+            "kv_put_vs_etcd_put": median_of("kv_put_hot_direct", "etcd_put"),
         }
 
     def _has(self, scenario: str) -> bool:
         return bool(self.rounds) and scenario in self.rounds[0]
 
-    def gateway_added_p50_ms(self) -> float:
+    def gateway_added_p50_ms(self) -> float | None:
         """Median over rounds of the gateway's p50 minus the service's, at moderate load."""
+        if not (self._has("kv_get_gateway_moderate") and self._has("kv_get_direct_moderate")):
+            return None
         return statistics.median(
             r["kv_get_gateway_moderate"].p50_ms - r["kv_get_direct_moderate"].p50_ms for r in self.rounds
         )

@@ -22,13 +22,14 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
+from shared.groupcommit import GroupCommit
 from shared.settings import Settings
 
 __all__ = [
@@ -55,6 +56,7 @@ CACHE_COUNTERS = ("local_hits", "redis_hits", "misses", "evictions", "invalidati
 _DROP_PREFIX = b"P"
 # How often the invalidation listener looks up from Redis to see whether it should stop.
 _POLL_S = 1.0
+_WRITE_THROUGH_S = 0.5  # the Redis client's own socket timeout bounds each pipeline
 
 # KEYS[1] = entry key; ARGV[1] = encoded entry; ARGV[2] = TTL in ms.
 # Stores unless the current entry's revision+flag prefix is >= the new one.
@@ -187,6 +189,10 @@ class RevisionedCache:
         self._pending: dict[bytes, bytes] = {}  # key → encoded entry not yet in Redis
         self._inflight: dict[bytes, asyncio.Future[CacheEntry | None]] = {}
         self._set_script = redis.register_script(_GUARDED_SET) if redis is not None else None
+        # Concurrent writers share one pipeline per round trip (see record_writes).
+        self._write_through_group: GroupCommit[tuple[bytes, bytes, CacheEntry], None] = GroupCommit(
+            self._write_through_batch, max_entries=1024, split_on=()
+        )
         self._listener: asyncio.Task[None] | None = None
         self._replayer: asyncio.Task[None] | None = None
         self._closed = False
@@ -312,9 +318,11 @@ class RevisionedCache:
     async def record_writes(self, writes: list[tuple[bytes, CacheEntry]]) -> None:
         """Publish committed writes (values or tombstones) to both tiers and other processes.
 
-        Call after commit and before acknowledging. One Redis round trip for
-        the whole batch. If Redis cannot be reached the writes are kept and
-        replayed later; until then this process does not read Redis.
+        Call after commit and before acknowledging. Writes recorded while a
+        write-through is in flight go together in the next one: one Redis
+        round trip per batch, however many writers. If Redis cannot be
+        reached the writes are kept and replayed later; until then this
+        process does not read Redis.
         """
         encoded: list[tuple[bytes, bytes, CacheEntry]] = []
         for key, entry in writes:
@@ -327,28 +335,38 @@ class RevisionedCache:
             for key, data, _ in encoded:
                 self._remember(key, data)
             return
+        await asyncio.gather(*(self._write_through_group.submit(item, _WRITE_THROUGH_S) for item in encoded))
+
+    async def _write_through_batch(
+        self, encoded: Sequence[tuple[bytes, bytes, CacheEntry]], _timeout: float
+    ) -> list[None]:
+        # A batch that cannot reach Redis is kept for replay, never raised to its writers.
         try:
             await self._write_through(encoded)
         except (RedisError, OSError) as exc:
             self._redis_failed(exc)
             for key, data, _ in encoded:
                 self._remember(key, data)
+        return [None] * len(encoded)
 
-    async def _write_through(self, encoded: list[tuple[bytes, bytes, CacheEntry]]) -> None:
+    async def _write_through(self, encoded: Sequence[tuple[bytes, bytes, CacheEntry]]) -> None:
+        """One pipeline: a guarded SET per entry and one invalidation message for them all."""
         assert self._redis is not None and self._set_script is not None
-        message = b"".join(_invalidation(key, data) for key, data, _ in encoded)
-        if len(encoded) == 1:
-            key, data, entry = encoded[0]
-            await self._set_script(keys=[self._prefix + key], args=[data, self._redis_ttl_ms(entry)])
-            await self._redis.publish(self._channel, message)
-            return
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for key, data, entry in encoded:
-                await self._set_script(
-                    keys=[self._prefix + key], args=[data, self._redis_ttl_ms(entry)], client=pipe
-                )
-            pipe.publish(self._channel, message)
-            await pipe.execute()
+        sha = self._set_script.sha
+        for attempt in (1, 2):
+            # EVALSHA itself: a Script object in a pipeline costs a SCRIPT EXISTS round trip first.
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key, data, entry in encoded:
+                    pipe.evalsha(sha, 1, self._prefix + key, data, self._redis_ttl_ms(entry))
+                pipe.publish(self._channel, b"".join(_invalidation(key, data) for key, data, _ in encoded))
+                try:
+                    await pipe.execute()
+                    return
+                except NoScriptError:
+                    if attempt == 2:
+                        raise
+                    # A restarted or flushed Redis: load the script and write again (the sets are guarded).
+                    await self._redis.script_load(_GUARDED_SET)
 
     async def invalidate(self, key: bytes) -> None:
         """Drop ``key`` from both tiers (for callers without a revision)."""

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -262,11 +262,38 @@ class Database:
         Not retried: the body decides what is safe to repeat. Connection loss
         surfaces as UNAVAILABLE.
         """
+        async with self._guarded(), self._acquire(timeout) as conn, conn.transaction():
+            yield conn
+
+    @asynccontextmanager
+    async def tenant_transaction(
+        self, tenant: str, *, timeout: float = 30.0, settings: Mapping[str, str] | None = None
+    ) -> AsyncIterator[asyncpg.Connection]:
+        """A transaction in which row-level security shows only ``tenant``'s rows.
+
+        The tenant and any further ``settings`` (planner or index parameters
+        for this transaction's statements) are transaction-local
+        (``set_config(..., true)``): they end with the transaction and never
+        reach the connection's next user. BEGIN and the settings go in one
+        round trip. Committed on clean exit; otherwise the pool's release
+        (shielded from cancellation) rolls it back.
+        """
+        assignments = {"strata.tenant_id": tenant, **(settings or {})}
+        begin = "BEGIN; SELECT " + ", ".join(
+            f"set_config({_literal(name)}, {_literal(value)}, true)" for name, value in assignments.items()
+        )
+        async with self._guarded(), self._acquire(timeout) as conn:
+            await conn.execute(begin, timeout=timeout)
+            yield conn
+            await conn.execute("COMMIT", timeout=timeout)
+
+    @asynccontextmanager
+    async def _guarded(self) -> AsyncIterator[None]:
+        # The breaker and the connection-loss mapping shared by both kinds of transaction.
         if not self.breaker.allow():
             raise unavailable("DATABASE_UNAVAILABLE", "the database is unavailable; retry", retry_delay_s=1.0)
         try:
-            async with self._acquire(timeout) as conn, conn.transaction():
-                yield conn
+            yield
         except TimeoutError:
             raise
         except _CONNECTION_ERRORS as exc:
@@ -276,18 +303,12 @@ class Database:
             ) from exc
         self.breaker.record_success()
 
-    @asynccontextmanager
-    async def tenant_transaction(
-        self, tenant: str, *, timeout: float = 30.0
-    ) -> AsyncIterator[asyncpg.Connection]:
-        """A transaction in which row-level security shows only ``tenant``'s rows.
 
-        The setting is transaction-local (``set_config(..., true)``), so it
-        ends with the transaction and never reaches the connection's next user.
-        """
-        async with self.transaction(timeout=timeout) as conn:
-            await conn.execute("SELECT set_config('strata.tenant_id', $1, true)", tenant, timeout=timeout)
-            yield conn
+def _literal(value: str) -> str:
+    """``value`` as an escape-string SQL literal: safe whatever standard_conforming_strings says."""
+    if "\x00" in value:
+        raise ValueError("a transaction setting may not contain NUL")
+    return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
 class _SlowStatements:

@@ -11,6 +11,7 @@ is installed and the hot path pays nothing.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -157,7 +158,10 @@ def untraced() -> Iterator[None]:
         yield
 
 
+@functools.cache
 def _tracer() -> trace.Tracer:
+    # Made once: get_tracer builds a new tracer (and scope) on every call. Before
+    # the provider is installed this is a proxy that follows it once it is.
     return trace.get_tracer("strata.server")
 
 

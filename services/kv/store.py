@@ -1,7 +1,7 @@
 """The KV store's SQL: every statement the service runs, in one place.
 
 Writes are single calls of the plpgsql functions in migrations/ (one round
-trip, autocommit; puts go through a group commit, see groupcommit.py);
+trip, autocommit; puts go through a group commit, see shared/groupcommit.py);
 reads are plain SELECTs that never return an expired key.
 Rows are turned into ``KeyValue`` messages here so the servicer deals only in
 protobuf.
@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import asyncpg
 from strata.kv.v1 import kv_pb2
 
-from services.kv.groupcommit import GroupCommit
 from services.kv.keyspace import KeyRange
 from shared.db import Database
+from shared.groupcommit import GroupCommit
 from shared.timestamps import to_timestamp
 
 __all__ = ["Change", "DeleteResult", "KvStore", "PutItem", "WriteResult"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -37,6 +38,7 @@ _MAX_BATCH = 1000
 _MAX_SEARCHES = 100
 _MAX_INDEXED_DIMENSION = 2000
 _MAX_PAYLOAD = 64 * 1024
+_KNOWN_COLLECTIONS = 10_000  # remembered (tenant, name) -> collection entries per process
 _OPERATOR: dict[int, str] = {
     vector_pb2.METRIC_COSINE: "<=>",
     vector_pb2.METRIC_L2: "<->",
@@ -84,14 +86,15 @@ def _vector_text(
             FieldViolation(field, f"has {len(values)} values; the collection's dimension is {dimension}")
         )
         return ""
-    if not all(math.isfinite(v) for v in values):
+    # Float32 values cannot overflow a double's sum: it is finite exactly when every value is.
+    if not math.isfinite(sum(values)):
         errors.append(FieldViolation(field, "must hold finite numbers only (no NaN or infinity)"))
         return ""
     if collection.metric == vector_pb2.METRIC_COSINE and not any(values):
         # Cosine distance to a zero vector is undefined (NaN), and HNSW indexes leave it out.
         errors.append(FieldViolation(field, "must not be all zeros in a cosine collection"))
         return ""
-    return "[" + ",".join(repr(float(v)) for v in values) + "]"
+    return str(list(values))  # "[0.5, 1.0, ...]": pgvector's text form (spaces allowed)
 
 
 def _parse_vector(text: str) -> vector_pb2.Vector:
@@ -122,6 +125,9 @@ class VectorServicer:
 
     def __init__(self, db: Database) -> None:
         self._db = db
+        # (tenant, name) -> collection, so a search need not look its collection
+        # up first; every search re-checks it in its own statement (_search).
+        self._known: OrderedDict[tuple[str, str], _Collection] = OrderedDict()
 
     # -- collections -------------------------------------------------------
 
@@ -202,6 +208,7 @@ class VectorServicer:
     ) -> vector_pb2.DeleteCollectionResponse:
         tenant = require_scope(WRITE).tenant
         timeout = max(deadline_timeout(context), 5.0)
+        self._known.pop((tenant, request.name), None)
         async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
             row = await self._collection_row(conn, request.name, "name", timeout)
             # DROP INDEX first: it takes the table's exclusive lock before this
@@ -220,6 +227,7 @@ class VectorServicer:
         tenant = require_scope(WRITE).tenant
         # Building takes a while on a large collection: not less than a minute unless the caller says so.
         timeout = max(deadline_timeout(context), 60.0)
+        self._known.pop((tenant, request.name), None)
         async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
             row = await self._collection_row(conn, request.name, "name", timeout)
             if request.WhichOneof("index") is not None:
@@ -398,8 +406,13 @@ class VectorServicer:
     async def Search(self, request: vector_pb2.SearchRequest, context: Context) -> vector_pb2.SearchResponse:
         tenant = require_scope(READ).tenant
         timeout = deadline_timeout(context)
-        async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
-            return await self._search(conn, request, "", timeout)
+        _check_search(request, "")
+        known = self._known.get((tenant, request.collection))
+        if known is not None and len(request.vector.values) != known.dimension:
+            known = None  # perhaps the collection was made again with another dimension: look it up
+        settings = _plan_settings(known, request) if known is not None else None
+        async with self._db.tenant_transaction(tenant, timeout=timeout, settings=settings) as conn:
+            return await self._search(conn, tenant, request, "", timeout, planned=known)
 
     async def SearchBatch(
         self, request: vector_pb2.SearchBatchRequest, context: Context
@@ -407,10 +420,12 @@ class VectorServicer:
         tenant = require_scope(READ).tenant
         if not 0 < len(request.searches) <= _MAX_SEARCHES:
             _raise([FieldViolation("searches", f"must hold 1 to {_MAX_SEARCHES} searches")])
+        for i, search in enumerate(request.searches):
+            _check_search(search, f"searches[{i}].")
         timeout = deadline_timeout(context)
         async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
             results = [
-                await self._search(conn, search, f"searches[{i}].", timeout)
+                await self._search(conn, tenant, search, f"searches[{i}].", timeout)
                 for i, search in enumerate(request.searches)
             ]
         return vector_pb2.SearchBatchResponse(results=results)
@@ -442,7 +457,8 @@ class VectorServicer:
             distance = collection.distance(query)
             text = params.add(request.text)
             columns = ", p.payload, p.text" if request.with_payload else ""
-            await _plan_search(conn, collection.index_kind == _NO_INDEX, max(candidates, 100), 10, timeout)
+            plan = _planner(collection.index_kind == _NO_INDEX, max(candidates, 100), 10)
+            await _plan_search(conn, plan, timeout)
             rows = await conn.fetch(
                 f"""
                 WITH by_vector AS MATERIALIZED (
@@ -482,42 +498,32 @@ class VectorServicer:
         return vector_pb2.HybridSearchResponse(hits=hits)
 
     async def _search(
-        self, conn: asyncpg.Connection, request: vector_pb2.SearchRequest, prefix: str, timeout: float
+        self,
+        conn: asyncpg.Connection,
+        tenant: str,
+        request: vector_pb2.SearchRequest,
+        prefix: str,
+        timeout: float,
+        planned: _Collection | None = None,
     ) -> vector_pb2.SearchResponse:
-        errors: list[FieldViolation] = []
-        limit = _limit(request.limit, f"{prefix}limit", errors)
-        if not 0 <= request.ef_search <= 1000:
-            errors.append(FieldViolation(f"{prefix}ef_search", "must be between 0 and 1000"))
-        if not 0 <= request.probes <= 32768:
-            errors.append(FieldViolation(f"{prefix}probes", "must be between 0 and 32768"))
-        if request.HasField("score_threshold") and not math.isfinite(request.score_threshold):
-            errors.append(FieldViolation(f"{prefix}score_threshold", "must be a finite number"))
-        _raise(errors)
-        collection = await self._collection(conn, request.collection, timeout, f"{prefix}collection")
-        vector = _vector_text(request.vector, collection, f"{prefix}vector", errors)
-        _raise(errors)
-        params = SqlParams()
-        collection_id = params.add(collection.id)
-        where = compile_filter(
-            request.filter if request.HasField("filter") else None, "payload", params, field=f"{prefix}filter"
-        )
-        exact = request.exact or collection.index_kind == _NO_INDEX
-        distance = collection.distance(params.add(vector))
-        # "+ 0" hides the distance from the planner's index matching: an exact
-        # search scans the collection's rows (through the primary key) and sorts them.
-        order = f"{distance} + 0" if exact else distance
-        columns = _columns(request.with_vectors, request.with_payload)
-        await _plan_search(conn, exact, request.ef_search or max(100, limit), request.probes or 10, timeout)
-        # relaxed_order iterative scans may return near-ties out of order: sort the few hits again.
-        rows = await conn.fetch(
-            f"WITH hits AS MATERIALIZED ("
-            f"SELECT {columns}, {distance} AS distance FROM vector.points "
-            f"WHERE collection_id = {collection_id} AND {where} "
-            f"ORDER BY {order} LIMIT {params.add(limit)}"
-            f") SELECT * FROM hits ORDER BY distance, id",
-            *params.values,
-            timeout=timeout,
-        )
+        """One checked search in ``conn``'s tenant transaction.
+
+        ``planned``: the collection as remembered, whose plan settings the
+        transaction already carries. The query itself confirms it still
+        exists unchanged (same id and index kind); when it returns nothing,
+        the collection is looked up again and, if it changed, searched again.
+        """
+        collection = planned
+        if collection is None:
+            collection = await self._remembered(conn, tenant, request.collection, timeout, prefix)
+            await _plan_search(conn, _plan_settings(collection, request), timeout)
+        rows = await self._nearest(conn, request, collection, prefix, timeout)
+        if not rows and planned is not None:
+            current = await self._remembered(conn, tenant, request.collection, timeout, prefix)
+            if current != planned:
+                await _plan_search(conn, _plan_settings(current, request), timeout)
+                collection = current
+                rows = await self._nearest(conn, request, collection, prefix, timeout)
         hits = []
         for row in rows:
             score = collection.score(float(row["distance"]))
@@ -535,6 +541,44 @@ class VectorServicer:
                 )
             )
         return vector_pb2.SearchResponse(hits=hits)
+
+    async def _nearest(
+        self,
+        conn: asyncpg.Connection,
+        request: vector_pb2.SearchRequest,
+        collection: _Collection,
+        prefix: str,
+        timeout: float,
+    ) -> list[asyncpg.Record]:
+        errors: list[FieldViolation] = []
+        vector = _vector_text(request.vector, collection, f"{prefix}vector", errors)
+        _raise(errors)
+        params = SqlParams()
+        collection_id = params.add(collection.id)
+        where = compile_filter(
+            request.filter if request.HasField("filter") else None, "payload", params, field=f"{prefix}filter"
+        )
+        exact = request.exact or collection.index_kind == _NO_INDEX
+        distance = collection.distance(params.add(vector))
+        # "+ 0" hides the distance from the planner's index matching: an exact
+        # search scans the collection's rows (through the primary key) and sorts them.
+        order = f"{distance} + 0" if exact else distance
+        columns = _columns(request.with_vectors, request.with_payload)
+        # The EXISTS is evaluated once (an init plan): nothing is returned if the
+        # collection was dropped or its index rebuilt as another kind meanwhile.
+        # relaxed_order iterative scans may return near-ties out of order: sort the few hits again.
+        rows: list[asyncpg.Record] = await conn.fetch(
+            f"WITH hits AS MATERIALIZED ("
+            f"SELECT {columns}, {distance} AS distance FROM vector.points "
+            f"WHERE collection_id = {collection_id} AND {where} "
+            f"AND EXISTS (SELECT FROM vector.collections WHERE id = {collection_id} "
+            f"AND index_kind = {params.add(collection.index_kind)}) "
+            f"ORDER BY {order} LIMIT {params.add(_limit_of(request.limit))}"
+            f") SELECT * FROM hits ORDER BY distance, id",
+            *params.values,
+            timeout=timeout,
+        )
+        return rows
 
     # -- helpers -----------------------------------------------------------
 
@@ -555,6 +599,18 @@ class VectorServicer:
     ) -> _Collection:
         row = await self._collection_row(conn, name, field, timeout)
         return _Collection(row["id"], row["name"], row["dimension"], row["metric"], row["index_kind"])
+
+    async def _remembered(
+        self, conn: asyncpg.Connection, tenant: str, name: str, timeout: float, prefix: str
+    ) -> _Collection:
+        """Look ``name`` up and remember it for the next search (or forget it if gone)."""
+        key = (tenant, name)
+        self._known.pop(key, None)
+        collection = await self._collection(conn, name, timeout, f"{prefix}collection")
+        self._known[key] = collection
+        if len(self._known) > _KNOWN_COLLECTIONS:
+            self._known.popitem(last=False)
+        return collection
 
 
 @dataclass(frozen=True, slots=True)
@@ -598,13 +654,34 @@ def _index_spec(
 def _limit(value: int, field: str, errors: list[FieldViolation]) -> int:
     if not 0 <= value <= 1000:
         errors.append(FieldViolation(field, "must be between 0 and 1000"))
+    return _limit_of(value)
+
+
+def _limit_of(value: int) -> int:
     return value or 10
 
 
-async def _plan_search(
-    conn: asyncpg.Connection, exact: bool, ef_search: int, probes: int, timeout: float
-) -> None:
-    """Set this transaction's planner and index settings for the next nearest-neighbour query.
+def _check_search(request: vector_pb2.SearchRequest, prefix: str) -> None:
+    """A search's own fields (the collection and vector are checked against the collection later)."""
+    errors: list[FieldViolation] = []
+    _limit(request.limit, f"{prefix}limit", errors)
+    if not 0 <= request.ef_search <= 1000:
+        errors.append(FieldViolation(f"{prefix}ef_search", "must be between 0 and 1000"))
+    if not 0 <= request.probes <= 32768:
+        errors.append(FieldViolation(f"{prefix}probes", "must be between 0 and 32768"))
+    if request.HasField("score_threshold") and not math.isfinite(request.score_threshold):
+        errors.append(FieldViolation(f"{prefix}score_threshold", "must be a finite number"))
+    _raise(errors)
+
+
+def _plan_settings(collection: _Collection, request: vector_pb2.SearchRequest) -> dict[str, str]:
+    """The transaction settings for a search of ``collection`` (see :func:`_plan_search`)."""
+    exact = request.exact or collection.index_kind == _NO_INDEX
+    return _planner(exact, request.ef_search or max(100, _limit_of(request.limit)), request.probes or 10)
+
+
+def _planner(exact: bool, ef_search: int, probes: int) -> dict[str, str]:
+    """Planner and index settings for the next nearest-neighbour query of a transaction.
 
     Approximate: sorting is disabled, so the planner walks the collection's
     ANN index instead of sorting the rows it expects (without fresh
@@ -614,14 +691,22 @@ async def _plan_search(
     index (its predicate names the collection id), and Postgres switches a
     prepared statement to one after a few executions.
     """
+    return {
+        "plan_cache_mode": "force_custom_plan",
+        "enable_sort": "on" if exact else "off",
+        "hnsw.ef_search": str(ef_search),
+        "hnsw.iterative_scan": "relaxed_order",
+        "ivfflat.probes": str(probes),
+        "ivfflat.iterative_scan": "relaxed_order",
+    }
+
+
+async def _plan_search(conn: asyncpg.Connection, settings: dict[str, str], timeout: float) -> None:
+    """Apply :func:`_planner`'s ``settings`` to the rest of ``conn``'s transaction."""
+    names = list(settings)
     await conn.execute(
-        "SELECT set_config('plan_cache_mode', 'force_custom_plan', true), "
-        "set_config('enable_sort', $1, true), "
-        "set_config('hnsw.ef_search', $2, true), set_config('hnsw.iterative_scan', 'relaxed_order', true), "
-        "set_config('ivfflat.probes', $3, true), set_config('ivfflat.iterative_scan', 'relaxed_order', true)",
-        "on" if exact else "off",
-        str(ef_search),
-        str(probes),
+        "SELECT " + ", ".join(f"set_config(${2 * i + 1}, ${2 * i + 2}, true)" for i in range(len(names))),
+        *[part for name in names for part in (name, settings[name])],
         timeout=timeout,
     )
 

@@ -1013,6 +1013,41 @@ async def test_hnsw_recall_at_10_on_clustered_data_is_at_least_095(gw_vector, md
     assert recall >= 0.95, report
 
 
+async def test_search_sees_a_collection_made_again_under_its_name(gw_vector, md, slug, settings):
+    # The service remembers a searched collection; another process (here: SQL as
+    # the owner) drops it, and it is made again. Searches must see the new one.
+    async def drop_behind_the_service() -> None:
+        owner = await asyncpg.connect(settings.migrate_database_url)
+        try:
+            await owner.execute("SELECT set_config('strata.tenant_id', $1, false)", slug)
+            gone = await owner.fetchval(
+                "SELECT id FROM vector.collections WHERE tenant = $1 AND name = 'again'", slug
+            )
+            await owner.execute("SELECT vector.drop_index($1)", gone)
+            await owner.execute("DELETE FROM vector.points WHERE collection_id = $1", gone)
+            await owner.execute("DELETE FROM vector.collections WHERE id = $1", gone)
+        finally:
+            await owner.close()
+
+    await create(gw_vector, md, "again", 2)
+    await upsert(gw_vector, md, "again", [point("old", [1, 0])])
+    assert [h.id for h in await search(gw_vector, md, "again", [1, 0])] == ["old"]
+    await drop_behind_the_service()
+    await create(gw_vector, md, "again", 2, L2, none=vector_pb2.NoIndex())
+    await upsert(gw_vector, md, "again", [point("new", [0, 1]), point("newer", [3, 3])])
+    hits = await search(gw_vector, md, "again", [1, 0])
+    assert [h.id for h in hits] == ["new", "newer"]
+    assert hits[0].distance == pytest.approx(math.sqrt(2), rel=TOLERANCE)  # L2 now, not cosine
+    await drop_behind_the_service()
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await search(gw_vector, md, "again", [1, 0])
+    assert_not_found(missing.value)
+    # Made again with another dimension: a query of the new dimension is answered, not refused.
+    await create(gw_vector, md, "again", 3)
+    await upsert(gw_vector, md, "again", [point("three", [0, 0, 1])])
+    assert [h.id for h in await search(gw_vector, md, "again", [0, 0, 1])] == ["three"]
+
+
 async def test_exact_searches_do_not_turn_later_searches_into_full_scans(gw_vector, md):
     # Other collections share vector.points: they make a generic plan look cheap.
     rng = random.Random(21)

@@ -156,3 +156,20 @@ def _const(entry: CacheEntry):
         return entry
 
     return load
+
+
+async def test_concurrent_writers_share_a_pipeline_and_survive_a_script_flush(make_cache, settings):
+    writer, reader = make_cache(), make_cache()
+    # A flushed script cache (as after a Redis restart) must not lose the next writes.
+    admin = open_redis(settings.redis_url)
+    try:
+        await admin.script_flush()
+    finally:
+        await admin.aclose()
+    await asyncio.gather(
+        *(writer.record_writes([(f"k{i}".encode(), CacheEntry(i + 1, f"v{i}".encode()))]) for i in range(50))
+    )
+    for i in range(50):
+        entry = await reader.get(f"k{i}".encode())  # the reader's local tier is empty: from Redis
+        assert entry is not None and (entry.revision, entry.payload) == (i + 1, f"v{i}".encode())
+    assert reader.stats.redis_hits == 50

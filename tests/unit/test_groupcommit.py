@@ -8,7 +8,7 @@ import contextvars
 import asyncpg
 import pytest
 
-from services.kv.groupcommit import GroupCommit
+from shared.groupcommit import GroupCommit
 
 CALLER = contextvars.ContextVar("caller", default="")
 

@@ -1,9 +1,10 @@
 """Group commit: writes that arrive while one batch is being written go together in the next.
 
-One batch per process is in flight at a time (they would queue on the store
-revision's row lock anyway). Everything that arrives meanwhile waits and is
-written as the next batch, so under load each commit carries many writes
-and alone a write goes straight through: no timer, no added latency.
+One batch per instance is in flight at a time (KV's puts would queue on the
+store revision's row lock anyway; the cache's write-through shares one Redis
+pipeline). Everything that arrives meanwhile waits and is written as the
+next batch, so under load each round trip carries many writes and alone a
+write goes straight through: no timer, no added latency.
 
 A batch runs as its own task, in the context of its first write's call, so
 its database span belongs to that call's trace; a caller that gives up does
@@ -42,10 +43,16 @@ class GroupCommit(Generic[E, R]):
     """Batches ``write(entries, timeout) -> results`` (one result per entry, in order)."""
 
     def __init__(
-        self, write: Callable[[Sequence[E], float], Awaitable[list[R]]], max_entries: int = 256
+        self,
+        write: Callable[[Sequence[E], float], Awaitable[list[R]]],
+        max_entries: int = 256,
+        split_on: tuple[type[Exception], ...] = (asyncpg.PostgresError,),
     ) -> None:
+        """``split_on``: errors of one bad entry (not of the connection), after
+        which a batch's entries are written again one by one."""
         self._write = write
         self._max = max_entries
+        self._split_on = split_on
         self._queue: list[_Pending[E, R]] = []
         self._inflight: asyncio.Task[None] | None = None
         self.batches = 0  # figures for tests and benchmarks
@@ -83,7 +90,7 @@ class GroupCommit(Generic[E, R]):
         timeout = max(p.timeout for p in batch)
         try:
             results = await self._write([p.entry for p in batch], timeout)
-        except asyncpg.PostgresError as exc:
+        except self._split_on as exc:
             if len(batch) == 1:
                 _settle(batch[0], exc)
                 return
