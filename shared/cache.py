@@ -178,6 +178,7 @@ class RevisionedCache:
         redis_retry_s: float = 1.0,
     ) -> None:
         self._redis = redis
+        self._name = prefix
         self._prefix = redis_key_prefix(prefix)
         self._channel = invalidation_channel(prefix)
         self._local: OrderedDict[bytes, _LocalEntry] = OrderedDict()
@@ -375,6 +376,15 @@ class RevisionedCache:
             try:
                 await self._redis.delete(self._prefix + key)  # type: ignore[union-attr]
                 await self._redis.publish(self._channel, _invalidation(key, b"0" * _REV_DIGITS))  # type: ignore[union-attr]
+            except (RedisError, OSError) as exc:
+                self._redis_failed(exc)
+
+    async def invalidate_prefix(self, prefix: bytes) -> None:
+        """Drop the entries whose key starts with ``prefix`` in every process (:func:`invalidate_prefix`)."""
+        self.drop_local_prefix(prefix)
+        if self._redis_usable():
+            try:
+                await invalidate_prefix(self._redis, self._name, prefix)  # type: ignore[arg-type]
             except (RedisError, OSError) as exc:
                 self._redis_failed(exc)
 

@@ -7,9 +7,10 @@ caller that saw a write acknowledged never reads an older value afterwards.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator
-from typing import Any, TypeAlias
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, TypeAlias, TypeVar
 
 import grpc
 from strata.kv.v1 import kv_pb2
@@ -23,7 +24,7 @@ from services.kv.keyspace import (
     revision_mismatch,
 )
 from services.kv.revisions import FeedClosed, RevisionFeed
-from services.kv.store import DeleteResult, KvStore, PutItem, entry_to_kv
+from services.kv.store import DeleteResult, KvStore, PutItem, WriteResult, entry_to_kv
 from shared.cache import CacheEntry, RevisionedCache
 from shared.db import deadline_timeout
 from shared.errors import FieldViolation, StrataError, not_found
@@ -33,6 +34,7 @@ from shared.pagetoken import decode_page_token, encode_page_token
 __all__ = ["KvServicer"]
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+T = TypeVar("T")
 _WATCH_BATCH = 500
 READ, WRITE = "kv:read", "kv:write"
 _RETURN_PREVIOUS_LIMIT = 1000
@@ -146,18 +148,13 @@ class KvServicer:
         self._limits.namespace(request.namespace, errors)
         item = self._put_item(request, errors, "")
         raise_if(errors)
-        result = await self._store.put_many(
-            tenant,
-            request.namespace,
-            [item],
-            return_previous=request.return_previous,
-            timeout=deadline_timeout(context),
+        result = await self._put_published(
+            tenant, request.namespace, [item], request.return_previous, deadline_timeout(context)
         )
         if result.mismatch_key is not None:
             raise revision_mismatch(
                 result.mismatch_key, item.if_revision or 0, result.mismatch_current, result.revision
             )
-        await self._publish_writes(tenant, result.revision, result.kvs)
         kv = result.kvs[0]
         kv.value = b""
         response = kv_pb2.PutResponse(header=kv_pb2.ResponseHeader(revision=result.revision), kv=kv)
@@ -177,15 +174,12 @@ class KvServicer:
                 errors.append(FieldViolation(f"items[{i}].key", "appears more than once in the batch"))
             seen.add(item.key)
         raise_if(errors)
-        result = await self._store.put_many(
-            tenant, request.namespace, items, return_previous=False, timeout=deadline_timeout(context)
-        )
+        result = await self._put_published(tenant, request.namespace, items, False, deadline_timeout(context))
         if result.mismatch_key is not None:
             expected = next(i.if_revision for i in items if i.key == result.mismatch_key)
             raise revision_mismatch(
                 result.mismatch_key, expected or 0, result.mismatch_current, result.revision
             )
-        await self._publish_writes(tenant, result.revision, result.kvs)
         for kv in result.kvs:
             kv.value = b""
         return kv_pb2.BatchPutResponse(header=kv_pb2.ResponseHeader(revision=result.revision), kvs=result.kvs)
@@ -201,20 +195,20 @@ class KvServicer:
             self._limits.if_revision(request.if_revision, errors)
         raise_if(errors)
         if_revision = request.if_revision if request.HasField("if_revision") else None
-        result = await self._store.delete_range(
-            tenant,
-            request.namespace,
-            keys,
-            if_revision=if_revision,
-            return_previous=request.return_previous,
-            timeout=deadline_timeout(context),
+        result = await self._delete_published(
+            tenant, request.namespace, keys, if_revision, request.return_previous, deadline_timeout(context)
         )
         if result.mismatch_key is not None:
             raise revision_mismatch(
                 result.mismatch_key, if_revision or 0, result.mismatch_current, result.revision
             )
-        await self._publish_deletes(tenant, request.namespace, result)
-        response = kv_pb2.DeleteResponse(header=self._header(result.revision), deleted=len(result.deleted))
+        # A delete that removed something answers its own revision; one that did not, the current one.
+        header = (
+            kv_pb2.ResponseHeader(revision=result.revision)
+            if result.deleted
+            else self._header(result.revision)
+        )
+        response = kv_pb2.DeleteResponse(header=header, deleted=len(result.deleted))
         if request.return_previous:
             response.previous.extend(result.deleted[:_RETURN_PREVIOUS_LIMIT])
         return response
@@ -285,15 +279,9 @@ class KvServicer:
         deleted = 0
         timeout = deadline_timeout(context)
         for namespace in await self._store.namespaces(request.tenant, timeout=timeout):
-            result = await self._store.delete_range(
-                request.tenant,
-                namespace,
-                KeyRange("", None),
-                if_revision=None,
-                return_previous=False,
-                timeout=timeout,
+            result = await self._delete_published(
+                request.tenant, namespace, KeyRange("", None), None, False, timeout
             )
-            await self._publish_deletes(request.tenant, namespace, result)
             deleted += len(result.deleted)
         return kv_pb2.PurgeTenantResponse(deleted=deleted)
 
@@ -310,6 +298,60 @@ class KvServicer:
         if if_revision is not None:
             self._limits.if_revision(if_revision, errors, f"{path}if_revision")
         return PutItem(item.key, item.value, item.content_type, ttl_ms, if_revision)
+
+    async def _put_published(
+        self, tenant: str, namespace: str, items: list[PutItem], return_previous: bool, timeout: float
+    ) -> WriteResult:
+        """Write ``items``, then tell the cache and the revision feed - all of it even if the caller
+        gives up meanwhile: a write that may have committed must never leave the cache older than
+        Postgres. A write whose outcome is unknown (it failed after being sent) drops its keys."""
+
+        async def write() -> WriteResult:
+            try:
+                result = await self._store.put_many(
+                    tenant, namespace, items, return_previous=return_previous, timeout=timeout
+                )
+            except BaseException:
+                for item in items:
+                    await self._cache.invalidate(cache_key(tenant, namespace, item.key))
+                raise
+            if result.mismatch_key is None:
+                await self._publish_writes(tenant, result.revision, result.kvs)
+            return result
+
+        return await _to_the_end(write())
+
+    async def _delete_published(
+        self,
+        tenant: str,
+        namespace: str,
+        keys: KeyRange,
+        if_revision: int | None,
+        return_previous: bool,
+        timeout: float,
+    ) -> DeleteResult:
+        """As :meth:`_put_published`, for a delete of ``keys``."""
+
+        async def delete() -> DeleteResult:
+            try:
+                result = await self._store.delete_range(
+                    tenant,
+                    namespace,
+                    keys,
+                    if_revision=if_revision,
+                    return_previous=return_previous,
+                    timeout=timeout,
+                )
+            except BaseException:
+                if keys == KeyRange.single(keys.start):
+                    await self._cache.invalidate(cache_key(tenant, namespace, keys.start))
+                else:
+                    await self._cache.invalidate_prefix(cache_key(tenant, namespace, ""))
+                raise
+            await self._publish_deletes(tenant, namespace, result)
+            return result
+
+        return await _to_the_end(delete())
 
     async def _publish_deletes(self, tenant: str, namespace: str, result: DeleteResult) -> None:
         # Before the answer: tombstones, so no cache serves a deleted key (nor a late fill revives it).
@@ -342,6 +384,19 @@ class KvServicer:
 
     def _header(self, at_least: int) -> kv_pb2.ResponseHeader:
         return kv_pb2.ResponseHeader(revision=max(self._feed.revision, at_least))
+
+
+async def _to_the_end(work: Coroutine[Any, Any, T]) -> T:
+    """Await ``work`` in a task of its own: cancelling the caller does not stop it."""
+    task = asyncio.ensure_future(work)
+    task.add_done_callback(_retrieve)
+    return await asyncio.shield(task)
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    # Nobody reads the outcome of work whose caller gave up; reading it keeps asyncio quiet.
+    if not task.cancelled():
+        task.exception()
 
 
 def _expiry(value: Any) -> float | None:
