@@ -7,7 +7,7 @@ PROTOS := $(shell find protos -name '*.proto')
 GEN    := .venv/.generated
 TOOLS  := .venv/.tools
 
-.PHONY: run test lint gen bench clean
+.PHONY: run test lint gen bench chaos clean
 
 run: $(GEN)
 	$(PY) -m shared.launcher
@@ -18,6 +18,11 @@ test: $(GEN) $(TOOLS) lint
 # The benchmark suite (minutes): figures into bench/results/, summary in BENCHMARKS.md.
 bench: $(GEN) $(TOOLS)
 	$(PY) -m bench $(BENCH_ARGS)
+
+# The soak (10 minutes): load through the gateway, Redis and Postgres faults, memory sampled;
+# then a service killed and the gateway terminated. Figures in docs/RELIABILITY.md.
+chaos: $(GEN)
+	$(PY) -m tests.chaos $(CHAOS_ARGS)
 
 lint: $(GEN)
 	$(VENV)/bin/ruff check .

@@ -7,23 +7,20 @@ can be restarted with other settings (tracing on) while the data stays.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import secrets
-import signal
 import socket
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
 from bench.target import Target
 from shared.backends import Backends, open_backends
-from shared.launcher import SERVICES
+from shared.launcher import SERVICES, launch
 from shared.settings import load_settings
 
-__all__ = ["bench_backends", "child_pids", "running_strata"]
+__all__ = ["bench_backends", "running_strata"]
 
 ROOT = Path(__file__).resolve().parent.parent
 PROCESSES = ("gateway", "kv", "tenants", "vector", "admin")
@@ -75,24 +72,7 @@ async def running_strata(
     )
     env.update({f"STRATA_{name.upper()}_PORT": str(port) for name, port in ports.items()})
     env.update(extra_env or {})
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "shared.launcher",
-        env=env,
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        start_new_session=True,
-    )
-    assert process.stdout is not None
-    output: list[str] = []
-    try:
-        await asyncio.wait_for(_until_ready(process.stdout, output), 120)
-    except BaseException:
-        await _stop(process)
-        raise RuntimeError("the launcher did not start:\n" + "\n".join(output[-40:])) from None
-    drain = asyncio.create_task(_drain(process.stdout))
+    launched = await launch(env, ROOT)
     try:
         yield Target(
             ports=ports,
@@ -100,48 +80,7 @@ async def running_strata(
             internal_secret=secret,
             database_url=backends.database_url,
             redis_url=backends.redis_url,
-            pids=child_pids(process.pid),
+            pids=launched.pids(),
         )
     finally:
-        await _stop(process)
-        drain.cancel()
-
-
-async def _until_ready(stream: asyncio.StreamReader, output: list[str]) -> None:
-    while True:
-        line = await stream.readline()
-        if not line:
-            raise EOFError("the launcher exited")
-        output.append(line.decode(errors="replace").rstrip())
-        if output[-1].startswith("Press Ctrl-C to stop."):
-            return
-
-
-async def _drain(stream: asyncio.StreamReader) -> None:
-    async for _ in stream:
-        pass
-
-
-def child_pids(launcher_pid: int) -> dict[str, int]:
-    """The launcher's child processes by Strata process name (from /proc)."""
-    modules = {module: name for name, module in SERVICES.items()}
-    found: dict[str, int] = {}
-    for task in Path(f"/proc/{launcher_pid}/task").iterdir():
-        for pid in (task / "children").read_text().split():
-            with contextlib.suppress(OSError):
-                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                if b"-m" in argv:
-                    module = argv[argv.index(b"-m") + 1].decode()
-                    if module in modules:
-                        found[modules[module]] = int(pid)
-    return found
-
-
-async def _stop(process: asyncio.subprocess.Process) -> None:
-    if process.returncode is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(process.wait(), 60)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
+        await launched.stop()

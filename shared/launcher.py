@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import grpc
 import uvloop
@@ -29,7 +30,7 @@ from shared.secret_files import stored_secret
 from shared.settings import ConfigError, Settings, load_settings
 from shared.telemetry import configure_logging
 
-__all__ = ["SERVICES", "ServiceProcess", "main"]
+__all__ = ["SERVICES", "LaunchedStrata", "ServiceProcess", "launch", "main"]
 
 # Service name → module run as ``python -m``; the name is also its schema,
 # its migrations folder (services/<name>/migrations) and its port setting.
@@ -44,6 +45,7 @@ SERVICES: dict[str, str] = {
 _log = logging.getLogger("strata.launcher")
 DEV_KEY_FILE = "dev-api-key"
 _READY_TIMEOUT_S = 60.0
+_READY_LINE = "Press Ctrl-C to stop."  # the last line of the start-up banner
 
 
 class ServiceProcess:
@@ -218,7 +220,7 @@ async def run(settings: Settings) -> None:
         print(
             f'  grpcurl -H "authorization: Bearer $(cat {settings.data_dir / DEV_KEY_FILE})" ...', flush=True
         )
-        print("Press Ctrl-C to stop.", flush=True)
+        print(_READY_LINE, flush=True)
         await stop.wait()
         print("Strata: stopping", flush=True)
     finally:
@@ -233,6 +235,78 @@ async def run(settings: Settings) -> None:
             task.cancel()
         backends.close()
         print(f"Strata: stopped (service exit codes: {codes})", flush=True)
+
+
+class LaunchedStrata:
+    """A launcher started by :func:`launch` (tests, benchmarks, the soak): its output and its children."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.output: list[str] = []  # every line it printed so far (its services' lines included)
+        self._reader: asyncio.Task[None] | None = None
+
+    async def _read(self, until_ready: bool) -> None:
+        assert self.process.stdout is not None
+        async for line in self.process.stdout:
+            self.output.append(line.decode(errors="replace").rstrip())
+            if until_ready and self.output[-1].startswith(_READY_LINE):
+                return
+        if until_ready:
+            raise EOFError("the launcher exited before it was ready")
+
+    def pids(self) -> dict[str, int]:
+        """The pid of each running service process (by :data:`SERVICES` name), from /proc."""
+        modules = {module.encode(): name for name, module in SERVICES.items()}
+        found: dict[str, int] = {}
+        for task in Path(f"/proc/{self.process.pid}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                for child in (task / "children").read_text().split():
+                    with contextlib.suppress(OSError):
+                        argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+                        if b"-m" in argv and argv[argv.index(b"-m") + 1] in modules:
+                            found[modules[argv[argv.index(b"-m") + 1]]] = int(child)
+        return found
+
+    async def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM, wait up to ``timeout`` s (it drains its services), then SIGKILL; the exit code."""
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.process.wait(), timeout)
+            except TimeoutError:
+                self.process.kill()
+                await self.process.wait()
+        if self._reader is not None:
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(self._reader, 5)
+        return self.process.returncode if self.process.returncode is not None else -1
+
+
+async def launch(env: dict[str, str], cwd: Path, timeout: float = 120.0) -> LaunchedStrata:
+    """Run ``python -m shared.launcher`` with ``env`` and wait until it reports everything running.
+
+    Its output keeps being collected in :attr:`LaunchedStrata.output`. A
+    launcher that does not get ready in ``timeout`` s is stopped, and the
+    error carries what it printed.
+    """
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "shared.launcher",
+        env=env,
+        cwd=cwd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,
+    )
+    launched = LaunchedStrata(process)
+    try:
+        await asyncio.wait_for(launched._read(until_ready=True), timeout)
+    except BaseException:
+        await launched.stop()
+        raise RuntimeError("the launcher did not start:\n" + "\n".join(launched.output[-60:])) from None
+    launched._reader = asyncio.get_running_loop().create_task(launched._read(until_ready=False))
+    return launched
 
 
 def main() -> None:

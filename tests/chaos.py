@@ -192,14 +192,7 @@ class Faults:
 
     def service_pid(self, name: str) -> int | None:
         """The pid of the launcher's child running service ``name``, if one is running."""
-        module = SERVICES[name]
-        launcher = self.stack.process.pid
-        for child in _children(launcher):
-            with contextlib.suppress(OSError):
-                argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
-                if bytes(module, "ascii") in argv:
-                    return child
-        return None
+        return self.stack.launched.pids().get(name)
 
     async def redis_killed(self) -> None:
         """SIGKILL Redis, keep it down for the outage, start it again."""
@@ -264,14 +257,6 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
-
-
-def _children(pid: int) -> list[int]:
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        with contextlib.suppress(OSError):
-            found.extend(int(p) for p in (task / "children").read_text().split())
-    return found
 
 
 async def provision_tenant(stack: Stack, tenant: str) -> tuple[tuple[str, str], ...]:

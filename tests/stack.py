@@ -10,15 +10,14 @@ starts one more gateway process in front of a stack, with its own settings
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
-import signal
 import sys
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from shared.launcher import LaunchedStrata, launch
 from shared.settings import Settings
 from tests.conftest import PROJECT_ROOT, TEST_INTERNAL_SECRET, free_port
 
@@ -29,13 +28,19 @@ TEST_KEY_PEPPER = "test-key-pepper-not-for-production"
 class Stack:
     """A running launcher: its ports, environment and dev (admin) key."""
 
-    process: asyncio.subprocess.Process
+    launched: LaunchedStrata
     data_dir: Path
     env: dict[str, str]
     ports: dict[str, int]
     api_key: str
-    output: list[str] = field(default_factory=list)
-    reader: asyncio.Task[None] | None = None
+
+    @property
+    def process(self) -> asyncio.subprocess.Process:
+        return self.launched.process
+
+    @property
+    def output(self) -> list[str]:
+        return self.launched.output
 
     @property
     def gateway(self) -> str:
@@ -43,14 +48,7 @@ class Stack:
 
     async def stop(self) -> int:
         """SIGTERM and wait; the exit code."""
-        if self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.process.wait(), 60)
-            if self.process.returncode is None:
-                self.process.kill()
-                await self.process.wait()
-        return self.process.returncode if self.process.returncode is not None else -1
+        return await self.launched.stop()
 
 
 def stack_environment(
@@ -86,41 +84,11 @@ async def start_stack(settings: Settings, otlp_port: int | None = None, **extra:
     env, ports = stack_environment(settings, otlp_port, **extra)
     data_dir = PROJECT_ROOT / ".strata" / f"stack-{uuid.uuid4().hex[:8]}"
     env["STRATA_DATA_DIR"] = str(data_dir)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "shared.launcher",
-        env=env,
-        cwd=PROJECT_ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        start_new_session=True,
-    )
-    stack = Stack(process, data_dir, env, ports, "")
-    assert process.stdout is not None
     try:
-        await asyncio.wait_for(_read_until_ready(process.stdout, stack.output), 90)
-    except BaseException:
-        await stack.stop()
-        raise AssertionError("launcher did not start:\n" + "\n".join(stack.output)) from None
-    stack.api_key = (data_dir / "dev-api-key").read_text().strip()
-    stack.reader = asyncio.get_running_loop().create_task(_drain(process.stdout, stack.output))
-    return stack
-
-
-async def _read_until_ready(stream: asyncio.StreamReader, output: list[str]) -> None:
-    while True:
-        line = await stream.readline()
-        if not line:
-            raise EOFError("launcher exited")
-        output.append(line.decode(errors="replace").rstrip())
-        if output[-1].startswith("Press Ctrl-C to stop."):
-            return
-
-
-async def _drain(stream: asyncio.StreamReader, output: list[str]) -> None:
-    async for line in stream:
-        output.append(line.decode(errors="replace").rstrip())
+        launched = await launch(env, PROJECT_ROOT, timeout=90)
+    except RuntimeError as exc:
+        raise AssertionError(str(exc)) from None
+    return Stack(launched, data_dir, env, ports, (data_dir / "dev-api-key").read_text().strip())
 
 
 async def start_gateway(stack: Stack, **extra: str) -> tuple[asyncio.subprocess.Process, int]:

@@ -12,7 +12,6 @@ import json
 import pytest
 
 from bench.report import write_results
-from bench.stack import child_pids
 from bench.suite import Config, Suite
 from bench.target import Target
 from tests.conftest import TEST_INTERNAL_SECRET
@@ -41,7 +40,7 @@ async def test_the_suite_runs_every_scenario_and_writes_its_figures(stack, setti
         internal_secret=TEST_INTERNAL_SECRET,
         database_url=settings.database_url,
         redis_url=settings.redis_url,
-        pids=child_pids(stack.process.pid),
+        pids=stack.launched.pids(),
     )
     suite = Suite(target, TINY, settings.migrate_database_url)
     lines: list[str] = []
