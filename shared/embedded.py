@@ -100,10 +100,9 @@ class EmbeddedPostgres:
         self._stop_leftover()
         log = open(self.data_dir / "postgres.log", "ab")
         self._process = subprocess.Popen(
-            [str(self.bin / "postgres"), "-D", str(self.pgdata), "-p", str(self.port)],
+            self._as_system_user([str(self.bin / "postgres"), "-D", str(self.pgdata), "-p", str(self.port)]),
             stdout=log,
             stderr=subprocess.STDOUT,
-            user=self._run_as,
             start_new_session=True,
         )
         log.close()
@@ -142,6 +141,15 @@ class EmbeddedPostgres:
         _stop_process(self._process, signal.SIGQUIT, 10.0)
         self._process = None
 
+    def _as_system_user(self, argv: list[str]) -> list[str]:
+        # Postgres refuses to run as root. setpriv switches user in the child
+        # rather than Popen(user=...): that would make Popen fork instead of
+        # vfork, and a fork of a process with gRPC threads can crash the child
+        # before it execs (seen restarting Postgres from a gRPC test process).
+        if self._run_as is None:
+            return argv
+        return ["setpriv", f"--reuid={self._run_as}", f"--regid={self._run_as}", "--init-groups", *argv]
+
     def _initdb(self, owner_password: str) -> None:
         self.pgdata.mkdir(parents=True, exist_ok=True, mode=0o700)
         pwfile = self.data_dir / ".initdb-pw"
@@ -151,20 +159,21 @@ class EmbeddedPostgres:
             self._prepare_for_system_user([self.pgdata, pwfile])
         try:
             subprocess.run(
-                [
-                    str(self.bin / "initdb"),
-                    "-D",
-                    str(self.pgdata),
-                    "-U",
-                    SUPERUSER,
-                    "--auth=scram-sha-256",
-                    f"--pwfile={pwfile}",
-                    "--encoding=UTF8",
-                    "--no-locale",
-                ],
+                self._as_system_user(
+                    [
+                        str(self.bin / "initdb"),
+                        "-D",
+                        str(self.pgdata),
+                        "-U",
+                        SUPERUSER,
+                        "--auth=scram-sha-256",
+                        f"--pwfile={pwfile}",
+                        "--encoding=UTF8",
+                        "--no-locale",
+                    ]
+                ),
                 check=True,
                 capture_output=True,
-                user=self._run_as,
             )
         except subprocess.CalledProcessError as exc:
             raise RuntimeError(f"initdb failed: {exc.stderr.decode(errors='replace')}") from exc
