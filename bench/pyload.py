@@ -83,7 +83,8 @@ async def _operation(job: Job, worker: int) -> tuple[Any, Any]:
 
         return one, pool.close
     if job.kind == "asyncpg_query":
-        # One statement per call in a transaction that first runs ``setup`` (SET LOCAL ...).
+        # One statement per call in a transaction that first runs ``setup`` (SET LOCAL ...);
+        # each of ``arguments`` is the statement's one argument, or a list of them.
         import asyncpg
 
         pool = await asyncpg.create_pool(
@@ -95,7 +96,8 @@ async def _operation(job: Job, worker: int) -> tuple[Any, Any]:
             async with pool.acquire() as conn, conn.transaction():
                 for statement in params["setup"]:
                     await conn.execute(statement)
-                await conn.fetch(params["sql"], arguments[(worker * 7919 + i) % len(arguments)])
+                chosen = arguments[(worker * 7919 + i) % len(arguments)]
+                await conn.fetch(params["sql"], *(chosen if isinstance(chosen, list) else [chosen]))
 
         return one, pool.close
     if job.kind == "redis_get":

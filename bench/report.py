@@ -21,6 +21,7 @@ TARGETS: dict[str, float] = {
     "batchget_keys_vs_get": 20.0,
     "put_vs_asyncpg": 0.70,
     "vector_qps_vs_sql": 0.80,
+    "vector_filtered_qps_vs_sql": 0.80,
     "tracing_on_vs_off": 0.85,
 }
 GATEWAY_ADDED_P50_MS = 1.0

@@ -31,6 +31,7 @@ from bench.stack import ROOT, free_port
 from bench.target import Target
 from bench.vectors import (
     EF_SEARCH,
+    RAW_FILTERED_SEARCH,
     RAW_SEARCH,
     VECTOR,
     VectorData,
@@ -359,6 +360,24 @@ class Suite:
             }
             return await self._python(Job("asyncpg_query", params))
 
+        async def vector_search_filtered_direct(_: int) -> Measurement:
+            assert self._vector_data is not None
+            bodies = search_bodies(self._vector_data, filtered=True)
+            return await self._python(self._grpc_job("vector", VECTOR + "Search", bodies))
+
+        async def sql_vector_search_filtered(_: int) -> Measurement:
+            assert self._vector_data is not None
+            params = {
+                "dsn": self.target.database_url,
+                "sql": RAW_FILTERED_SEARCH,
+                "arguments": raw_queries(self._vector_data, filtered=True),
+                "setup": [
+                    f"SET LOCAL hnsw.ef_search = {EF_SEARCH}",
+                    "SET LOCAL hnsw.iterative_scan = relaxed_order",
+                ],
+            }
+            return await self._python(Job("asyncpg_query", params))
+
         async def asyncpg_upsert(_: int) -> Measurement:
             sql = "INSERT INTO bench.kv (k, v) VALUES ($1, $2) ON CONFLICT (k) DO UPDATE SET v = excluded.v"
             return await self._python(
@@ -393,6 +412,8 @@ class Suite:
             "asyncpg_record_list": asyncpg_record_list,
             "vector_search_direct": vector_search_direct,
             "sql_vector_search": sql_vector_search,
+            "vector_search_filtered_direct": vector_search_filtered_direct,
+            "sql_vector_search_filtered": sql_vector_search_filtered,
             "asyncpg_upsert": asyncpg_upsert,
             "asyncpg_select": asyncpg_select,
             "redis_get": redis_get,
@@ -517,6 +538,9 @@ class Suite:
             "records_get_vs_sql": median_of("records_get_direct", "asyncpg_record_get"),
             "records_list_vs_sql": median_of("records_list_direct", "asyncpg_record_list"),
             "vector_qps_vs_sql": median_of("vector_search_direct", "sql_vector_search"),
+            "vector_filtered_qps_vs_sql": median_of(
+                "vector_search_filtered_direct", "sql_vector_search_filtered"
+            ),
             "tracing_on_vs_off": statistics.median(r["on"] / r["off"] for r in self.tracing)
             if self.tracing
             else None,

@@ -15,12 +15,15 @@ from dataclasses import dataclass
 
 import asyncpg
 import grpc
+from google.protobuf import struct_pb2
+from strata.common.v1 import filter_pb2
 from strata.vector.v1 import vector_pb2
 
 from bench.target import Target
 
 __all__ = [
     "EF_SEARCH",
+    "RAW_FILTERED_SEARCH",
     "RAW_SEARCH",
     "VECTOR",
     "VectorData",
@@ -35,6 +38,7 @@ VECTOR = "/strata.vector.v1.VectorService/"
 COLLECTION = "bench"
 DIMENSION = 128
 EF_SEARCH = 100
+BUCKETS = 10  # point i has payload {"bucket": i % BUCKETS}; filtered searches ask for one bucket
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,16 @@ class VectorData:
         return cls([(f"p{i}", sample()) for i in range(count)], [sample() for _ in range(queries)])
 
 
+def _bucket(point_id: str) -> int:
+    return int(point_id[1:]) % BUCKETS
+
+
+def _payload(point_id: str) -> struct_pb2.Struct:
+    payload = struct_pb2.Struct()
+    payload.update({"bucket": _bucket(point_id)})
+    return payload
+
+
 def _text(values: list[float]) -> str:
     return "[" + ",".join(f"{v:.6g}" for v in values) + "]"
 
@@ -73,7 +87,10 @@ async def load_service(target: Target, data: VectorData, lanes: int = 2) -> floa
         bodies = [
             vector_pb2.UpsertPointsRequest(
                 collection=COLLECTION,
-                points=[vector_pb2.Point(id=pid, vector=vector_pb2.Vector(values=v)) for pid, v in batch],
+                points=[
+                    vector_pb2.Point(id=pid, vector=vector_pb2.Vector(values=v), payload=_payload(pid))
+                    for pid, v in batch
+                ],
             ).SerializeToString()
             for batch in batches
         ]
@@ -95,7 +112,8 @@ async def load_raw(owner_url: str, service_url: str, data: VectorData) -> float:
     try:
         await owner.execute(
             f"DROP TABLE IF EXISTS bench.points;"
-            f"CREATE TABLE bench.points (id text PRIMARY KEY, embedding vector({DIMENSION}) NOT NULL);"
+            f"CREATE TABLE bench.points (id text PRIMARY KEY, embedding vector({DIMENSION}) NOT NULL, "
+            "payload jsonb NOT NULL);"
             "CREATE INDEX ON bench.points USING hnsw (embedding vector_cosine_ops) "
             "WITH (m = 16, ef_construction = 64);"
             "GRANT SELECT, INSERT ON bench.points TO strata_app;"
@@ -106,31 +124,49 @@ async def load_raw(owner_url: str, service_url: str, data: VectorData) -> float:
     try:
         started = time.perf_counter()
         for start in range(0, len(data.points), 1000):
-            rows = "".join(f"{pid}\t{_text(v)}\n" for pid, v in data.points[start : start + 1000])
+            rows = "".join(
+                f'{pid}\t{_text(v)}\t{{"bucket": {_bucket(pid)}}}\n'
+                for pid, v in data.points[start : start + 1000]
+            )
             await conn.copy_to_table(
-                "points", schema_name="bench", source=io.BytesIO(rows.encode()), columns=["id", "embedding"]
+                "points",
+                schema_name="bench",
+                source=io.BytesIO(rows.encode()),
+                columns=["id", "embedding", "payload"],
             )
         return len(data.points) / (time.perf_counter() - started)
     finally:
         await conn.close()
 
 
-def search_bodies(data: VectorData) -> list[bytes]:
-    """Search requests (top 10, default settings) for every query."""
-    return [
-        vector_pb2.SearchRequest(
+def search_bodies(data: VectorData, filtered: bool = False) -> list[bytes]:
+    """Search requests (top 10, default settings) for every query; ``filtered``: in one bucket each."""
+    bodies = []
+    for i, q in enumerate(data.queries):
+        request = vector_pb2.SearchRequest(
             collection=COLLECTION, vector=vector_pb2.Vector(values=q), limit=10
-        ).SerializeToString()
-        for q in data.queries
-    ]
+        )
+        if filtered:
+            request.filter.condition.path = "bucket"
+            request.filter.condition.op = filter_pb2.OPERATOR_EQ
+            request.filter.condition.value.number_value = i % BUCKETS
+        bodies.append(request.SerializeToString())
+    return bodies
 
 
-def raw_queries(data: VectorData) -> list[str]:
-    """The queries as pgvector text, for the raw SQL side."""
+def raw_queries(data: VectorData, filtered: bool = False) -> list[str] | list[list[str]]:
+    """The queries' arguments for :data:`RAW_SEARCH` (pgvector text), or :data:`RAW_FILTERED_SEARCH`."""
+    if filtered:
+        return [[_text(q), str(i % BUCKETS)] for i, q in enumerate(data.queries)]
     return [_text(q) for q in data.queries]
 
 
 RAW_SEARCH = f"SELECT id FROM bench.points ORDER BY embedding <=> $1::vector({DIMENSION}) LIMIT 10"
+# The predicate the service compiles an OPERATOR_EQ condition to; iterative scans as the service sets them.
+RAW_FILTERED_SEARCH = (
+    "SELECT id FROM bench.points WHERE (payload #> '{bucket}') = $2::jsonb "
+    f"ORDER BY embedding <=> $1::vector({DIMENSION}) LIMIT 10"
+)
 
 
 async def recall_at_10(target: Target, data: VectorData, queries: int = 50) -> float:

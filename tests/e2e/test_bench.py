@@ -45,7 +45,7 @@ async def test_the_suite_runs_every_scenario_and_writes_its_figures(stack, setti
     suite = Suite(target, TINY, settings.migrate_database_url)
     lines: list[str] = []
     await suite.run(log=lines.append)
-    assert len(lines) == len(suite.rounds[0]) == 21  # with the etcd peer (the Makefile installs it)
+    assert len(lines) == len(suite.rounds[0]) == 23  # with the etcd peer (the Makefile installs it)
     document = write_results(suite, TINY, tmp_path)
     assert json.loads((tmp_path / "latest.json").read_text()) == json.loads(json.dumps(document))
     ratios = document["ratios"]
@@ -68,6 +68,7 @@ async def test_the_suite_runs_every_scenario_and_writes_its_figures(stack, setti
         "kv_get_vs_etcd_range",
         "kv_put_vs_etcd_put",
         "vector_qps_vs_sql",
+        "vector_filtered_qps_vs_sql",
     )
     for name in measured:
         assert ratios[name] > 0, name
