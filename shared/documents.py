@@ -9,7 +9,7 @@ from google.protobuf import json_format, struct_pb2
 
 from shared.errors import FieldViolation
 
-__all__ = ["document_json"]
+__all__ = ["document_json", "holds_nul"]
 
 
 def document_json(
@@ -24,16 +24,17 @@ def document_json(
     text = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
     if len(text.encode()) > max_bytes:
         errors.append(FieldViolation(field, f"must be at most {max_bytes} bytes as JSON"))
-    if _holds_nul(data):
+    if holds_nul(data):
         errors.append(FieldViolation(field, "must not contain NUL characters (jsonb cannot store them)"))
     return text
 
 
-def _holds_nul(value: Any) -> bool:
+def holds_nul(value: Any) -> bool:
+    """Whether a JSON value (from json.loads or MessageToDict) holds U+0000 in any string or key."""
     if isinstance(value, str):
         return "\x00" in value
     if isinstance(value, dict):
-        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+        return any(holds_nul(k) or holds_nul(v) for k, v in value.items())
     if isinstance(value, list):
-        return any(_holds_nul(v) for v in value)
+        return any(holds_nul(v) for v in value)
     return False

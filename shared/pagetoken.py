@@ -4,6 +4,13 @@ A token carries a cursor and a fingerprint of the query's identifying fields.
 Decoding checks both: a token that is not ours, was cut or edited, or comes
 from another query (another namespace, filter or bound) answers
 INVALID_ARGUMENT on ``page_token`` instead of returning a wrong page.
+
+Tokens are signed with a key derived from the deployment's
+``STRATA_INTERNAL_SECRET`` (:func:`configure_page_tokens`, called when a
+:class:`shared.server.StrataServer` is built), so only Strata can mint one:
+a cursor a caller chose never reaches a query. Cursors are still checked for
+type (:func:`page_cursor`, :func:`invalid_page_token`), so that even a
+forged but correctly signed token answers INVALID_ARGUMENT, never INTERNAL.
 """
 
 from __future__ import annotations
@@ -13,26 +20,60 @@ import hashlib
 import hmac
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
-from shared.errors import FieldViolation, invalid_argument
+from shared.errors import FieldViolation, StrataError, invalid_argument
 
 __all__ = [
     "DEFAULT_PAGE_SIZE",
     "MAX_PAGE_SIZE",
+    "configure_page_tokens",
     "decode_page_token",
     "encode_page_token",
+    "invalid_page_token",
     "page_cursor",
     "page_size",
+    "page_token_key",
 ]
+
+_T = TypeVar("_T")
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 _VERSION = 1
 _SIGNATURE_BYTES = 12
-# Binds tokens to Strata rather than protecting a secret: anyone may read a
-# cursor, but an edited one fails the check instead of moving the cursor.
-_KEY = b"strata-page-token-v1"
+# Domain separation: the internal secret also signs caller identities.
+_KEY_LABEL = b"strata-page-token-v1"
+_INT64 = range(-(2**63), 2**63)
+# Set once per process by configure_page_tokens (every process of one
+# deployment shares the secret, so any replica verifies any replica's tokens).
+_key: bytes | None = None
+
+
+def page_token_key(secret: bytes) -> bytes:
+    """The page-token signing key of the deployment whose internal secret is ``secret``."""
+    return hmac.new(secret, _KEY_LABEL, hashlib.sha256).digest()
+
+
+def configure_page_tokens(secret: bytes) -> None:
+    """Sign and verify this process's page tokens with the key derived from ``secret``."""
+    global _key
+    _key = page_token_key(secret)
+
+
+def _signing_key() -> bytes:
+    # No silent fallback to a built-in key: that would let callers mint tokens again.
+    if _key is None:
+        raise RuntimeError("page tokens are not configured: call configure_page_tokens(secret) first")
+    return _key
+
+
+def invalid_page_token(domain: str = "strata") -> StrataError:
+    """INVALID_ARGUMENT on ``page_token``: a token (or its cursor) that this API did not issue."""
+    return invalid_argument(
+        [FieldViolation("page_token", "is not a page token of this API (malformed or edited)")],
+        domain=domain,
+    )
 
 
 def _fingerprint(query: Sequence[Any]) -> str:
@@ -45,7 +86,7 @@ def encode_page_token(query: Sequence[Any], cursor: Any) -> str:
     body = json.dumps(
         {"v": _VERSION, "q": _fingerprint(query), "c": cursor}, separators=(",", ":"), ensure_ascii=False
     ).encode()
-    signature = hmac.new(_KEY, body, hashlib.sha256).digest()[:_SIGNATURE_BYTES]
+    signature = hmac.new(_signing_key(), body, hashlib.sha256).digest()[:_SIGNATURE_BYTES]
     return base64.urlsafe_b64encode(signature + body).decode().rstrip("=")
 
 
@@ -55,17 +96,14 @@ def decode_page_token(token: str, query: Sequence[Any], *, domain: str = "strata
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         signature, body = raw[:_SIGNATURE_BYTES], raw[_SIGNATURE_BYTES:]
         if not hmac.compare_digest(
-            signature, hmac.new(_KEY, body, hashlib.sha256).digest()[:_SIGNATURE_BYTES]
+            signature, hmac.new(_signing_key(), body, hashlib.sha256).digest()[:_SIGNATURE_BYTES]
         ):
             raise ValueError("signature")
         decoded = json.loads(body)
         if not isinstance(decoded, dict) or decoded.get("v") != _VERSION:
             raise ValueError("version")
-    except (ValueError, UnicodeDecodeError):
-        raise invalid_argument(
-            [FieldViolation("page_token", "is not a page token of this API (malformed or edited)")],
-            domain=domain,
-        ) from None
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: JSON nested too deep
+        raise invalid_page_token(domain) from None
     if decoded.get("q") != _fingerprint(query):
         raise invalid_argument(
             [FieldViolation("page_token", "belongs to a different query; keep every other field the same")],
@@ -81,6 +119,26 @@ def page_size(value: int, errors: list[FieldViolation]) -> int:
     return value or DEFAULT_PAGE_SIZE
 
 
-def page_cursor(token: str, query: Sequence[Any], first: Any, *, domain: str = "strata") -> Any:
-    """The cursor in ``token`` (see :func:`decode_page_token`), or ``first`` when there is no token."""
-    return decode_page_token(token, query, domain=domain) if token else first
+def page_cursor(token: str, query: Sequence[Any], first: _T, *, domain: str = "strata") -> _T:
+    """The cursor in ``token`` (see :func:`decode_page_token`), or ``first`` when there is no token.
+
+    For single-value cursors (a name, an id): the cursor must be of ``first``'s
+    type (``str`` or ``int``), an ``int`` within 64 bits and a ``str`` without
+    NUL (nothing Postgres returns), or the token is INVALID_ARGUMENT.
+    """
+    if not token:
+        return first
+    cursor = decode_page_token(token, query, domain=domain)
+    # The exact type: a JSON true is no integer cursor.
+    if type(cursor) is not type(first) or not _storable(cursor):
+        raise invalid_page_token(domain)
+    return cursor
+
+
+def _storable(cursor: Any) -> bool:
+    """Whether a column could hold ``cursor``: a bigint for an int, text (no NUL) for a str."""
+    if isinstance(cursor, int):
+        return cursor in _INT64
+    if isinstance(cursor, str):
+        return "\x00" not in cursor
+    return True

@@ -18,19 +18,20 @@ import logging
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import uvloop
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import message_factory
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from shared.cache import open_redis
 from shared.errors import FieldViolation, StrataError, from_exception, invalid_argument
 from shared.identity import set_current_caller, verify_caller
 from shared.metrics import Metrics
+from shared.pagetoken import configure_page_tokens
 from shared.reflection import add_reflection
 from shared.settings import ConfigError, Settings, load_settings, require_internal_secret
 from shared.stats import ProcessReporter
@@ -46,6 +47,7 @@ from shared.telemetry import (
 __all__ = ["CallGate", "ShutdownHook", "StrataServer", "run_service"]
 
 ShutdownHook = Callable[[], Awaitable[None]]
+_M = TypeVar("_M", bound=_message.Message)
 _log = logging.getLogger(__name__)
 # Longest one shutdown or after-drain hook may take before it is abandoned.
 _HOOK_TIMEOUT_S = 10.0
@@ -82,14 +84,16 @@ class StrataServer:
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ],
         )
-        self._health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        self._health = _Health()
+        self._server.add_generic_rpc_handlers((self._health.handler(),))
         self._service_names: list[str] = []
         self._hooks: list[ShutdownHook] = []
         self._closers: list[ShutdownHook] = []
         self._stopping = asyncio.Event()
         self._gate = CallGate()
         self._secret = require_internal_secret(settings)
+        # Page tokens are signed per deployment, so callers cannot mint cursors.
+        configure_page_tokens(self._secret)
         self.port = 0
         self.reporter: ProcessReporter | None = None
         if settings.redis_url:
@@ -329,7 +333,7 @@ async def _run_hooks(hooks: list[ShutdownHook]) -> None:
             _log.exception("shutdown hook failed")
 
 
-def _decode(request_type: type[_message.Message], raw: bytes) -> _message.Message:
+def _decode(request_type: type[_M], raw: bytes) -> _M:
     request = request_type()
     try:
         request.ParseFromString(raw)
@@ -344,6 +348,83 @@ def _decode(request_type: type[_message.Message], raw: bytes) -> _message.Messag
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
     error = from_exception(exc)
     await context.abort(error.code, error.message, trailing_metadata=error.trailing_metadata())
+
+
+class _Health:
+    """``grpc.health.v1.Health`` (Check and Watch) for one server, requests decoded here.
+
+    Replaces grpcio-health-checking's aio servicer for two reasons: it is
+    registered with a deserializer, whose DecodeError grpc.aio answers with
+    UNKNOWN naming the exception class (here: INVALID_ARGUMENT on ``request``,
+    as for every Strata method); and its Watch streams through context.write,
+    which the metrics interceptor (wrapping async generators) cannot wrap.
+    Health stays unsigned and outside the drain gate: load balancers and the
+    gateway ask it. List is not served (UNIMPLEMENTED), as before.
+    """
+
+    def __init__(self) -> None:
+        self._status: dict[str, Any] = {"": health_pb2.HealthCheckResponse.SERVING}
+        self._changed = asyncio.Condition()
+        self._final = False
+
+    async def set(self, service: str, status: Any) -> None:
+        """Report ``service``'s ServingStatus (ignored once shutting down)."""
+        async with self._changed:
+            if not self._final:
+                self._status[service] = status
+                self._changed.notify_all()
+
+    async def enter_graceful_shutdown(self) -> None:
+        """Turn every service NOT_SERVING for good."""
+        async with self._changed:
+            self._final = True
+            self._status = dict.fromkeys(self._status, health_pb2.HealthCheckResponse.NOT_SERVING)
+            self._changed.notify_all()
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The generic handler serving Check and Watch from raw request bytes."""
+        serialize = health_pb2.HealthCheckResponse.SerializeToString
+        return grpc.method_handlers_generic_handler(
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            {
+                "Check": grpc.unary_unary_rpc_method_handler(self._check, response_serializer=serialize),
+                "Watch": grpc.unary_stream_rpc_method_handler(self._watch, response_serializer=serialize),
+            },
+        )
+
+    async def _check(
+        self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> health_pb2.HealthCheckResponse:
+        service = (await _health_request(raw, context)).service
+        if service not in self._status:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
+        return health_pb2.HealthCheckResponse(status=self._status[service])
+
+    async def _watch(
+        self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        service = (await _health_request(raw, context)).service
+        last = None
+        while True:
+            # Sent outside the lock, so a slow watcher never holds up set().
+            async with self._changed:
+                while (status := self._current(service)) == last:
+                    await self._changed.wait()
+            last = status
+            yield health_pb2.HealthCheckResponse(status=status)
+
+    def _current(self, service: str) -> Any:
+        return self._status.get(service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+
+
+async def _health_request(
+    raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
+) -> health_pb2.HealthCheckRequest:
+    try:
+        return _decode(health_pb2.HealthCheckRequest, raw)
+    except StrataError as exc:
+        await _abort(context, exc)
+        raise AssertionError("unreachable") from None
 
 
 def _unary_handler(

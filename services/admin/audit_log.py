@@ -53,7 +53,8 @@ class AuditLog:
             start.isoformat() if start else "",
             end.isoformat() if end else "",
         ]
-        before = int(page_cursor(request.page_token, query, 0, domain=DOMAIN))
+        # page_cursor refuses a cursor that is not a 64-bit integer (INVALID_ARGUMENT on page_token).
+        before = page_cursor(request.page_token, query, 0, domain=DOMAIN)
         params = SqlParams()
         conditions = []
         if before:

@@ -29,7 +29,7 @@ from shared.cache import CacheEntry, RevisionedCache
 from shared.db import deadline_timeout
 from shared.errors import FieldViolation, StrataError, not_found
 from shared.identity import INTERNAL_SCOPE, require_scope
-from shared.pagetoken import decode_page_token, encode_page_token
+from shared.pagetoken import encode_page_token, page_cursor
 
 __all__ = ["KvServicer"]
 
@@ -119,14 +119,18 @@ class KvServicer:
         raise_if(errors)
         namespace = request.namespace
         keys = KeyRange.prefix(request.prefix).intersect(request.start_key, request.end_key)
-        query = ["kv.List", namespace, request.prefix, request.start_key, request.end_key, request.keys_only]
-        after = None
-        if request.page_token:
-            after = decode_page_token(request.page_token, query, domain=DOMAIN)
-            if not isinstance(after, str):  # signed by us, so only a bug gets here
-                raise_if(
-                    [FieldViolation("page_token", "is not a page token of this API (malformed or edited)")]
-                )
+        # The tenant too: another tenant's token for the same namespace is not this query's.
+        query = [
+            "kv.List",
+            tenant,
+            namespace,
+            request.prefix,
+            request.start_key,
+            request.end_key,
+            request.keys_only,
+        ]
+        # The last key of the page before (page_cursor refuses anything else); None on the first page.
+        after = page_cursor(request.page_token, query, "", domain=DOMAIN) if request.page_token else None
         timeout = deadline_timeout(context)
         rows = await self._store.list_page(
             tenant, namespace, keys, after, page_size + 1, keys_only=request.keys_only, timeout=timeout

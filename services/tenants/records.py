@@ -22,14 +22,14 @@ from strata.tenants.v1 import tenants_pb2
 from services.tenants.names import COLLECTION_RE, DOMAIN, record_cache_key
 from shared.cache import CacheEntry, RevisionedCache
 from shared.db import Database, deadline_timeout
-from shared.documents import document_json
+from shared.documents import document_json, holds_nul
 from shared.errors import FieldViolation, aborted, already_exists, invalid_argument, not_found
 from shared.filters import SqlParams, compile_filter, json_path_sql, validate_path
 from shared.identity import require_scope
-from shared.pagetoken import decode_page_token, encode_page_token, page_size
+from shared.pagetoken import decode_page_token, encode_page_token, invalid_page_token, page_size
 from shared.timestamps import to_timestamp
 
-__all__ = ["RecordServicer", "cache_entry"]
+__all__ = ["RecordServicer", "cache_entry", "record_etag"]
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 READ, WRITE = "tenants:read", "tenants:write"
@@ -38,6 +38,21 @@ _MAX_DATA = 1024 * 1024
 _MAX_BATCH = 1000
 _COLUMNS = "collection, id, data, revision, created_at, updated_at, cache_version"
 _TIME_ORDERS = {"create_time": "created_at", "update_time": "updated_at"}
+# An etag this API issues (see record_etag); before per-incarnation etags it was r<revision>.
+_ETAG_RE = re.compile(r"r(\d{1,18})(?:-(\d{1,18}))?")
+# Matches no row: cache_version comes from a sequence that starts at 1.
+_NEVER_CURRENT = 0
+
+
+def record_etag(row: asyncpg.Record) -> str:
+    """The etag of a record row: ``r<revision>-<cache_version>``, opaque to callers.
+
+    ``revision`` alone restarts at 1 when a record is deleted and re-created,
+    so a deleted record's etag would fit its successor; ``cache_version`` is
+    drawn from a sequence by every write, so the pair names one state of one
+    incarnation and is never issued twice.
+    """
+    return f"r{row['revision']}-{row['cache_version']}"
 
 
 def row_to_record(row: asyncpg.Record) -> tenants_pb2.Record:
@@ -49,7 +64,7 @@ def row_to_record(row: asyncpg.Record) -> tenants_pb2.Record:
         id=row["id"],
         data=data,
         revision=row["revision"],
-        etag=f"r{row['revision']}",
+        etag=record_etag(row),
         create_time=to_timestamp(row["created_at"]),
         update_time=to_timestamp(row["updated_at"]),
     )
@@ -191,21 +206,22 @@ class RecordServicer:
         errors: list[FieldViolation] = []
         _check_collection(record.collection, "record.collection", errors)
         _check_id(record.id, "record.id", errors)
-        revision = _revision_of(request.etag, errors)
+        version = _version_of(request.etag, errors)
         paths = _mask_paths(request, errors)
         incoming = json_format.MessageToDict(record.data)
         _raise(errors)
         timeout = deadline_timeout(context)
         async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
             current = await conn.fetchrow(
-                "SELECT data, revision FROM tenants.records WHERE collection = $1 AND id = $2 FOR UPDATE",
+                "SELECT data, cache_version FROM tenants.records "
+                "WHERE collection = $1 AND id = $2 FOR UPDATE",
                 record.collection,
                 record.id,
                 timeout=timeout,
             )
             if current is None:
                 raise _record_not_found(record.id)
-            if revision is not None and revision != current["revision"]:
+            if version is not None and version != current["cache_version"]:
                 raise aborted("ETAG_MISMATCH", "the record changed since that etag", domain=DOMAIN)
             data = incoming if paths is None else _apply_mask(json.loads(current["data"]), incoming, paths)
             text = document_json(data, "record.data", errors, max_bytes=_MAX_DATA)
@@ -230,17 +246,17 @@ class RecordServicer:
         errors: list[FieldViolation] = []
         _check_collection(request.collection, "collection", errors)
         _check_id(request.id, "id", errors)
-        revision = _revision_of(request.etag, errors)
+        version = _version_of(request.etag, errors)
         _raise(errors)
         timeout = deadline_timeout(context)
         async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
             row = await conn.fetchrow(
                 f"DELETE FROM tenants.records WHERE collection = $1 AND id = $2 "
-                f"AND ($3::bigint IS NULL OR revision = $3) "
+                f"AND ($3::bigint IS NULL OR cache_version = $3) "
                 f"RETURNING {_COLUMNS}, nextval('tenants.record_versions') AS tombstone_version",
                 request.collection,
                 request.id,
-                revision,
+                version,
                 timeout=timeout,
             )
             if row is None:
@@ -341,13 +357,17 @@ def _check_id(value: str, field: str, errors: list[FieldViolation]) -> None:
         errors.append(FieldViolation(field, "must be 1-128 characters of [A-Za-z0-9_.:-]"))
 
 
-def _revision_of(etag: str, errors: list[FieldViolation]) -> int | None:
+def _version_of(etag: str, errors: list[FieldViolation]) -> int | None:
+    """The cache_version ``etag`` names; None without an etag (or when it is not one of ours)."""
     if not etag:
         return None
-    if etag.startswith("r") and etag[1:].isdigit():
-        return int(etag[1:])
-    errors.append(FieldViolation("etag", "is not an etag of this API"))
-    return None
+    match = _ETAG_RE.fullmatch(etag)
+    if match is None:
+        errors.append(FieldViolation("etag", "is not an etag of this API"))
+        return None
+    # An etag of the old form (no version) was issued before this one: it names
+    # no incarnation, so it is stale (ABORTED), not malformed.
+    return int(match[2]) if match[2] else _NEVER_CURRENT
 
 
 def _mask_paths(
@@ -375,6 +395,9 @@ def _apply_mask(current: dict[str, Any], incoming: dict[str, Any], paths: list[l
             source = source.get(key) if isinstance(source, dict) else None
             if source is None:
                 break
+        if source is None:
+            _remove_path(current, path)
+            continue
         target = current
         for key in path[:-1]:
             child = target.get(key)
@@ -382,11 +405,18 @@ def _apply_mask(current: dict[str, Any], incoming: dict[str, Any], paths: list[l
                 child = {}
                 target[key] = child
             target = child
-        if source is None:
-            target.pop(path[-1], None)
-        else:
-            target[path[-1]] = source
+        target[path[-1]] = source
     return current
+
+
+def _remove_path(document: dict[str, Any], path: list[str]) -> None:
+    """Remove ``path`` from ``document``; an absent path (or parent) leaves it unchanged."""
+    target: Any = document
+    for key in path[:-1]:
+        target = target.get(key)
+        if not isinstance(target, dict):
+            return  # no parent object: nothing there to remove, and nothing to create
+    target.pop(path[-1], None)
 
 
 def _sort_key(order_by: str, errors: list[FieldViolation]) -> tuple[str, str]:
@@ -403,6 +433,35 @@ def _sort_key(order_by: str, errors: list[FieldViolation]) -> tuple[str, str]:
     return "id", "id"
 
 
+def _time_bound(value: Any) -> datetime.datetime:
+    """A time cursor value: the ISO text of a timestamptz, so with its offset."""
+    try:
+        bound = datetime.datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        bound = None
+    if bound is None or bound.tzinfo is None:
+        raise invalid_page_token(DOMAIN)
+    return bound
+
+
+def _json_bound(value: Any) -> str:
+    """A JSON cursor value: jsonb text as Postgres returned it (valid JSON, no NUL anywhere)."""
+    if not isinstance(value, str):
+        raise invalid_page_token(DOMAIN)
+    try:
+        nul = holds_nul(json.loads(value, parse_constant=_no_constant))  # jsonb cannot hold U+0000
+    except (ValueError, RecursionError):  # RecursionError: nested too deep to be a stored value
+        raise invalid_page_token(DOMAIN) from None
+    if nul:
+        raise invalid_page_token(DOMAIN)
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    # NaN and Infinity are Python's JSON extensions, not JSON: jsonb refuses them.
+    raise ValueError(name)
+
+
 def _cursor_value(value: Any, kind: str) -> Any:
     if kind == "time":
         return value.isoformat()
@@ -410,12 +469,17 @@ def _cursor_value(value: Any, kind: str) -> Any:
 
 
 def _after(cursor: Any, sort: str, kind: str, descending: bool, params: SqlParams) -> str:
-    """The keyset condition for rows after ``cursor`` in (sort NULLS LAST, id) order."""
+    """The keyset condition for rows after ``cursor`` in (sort NULLS LAST, id) order.
+
+    The cursor is [sort value, id] as :func:`_cursor_value` wrote it; anything
+    else (a token signed by us cannot hold it, but it is checked all the same
+    so no cursor ever reaches a query it would fail in) is INVALID_ARGUMENT.
+    """
     if not (isinstance(cursor, list) and len(cursor) == 2 and isinstance(cursor[1], str)):
-        raise invalid_argument(
-            [FieldViolation("page_token", "is not a page token of this API")], domain=DOMAIN
-        )
+        raise invalid_page_token(DOMAIN)
     value, last_id = cursor
+    if not _ID_RE.fullmatch(last_id):
+        raise invalid_page_token(DOMAIN)
     beyond = "<" if descending else ">"
     after_id = params.add(last_id)
     if kind == "id":
@@ -423,7 +487,7 @@ def _after(cursor: Any, sort: str, kind: str, descending: bool, params: SqlParam
     if value is None:  # already among the records without the sort key
         return f"({sort} IS NULL AND id {beyond} {after_id})"
     cast = "::timestamptz" if kind == "time" else "::jsonb"
-    bound = params.add(datetime.datetime.fromisoformat(value) if kind == "time" else value)
+    bound = params.add(_time_bound(value) if kind == "time" else _json_bound(value))
     return (
         f"({sort} {beyond} {bound}{cast} OR ({sort} = {bound}{cast} AND id {beyond} {after_id}) "
         f"OR {sort} IS NULL)"

@@ -61,6 +61,7 @@ from strata.vector.v1 import vector_pb2
 
 from gateway.routes import build_routes
 from shared.identity import ADMIN_SCOPE, INTERNAL_SCOPE, SCOPES, Caller, sign_caller
+from shared.pagetoken import page_token_key
 from shared.settings import Settings
 from tests.conftest import TEST_INTERNAL_SECRET
 from tests.e2e.conftest import bearer
@@ -72,9 +73,12 @@ Via = Literal["gateway", "direct"]
 Metadata = Sequence[tuple[str, str]]
 OK = grpc.StatusCode.OK
 SECRET = TEST_INTERNAL_SECRET.encode()
-# shared/pagetoken.py signs tokens with this published constant: it binds a
-# token to Strata and to its query, it does not keep anyone from minting one.
-PAGE_TOKEN_KEY = b"strata-page-token-v1"
+# shared/pagetoken.py signs tokens with a key derived from the deployment's
+# internal secret, which the suite knows (a caller does not): with it, the suite
+# mints tokens with any cursor, as an insider or a leaked secret could.
+PAGE_TOKEN_KEY = page_token_key(SECRET)
+# What tokens were once signed with: a constant in the source, so anyone could mint one.
+PUBLISHED_PAGE_TOKEN_KEY = b"strata-page-token-v1"
 PAGE_TOKEN_SIGNATURE_BYTES = 12
 
 # The attacker tenant's slug is also the name of everything it owns (namespace,
@@ -995,21 +999,32 @@ async def test_bodies_that_are_not_requests_are_invalid_argument(hostile: Hostil
     await hostile.assert_healthy()
 
 
-async def test_grpcs_own_services_answer_an_unparsable_body_with_grpcs_own_status(hostile: Hostile) -> None:
-    # Health is grpcio-health-checking's servicer, registered with a deserializer: grpc.aio
-    # reports the DecodeError raised there as UNKNOWN "Unexpected <class ...>" (not INTERNAL),
-    # from every process and through the gateway. The process is unaffected.
-    for channel in (hostile.gateway, *hostile.direct.values()):
-        check = channel.unary_unary(
-            "/grpc.health.v1.Health/Check", request_serializer=None, response_deserializer=None
-        )
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await check(b"\xff\xff\xff", timeout=5)
-        hostile.tally[caught.value.code().name] += 1
-        assert caught.value.code() == grpc.StatusCode.UNKNOWN
-        assert (caught.value.details() or "").startswith(
-            "Unexpected <class 'google.protobuf.message.DecodeError'>"
-        )
+async def test_health_answers_an_unparsable_body_with_invalid_argument(hostile: Hostile) -> None:
+    # Registered with grpc's deserializer, health answered UNKNOWN "Unexpected <class
+    # 'google.protobuf.message.DecodeError'>"; StrataServer decodes its requests itself, so the
+    # answer is the bootstrap's INVALID_ARGUMENT, from every process and from the gateway's own.
+    undecodable = (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", ("request",))
+    failures = []
+    for name, channel in (("gateway", hostile.gateway), *hostile.direct.items()):
+        for method, call in (
+            ("Check", channel.unary_unary("/grpc.health.v1.Health/Check")),
+            ("Watch", channel.unary_stream("/grpc.health.v1.Health/Watch")),
+        ):
+            try:
+                reply = call(b"\xff\xff\xff", timeout=5)
+                await (reply if method == "Check" else reply.read())
+            except grpc.aio.AioRpcError as exc:
+                outcome = _outcome(exc)
+                hostile.tally[outcome.code.name] += 1
+                if (outcome.code, outcome.reason, outcome.violations) != undecodable:
+                    failures.append(f"{name} {method}: {outcome.code.name} {outcome.details[:120]!r}")
+            else:
+                failures.append(f"{name} {method}: answered an unparsable body")
+    _report(failures, "unparsable health requests not answered INVALID_ARGUMENT (request)")
+    for channel in (hostile.gateway, *hostile.direct.values()):  # a well-formed Watch still streams
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=5)
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
     await hostile.assert_healthy()
 
 
@@ -1247,22 +1262,10 @@ async def test_hostile_values_in_every_field_get_ok_or_a_clear_status(hostile: H
     await hostile.assert_healthy()
 
 
-_DECLARE_RACE = (
-    "Concurrent DeclareIndex calls for one (collection, path) are not serialised: "
-    "tenants.declare_index (services/tenants/migrations/0002_declared_indexes.sql) checks "
-    "tenants.record_indexes, then CREATE INDEX, then INSERT, with no lock in between, so the "
-    "losers fail with 23505 (answered ALREADY_EXISTS / UNIQUE_VIOLATION, though the proto says "
-    "declaring an existing index changes nothing and answers created=false) or with 42P07 "
-    "DuplicateTableError 'relation records_by_... already exists', which shared/errors.py does "
-    "not map: INTERNAL. Fix: pg_advisory_xact_lock on the (collection, path) (or LOCK "
-    "tenants.record_indexes) before the check, or catch duplicate_table/unique_violation and "
-    "answer the existing row."
-)
-
-
-@pytest.mark.xfail(strict=True, reason=_DECLARE_RACE)
 async def test_declaring_one_index_concurrently_answers_every_caller_with_it(hostile: Hostile) -> None:
     # Found by the hostile walk, whose calls for one method run concurrently; reliable at 12 x 6.
+    # tenants.declare_index once checked, built and registered the index with no lock between,
+    # so the losers failed with 23505 or 42P07; migration 0005 serialises them (advisory lock).
     rpc = BY_ID["TenantService.DeclareIndex"]
     failures = []
     for round_ in range(6):
@@ -1272,6 +1275,8 @@ async def test_declaring_one_index_concurrently_answers_every_caller_with_it(hos
         failures += [f"{index.path}: {o.code.name} {o.reason}" for o in outcomes if o.code != OK]
         created = [rpc.response(o.response).created for o in outcomes if o.code == OK]
         assert created.count(True) <= 1
+        if len(created) == len(outcomes):  # every caller answered: exactly one of them built it
+            assert created.count(True) == 1, created
     await hostile.assert_healthy()
     _report(failures, "concurrent declarations of an index not answered with it")
 
@@ -1488,7 +1493,7 @@ def _edited_tokens(token: str) -> dict[str, str]:
     }
 
 
-# Cursors a caller can sign with the published key: every type and edge a decoder meets.
+# Cursors signed with the deployment's key: every type and edge a decoder meets.
 _FORGED_CURSORS: tuple[Any, ...] = (
     None,
     [],
@@ -1510,14 +1515,19 @@ _FORGED_CURSORS: tuple[Any, ...] = (
 )
 
 
-def _forged_token(token: str, cursor: Any) -> str:
-    """``token`` (so its query fingerprint) with another cursor, signed as Strata signs."""
+def _forged_token(token: str, cursor: Any, key: bytes = PAGE_TOKEN_KEY) -> str:
+    """``token`` (so its query fingerprint) with another cursor, signed with ``key`` as Strata signs."""
     raw = _raw_token(token)
     body = json.loads(raw[PAGE_TOKEN_SIGNATURE_BYTES:])
     body["c"] = cursor
     encoded = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
-    signature = hmac.new(PAGE_TOKEN_KEY, encoded, hashlib.sha256).digest()[:PAGE_TOKEN_SIGNATURE_BYTES]
+    signature = hmac.new(key, encoded, hashlib.sha256).digest()[:PAGE_TOKEN_SIGNATURE_BYTES]
     return _encode_token(signature + encoded)
+
+
+def _cursor_of(token: str) -> Any:
+    """The cursor inside one of Strata's tokens."""
+    return json.loads(_raw_token(token)[PAGE_TOKEN_SIGNATURE_BYTES:])["c"]
 
 
 def _with_token(request: message.Message, token: str) -> bytes:
@@ -1528,13 +1538,6 @@ def _with_token(request: message.Message, token: str) -> bytes:
 
 
 TENANT_LIST_RPCS = [rpc for rpc in LIST_RPCS if rpc.tenant_scoped]
-_KV_TOKEN_BUG = (
-    "KV List's page token fingerprint leaves out the tenant (services/kv/servicer.py List: query = "
-    "['kv.List', namespace, prefix, start_key, end_key, keys_only]), so another tenant's token for the "
-    "same namespace is accepted and continues that tenant's listing from the other tenant's last key "
-    "(nothing of the other tenant is returned). ListRecords, ScrollPoints and ListCollections put "
-    "the tenant in the fingerprint and refuse such a token."
-)
 
 
 @pytest.mark.parametrize("rpc", _params(TENANT_LIST_RPCS))
@@ -1547,7 +1550,7 @@ async def test_another_tenants_page_token_reveals_nothing_of_it(hostile: Hostile
         assert ATTACKER_MARK.encode() not in outcome.response, f"{via}: the victim got the attacker's data"
 
 
-@pytest.mark.parametrize("rpc", _params(TENANT_LIST_RPCS, {"KvService.List": _KV_TOKEN_BUG}))
+@pytest.mark.parametrize("rpc", _params(TENANT_LIST_RPCS))
 async def test_another_tenants_page_token_is_invalid_argument(hostile: Hostile, rpc: Rpc) -> None:
     request, token = await _first_token(hostile, rpc)
     victim = Caller(VICTIM, frozenset(SCOPES), "victim")
@@ -1568,29 +1571,33 @@ async def test_edited_page_tokens_are_invalid_argument(hostile: Hostile, rpc: Rp
     _report(failures, "edited page tokens accepted")
 
 
-_FORGED_TOKEN_BUGS = {
-    "RecordService.ListRecords": (
-        "A page token re-signed with the published key (shared/pagetoken.py _KEY) whose cursor is "
-        "[<not an ISO time>, <id>] answers INTERNAL for the default create_time ordering: "
-        "services/tenants/records.py _after() calls datetime.fromisoformat(value) unchecked "
-        "(ValueError for 'not-a-time' or '', TypeError for 5, {'a': 1}, [1]); it should answer "
-        "INVALID_ARGUMENT on page_token like its other checks."
-    ),
-    "AdminService.ListAuditEvents": (
-        "A page token re-signed with the published key whose cursor is not an integer (None, [], {}, "
-        "'x', '2020-01-01', [..]) answers INTERNAL: services/admin/audit_log.py page() does "
-        "int(page_cursor(...)) unchecked (TypeError/ValueError); it should answer INVALID_ARGUMENT "
-        "on page_token."
-    ),
-}
-
-
-@pytest.mark.parametrize("rpc", _params(LIST_RPCS, _FORGED_TOKEN_BUGS))
-async def test_page_tokens_signed_with_the_published_key_never_fail_internally(
+@pytest.mark.parametrize("rpc", _params(LIST_RPCS))
+async def test_page_tokens_signed_with_the_old_published_key_are_invalid_argument(
     hostile: Hostile, rpc: Rpc
 ) -> None:
-    # The key is a constant in the source: anyone can mint a token for their own query with any cursor.
+    # Tokens were once signed with a constant in the source, so anyone could mint one with any cursor.
     request, token = await _first_token(hostile, rpc)
+    resigned = _forged_token(token, _cursor_of(token), PUBLISHED_PAGE_TOKEN_KEY)
+    failures = [
+        f"{label}: {outcome.code.name} {outcome.violations}"
+        for label, outcome in await hostile.both(rpc, [_with_token(request, resigned)])
+        if (outcome.code, outcome.violations) != (grpc.StatusCode.INVALID_ARGUMENT, ("page_token",))
+    ]
+    _report(failures, "a token signed with the published key accepted")
+
+
+@pytest.mark.parametrize("rpc", _params(LIST_RPCS))
+async def test_page_tokens_signed_with_the_deployment_key_never_fail_internally(
+    hostile: Hostile, rpc: Rpc
+) -> None:
+    # Only the deployment can sign tokens now; were its secret out, any cursor could still be
+    # signed for one's own query, and such a cursor must be refused, never fail internally.
+    request, token = await _first_token(hostile, rpc)
+    # The suite signs as the stack does: its own token, re-signed, is still accepted.
+    for label, outcome in await hostile.both(
+        rpc, [_with_token(request, _forged_token(token, _cursor_of(token)))]
+    ):
+        assert outcome.code == OK, f"{label}: {outcome}"
     bodies = [_with_token(request, _forged_token(token, cursor)) for cursor in _FORGED_CURSORS]
     failures = []
     for label, outcome in await hostile.both(rpc, bodies):

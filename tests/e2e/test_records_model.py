@@ -9,10 +9,9 @@ every answer is compared with what tenants.proto says.
 Like test_kv_model.py, the machine runs in a worker thread over a sync gRPC
 channel so the session's event loop keeps reading the launcher's output.
 
-Two service behaviours that contradict the proto have their own xfail tests
-at the end (etag reuse after delete and re-create; a removed nested mask path
-that leaves an empty parent); the machine steers clear of exactly those two
-cases so that it keeps checking everything else.
+Two behaviours the machine once found contradicting the proto have their own
+tests at the end as well (etag reuse after delete and re-create; a removed
+nested mask path that left an empty parent).
 """
 
 from __future__ import annotations
@@ -131,17 +130,6 @@ def apply_mask(current: Document, incoming: Document, paths: list[str] | None) -
             if found and isinstance(parent, dict):
                 parent.pop(path[-1], None)
     return result
-
-
-def leaves_empty_parent(current: Document, incoming: Document, paths: list[str] | None) -> bool:
-    """Whether the update removes a nested path whose parent is absent (the service adds ``{}`` there)."""
-    if not paths or "data" in paths:
-        return False
-    for mask_path in paths:
-        path = mask_path.removeprefix("data.").split(".")
-        if len(path) > 1 and not lookup(incoming, path)[0] and not lookup(current, path[:-1])[0]:
-            return True
-    return False
 
 
 # Filters and the documents they match (the model's reading of strata.common.v1.Filter).
@@ -296,8 +284,6 @@ class RecordsModel(RuleBasedStateMachine):
         if request.etag and request.etag != stored.etag:
             self.refused("UpdateRecord", request, grpc.StatusCode.ABORTED, "ETAG_MISMATCH")
             return
-        if leaves_empty_parent(stored.data, data, mask):
-            return  # a known fault with its own xfail test (test_removing_an_absent_nested_path_…)
         updated = self.call("UpdateRecord", request).record
         assert updated.etag not in stored.etags  # a new etag on every update
         assert updated.create_time == stored.create_time
@@ -427,7 +413,7 @@ async def test_records_answers_match_the_model(stack, make_key):
     print(f"records model: {MAX_EXAMPLES} runs x up to {STEPS} steps in {time.monotonic() - started:.1f} s")
 
 
-# -- behaviours that contradict tenants.proto (for the maintainers to decide) ---
+# -- behaviours that once contradicted tenants.proto ---------------------------
 
 
 def _records(stack_gateway: str, api_key: str) -> tuple[grpc.Channel, tenants_pb2_grpc.RecordServiceStub]:
@@ -435,12 +421,6 @@ def _records(stack_gateway: str, api_key: str) -> tuple[grpc.Channel, tenants_pb
     return channel, tenants_pb2_grpc.RecordServiceStub(channel)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="etag is 'r<revision>' and revision restarts at 1 on re-create, so an etag of a deleted "
-    "record matches its successor and UpdateRecord/DeleteRecord accept it (ABA); the proto says "
-    "ETAG_MISMATCH when 'the record changed since that etag'",
-)
 async def test_an_etag_of_a_deleted_record_does_not_fit_its_re_created_successor(stack, make_key):
     api_key, _ = await make_key(f"rm-{uuid.uuid4().hex[:10]}", *SCOPES)
 
@@ -463,16 +443,16 @@ async def test_an_etag_of_a_deleted_record_does_not_fit_its_re_created_successor
                     metadata=md,
                 )
             assert caught.value.code() == grpc.StatusCode.ABORTED
+            with pytest.raises(grpc.RpcError) as caught:  # nor may it delete bob's record
+                stub.DeleteRecord(
+                    tenants_pb2.DeleteRecordRequest(collection="aba", id="doc", etag=old.etag), metadata=md
+                )
+            assert caught.value.code() == grpc.StatusCode.ABORTED
+            assert error_info(caught.value).reason == "ETAG_MISMATCH"
 
     await asyncio.to_thread(scenario)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="UpdateRecord with mask path 'data.a.b' absent from both record.data and the stored "
-    "document adds an empty object at 'a' (records._apply_mask creates parents before removing); "
-    "the proto says the path is removed, which should leave the document unchanged",
-)
 async def test_removing_an_absent_nested_path_leaves_the_document_unchanged(stack, make_key):
     api_key, _ = await make_key(f"rm-{uuid.uuid4().hex[:10]}", *SCOPES)
 

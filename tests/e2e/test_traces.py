@@ -129,13 +129,16 @@ async def test_the_callers_trace_context_is_continued(stack, receiver):
         f"traceparent: 00-{trace_id}-{parent}-01",
     )
     assert code == 0, out
+
     def gateway_server(s) -> bool:
         return s.trace_id == trace_id and s.service == "strata-gateway" and s.kind == SERVER
 
     # Each process exports on its own schedule: wait for both ends of the trace.
     spans = await receiver.wait_for(
-        lambda ss: any(s.trace_id == trace_id and s.service == "strata-kv" for s in ss)
-        and any(gateway_server(s) for s in ss)
+        lambda ss: (
+            any(s.trace_id == trace_id and s.service == "strata-kv" for s in ss)
+            and any(gateway_server(s) for s in ss)
+        )
     )
     root = next(s for s in spans if gateway_server(s))
     assert root.parent_span_id == parent

@@ -12,10 +12,25 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 
+from shared import pagetoken
 from shared.errors import StrataError
-from shared.pagetoken import decode_page_token, encode_page_token
+from shared.pagetoken import (
+    configure_page_tokens,
+    decode_page_token,
+    encode_page_token,
+    page_cursor,
+    page_token_key,
+)
 
 QUERY = ["kv.List", "ns-1", "pre/", "", "", False]
+SECRET = b"unit-test-internal-secret"
+
+
+@pytest.fixture(autouse=True)
+def _deployment_key(monkeypatch):
+    # What StrataServer does at build time; restored after each test.
+    monkeypatch.setattr(pagetoken, "_key", None)
+    configure_page_tokens(SECRET)
 
 
 def _assert_rejected(token: str, query=QUERY) -> StrataError:
@@ -120,3 +135,78 @@ def test_text_that_is_not_a_token_is_invalid_argument(token):
 @pytest.mark.parametrize("token", ["", " ", "=", "==", "====", "A", "AA==", "\n"])
 def test_empty_looking_tokens_are_invalid_argument(token):
     _assert_rejected(token)
+
+
+def test_tokens_are_signed_with_a_key_derived_from_the_internal_secret():
+    token = encode_page_token(QUERY, "pre/b")
+    raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    expected = hmac.new(page_token_key(SECRET), raw[12:], hashlib.sha256).digest()[:12]
+    assert raw[:12] == expected
+    assert page_token_key(SECRET) not in (SECRET, b"strata-page-token-v1")
+
+
+def test_a_token_of_another_deployment_is_invalid_argument():
+    token = encode_page_token(QUERY, "pre/b")
+    configure_page_tokens(b"another-deployment-secret")
+    _assert_rejected(token)
+
+
+def test_a_token_signed_with_the_old_published_key_is_invalid_argument():
+    body = json.dumps({"v": 1, "q": pagetoken._fingerprint(QUERY), "c": "pre/b"}).encode()
+    signature = hmac.new(b"strata-page-token-v1", body, hashlib.sha256).digest()[:12]
+    _assert_rejected(base64.urlsafe_b64encode(signature + body).decode())
+
+
+def test_without_a_configured_key_no_token_is_made_or_read(monkeypatch):
+    token = encode_page_token(QUERY, "pre/b")
+    monkeypatch.setattr(pagetoken, "_key", None)
+    with pytest.raises(RuntimeError):
+        encode_page_token(QUERY, "pre/b")
+    with pytest.raises(RuntimeError):
+        decode_page_token(token, QUERY)
+
+
+@pytest.mark.parametrize(
+    ("first", "cursor"), [("", "pre/b"), ("", ""), (0, 41), (0, -(2**63)), (0, 2**63 - 1)]
+)
+def test_page_cursor_returns_a_cursor_of_the_first_pages_type(first, cursor):
+    assert page_cursor(encode_page_token(QUERY, cursor), QUERY, first) == cursor
+    assert page_cursor("", QUERY, first) == first
+
+
+@pytest.mark.parametrize(
+    ("first", "cursor"),
+    [
+        ("", None),
+        ("", 5),
+        ("", ["a"]),
+        ("", {"k": "v"}),
+        ("", "a\x00b"),
+        (0, "5"),
+        (0, True),
+        (0, 1.5),
+        (0, None),
+        (0, 2**63),
+        (0, -(2**63) - 1),
+        (0, 10**30),
+    ],
+)
+def test_page_cursor_refuses_a_signed_cursor_of_another_type_or_range(first, cursor):
+    with pytest.raises(StrataError) as caught:
+        page_cursor(encode_page_token(QUERY, cursor), QUERY, first, domain="strata.kv.v1")
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert [v.field for v in caught.value.violations] == ["page_token"]
+    assert caught.value.domain == "strata.kv.v1"
+
+
+def test_a_signed_body_nested_too_deep_is_invalid_argument():
+    body = (
+        b'{"v":1,"q":"'
+        + pagetoken._fingerprint(QUERY).encode()
+        + b'","c":'
+        + b"[" * 100_000
+        + b"]" * 100_000
+        + b"}"
+    )
+    signature = hmac.new(page_token_key(SECRET), body, hashlib.sha256).digest()[:12]
+    _assert_rejected(base64.urlsafe_b64encode(signature + body).decode())
