@@ -37,6 +37,10 @@ _log = logging.getLogger(__name__)
 _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.ConnectionDoesNotExistError,
     asyncpg.exceptions.InterfaceError,
+    # The client's protocol state is inconsistent ("another operation is in
+    # progress"): seen on a connection Postgres was shutting down under. The
+    # connection is unusable; nothing of the new statement was sent.
+    asyncpg.exceptions.InternalClientError,
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CrashShutdownError,

@@ -158,12 +158,21 @@ def from_exception(exc: BaseException) -> StrataError:
     # Before OSError: TimeoutError is one. A client-side statement timeout lands here.
     if isinstance(exc, TimeoutError):
         return StrataError(grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", "the deadline passed")
-    if isinstance(exc, asyncpg.exceptions.InterfaceError | ConnectionError | OSError):
+    if isinstance(exc, _CONNECTION_LOST):
         return StrataError(
             grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE", "the database cannot be reached; retry"
         )
     _log.exception("unexpected error in handler", exc_info=exc)
     return StrataError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error")
+
+
+# A connection that failed under the call (an unusable client protocol state included).
+_CONNECTION_LOST = (
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    ConnectionError,
+    OSError,
+)
 
 
 def _database_message(code: grpc.StatusCode) -> str:

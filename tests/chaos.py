@@ -440,6 +440,8 @@ async def soak(minutes: float, fault_every_s: float, workers: int) -> RunFigures
     finally:
         await stack.stop()
         backends.close()
+        # What the processes said, for the failures the summary lists.
+        (PROJECT_ROOT / ".strata" / "chaos-output.log").write_text("\n".join(stack.output) + "\n")
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
@@ -472,6 +474,7 @@ def main() -> int:
         print(f"  {problem}")
     if growing:
         print(f"memory grew in: {', '.join(growing)}")
+    print(f"launcher output in {PROJECT_ROOT / '.strata' / 'chaos-output.log'}")
     print("chaos: FAILED" if failed else "chaos: passed")
     return 1 if failed else 0
 
