@@ -104,11 +104,19 @@ class Database:
         row = await db.fetchrow("SELECT 1 AS one", timeout=deadline_timeout(context))
     """
 
-    def __init__(self, pool: asyncpg.Pool, *, slow: _SlowStatements | None = None, retries: int = 3) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        slow: _SlowStatements | None = None,
+        retries: int = 3,
+        acquire_timeout: float = 1.0,
+    ) -> None:
         self.pool = pool
         self.breaker = CircuitBreaker()
         self._slow = slow
         self._retries = retries
+        self._acquire_timeout = acquire_timeout
         self._waiters = 0  # calls waiting for a pooled connection
 
     @classmethod
@@ -122,11 +130,13 @@ class Database:
         application_name: str = "strata",
         connect_timeout: float = 5.0,
         slow_log: SlowLog | None = None,
+        acquire_timeout: float = 1.0,
     ) -> Database:
         """Open a pool on ``dsn``, retrying for up to ``connect_timeout`` s while Postgres starts.
 
         Every statement slower than ``slow_query_ms`` is logged, and appended
-        to ``slow_log`` when given.
+        to ``slow_log`` when given. A call waits at most ``acquire_timeout`` s
+        for a pooled connection, then fails with UNAVAILABLE (see :meth:`_acquire`).
         """
         slow = _SlowStatements(slow_query_ms / 1000.0, slow_log)
         deadline = time.monotonic() + connect_timeout
@@ -142,7 +152,7 @@ class Database:
                     timeout=connect_timeout,
                     init=slow.watch,
                 )
-                return cls(pool, slow=slow)
+                return cls(pool, slow=slow, acquire_timeout=acquire_timeout)
             except _CONNECTION_ERRORS:
                 if time.monotonic() + delay > deadline:
                     raise
@@ -159,6 +169,7 @@ class Database:
             slow_query_ms=settings.slow_query_ms,
             application_name=f"strata-{service}",
             slow_log=SlowLog(open_redis(settings.redis_url), service) if settings.redis_url else None,
+            acquire_timeout=settings.pool_acquire_timeout_s,
         )
 
     async def close(self) -> None:
@@ -182,10 +193,25 @@ class Database:
 
     @asynccontextmanager
     async def _acquire(self, timeout: float | None = None) -> AsyncIterator[asyncpg.Connection]:
-        # Counts the wait, so pool pressure shows in the process's published stats.
+        """A pooled connection, waited for at most the acquire timeout (or ``timeout``, if shorter).
+
+        An exhausted pool answers at once with UNAVAILABLE (nothing was sent:
+        safe to retry) instead of letting calls pile up behind it until their
+        deadlines. The wait is counted, so pool pressure shows in the
+        process's published stats.
+        """
+        wait = self._acquire_timeout if timeout is None else min(timeout, self._acquire_timeout)
         self._waiters += 1
         try:
-            conn = await self.pool.acquire(timeout=timeout)
+            conn = await self.pool.acquire(timeout=wait)
+        except TimeoutError:
+            if timeout is not None and timeout <= self._acquire_timeout:
+                raise  # the call's own deadline ran out first
+            raise unavailable(
+                "DATABASE_POOL_EXHAUSTED",
+                f"every database connection of this process is busy (waited {wait:g}s); retry",
+                retry_delay_s=0.1,
+            ) from None
         finally:
             self._waiters -= 1
         try:
@@ -195,15 +221,21 @@ class Database:
 
     async def fetch(self, sql: str, *args: Any, timeout: float = 30.0) -> list[asyncpg.Record]:
         """Run a read; retried on connection loss."""
-        return await self.run(lambda c: c.fetch(sql, *args, timeout=timeout), idempotent=True)
+        return await self.run(
+            lambda c: c.fetch(sql, *args, timeout=timeout), idempotent=True, timeout=timeout
+        )
 
     async def fetchrow(self, sql: str, *args: Any, timeout: float = 30.0) -> asyncpg.Record | None:
         """Run a read returning at most one row; retried on connection loss."""
-        return await self.run(lambda c: c.fetchrow(sql, *args, timeout=timeout), idempotent=True)
+        return await self.run(
+            lambda c: c.fetchrow(sql, *args, timeout=timeout), idempotent=True, timeout=timeout
+        )
 
     async def fetchval(self, sql: str, *args: Any, timeout: float = 30.0) -> Any:
         """Run a read returning one value; retried on connection loss."""
-        return await self.run(lambda c: c.fetchval(sql, *args, timeout=timeout), idempotent=True)
+        return await self.run(
+            lambda c: c.fetchval(sql, *args, timeout=timeout), idempotent=True, timeout=timeout
+        )
 
     async def write_row(self, sql: str, *args: Any, timeout: float = 30.0) -> asyncpg.Record | None:
         """Run one write statement (autocommit) returning at most one row.
@@ -211,23 +243,29 @@ class Database:
         Not retried once sent: a lost connection after sending leaves the
         outcome unknown, which the caller hears as UNAVAILABLE.
         """
-        return await self.run(lambda c: c.fetchrow(sql, *args, timeout=timeout), idempotent=False)
+        return await self.run(
+            lambda c: c.fetchrow(sql, *args, timeout=timeout), idempotent=False, timeout=timeout
+        )
 
     async def write_rows(self, sql: str, *args: Any, timeout: float = 30.0) -> list[asyncpg.Record]:
         """As :meth:`write_row`, returning all rows."""
-        return await self.run(lambda c: c.fetch(sql, *args, timeout=timeout), idempotent=False)
+        return await self.run(
+            lambda c: c.fetch(sql, *args, timeout=timeout), idempotent=False, timeout=timeout
+        )
 
     async def run(
         self,
         work: Callable[[asyncpg.Connection], Awaitable[T]],
         *,
         idempotent: bool,
+        timeout: float | None = None,
     ) -> T:
         """Run ``work`` on a pooled connection with breaker and retry.
 
         ``idempotent`` work is retried on connection loss with exponential
         backoff and jitter; other work only when the connection could not be
-        acquired (nothing was sent).
+        acquired (nothing was sent). ``timeout``: the call's time left, which
+        also bounds the wait for a connection.
         """
         attempt = 0
         while True:
@@ -237,7 +275,7 @@ class Database:
                 )
             acquired = False
             try:
-                async with self._acquire() as conn:
+                async with self._acquire(timeout) as conn:
                     acquired = True
                     result = await work(conn)
                 self.breaker.record_success()

@@ -71,7 +71,10 @@ class StrataServer:
         limit = settings.max_message_bytes
         # The process's own figures (pool, cache, calls in flight): published
         # to Redis for admin and exported to Prometheus when a port is set.
-        self._figures: dict[str, Callable[[], Any]] = {"calls_in_flight": lambda: self._gate.inflight}
+        self._figures: dict[str, Callable[[], Any]] = {
+            "calls_in_flight": lambda: self._gate.inflight,
+            "calls_refused_overloaded": lambda: self._gate.refused,
+        }
         metrics_port = settings.metrics_port_of(name)
         self._metrics = Metrics(name, self._figures) if metrics_port else None
         self._server = grpc.aio.server(
@@ -79,6 +82,9 @@ class StrataServer:
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
+                # Streams one client connection may have open at once (HTTP/2 SETTINGS):
+                # the rest wait on the client's side, not in this process.
+                ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
                 ("grpc.so_reuseport", 0),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
@@ -90,7 +96,7 @@ class StrataServer:
         self._hooks: list[ShutdownHook] = []
         self._closers: list[ShutdownHook] = []
         self._stopping = asyncio.Event()
-        self._gate = CallGate()
+        self._gate = CallGate(settings.max_calls_in_flight)
         self._secret = require_internal_secret(settings)
         # Page tokens are signed per deployment, so callers cannot mint cursors.
         configure_page_tokens(self._secret)
@@ -262,20 +268,36 @@ class _Admission:
 
 
 class CallGate:
-    """Admits calls until closed, and knows how many are in flight."""
+    """Admits calls until closed or full, and knows how many are in flight.
 
-    def __init__(self) -> None:
+    ``limit`` bounds the calls (streams included) one process works on: past
+    it a call is refused at once with RESOURCE_EXHAUSTED, rather than queuing
+    for the event loop, the pool and Postgres until every caller's deadline.
+    """
+
+    def __init__(self, limit: int = 4096) -> None:
         self.inflight = 0
+        self.limit = limit
         self.closed = False
+        self.refused = 0  # calls refused because the gate was full
         self._idle = asyncio.Event()
         self._idle.set()
 
     def enter(self) -> None:
+        """Count a call in, or raise: UNAVAILABLE while draining, RESOURCE_EXHAUSTED when full."""
         if self.closed:
             raise StrataError(
                 grpc.StatusCode.UNAVAILABLE,
                 "SHUTTING_DOWN",
                 "the server is shutting down; retry on another instance",
+                retry_delay_s=0.1,
+            )
+        if self.inflight >= self.limit:
+            self.refused += 1
+            raise StrataError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "OVERLOADED",
+                f"this process is already serving {self.limit} calls; retry shortly",
                 retry_delay_s=0.1,
             )
         self.inflight += 1

@@ -44,9 +44,12 @@ class Settings:
     embedded_redis_port: int = 56379
     pool_min_size: int = 2
     pool_max_size: int = 10
+    pool_acquire_timeout_s: float = 1.0  # longest a call waits for a pooled connection
     slow_query_ms: float = 200.0
     stats_interval_s: float = 5.0
     max_message_bytes: int = 8 * 1024 * 1024
+    max_concurrent_streams: int = 256  # per client connection (HTTP/2 SETTINGS)
+    max_calls_in_flight: int = 4096  # per process; more are refused at once
     shutdown_grace_s: float = 10.0
     cache_local_entries: int = 100_000
     cache_ttl_s: float = 300.0
@@ -129,10 +132,19 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             embedded_redis_port=reader.port("STRATA_EMBEDDED_REDIS_PORT", defaults.embedded_redis_port),
             pool_min_size=reader.integer("STRATA_POOL_MIN_SIZE", defaults.pool_min_size, 0, 1000),
             pool_max_size=reader.integer("STRATA_POOL_MAX_SIZE", defaults.pool_max_size, 1, 1000),
+            pool_acquire_timeout_s=reader.number(
+                "STRATA_POOL_ACQUIRE_TIMEOUT_S", defaults.pool_acquire_timeout_s, 0.001
+            ),
             slow_query_ms=reader.number("STRATA_SLOW_QUERY_MS", defaults.slow_query_ms, 0.0),
             stats_interval_s=reader.number("STRATA_STATS_INTERVAL_S", defaults.stats_interval_s, 0.1),
             max_message_bytes=reader.integer(
                 "STRATA_MAX_MESSAGE_BYTES", defaults.max_message_bytes, 1024, 1 << 30
+            ),
+            max_concurrent_streams=reader.integer(
+                "STRATA_MAX_CONCURRENT_STREAMS", defaults.max_concurrent_streams, 1, 1 << 20
+            ),
+            max_calls_in_flight=reader.integer(
+                "STRATA_MAX_CALLS_IN_FLIGHT", defaults.max_calls_in_flight, 1, 1 << 24
             ),
             shutdown_grace_s=reader.number("STRATA_SHUTDOWN_GRACE_S", defaults.shutdown_grace_s, 0.0),
             cache_local_entries=reader.integer(
