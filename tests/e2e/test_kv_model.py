@@ -29,13 +29,11 @@ from dataclasses import dataclass
 import grpc
 import pytest
 from google.protobuf import duration_pb2
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 
-from tests.e2e.conftest import bearer
-from tests.helpers import error_info
+from tests.helpers import error_info, run_model_at_gateway
 
 pytestmark = pytest.mark.e2e
 
@@ -407,22 +405,9 @@ class KvModel(RuleBasedStateMachine):
 
 
 def run_model(gateway: str, api_key: str) -> None:
-    with grpc.insecure_channel(gateway) as channel:
-        machine = type(
-            "KvModelAtGateway",
-            (KvModel,),
-            {"stub": kv_pb2_grpc.KvServiceStub(channel), "metadata": bearer(api_key)},
-        )
-        run_state_machine_as_test(
-            machine,
-            settings=settings(
-                max_examples=MAX_EXAMPLES,
-                stateful_step_count=STEPS,
-                deadline=None,
-                database=None,  # nothing written into the work tree
-                suppress_health_check=[HealthCheck.too_slow],
-            ),
-        )
+    run_model_at_gateway(
+        KvModel, kv_pb2_grpc.KvServiceStub, gateway, api_key, max_examples=MAX_EXAMPLES, steps=STEPS
+    )
 
 
 async def test_kv_answers_match_the_model(stack, make_key):

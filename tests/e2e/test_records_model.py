@@ -26,7 +26,6 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2, json_format, struct_pb2, timestamp_pb2
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
@@ -34,13 +33,12 @@ from hypothesis.stateful import (
     invariant,
     multiple,
     rule,
-    run_state_machine_as_test,
 )
 from strata.common.v1 import filter_pb2
 from strata.tenants.v1 import tenants_pb2, tenants_pb2_grpc
 
 from tests.e2e.conftest import bearer
-from tests.helpers import error_info
+from tests.helpers import error_info, run_model_at_gateway
 
 pytestmark = pytest.mark.e2e
 
@@ -388,22 +386,14 @@ class RecordsModel(RuleBasedStateMachine):
 
 
 def run_model(gateway: str, api_key: str) -> None:
-    with grpc.insecure_channel(gateway) as channel:
-        machine = type(
-            "RecordsModelAtGateway",
-            (RecordsModel,),
-            {"stub": tenants_pb2_grpc.RecordServiceStub(channel), "metadata": bearer(api_key)},
-        )
-        run_state_machine_as_test(
-            machine,
-            settings=settings(
-                max_examples=MAX_EXAMPLES,
-                stateful_step_count=STEPS,
-                deadline=None,
-                database=None,  # nothing written into the work tree
-                suppress_health_check=[HealthCheck.too_slow],
-            ),
-        )
+    run_model_at_gateway(
+        RecordsModel,
+        tenants_pb2_grpc.RecordServiceStub,
+        gateway,
+        api_key,
+        max_examples=MAX_EXAMPLES,
+        steps=STEPS,
+    )
 
 
 async def test_records_answers_match_the_model(stack, make_key):

@@ -134,6 +134,18 @@ async def test_batch_put_with_one_failed_compare_writes_nothing(kv, namespace):
     assert [(k.key, k.value) for k in listed.kvs] == [("exists", b"old")]
 
 
+@pytest.mark.parametrize("written", ["all", "none", "last"])
+@pytest.mark.parametrize("keys", [["ab", "a"], ["a", "ab"], ["z", "m", "a"], ["k3", "k1", "k2"]])
+async def test_batch_put_names_the_first_failed_compare_in_request_order(kv, namespace, keys, written):
+    for key in {"all": keys, "none": [], "last": keys[-1:]}[written]:
+        await put(kv, namespace, key, b"old")
+    # Every item is stale; the answer names the first of them as sent, whatever the key order.
+    items = [kv_pb2.BatchPutItem(key=key, value=b"new", if_revision=10**12) for key in keys]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await kv.BatchPut(kv_pb2.BatchPutRequest(namespace=namespace, items=items))
+    assert error_info(caught.value).metadata["key"] == keys[0]
+
+
 async def test_delete_one_key_reports_one_and_removes_it(kv, namespace):
     await put(kv, namespace, "k")
     response = await kv.Delete(kv_pb2.DeleteRequest(namespace=namespace, key="k"))

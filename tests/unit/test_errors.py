@@ -222,7 +222,9 @@ def test_an_unmapped_database_error_is_internal(caplog):
         ConnectionResetError(),
         OSError("network is unreachable"),
         # asyncpg's own state error on a connection Postgres shut down under.
-        asyncpg.exceptions.InternalClientError("cannot switch to state 12; another operation (2) is in progress"),
+        asyncpg.exceptions.InternalClientError(
+            "cannot switch to state 12; another operation (2) is in progress"
+        ),
     ],
 )
 def test_connection_failures_are_unavailable(exception):
