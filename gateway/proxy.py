@@ -297,6 +297,10 @@ async def _pass_back(exc: grpc.aio.AioRpcError, context: Context, server_span: A
     )
 
 
+# grpc's words for "no connection could be made": the call never left the gateway.
+_NOT_CONNECTED = ("failed to connect to all addresses", "Connection refused")
+
+
 def _never_reached(exc: grpc.aio.AioRpcError) -> bool:
     """Whether the upstream certainly did not run the call (so another address may)."""
     if exc.code() != grpc.StatusCode.UNAVAILABLE:
@@ -308,7 +312,10 @@ def _never_reached(exc: grpc.aio.AioRpcError) -> bool:
             status = status_pb2.Status.FromString(value)
             info = error_details_pb2.ErrorInfo()
             return any(d.Unpack(info) and info.reason == "SHUTTING_DOWN" for d in status.details)
-    return True  # no details: the connection failed before any service answered
+    # No details: grpc itself answered. Only a connection that was never made
+    # proves the call was not sent; one that broke mid-call ("Socket closed",
+    # "Connection reset") may have run the handler, and a write must not run twice.
+    return (exc.details() or "").startswith(_NOT_CONNECTED)
 
 
 def _end(span: Any, code: grpc.StatusCode, *, client: bool = False) -> None:
