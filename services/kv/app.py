@@ -34,7 +34,11 @@ async def build_kv_server(settings: Settings) -> StrataServer:
     server.report("pool", db.pool_stats)
     server.report("cache", cache.snapshot)
     server.report("group_commit", store.group_commit_stats)
-    server.add_servicer(KvServicer(store, cache, feed, Limits(settings)), SERVICE)
+    servicer = KvServicer(store, cache, feed, Limits(settings))
+    # Each put batch updates the cache itself: no caller giving up can skip it.
+    store.on_written = servicer.publish_batch
+    store.on_unknown = servicer.forget_keys
+    server.add_servicer(servicer, SERVICE)
     # Watch streams end first (clients resume elsewhere), then in-flight calls drain.
     server.on_shutdown(feed.close)
     server.on_shutdown(sweeper.close)

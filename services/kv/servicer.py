@@ -306,24 +306,36 @@ class KvServicer:
     async def _put_published(
         self, tenant: str, namespace: str, items: list[PutItem], return_previous: bool, timeout: float
     ) -> WriteResult:
-        """Write ``items``, then tell the cache and the revision feed - all of it even if the caller
-        gives up meanwhile: a write that may have committed must never leave the cache older than
-        Postgres. A write whose outcome is unknown (it failed after being sent) drops its keys."""
+        """Write ``items``. The batch that writes them tells the cache and the revision
+        feed itself (:meth:`publish_batch`, :meth:`forget_keys`), before answering anyone
+        and even if this caller gives up meanwhile: a write that may have committed
+        must never leave the cache older than Postgres."""
+        return await self._store.put_many(
+            tenant, namespace, items, return_previous=return_previous, timeout=timeout
+        )
 
-        async def write() -> WriteResult:
-            try:
-                result = await self._store.put_many(
-                    tenant, namespace, items, return_previous=return_previous, timeout=timeout
-                )
-            except BaseException:
-                for item in items:
-                    await self._cache.invalidate(cache_key(tenant, namespace, item.key))
-                raise
-            if result.mismatch_key is None:
-                await self._publish_writes(tenant, result.revision, result.kvs)
-            return result
+    async def forget_keys(self, keys: list[tuple[str, str, str]]) -> None:
+        """Drop (tenant, namespace, key)s from the cache: a write to them may or may not have landed."""
+        for tenant, namespace, key in keys:
+            await self._cache.invalidate(cache_key(tenant, namespace, key))
 
-        return await _to_the_end(write())
+    async def publish_batch(self, written: list[tuple[str, WriteResult]]) -> None:
+        """Record a put batch's committed writes in the cache (one round trip) and the feed."""
+        entries = [
+            (
+                cache_key(tenant, kv.namespace, kv.key),
+                CacheEntry(
+                    result.revision,
+                    kv.SerializeToString(),
+                    kv.expire_time.ToNanoseconds() / 1e9 if kv.HasField("expire_time") else None,
+                ),
+            )
+            for tenant, result in written
+            for kv in result.kvs
+        ]
+        await self._cache.record_writes(entries)
+        if written:
+            self._feed.observe(max(result.revision for _, result in written))
 
     async def _delete_published(
         self,
@@ -368,23 +380,6 @@ class KvServicer:
             ]
         )
         self._feed.observe(result.revision)
-
-    async def _publish_writes(self, tenant: str, revision: int, kvs: list[kv_pb2.KeyValue]) -> None:
-        # Before the answer: the cache must not hold anything older than this write.
-        await self._cache.record_writes(
-            [
-                (
-                    cache_key(tenant, kv.namespace, kv.key),
-                    CacheEntry(
-                        revision,
-                        kv.SerializeToString(),
-                        kv.expire_time.ToNanoseconds() / 1e9 if kv.HasField("expire_time") else None,
-                    ),
-                )
-                for kv in kvs
-            ]
-        )
-        self._feed.observe(revision)
 
     def _header(self, at_least: int) -> kv_pb2.ResponseHeader:
         return kv_pb2.ResponseHeader(revision=max(self._feed.revision, at_least))

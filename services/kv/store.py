@@ -9,7 +9,8 @@ protobuf.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -21,6 +22,8 @@ from shared.groupcommit import GroupCommit
 from shared.timestamps import to_timestamp
 
 __all__ = ["Change", "DeleteResult", "KvStore", "PutItem", "WriteResult"]
+
+_log = logging.getLogger(__name__)
 
 _LIVE = "(expires_at IS NULL OR expires_at > clock_timestamp())"
 _ENTRY_COLUMNS = "key, value, content_type, create_revision, mod_revision, version, expires_at"
@@ -133,6 +136,12 @@ class KvStore:
     def __init__(self, db: Database) -> None:
         self._db = db
         self._group: GroupCommit[_PutEntry, WriteResult] = GroupCommit(self._put_batch)
+        # Told, inside each batch (before any caller hears back, whether or not it
+        # still waits), of the writes it committed, (tenant, result) per entry ...
+        self.on_written: Callable[[list[tuple[str, WriteResult]]], Awaitable[None]] | None = None
+        # ... or of its keys, (tenant, namespace, key), when it was sent but never
+        # answered (a deadline, a lost connection): it may have committed.
+        self.on_unknown: Callable[[list[tuple[str, str, str]]], Awaitable[None]] | None = None
 
     def group_commit_stats(self) -> dict[str, int]:
         """Batches written and puts they carried, since start (entries / batches: puts per commit)."""
@@ -174,7 +183,31 @@ class KvStore:
         for entry in entries:
             starts.append(len(items) + 1)
             items.extend(entry.items)
-        rows = await self._db.write_rows(
+        try:
+            rows = await self._put_rows(entries, starts, items, timeout)
+        except asyncpg.PostgresError:
+            raise  # the statement failed: nothing was written
+        except Exception:
+            if self.on_unknown is not None:
+                await self.on_unknown([(e.tenant, e.namespace, i.key) for e in entries for i in e.items])
+            raise
+        by_entry: list[list[asyncpg.Record]] = [[] for _ in entries]
+        for row in rows:
+            by_entry[row["r_entry"] - 1].append(row)
+        results = [_write_result(e, r) for e, r in zip(entries, by_entry, strict=True)]
+        if self.on_written is not None:
+            written = [(e.tenant, r) for e, r in zip(entries, results, strict=True) if r.mismatch_key is None]
+            try:
+                await self.on_written(written)
+            except Exception:
+                # Committed is committed: the callers get their results regardless.
+                _log.exception("telling the cache of committed puts failed")
+        return results
+
+    async def _put_rows(
+        self, entries: Sequence[_PutEntry], starts: list[int], items: list[PutItem], timeout: float
+    ) -> list[asyncpg.Record]:
+        return await self._db.write_rows(
             "SELECT * FROM kv.put_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
             [e.tenant for e in entries],
             [e.namespace for e in entries],
@@ -188,10 +221,6 @@ class KvStore:
             [i.if_revision for i in items],
             timeout=timeout,
         )
-        by_entry: list[list[asyncpg.Record]] = [[] for _ in entries]
-        for row in rows:
-            by_entry[row["r_entry"] - 1].append(row)
-        return [_write_result(e, r) for e, r in zip(entries, by_entry, strict=True)]
 
     async def delete_range(
         self,

@@ -48,20 +48,24 @@ async def test_one_call_is_one_trace_from_gateway_to_postgres_and_redis(stack, r
     def gateway_server(s):
         return s.service == "strata-gateway" and s.kind == SERVER and s.name == "strata.kv.v1.KvService/Put"
 
+    def parts(chain) -> set[tuple[str, object]]:
+        # (process, span kind or db.system) of every span in one trace
+        return {(x.service, x.attributes.get("db.system") or x.kind) for x in chain}
+
+    # Each process exports on its own schedule: wait for every part of the trace.
+    needed = {
+        ("strata-gateway", CLIENT),
+        ("strata-gateway", "redis"),
+        ("strata-kv", SERVER),
+        ("strata-kv", "postgresql"),
+        ("strata-kv", "redis"),
+    }
+
     def complete(spans):
-        roots = [s for s in spans if gateway_server(s)]
-        return any(
-            {"postgresql", "redis"} <= {x.attributes.get("db.system") for x in chain_for(spans, r.trace_id)}
-            for r in roots
-        )
+        return any(gateway_server(r) and needed <= parts(chain_for(spans, r.trace_id)) for r in spans)
 
     spans = await receiver.wait_for(complete, timeout=20)
-    root = next(
-        r
-        for r in spans
-        if gateway_server(r)
-        and {"postgresql", "redis"} <= {x.attributes.get("db.system") for x in chain_for(spans, r.trace_id)}
-    )
+    root = next(r for r in spans if gateway_server(r) and needed <= parts(chain_for(spans, r.trace_id)))
     trace = chain_for(spans, root.trace_id)
     client = next(
         s
