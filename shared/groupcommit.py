@@ -18,13 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import asyncpg
 
-__all__ = ["GroupCommit"]
+__all__ = ["GroupCommit", "finish_despite_caller"]
 
 E = TypeVar("E")  # one write
 R = TypeVar("R")  # its result
@@ -118,6 +118,16 @@ def _settle(pending: _Pending[E, R], outcome: object) -> None:
         pending.future.set_exception(outcome)
     else:
         pending.future.set_result(outcome)  # type: ignore[arg-type]
+
+
+async def finish_despite_caller(work: Coroutine[Any, Any, R]) -> R:
+    """Await ``work`` in a task of its own: a caller that gives up does not stop it.
+
+    The guarantee a batch gives the writes it carries, for one write done alone.
+    """
+    task = asyncio.ensure_future(work)
+    task.add_done_callback(_retrieve)
+    return await asyncio.shield(task)
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

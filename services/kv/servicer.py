@@ -7,10 +7,9 @@ caller that saw a write acknowledged never reads an older value afterwards.
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator, Coroutine
-from typing import Any, TypeAlias, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any, TypeAlias
 
 import grpc
 from strata.kv.v1 import kv_pb2
@@ -28,13 +27,13 @@ from services.kv.store import DeleteResult, KvStore, PutItem, WriteResult, entry
 from shared.cache import CacheEntry, RevisionedCache
 from shared.db import deadline_timeout
 from shared.errors import FieldViolation, StrataError, not_found
+from shared.groupcommit import finish_despite_caller
 from shared.identity import INTERNAL_SCOPE, require_scope
 from shared.pagetoken import encode_page_token, page_cursor
 
 __all__ = ["KvServicer"]
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
-T = TypeVar("T")
 _WATCH_BATCH = 500
 READ, WRITE = "kv:read", "kv:write"
 _RETURN_PREVIOUS_LIMIT = 1000
@@ -152,8 +151,14 @@ class KvServicer:
         self._limits.namespace(request.namespace, errors)
         item = self._put_item(request, errors, "")
         raise_if(errors)
-        result = await self._put_published(
-            tenant, request.namespace, [item], request.return_previous, deadline_timeout(context)
+        # The batch that writes it tells the cache and the feed itself (publish_batch,
+        # forget_keys), before answering anyone and even if this caller gives up.
+        result = await self._store.put_many(
+            tenant,
+            request.namespace,
+            [item],
+            return_previous=request.return_previous,
+            timeout=deadline_timeout(context),
         )
         if result.mismatch_key is not None:
             raise revision_mismatch(
@@ -178,7 +183,9 @@ class KvServicer:
                 errors.append(FieldViolation(f"items[{i}].key", "appears more than once in the batch"))
             seen.add(item.key)
         raise_if(errors)
-        result = await self._put_published(tenant, request.namespace, items, False, deadline_timeout(context))
+        result = await self._store.put_many(
+            tenant, request.namespace, items, return_previous=False, timeout=deadline_timeout(context)
+        )
         if result.mismatch_key is not None:
             expected = next(i.if_revision for i in items if i.key == result.mismatch_key)
             raise revision_mismatch(
@@ -303,17 +310,6 @@ class KvServicer:
             self._limits.if_revision(if_revision, errors, f"{path}if_revision")
         return PutItem(item.key, item.value, item.content_type, ttl_ms, if_revision)
 
-    async def _put_published(
-        self, tenant: str, namespace: str, items: list[PutItem], return_previous: bool, timeout: float
-    ) -> WriteResult:
-        """Write ``items``. The batch that writes them tells the cache and the revision
-        feed itself (:meth:`publish_batch`, :meth:`forget_keys`), before answering anyone
-        and even if this caller gives up meanwhile: a write that may have committed
-        must never leave the cache older than Postgres."""
-        return await self._store.put_many(
-            tenant, namespace, items, return_previous=return_previous, timeout=timeout
-        )
-
     async def forget_keys(self, keys: list[tuple[str, str, str]]) -> None:
         """Drop (tenant, namespace, key)s from the cache: a write to them may or may not have landed."""
         for tenant, namespace, key in keys:
@@ -346,7 +342,9 @@ class KvServicer:
         return_previous: bool,
         timeout: float,
     ) -> DeleteResult:
-        """As :meth:`_put_published`, for a delete of ``keys``."""
+        """Delete ``keys``, then tell the cache and the revision feed - all of it even if the
+        caller gives up meanwhile: a delete that may have committed must never leave the
+        cache older than Postgres. One whose outcome is unknown drops the keys instead."""
 
         async def delete() -> DeleteResult:
             try:
@@ -367,7 +365,7 @@ class KvServicer:
             await self._publish_deletes(tenant, namespace, result)
             return result
 
-        return await _to_the_end(delete())
+        return await finish_despite_caller(delete())
 
     async def _publish_deletes(self, tenant: str, namespace: str, result: DeleteResult) -> None:
         # Before the answer: tombstones, so no cache serves a deleted key (nor a late fill revives it).
@@ -383,19 +381,6 @@ class KvServicer:
 
     def _header(self, at_least: int) -> kv_pb2.ResponseHeader:
         return kv_pb2.ResponseHeader(revision=max(self._feed.revision, at_least))
-
-
-async def _to_the_end(work: Coroutine[Any, Any, T]) -> T:
-    """Await ``work`` in a task of its own: cancelling the caller does not stop it."""
-    task = asyncio.ensure_future(work)
-    task.add_done_callback(_retrieve)
-    return await asyncio.shield(task)
-
-
-def _retrieve(task: asyncio.Future[Any]) -> None:
-    # Nobody reads the outcome of work whose caller gave up; reading it keeps asyncio quiet.
-    if not task.cancelled():
-        task.exception()
 
 
 def _expiry(value: Any) -> float | None:
