@@ -135,9 +135,10 @@ class KvStore:
 
     def __init__(self, db: Database) -> None:
         self._db = db
-        self._group: GroupCommit[_PutEntry, WriteResult] = GroupCommit(self._put_batch)
-        # Told, inside each batch (before any caller hears back, whether or not it
-        # still waits), of the writes it committed, (tenant, result) per entry ...
+        self._group: GroupCommit[_PutEntry, WriteResult] = GroupCommit(self._put_batch, after=self._written)
+        # Told, once per batch (before any caller hears back, whether or not it still
+        # waits; the next batch's write already under way), of the writes it
+        # committed, (tenant, result) per entry ...
         self.on_written: Callable[[list[tuple[str, WriteResult]]], Awaitable[None]] | None = None
         # ... or of its keys, (tenant, namespace, key), when it was sent but never
         # answered (a deadline, a lost connection): it may have committed.
@@ -194,15 +195,14 @@ class KvStore:
         by_entry: list[list[asyncpg.Record]] = [[] for _ in entries]
         for row in rows:
             by_entry[row["r_entry"] - 1].append(row)
-        results = [_write_result(e, r) for e, r in zip(entries, by_entry, strict=True)]
+        return [_write_result(e, r) for e, r in zip(entries, by_entry, strict=True)]
+
+    async def _written(self, entries: Sequence[_PutEntry], results: list[WriteResult]) -> None:
         if self.on_written is not None:
-            written = [(e.tenant, r) for e, r in zip(entries, results, strict=True) if r.mismatch_key is None]
-            try:
-                await self.on_written(written)
-            except Exception:
-                # Committed is committed: the callers get their results regardless.
-                _log.exception("telling the cache of committed puts failed")
-        return results
+            # An error here is logged by the group: committed is committed, the callers get their results.
+            await self.on_written(
+                [(e.tenant, r) for e, r in zip(entries, results, strict=True) if r.mismatch_key is None]
+            )
 
     async def _put_rows(
         self, entries: Sequence[_PutEntry], starts: list[int], items: list[PutItem], timeout: float

@@ -92,3 +92,55 @@ async def test_a_batch_runs_in_its_first_callers_context():
 
     await asyncio.gather(call("one"), call("two"), call("three"))
     assert writer.contexts == ["one", "two"]
+
+
+async def test_the_after_step_overlaps_the_next_write_and_precedes_the_answer():
+    writer = Writer(delay=0.02)
+    events: list[str] = []
+    after_may_finish = asyncio.Event()
+
+    both_started = asyncio.Event()
+
+    async def after(entries, results):
+        events.append(f"after {entries}")
+        if len(events) == 2:
+            both_started.set()
+        await after_may_finish.wait()
+        events.append(f"after done {entries}")
+
+    group = GroupCommit(writer, after=after)
+    first = asyncio.create_task(group.submit("a", 1.0))
+    await asyncio.sleep(0)
+    second = asyncio.create_task(group.submit("b", 1.0))
+    # "a"'s after step is held open, yet "b" is written meanwhile.
+    await asyncio.wait_for(both_started.wait(), 5)
+    assert writer.batches == [["a"], ["b"]]
+    assert not first.done() and not second.done()  # nobody hears back before their after step
+    after_may_finish.set()
+    assert await first == "done a" and await second == "done b"
+    assert events[:2] == ["after ['a']", "after ['b']"]  # started in batch order
+    assert sorted(events[2:]) == ["after done ['a']", "after done ['b']"]
+    await group.drain()
+
+
+async def test_a_failing_after_step_still_answers_the_writers():
+    async def after(entries, results):
+        raise RuntimeError("cache unreachable")
+
+    group = GroupCommit(Writer(), after=after)
+    assert await asyncio.gather(group.submit("a", 1.0), group.submit("b", 1.0)) == ["done a", "done b"]
+
+
+async def test_entries_written_one_by_one_each_get_their_after_step():
+    told: list[list[str]] = []
+
+    async def after(entries, results):
+        told.append(list(entries))
+
+    group = GroupCommit(Writer(), after=after)
+    first = asyncio.create_task(group.submit("first", 1.0))
+    await asyncio.sleep(0)
+    rest = await asyncio.gather(*(group.submit(e, 1.0) for e in ("x", "bad", "y")), return_exceptions=True)
+    await first
+    assert isinstance(rest[1], asyncpg.exceptions.CheckViolationError)
+    assert told == [["first"], ["x"], ["y"]]
