@@ -28,6 +28,7 @@ from typing import cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.groupcommit import GroupCommit
 from shared.settings import Settings
@@ -57,16 +58,23 @@ _DROP_PREFIX = b"P"
 # How often the invalidation listener looks up from Redis to see whether it should stop.
 _POLL_S = 1.0
 _WRITE_THROUGH_S = 0.5  # the Redis client's own socket timeout bounds each pipeline
+_WRITE_THROUGH_PERSIST_S = 3.0  # how long a write-through keeps trying a Redis that times out
 
-# KEYS[1] = entry key; ARGV[1] = encoded entry; ARGV[2] = TTL in ms.
-# Stores unless the current entry's revision+flag prefix is >= the new one.
+# KEYS[i] = entry key; ARGV[2i-1] = its encoded entry; ARGV[2i] = its TTL in ms.
+# Stores each entry unless the current one's revision+flag prefix is >= the new
+# one's; returns how many were stored. One call per batch: a write-through of n
+# entries is one command for redis-py to encode and parse, not n.
 _GUARDED_SET = """
-local cur = redis.call('GET', KEYS[1])
-if cur and string.sub(cur, 1, 21) >= string.sub(ARGV[1], 1, 21) then
-  return 0
+local stored = 0
+for i, key in ipairs(KEYS) do
+  local new = ARGV[2 * i - 1]
+  local cur = redis.call('GET', key)
+  if not (cur and string.sub(cur, 1, 21) >= string.sub(new, 1, 21)) then
+    redis.call('SET', key, new, 'PX', ARGV[2 * i])
+    stored = stored + 1
+  end
 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return 1
+return stored
 """
 
 
@@ -342,23 +350,40 @@ class RevisionedCache:
         self, encoded: Sequence[tuple[bytes, bytes, CacheEntry]], _timeout: float
     ) -> list[None]:
         # A batch that cannot reach Redis is kept for replay, never raised to its writers.
-        try:
-            await self._write_through(encoded)
-        except (RedisError, OSError) as exc:
-            self._redis_failed(exc)
+        # A slow Redis (a timeout) is tried again first, for a while: the writers are
+        # acknowledged after this, and were this process to die with the batch only in
+        # its replay set, Redis would keep the older entries for the next process to
+        # serve. A Redis that refuses connections is gone, and comes back empty.
+        give_up_at = time.monotonic() + _WRITE_THROUGH_PERSIST_S
+        while True:
+            try:
+                await self._write_through(encoded)
+                return [None] * len(encoded)
+            except RedisTimeoutError as exc:
+                if time.monotonic() < give_up_at:
+                    self.stats.redis_errors += 1
+                    continue  # the sets are revision-guarded: sending them again is harmless
+                failure: BaseException = exc
+            except (RedisError, OSError) as exc:
+                failure = exc
+            self._redis_failed(failure)
             for key, data, _ in encoded:
                 self._remember(key, data)
-        return [None] * len(encoded)
+            return [None] * len(encoded)
 
     async def _write_through(self, encoded: Sequence[tuple[bytes, bytes, CacheEntry]]) -> None:
-        """One pipeline: a guarded SET per entry and one invalidation message for them all."""
+        """One pipeline: the guarded sets of every entry in one script call, one invalidation message."""
         assert self._redis is not None and self._set_script is not None
         sha = self._set_script.sha
         for attempt in (1, 2):
             # EVALSHA itself: a Script object in a pipeline costs a SCRIPT EXISTS round trip first.
             async with self._redis.pipeline(transaction=False) as pipe:
-                for key, data, entry in encoded:
-                    pipe.evalsha(sha, 1, self._prefix + key, data, self._redis_ttl_ms(entry))
+                pipe.evalsha(
+                    sha,
+                    len(encoded),
+                    *(self._prefix + key for key, _, _ in encoded),
+                    *(arg for _, data, entry in encoded for arg in (data, self._redis_ttl_ms(entry))),
+                )
                 pipe.publish(self._channel, b"".join(_invalidation(key, data) for key, data, _ in encoded))
                 try:
                     await pipe.execute()

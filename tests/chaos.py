@@ -74,6 +74,7 @@ class Ledger:
         default_factory=collections.Counter
     )  # "Method CODE"
     stale_reads: list[str] = dataclasses.field(default_factory=list)
+    stale_read_times: list[float] = dataclasses.field(default_factory=list)  # monotonic, one per stale read
     odd: list[tuple[float, str, str]] = dataclasses.field(
         default_factory=list
     )  # (monotonic time, method, code) of failures a retrying client would not expect
@@ -155,6 +156,7 @@ class Load:
                 seen = None
             if seen is not False and read in ledger.acked and seen not in allowed:
                 ledger.stale_reads.append(f"{read}: read {seen!r}, expected one of {sorted(allowed)}")
+                ledger.stale_read_times.append(time.monotonic())
             if i % 4 == 0:
                 record_id = f"w{n}-r{i}"
                 create = tenants_pb2.CreateRecordRequest(
@@ -347,6 +349,14 @@ class RunFigures:
                 return fault.name
         return "no fault"
 
+    def since_fault(self, when: float) -> str:
+        """How long after the start of the latest fault before ``when`` it was, e.g. "0.42 s into redis ..."."""
+        begun = [f for f in self.faults if f.started <= when]
+        if not begun:
+            return "before any fault"
+        fault = max(begun, key=lambda f: f.started)
+        return f"{when - fault.started:.2f} s after {fault.name} began"
+
     def summary(self) -> str:
         codes = ", ".join(f"{code} {count}" for code, count in self.ledger.codes.most_common())
         lines = [
@@ -359,6 +369,12 @@ class RunFigures:
             f"checked: {self.verdict.keys_checked} keys, {self.verdict.records_checked} records; "
             f"stale reads {len(self.ledger.stale_reads)}; data lost {self.verdict.lost}",
         ]
+        if self.ledger.stale_reads:
+            lines.append("stale reads, each with the fault it fell in:")
+            lines.extend(
+                f"  {read} ({self.since_fault(when)})"
+                for read, when in zip(self.ledger.stale_reads, self.ledger.stale_read_times, strict=True)
+            )
         if self.ledger.odd:
             lines.append("other failures, each with the fault it fell in:")
             lines.extend(

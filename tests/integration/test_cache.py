@@ -151,6 +151,37 @@ async def test_writes_missed_while_redis_was_paused_are_replayed_before_redis_is
     assert entry is not None and entry.payload == b"new"
 
 
+async def test_a_write_through_outlasts_a_slow_redis_so_no_older_entry_outlives_its_writer(
+    settings, redis_process
+):
+    # Redis stalls past the client's timeout for a moment, then answers. The write must be in
+    # Redis when its writer hears back: held only in the writer's replay set, a writer that
+    # died right after acknowledging would leave Redis with the older entry for everyone.
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    client = open_redis(settings.redis_url)
+    writer = RevisionedCache(client, prefix=prefix, local_entries=0)
+    writer.start()
+    await writer.record_writes([(b"k", CacheEntry(1, b"old"))])
+    # The next write needs a new connection, whose handshake the stalled Redis will not answer:
+    # nothing of it is sent until Redis is back.
+    await client.connection_pool.disconnect()
+    os.kill(redis_process.pid, signal.SIGSTOP)
+    resumed = asyncio.get_running_loop().call_later(0.8, os.kill, redis_process.pid, signal.SIGCONT)
+    try:
+        await writer.record_writes([(b"k", CacheEntry(2, b"new"))])
+        assert writer.stats.redis_errors >= 1  # it did time out, and tried again
+    finally:
+        resumed.cancel()
+        os.kill(redis_process.pid, signal.SIGCONT)
+        await writer.close()  # the writer is gone at once: nothing is left to replay its writes
+    reader = RevisionedCache(open_redis(settings.redis_url), prefix=prefix, local_entries=0)
+    try:
+        entry = await reader.get(b"k")
+        assert entry is not None and entry.payload == b"new"
+    finally:
+        await reader.close()
+
+
 def _const(entry: CacheEntry):
     async def load() -> CacheEntry:
         return entry
