@@ -30,6 +30,8 @@ class Measurement:
     p50_ms: float
     p99_ms: float
     tool: str
+    # Python load only: how many calls each worker process began (its i-th used body i + its offset).
+    sent_per_worker: tuple[int, ...] = ()
 
     def as_dict(self) -> dict[str, float | int | str]:
         return {

@@ -43,7 +43,7 @@ async def _operation(job: Job, worker: int) -> tuple[Any, Any]:
         call = channel.unary_unary(params["path"])
         bodies: list[bytes] = params["bodies"]
         metadata = tuple(params["metadata"])
-        offset = worker * 7919
+        offset = worker_offset(worker)
 
         async def one(i: int) -> None:
             await call(bodies[(offset + i) % len(bodies)], metadata=metadata, timeout=10)
@@ -59,7 +59,7 @@ async def _operation(job: Job, worker: int) -> tuple[Any, Any]:
         keys: int = params["keys"]
 
         async def one(i: int) -> None:
-            key = f"k{(worker * 7919 + i) % keys}"
+            key = f"k{(worker_offset(worker) + i) % keys}"
             args = (key, params["value"]) if params.get("value") is not None else (key,)
             await pool.execute(sql, *args)
 
@@ -76,7 +76,7 @@ async def _operation(job: Job, worker: int) -> tuple[Any, Any]:
         ids: int = params.get("ids", 0)
 
         async def one(i: int) -> None:
-            args = [*fixed, f"r{(worker * 7919 + i) % ids}"] if ids else fixed
+            args = [*fixed, f"r{(worker_offset(worker) + i) % ids}"] if ids else fixed
             async with pool.acquire() as conn, conn.transaction():
                 await conn.execute("SELECT set_config('strata.tenant_id', $1, true)", params["tenant"])
                 await conn.fetch(sql, *args)
@@ -96,7 +96,7 @@ async def _operation(job: Job, worker: int) -> tuple[Any, Any]:
             async with pool.acquire() as conn, conn.transaction():
                 for statement in params["setup"]:
                     await conn.execute(statement)
-                chosen = arguments[(worker * 7919 + i) % len(arguments)]
+                chosen = arguments[(worker_offset(worker) + i) % len(arguments)]
                 await conn.fetch(params["sql"], *(chosen if isinstance(chosen, list) else [chosen]))
 
         return one, pool.close
@@ -107,7 +107,7 @@ async def _operation(job: Job, worker: int) -> tuple[Any, Any]:
         keys = params["keys"]
 
         async def one(i: int) -> None:
-            await client.get(f"bench:k{(worker * 7919 + i) % keys}")
+            await client.get(f"bench:k{(worker_offset(worker) + i) % keys}")
 
         return one, client.aclose
     raise ValueError(f"unknown job kind {job.kind!r}")
@@ -148,13 +148,13 @@ async def _worker_main(
     result = close()
     if asyncio.iscoroutine(result):
         await result
-    return {"done": done, "errors": errors, "latencies": latencies}
+    return {"done": done, "errors": errors, "latencies": latencies, "sent": counter}
 
 
 def _worker(job: Job, worker: int, concurrency: int, warmup_s: float, duration_s: float, queue: Any) -> None:
     import uvloop
 
-    queue.put(uvloop.run(_worker_main(job, worker, concurrency, warmup_s, duration_s)))
+    queue.put({**uvloop.run(_worker_main(job, worker, concurrency, warmup_s, duration_s)), "worker": worker})
 
 
 async def run_python_load(
@@ -186,4 +186,10 @@ async def run_python_load(
         p50_ms=percentile(latencies, 0.50),
         p99_ms=percentile(latencies, 0.99),
         tool=f"python x{processes}, {per_worker * processes} in flight",
+        sent_per_worker=tuple(r["sent"] for r in sorted(results, key=lambda r: r["worker"])),
     )
+
+
+def worker_offset(worker: int) -> int:
+    """Where worker ``worker`` starts in a job's list of bodies: its calls use 1 + offset, 2 + offset, ..."""
+    return worker * 7919

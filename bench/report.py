@@ -103,7 +103,10 @@ def markdown(document: dict[str, Any]) -> str:
             "## Cache on a Zipf read mix (s = 1.1 over the bench keys)",
             "",
             f"Hit ratio {cache['hit_ratio']:.3f} (target >= 0.95); "
-            f"Postgres reads per 1,000 Gets: {cache['postgres_reads_per_1000_gets']:.1f}.",
+            f"Postgres reads per 1,000 Gets: {cache['postgres_reads_per_1000_gets']:.1f}. "
+            f"{cache['first_touch_share']:.3f} of the Gets asked for a key never asked for before "
+            "(a miss in any cache); of the Gets for keys asked for before, "
+            f"{cache['hit_ratio_of_repeat_keys']:.3f} hit.",
         ]
     load = document.get("vector_load")
     if load:

@@ -26,7 +26,7 @@ from strata.tenants.v1 import tenants_pb2
 
 from bench.etcd import PUT, RANGE, etcd_available, etcd_server, put_request, range_request
 from bench.h2load import Measurement, run_h2load
-from bench.pyload import Job, run_python_load
+from bench.pyload import Job, run_python_load, worker_offset
 from bench.stack import ROOT, free_port
 from bench.target import Target
 from bench.vectors import (
@@ -285,7 +285,7 @@ class Suite:
                 )
 
             # Steady state: a warm-up of the same mix (3x the run), then a fresh draw is measured.
-            await self._python(zipf_job(seed=1), warmup_s=0.0, duration_s=3 * config.duration_s)
+            warmup = await self._python(zipf_job(seed=1), warmup_s=0.0, duration_s=3 * config.duration_s)
             await asyncio.sleep(0.6)  # the kv process publishes its counters every 0.25 s
             before = await self._kv_cache_counters()
             measured = await self._python(zipf_job(seed=2), warmup_s=0.0)
@@ -293,6 +293,10 @@ class Suite:
             after = await self._kv_cache_counters()
             lookups = sum(after[k] - before[k] for k in ("local_hits", "redis_hits", "misses"))
             hits = sum(after[k] - before[k] for k in ("local_hits", "redis_hits"))
+            # A key's first request ever must miss, whatever the cache: those misses are the
+            # mix's, not the cache's. Counted exactly from the bodies each worker sent.
+            seen = requested_keys(zipf_gets(config.keys, seed=1), warmup.sent_per_worker)
+            first = first_touches(zipf_gets(config.keys, seed=2), measured.sent_per_worker, seen)
             self.cache.append(
                 {
                     "hit_ratio": hits / lookups if lookups else 0.0,
@@ -300,6 +304,8 @@ class Suite:
                     if lookups
                     else 0.0,
                     "lookups": lookups,
+                    "first_touch_share": first / lookups if lookups else 0.0,
+                    "hit_ratio_of_repeat_keys": hits / (lookups - first) if lookups > first else 0.0,
                 }
             )
             return measured
@@ -519,7 +525,12 @@ class Suite:
             return None
         return {
             name: statistics.median(r[name] for r in self.cache)
-            for name in ("hit_ratio", "postgres_reads_per_1000_gets")
+            for name in (
+                "hit_ratio",
+                "postgres_reads_per_1000_gets",
+                "first_touch_share",
+                "hit_ratio_of_repeat_keys",
+            )
         }
 
     def ratios(self) -> dict[str, float | None]:
@@ -566,6 +577,27 @@ def zipf_gets(keys: int, samples: int = 50_000, exponent: float = 1.1, seed: int
     weights = [1.0 / (rank + 1) ** exponent for rank in range(keys)]
     drawn = rng.choices(range(keys), weights=weights, k=samples)
     return [kv_pb2.GetRequest(namespace=NAMESPACE, key=f"z{i}").SerializeToString() for i in drawn]
+
+
+def requested_keys(bodies: list[bytes], sent_per_worker: tuple[int, ...]) -> set[bytes]:
+    """The bodies the Python load's workers actually sent from ``bodies`` (see pyload.worker_offset)."""
+    return {
+        bodies[(worker_offset(worker) + i) % len(bodies)]
+        for worker, sent in enumerate(sent_per_worker)
+        for i in range(1, sent + 1)
+    }
+
+
+def first_touches(bodies: list[bytes], sent_per_worker: tuple[int, ...], seen: set[bytes]) -> int:
+    """How many of the calls sent from ``bodies`` asked for a body never sent before (``seen`` grows)."""
+    count = 0
+    for worker, sent in enumerate(sent_per_worker):
+        for i in range(1, sent + 1):
+            body = bodies[(worker_offset(worker) + i) % len(bodies)]
+            if body not in seen:
+                seen.add(body)
+                count += 1
+    return count
 
 
 def _status_is(status: str) -> filter_pb2.Filter:
