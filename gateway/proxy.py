@@ -8,6 +8,7 @@ travels with a call:
 - the caller's metadata, minus ``authorization``, anything ``x-strata-*``
   (only the gateway may sign identities) and hop-by-hop headers;
 - the identity resolved from the API key, signed for that very method;
+- the caller's newest consistency token (see gateway.consistency);
 - the W3C trace context of the gateway's client span.
 
 Status codes, messages and trailing metadata (``grpc-status-details-bin``
@@ -27,6 +28,7 @@ from google.rpc import error_details_pb2, status_pb2
 from opentelemetry import trace
 
 from gateway.auth import KeyResolver, bearer_token
+from gateway.consistency import CallerTokens
 from gateway.ratelimit import RateLimiter
 from gateway.routes import Route
 from gateway.upstreams import Upstream
@@ -76,6 +78,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
         self._secret = secret
         self._gate = gate
         self._upstreams = upstreams
+        self._tokens = CallerTokens()
         self._handlers: dict[str, grpc.RpcMethodHandler] = {
             path: self._handler(route) for path, route in routes.items()
         }
@@ -90,8 +93,8 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         return self._handlers.get(handler_call_details.method)
 
-    async def _admit(self, route: Route, context: Context) -> list[tuple[str, str]]:
-        """The metadata to forward, once the caller may make this call."""
+    async def _admit(self, route: Route, context: Context) -> tuple[list[tuple[str, str]], str]:
+        """The metadata to forward and the caller's key id, once the caller may make this call."""
         self._gate.enter()
         try:
             incoming: Sequence[tuple[str, Any]] = context.invocation_metadata() or ()
@@ -114,7 +117,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
             if key not in _DROPPED and not key.startswith(INTERNAL_PREFIX) and not key.startswith(":")
         ]
         forwarded.extend(sign_caller(self._secret, route.path, caller))
-        return forwarded
+        return self._tokens.attach(caller.key_id, forwarded), caller.key_id
 
     async def _admitted(
         self,
@@ -122,7 +125,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
         context: Context,
         server_span: Any,
         requests: AsyncIterator[bytes] | None = None,
-    ) -> list[tuple[str, str]]:
+    ) -> tuple[list[tuple[str, str]], str]:
         """:meth:`_admit`, answering the caller with the refusal when there is one.
 
         ``requests``, a client stream, is read on (bounded) before refusing: see :func:`_discard`.
@@ -149,7 +152,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
 
         async def forward(request: bytes, context: Context) -> bytes:
             with self._server_span(route, context) as server_span:
-                metadata = await self._admitted(route, context, server_span)
+                metadata, caller = await self._admitted(route, context, server_span)
                 try:
                     with self._client_span(route, metadata) as client_span:
                         try:
@@ -164,6 +167,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
                     await _pass_back(exc, context, server_span)
                 finally:
                     self._gate.leave()
+                self._tokens.observe(caller, trailing)
                 context.set_trailing_metadata(tuple(trailing or ()))
                 _end(server_span, grpc.StatusCode.OK)
                 return response
@@ -175,7 +179,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
 
         async def forward(request: bytes, context: Context) -> AsyncIterator[bytes]:
             with self._server_span(route, context) as server_span:
-                metadata = await self._admitted(route, context, server_span)
+                metadata, caller = await self._admitted(route, context, server_span)
                 call = None
                 trailing = None
                 try:
@@ -198,6 +202,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
                         call.cancel()  # the caller went away, or we are done: free the upstream stream
                     self._gate.leave()
                 if trailing:
+                    self._tokens.observe(caller, trailing)
                     context.set_trailing_metadata(tuple(trailing or ()))
                 _end(server_span, grpc.StatusCode.OK)
 
@@ -208,7 +213,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
 
         async def forward(requests: AsyncIterator[bytes], context: Context) -> bytes:
             with self._server_span(route, context) as server_span:
-                metadata = await self._admitted(route, context, server_span, requests)
+                metadata, caller = await self._admitted(route, context, server_span, requests)
                 call = None
                 try:
                     with self._client_span(route, metadata) as client_span:
@@ -230,6 +235,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
                     if call is not None:
                         call.cancel()  # the caller went away: stop the upstream call (no-op once done)
                     self._gate.leave()
+                self._tokens.observe(caller, trailing)
                 context.set_trailing_metadata(tuple(trailing or ()))
                 _end(server_span, grpc.StatusCode.OK)
                 return response

@@ -4,17 +4,19 @@
 ``DATABASE_URL``/``REDIS_URL`` it starts the embedded servers under the data
 folder; otherwise it uses the given servers and starts nothing. Either way it
 applies every service's pending migrations before returning the URLs the
-services connect with.
+services connect with. Embedded, it then starts ``STRATA_EMBEDDED_REPLICAS``
+streaming replicas of the migrated primary, whose service URLs are the read
+URLs (external: ``DATABASE_READ_URLS``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpg
 
-from shared.embedded import EmbeddedPostgres, EmbeddedRedis, prepare_database
+from shared.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedReplica, prepare_database
 from shared.migrations import Migration, apply_migrations, discover, ensure_service_role
 from shared.settings import Settings
 
@@ -32,9 +34,13 @@ class Backends:
     redis_url: str
     postgres: EmbeddedPostgres | None = None
     redis: EmbeddedRedis | None = None
+    replicas: list[EmbeddedReplica] = field(default_factory=list)
+    database_read_urls: tuple[str, ...] = ()  # streaming replicas, as the service role
 
     def close(self) -> None:
-        """Stop the embedded servers (external ones are left alone)."""
+        """Stop the embedded servers (external ones are left alone), the replicas before their primary."""
+        for replica in self.replicas:
+            replica.stop()
         if self.redis is not None:
             self.redis.stop()
         if self.postgres is not None:
@@ -65,7 +71,12 @@ async def open_backends(settings: Settings, services: tuple[str, ...]) -> Backen
             postgres.stop()
             raise
     else:
-        backends = Backends(settings.database_url, settings.migrate_database_url, settings.redis_url)
+        backends = Backends(
+            settings.database_url,
+            settings.migrate_database_url,
+            settings.redis_url,
+            database_read_urls=settings.database_read_urls,
+        )
     try:
         conn = await asyncpg.connect(backends.migrate_database_url)
         try:
@@ -74,7 +85,21 @@ async def open_backends(settings: Settings, services: tuple[str, ...]) -> Backen
             await apply_migrations(conn, migration_plan(services))
         finally:
             await conn.close()
+        if backends.postgres is not None:
+            _start_replicas(backends, backends.postgres, settings.embedded_replicas)
     except BaseException:
         backends.close()
         raise
     return backends
+
+
+def _start_replicas(backends: Backends, primary: EmbeddedPostgres, count: int) -> None:
+    # After the migrations, so each copy starts with the schema; one at a time,
+    # each in ``backends`` before it starts so that a failure part-way stops the others.
+    urls: list[str] = []
+    for number in range(1, count + 1):
+        replica = EmbeddedReplica(primary.data_dir, primary.port, number)
+        backends.replicas.append(replica)
+        urls.append(replica.start().service)
+    backends.database_read_urls = tuple(urls)
+    primary.retire_replicas(keep=count)

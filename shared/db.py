@@ -18,15 +18,19 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 import grpc
 
 from shared.cache import open_redis
+from shared.consistency import note_commit, parse_lsn
 from shared.errors import StrataError, unavailable
 from shared.settings import Settings
 from shared.slowlog import SlowLog
+
+if TYPE_CHECKING:
+    from shared.replicas import ReplicaSet
 
 __all__ = ["CircuitBreaker", "Database", "deadline_timeout"]
 
@@ -94,6 +98,11 @@ class CircuitBreaker:
         if self.failures >= self.threshold:
             self._opened_at = time.monotonic()
 
+    def trip(self) -> None:
+        """Open now, whatever the count (a condition worse than any one failure was seen)."""
+        self.failures = max(self.failures, self.threshold)
+        self._opened_at = time.monotonic()
+
 
 class Database:
     """An asyncpg pool with retry, a circuit breaker and a slow-query log.
@@ -118,6 +127,10 @@ class Database:
         self._retries = retries
         self._acquire_timeout = acquire_timeout
         self._waiters = 0  # calls waiting for a pooled connection
+        # Streaming replicas for reads that allow one (see read_replica); with
+        # them, every write records the WAL position it reached (a consistency token).
+        self.replicas: ReplicaSet | None = None
+        self.latest_lsn = 0  # the newest WAL position a write of this process reached
 
     @classmethod
     async def open(
@@ -131,12 +144,14 @@ class Database:
         connect_timeout: float = 5.0,
         slow_log: SlowLog | None = None,
         acquire_timeout: float = 1.0,
+        retries: int = 3,
     ) -> Database:
         """Open a pool on ``dsn``, retrying for up to ``connect_timeout`` s while Postgres starts.
 
         Every statement slower than ``slow_query_ms`` is logged, and appended
         to ``slow_log`` when given. A call waits at most ``acquire_timeout`` s
         for a pooled connection, then fails with UNAVAILABLE (see :meth:`_acquire`).
+        ``retries``: how often a read is repeated after a lost connection.
         """
         slow = _SlowStatements(slow_query_ms / 1000.0, slow_log)
         deadline = time.monotonic() + connect_timeout
@@ -152,7 +167,7 @@ class Database:
                     timeout=connect_timeout,
                     init=slow.watch,
                 )
-                return cls(pool, slow=slow, acquire_timeout=acquire_timeout)
+                return cls(pool, slow=slow, acquire_timeout=acquire_timeout, retries=retries)
             except _CONNECTION_ERRORS:
                 if time.monotonic() + delay > deadline:
                     raise
@@ -161,8 +176,11 @@ class Database:
 
     @classmethod
     async def for_service(cls, settings: Settings, service: str) -> Database:
-        """The pool a service process uses: ``settings``' database URL, pool sizes, slow-query threshold."""
-        return await cls.open(
+        """The pool a service process uses: ``settings``' database URL, pool sizes, slow-query
+        threshold, and its streaming replicas when ``DATABASE_READ_URLS`` names some."""
+        from shared.replicas import ReplicaSet
+
+        db = await cls.open(
             settings.database_url,
             min_size=settings.pool_min_size,
             max_size=settings.pool_max_size,
@@ -171,9 +189,13 @@ class Database:
             slow_log=SlowLog(open_redis(settings.redis_url), service) if settings.redis_url else None,
             acquire_timeout=settings.pool_acquire_timeout_s,
         )
+        db.replicas = await ReplicaSet.open(settings, db, service)
+        return db
 
     async def close(self) -> None:
-        """Close every connection, waiting at most 5 s for ones in use."""
+        """Close every connection (the replicas' too), waiting at most 5 s for ones in use."""
+        if self.replicas is not None:
+            await self.replicas.close()
         try:
             await asyncio.wait_for(self.pool.close(), 5.0)
         except TimeoutError:
@@ -244,14 +266,50 @@ class Database:
         outcome unknown, which the caller hears as UNAVAILABLE.
         """
         return await self.run(
-            lambda c: c.fetchrow(sql, *args, timeout=timeout), idempotent=False, timeout=timeout
+            self._noting_commit(lambda c: c.fetchrow(sql, *args, timeout=timeout), timeout),
+            idempotent=False,
+            timeout=timeout,
         )
 
     async def write_rows(self, sql: str, *args: Any, timeout: float = 30.0) -> list[asyncpg.Record]:
         """As :meth:`write_row`, returning all rows."""
         return await self.run(
-            lambda c: c.fetch(sql, *args, timeout=timeout), idempotent=False, timeout=timeout
+            self._noting_commit(lambda c: c.fetch(sql, *args, timeout=timeout), timeout),
+            idempotent=False,
+            timeout=timeout,
         )
+
+    async def read_replica(self, work: Callable[[Database], Awaitable[T]]) -> T:
+        """Run a read a streaming replica may serve: ``work(db)`` on a replica's Database or this one.
+
+        Without replicas, ``work(self)``. With them, see :meth:`ReplicaSet.read`:
+        a replica that has replayed the call's consistency token, else the
+        primary. ``work`` must only read (use ``tenant_transaction(read_only=True)``).
+        """
+        if self.replicas is None:
+            return await work(self)
+        return await self.replicas.read(work)
+
+    def _noting_commit(
+        self, work: Callable[[asyncpg.Connection], Awaitable[T]], timeout: float
+    ) -> Callable[[asyncpg.Connection], Awaitable[T]]:
+        """``work``, then (with replicas) the WAL position it reached, as the call's consistency token."""
+        if self.replicas is None:
+            return work
+
+        async def noted(conn: asyncpg.Connection) -> T:
+            result = await work(conn)
+            await self._note_commit(conn, timeout)
+            return result
+
+        return noted
+
+    async def _note_commit(self, conn: asyncpg.Connection, timeout: float) -> None:
+        # The insert position after the commit is at or past its commit record:
+        # a replica that replayed this far sees the write.
+        lsn = parse_lsn(await conn.fetchval("SELECT pg_current_wal_insert_lsn()::text", timeout=timeout))
+        self.latest_lsn = max(self.latest_lsn, lsn)
+        note_commit(lsn)
 
     async def run(
         self,
@@ -304,12 +362,20 @@ class Database:
         Not retried: the body decides what is safe to repeat. Connection loss
         surfaces as UNAVAILABLE.
         """
-        async with self._guarded(), self._acquire(timeout) as conn, conn.transaction():
-            yield conn
+        async with self._guarded(), self._acquire(timeout) as conn:
+            async with conn.transaction():
+                yield conn
+            if self.replicas is not None:
+                await self._note_commit(conn, timeout)
 
     @asynccontextmanager
     async def tenant_transaction(
-        self, tenant: str, *, timeout: float = 30.0, settings: Mapping[str, str] | None = None
+        self,
+        tenant: str,
+        *,
+        timeout: float = 30.0,
+        settings: Mapping[str, str] | None = None,
+        read_only: bool = False,
     ) -> AsyncIterator[asyncpg.Connection]:
         """A transaction in which row-level security shows only ``tenant``'s rows.
 
@@ -318,16 +384,20 @@ class Database:
         (``set_config(..., true)``): they end with the transaction and never
         reach the connection's next user. BEGIN and the settings go in one
         round trip. Committed on clean exit; otherwise the pool's release
-        (shielded from cancellation) rolls it back.
+        (shielded from cancellation) rolls it back. ``read_only`` transactions
+        (BEGIN READ ONLY) are the ones a replica may run (see :meth:`read_replica`);
+        the others, with replicas configured, record their commit's WAL position.
         """
         assignments = {"strata.tenant_id": tenant, **(settings or {})}
-        begin = "BEGIN; SELECT " + ", ".join(
+        begin = ("BEGIN READ ONLY; SELECT " if read_only else "BEGIN; SELECT ") + ", ".join(
             f"set_config({_literal(name)}, {_literal(value)}, true)" for name, value in assignments.items()
         )
         async with self._guarded(), self._acquire(timeout) as conn:
             await conn.execute(begin, timeout=timeout)
             yield conn
             await conn.execute("COMMIT", timeout=timeout)
+            if self.replicas is not None and not read_only:
+                await self._note_commit(conn, timeout)
 
     @asynccontextmanager
     async def _guarded(self) -> AsyncIterator[None]:

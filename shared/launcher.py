@@ -167,6 +167,8 @@ async def ensure_dev_api_key(settings: Settings, env: dict[str, str], processes:
 def service_environment(settings: Settings, backends: Backends) -> dict[str, str]:
     """The environment every service process gets: the caller's, the backends' URLs, the shared secrets.
 
+    ``DATABASE_READ_URLS`` (comma-separated) names the backends' read replicas, if any.
+
     Secrets not given in the environment are generated once under
     ``<data>/secrets`` (the key pepper must outlive restarts: key hashes depend on it).
     """
@@ -180,6 +182,11 @@ def service_environment(settings: Settings, backends: Backends) -> dict[str, str
         STRATA_KEY_PEPPER=settings.key_pepper or stored_secret(folder, "key-pepper"),
     )
     env.pop("STRATA_MIGRATE_DATABASE_URL", None)  # the owner's URL goes to admin alone
+    # The replicas of these backends, or none: a caller's DATABASE_READ_URLS
+    # could name replicas of another primary in embedded mode.
+    env.pop("DATABASE_READ_URLS", None)
+    if backends.database_read_urls:
+        env["DATABASE_READ_URLS"] = ",".join(backends.database_read_urls)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -215,6 +222,8 @@ async def run(settings: Settings) -> None:
                 f"  postgres 127.0.0.1:{settings.embedded_pg_port} (secrets in {settings.data_dir}/secrets)"
             )
             print(f"  redis    127.0.0.1:{settings.embedded_redis_port}")
+            for replica in backends.replicas:
+                print(f"  {f'replica{replica.number}':<8} 127.0.0.1:{replica.port} (read-only, streaming)")
         print(f"Dev API key (admin scope, tenant 'dev'): {api_key}", flush=True)
         print(f"  saved in {settings.data_dir / DEV_KEY_FILE}; call the gateway with", flush=True)
         print(

@@ -28,6 +28,7 @@ from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2
 
 from shared.cache import open_redis
+from shared.consistency import TOKEN_KEY, begin_call, format_lsn
 from shared.errors import FieldViolation, StrataError, from_exception, invalid_argument
 from shared.identity import set_current_caller, verify_caller
 from shared.metrics import Metrics
@@ -483,7 +484,10 @@ def _answering_once(
         except StrataError as exc:
             await _abort(context, exc)
         try:
+            tokens = begin_call(context.invocation_metadata())
             response = await impl(requests(raw), context)
+            if tokens.committed:
+                context.set_trailing_metadata(((TOKEN_KEY, format_lsn(tokens.committed)),))
             return response.SerializeToString()
         except asyncio.CancelledError:
             raise
@@ -511,6 +515,7 @@ def _stream_handler(
         except StrataError as exc:
             await _abort(context, exc)
         try:
+            begin_call(context.invocation_metadata())
             async for response in impl(_decode(request_type, raw), context):
                 yield response.SerializeToString()
         except asyncio.CancelledError:

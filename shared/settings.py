@@ -38,7 +38,14 @@ class Settings:
     admin_port: int = 50064
     database_url: str = ""
     migrate_database_url: str = ""
-    database_read_urls: tuple[str, ...] = ()
+    database_read_urls: tuple[str, ...] = ()  # streaming replicas, for reads that allow one
+    read_strategy: str = "least_in_flight"  # or round_robin, lowest_latency (see shared.replicas)
+    replica_max_lag_bytes: int = 16 * 1024 * 1024  # more replay lag than this opens the breaker
+    replica_max_lag_s: float = 5.0  # ... and so does a replica this far behind in time
+    replica_probe_interval_s: float = 0.5
+    replica_failures_to_open: int = 3  # consecutive failed calls or probes
+    replica_open_s: float = 2.0  # an open breaker's wait before its half-open probe
+    embedded_replicas: int = 0  # streaming replicas of the embedded Postgres
     redis_url: str = ""
     embedded_pg_port: int = 55432
     embedded_redis_port: int = 56379
@@ -124,9 +131,22 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             database_url=database_url,
             migrate_database_url=reader.url("STRATA_MIGRATE_DATABASE_URL", ("postgres://", "postgresql://"))
             or database_url,
-            database_read_urls=tuple(
-                u.strip() for u in env.get("DATABASE_READ_URLS", "").split(",") if u.strip()
+            database_read_urls=reader.urls("DATABASE_READ_URLS", ("postgres://", "postgresql://")),
+            read_strategy=reader.choice(
+                "STRATA_READ_STRATEGY", defaults.read_strategy, tuple(s.upper() for s in READ_STRATEGIES)
+            ).lower(),
+            replica_max_lag_bytes=reader.integer(
+                "STRATA_REPLICA_MAX_LAG_BYTES", defaults.replica_max_lag_bytes, 0, 1 << 50
             ),
+            replica_max_lag_s=reader.number("STRATA_REPLICA_MAX_LAG_S", defaults.replica_max_lag_s, 0.0),
+            replica_probe_interval_s=reader.number(
+                "STRATA_REPLICA_PROBE_INTERVAL_S", defaults.replica_probe_interval_s, 0.01
+            ),
+            replica_failures_to_open=reader.integer(
+                "STRATA_REPLICA_FAILURES_TO_OPEN", defaults.replica_failures_to_open, 1, 1000
+            ),
+            replica_open_s=reader.number("STRATA_REPLICA_OPEN_S", defaults.replica_open_s, 0.01),
+            embedded_replicas=reader.integer("STRATA_EMBEDDED_REPLICAS", defaults.embedded_replicas, 0, 8),
             redis_url=redis_url,
             embedded_pg_port=reader.port("STRATA_EMBEDDED_PG_PORT", defaults.embedded_pg_port),
             embedded_redis_port=reader.port("STRATA_EMBEDDED_REDIS_PORT", defaults.embedded_redis_port),
@@ -191,6 +211,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
 
 
 _SERVICES = ("kv", "tenants", "vector", "admin")
+# How reads are spread over replicas (see shared.replicas).
+READ_STRATEGIES = ("round_robin", "least_in_flight", "lowest_latency")
 
 
 def _check_tls(settings: Settings) -> Settings:
@@ -255,6 +277,16 @@ class _Reader:
         if not raw.startswith(schemes):
             raise ConfigError(f"{name} must start with one of {', '.join(schemes)}")
         return raw
+
+    def urls(self, name: str, schemes: tuple[str, ...]) -> tuple[str, ...]:
+        raw = self._raw(name)
+        if raw is None:
+            return ()
+        found = tuple(u.strip() for u in raw.split(",") if u.strip())
+        for url in found:
+            if not url.startswith(schemes):
+                raise ConfigError(f"{name}: every URL must start with one of {', '.join(schemes)}")
+        return found
 
     def addresses(self, name: str) -> tuple[str, ...]:
         raw = self._raw(name)

@@ -27,10 +27,12 @@ from strata.admin.v1 import admin_pb2
 from shared.audit import record_audit
 from shared.backends import migration_plan
 from shared.cache import CACHE_COUNTERS, invalidate_prefix
+from shared.consistency import format_lsn
 from shared.db import Database
 from shared.errors import FieldViolation, StrataError, invalid_argument, unavailable
 from shared.migrations import Migration, MigrationError, apply_migrations
 from shared.migrations import status as migration_versions
+from shared.replicas import ReplicaStatus
 from shared.settings import Settings
 from shared.slowlog import read_slow_queries
 from shared.stats import ProcessSnapshot, read_process_stats
@@ -47,6 +49,20 @@ _CACHES = {"kv": "kv", "tenants": "records"}
 _TENANT_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _CHECK_TIMEOUT_S = 1.0
 T = TypeVar("T")
+
+
+def _replica_health(status: ReplicaStatus) -> admin_pb2.ReplicaHealth:
+    return admin_pb2.ReplicaHealth(
+        address=status.address,
+        state=status.state,
+        breaker=status.breaker,
+        replay_lsn=format_lsn(status.replay_lsn),
+        lag_bytes=status.lag_bytes,
+        lag=_duration(status.lag_s),
+        reads_in_flight=status.in_flight,
+        latency=_duration(status.latency_ms / 1000),
+        error=status.error,
+    )
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:
@@ -113,6 +129,8 @@ class Operations:
                 for v in versions
                 if v.applied_version != v.latest_version
             )
+        if self._db.replicas is not None:
+            response.replicas.extend(_replica_health(r) for r in self._db.replicas.status())
         response.reasons.extend(reasons)
         response.status = admin_pb2.SERVING_NOT_SERVING if reasons else admin_pb2.SERVING_SERVING
         return response

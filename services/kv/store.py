@@ -17,6 +17,7 @@ import asyncpg
 from strata.kv.v1 import kv_pb2
 
 from services.kv.keyspace import KeyRange
+from shared.consistency import note_commit
 from shared.db import Database
 from shared.groupcommit import GroupCommit
 from shared.timestamps import to_timestamp
@@ -176,7 +177,12 @@ class KvStore:
         self, tenant: str, namespace: str, items: Sequence[PutItem], *, return_previous: bool, timeout: float
     ) -> WriteResult:
         """Write ``items`` atomically at one new revision, in the next group commit (see kv.put_batch)."""
-        return await self._group.submit(_PutEntry(tenant, namespace, tuple(items), return_previous), timeout)
+        entry = _PutEntry(tenant, namespace, tuple(items), return_previous)
+        result = await self._group.submit(entry, timeout)
+        # The batch ran in another writer's call: this one's consistency token is the
+        # newest WAL position this process's writes reached (at or past the batch's).
+        note_commit(self._db.latest_lsn)
+        return result
 
     async def _put_batch(self, entries: Sequence[_PutEntry], timeout: float) -> list[WriteResult]:
         starts: list[int] = []
@@ -278,7 +284,7 @@ class KvStore:
             f"SELECT {columns} FROM kv.entries WHERE {' AND '.join(conditions)} "
             f"ORDER BY key LIMIT ${len(args)}"
         )
-        return await self._db.fetch(sql, *args, timeout=timeout)
+        return await self._db.read_replica(lambda db: db.fetch(sql, *args, timeout=timeout))
 
     async def count(self, tenant: str, namespace: str, keys: KeyRange, *, timeout: float) -> int:
         """How many live keys ``keys`` holds."""
@@ -287,14 +293,14 @@ class KvStore:
                 "SELECT count(*) FROM kv.entries "
                 f"WHERE tenant = $1 AND namespace = $2 AND key >= $3 AND {_LIVE}"
             )
-            value = await self._db.fetchval(sql, tenant, namespace, keys.start, timeout=timeout)
+            args: tuple[object, ...] = (tenant, namespace, keys.start)
         else:
             sql = (
                 "SELECT count(*) FROM kv.entries "
                 f"WHERE tenant = $1 AND namespace = $2 AND key >= $3 AND key < $4 AND {_LIVE}"
             )
-            value = await self._db.fetchval(sql, tenant, namespace, keys.start, keys.end, timeout=timeout)
-        return int(value)
+            args = (tenant, namespace, keys.start, keys.end)
+        return int(await self._db.read_replica(lambda db: db.fetchval(sql, *args, timeout=timeout)))
 
     async def namespaces(self, tenant: str, *, timeout: float) -> list[str]:
         """Every namespace in which ``tenant`` has rows (live or expired)."""

@@ -306,27 +306,33 @@ class RecordServicer:
         direction = "DESC" if request.descending else "ASC"
         limit = params.add(size + 1)
         timeout = deadline_timeout(context)
-        async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
-            rows = await conn.fetch(
-                f"SELECT {_COLUMNS}, {sort} AS sort_key FROM tenants.records "
-                f"WHERE {' AND '.join(conditions)} "
-                f"ORDER BY {sort} {direction} NULLS LAST, id {direction} LIMIT {limit}",
-                *params.values,
-                timeout=timeout,
-            )
-            total = 0
-            if request.include_total_size:
-                count_params = SqlParams()
-                count_collection = count_params.add(request.collection)
-                count_where = compile_filter(
-                    request.filter if request.HasField("filter") else None, "data", count_params
-                )
-                total = await conn.fetchval(
-                    "SELECT count(*) FROM tenants.records "
-                    f"WHERE collection = {count_collection} AND {count_where}",
-                    *count_params.values,
+
+        async def page(db: Database) -> tuple[list[asyncpg.Record], int]:
+            # A read a streaming replica may serve (see Database.read_replica).
+            async with db.tenant_transaction(tenant, timeout=timeout, read_only=True) as conn:
+                rows = await conn.fetch(
+                    f"SELECT {_COLUMNS}, {sort} AS sort_key FROM tenants.records "
+                    f"WHERE {' AND '.join(conditions)} "
+                    f"ORDER BY {sort} {direction} NULLS LAST, id {direction} LIMIT {limit}",
+                    *params.values,
                     timeout=timeout,
                 )
+                total = 0
+                if request.include_total_size:
+                    count_params = SqlParams()
+                    count_collection = count_params.add(request.collection)
+                    count_where = compile_filter(
+                        request.filter if request.HasField("filter") else None, "data", count_params
+                    )
+                    total = await conn.fetchval(
+                        "SELECT count(*) FROM tenants.records "
+                        f"WHERE collection = {count_collection} AND {count_where}",
+                        *count_params.values,
+                        timeout=timeout,
+                    )
+            return rows, total
+
+        rows, total = await self._db.read_replica(page)
         response = tenants_pb2.ListRecordsResponse(
             records=[row_to_record(r) for r in rows[:size]], total_size=int(total)
         )

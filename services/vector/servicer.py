@@ -382,18 +382,24 @@ class VectorServicer:
         ]
         after = page_cursor(request.page_token, query, "", domain=DOMAIN)
         timeout = deadline_timeout(context)
-        async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
-            collection = await self._collection(conn, request.collection, timeout)
-            params = SqlParams()
-            collection_id = params.add(collection.id)
-            where = compile_filter(request.filter if request.HasField("filter") else None, "payload", params)
-            rows = await conn.fetch(
-                f"SELECT {_columns(request.with_vectors, request.with_payload)} FROM vector.points "
-                f"WHERE collection_id = {collection_id} AND id > {params.add(str(after))} AND {where} "
-                f"ORDER BY id LIMIT {params.add(size + 1)}",
-                *params.values,
-                timeout=timeout,
-            )
+
+        async def page(db: Database) -> list[asyncpg.Record]:
+            async with db.tenant_transaction(tenant, timeout=timeout, read_only=True) as conn:
+                collection = await self._collection(conn, request.collection, timeout)
+                params = SqlParams()
+                collection_id = params.add(collection.id)
+                wanted = request.filter if request.HasField("filter") else None
+                where = compile_filter(wanted, "payload", params)
+                found: list[asyncpg.Record] = await conn.fetch(
+                    f"SELECT {_columns(request.with_vectors, request.with_payload)} FROM vector.points "
+                    f"WHERE collection_id = {collection_id} AND id > {params.add(str(after))} AND {where} "
+                    f"ORDER BY id LIMIT {params.add(size + 1)}",
+                    *params.values,
+                    timeout=timeout,
+                )
+            return found
+
+        rows = await self._db.read_replica(page)
         response = vector_pb2.ScrollPointsResponse(
             points=[_point(r, request.with_vectors, request.with_payload) for r in rows[:size]]
         )
@@ -411,8 +417,13 @@ class VectorServicer:
         if known is not None and len(request.vector.values) != known.dimension:
             known = None  # perhaps the collection was made again with another dimension: look it up
         settings = _plan_settings(known, request) if known is not None else None
-        async with self._db.tenant_transaction(tenant, timeout=timeout, settings=settings) as conn:
-            return await self._search(conn, tenant, request, "", timeout, planned=known)
+
+        async def search(db: Database) -> vector_pb2.SearchResponse:
+            transaction = db.tenant_transaction(tenant, timeout=timeout, settings=settings, read_only=True)
+            async with transaction as conn:
+                return await self._search(conn, tenant, request, "", timeout, planned=known)
+
+        return await self._db.read_replica(search)
 
     async def SearchBatch(
         self, request: vector_pb2.SearchBatchRequest, context: Context
@@ -423,12 +434,15 @@ class VectorServicer:
         for i, search in enumerate(request.searches):
             _check_search(search, f"searches[{i}].")
         timeout = deadline_timeout(context)
-        async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
-            results = [
-                await self._search(conn, tenant, search, f"searches[{i}].", timeout)
-                for i, search in enumerate(request.searches)
-            ]
-        return vector_pb2.SearchBatchResponse(results=results)
+
+        async def searches(db: Database) -> list[vector_pb2.SearchResponse]:
+            async with db.tenant_transaction(tenant, timeout=timeout, read_only=True) as conn:
+                return [
+                    await self._search(conn, tenant, search, f"searches[{i}].", timeout)
+                    for i, search in enumerate(request.searches)
+                ]
+
+        return vector_pb2.SearchBatchResponse(results=await self._db.read_replica(searches))
 
     async def HybridSearch(
         self, request: vector_pb2.HybridSearchRequest, context: Context
@@ -446,46 +460,52 @@ class VectorServicer:
             errors.append(FieldViolation("rrf_k", "must be between 1 and 10000"))
         _raise(errors)
         timeout = deadline_timeout(context)
-        async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
-            collection = await self._collection(conn, request.collection, timeout)
-            vector = _vector_text(request.vector, collection, "vector", errors)
-            _raise(errors)
-            params = SqlParams()
-            collection_id = params.add(collection.id)
-            where = compile_filter(request.filter if request.HasField("filter") else None, "payload", params)
-            query = params.add(vector)
-            distance = collection.distance(query)
-            text = params.add(request.text)
-            columns = ", p.payload, p.text" if request.with_payload else ""
-            plan = _planner(collection.index_kind == _NO_INDEX, max(candidates, 100), 10)
-            await _plan_search(conn, plan, timeout)
-            rows = await conn.fetch(
-                f"""
-                WITH by_vector AS MATERIALIZED (
-                    SELECT id, {distance} AS distance FROM vector.points
-                    WHERE collection_id = {collection_id} AND {where}
-                    ORDER BY {distance} LIMIT {params.add(candidates)}
-                ), by_text AS MATERIALIZED (
-                    SELECT id FROM vector.points
-                    WHERE collection_id = {collection_id} AND {where}
-                      AND tsv @@ plainto_tsquery('simple', {text})
-                    ORDER BY ts_rank(tsv, plainto_tsquery('simple', {text})) DESC, id
-                    LIMIT {params.add(candidates)}
-                ), ranked AS (
-                    SELECT id, row_number() OVER (ORDER BY distance, id) AS rank, distance FROM by_vector
-                    UNION ALL
-                    SELECT id, row_number() OVER (), NULL FROM by_text
-                ), fused AS (
-                    SELECT id, sum(1.0 / ({params.add(k)} + rank)) AS score, min(distance) AS distance
-                    FROM ranked GROUP BY id
+
+        async def fused(db: Database) -> list[asyncpg.Record]:
+            async with db.tenant_transaction(tenant, timeout=timeout, read_only=True) as conn:
+                collection = await self._collection(conn, request.collection, timeout)
+                vector = _vector_text(request.vector, collection, "vector", errors)
+                _raise(errors)
+                params = SqlParams()
+                collection_id = params.add(collection.id)
+                wanted = request.filter if request.HasField("filter") else None
+                where = compile_filter(wanted, "payload", params)
+                query = params.add(vector)
+                distance = collection.distance(query)
+                text = params.add(request.text)
+                columns = ", p.payload, p.text" if request.with_payload else ""
+                plan = _planner(collection.index_kind == _NO_INDEX, max(candidates, 100), 10)
+                await _plan_search(conn, plan, timeout)
+                found: list[asyncpg.Record] = await conn.fetch(
+                    f"""
+                    WITH by_vector AS MATERIALIZED (
+                        SELECT id, {distance} AS distance FROM vector.points
+                        WHERE collection_id = {collection_id} AND {where}
+                        ORDER BY {distance} LIMIT {params.add(candidates)}
+                    ), by_text AS MATERIALIZED (
+                        SELECT id FROM vector.points
+                        WHERE collection_id = {collection_id} AND {where}
+                          AND tsv @@ plainto_tsquery('simple', {text})
+                        ORDER BY ts_rank(tsv, plainto_tsquery('simple', {text})) DESC, id
+                        LIMIT {params.add(candidates)}
+                    ), ranked AS (
+                        SELECT id, row_number() OVER (ORDER BY distance, id) AS rank, distance FROM by_vector
+                        UNION ALL
+                        SELECT id, row_number() OVER (), NULL FROM by_text
+                    ), fused AS (
+                        SELECT id, sum(1.0 / ({params.add(k)} + rank)) AS score, min(distance) AS distance
+                        FROM ranked GROUP BY id
+                    )
+                    SELECT f.id, f.score, coalesce(f.distance, 0) AS distance{columns}
+                    FROM fused f JOIN vector.points p ON p.collection_id = {collection_id} AND p.id = f.id
+                    ORDER BY f.score DESC, f.id LIMIT {params.add(limit)}
+                    """,
+                    *params.values,
+                    timeout=timeout,
                 )
-                SELECT f.id, f.score, coalesce(f.distance, 0) AS distance{columns}
-                FROM fused f JOIN vector.points p ON p.collection_id = {collection_id} AND p.id = f.id
-                ORDER BY f.score DESC, f.id LIMIT {params.add(limit)}
-                """,
-                *params.values,
-                timeout=timeout,
-            )
+            return found
+
+        rows = await self._db.read_replica(fused)
         hits = []
         for row in rows:
             hit = vector_pb2.ScoredPoint(

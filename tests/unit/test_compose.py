@@ -101,3 +101,18 @@ def test_admin_checks_every_process_where_it_runs():
         container = "admin" if host == "127.0.0.1" else host
         assert container == process, f"admin looks for {process} at {host}"
         assert env_of(container)[f"STRATA_{process.upper()}_PORT"] == port
+
+
+def test_the_replica_streams_from_the_primary_and_the_services_read_from_it():
+    replica = CONTAINERS["postgres-replica"]
+    script = replica["command"][0]
+    assert "pg_basebackup -h postgres" in script and " -R " in script and "-S strata_replica_1" in script
+    assert replica["depends_on"]["postgres"]["condition"] == "service_healthy"
+    hba = COMPOSE["configs"]["pg_hba"]["content"]
+    assert "host replication all all scram-sha-256" in hba
+    assert "hba_file=/etc/strata/pg_hba.conf" in CONTAINERS["postgres"]["command"]
+    for name in SERVICES:
+        reads = env_of(name)["DATABASE_READ_URLS"]
+        assert "@postgres-replica:5432/strata" in reads
+        # The replica is a copy: the same service role and password as the primary's URL.
+        assert reads.replace("postgres-replica", "postgres") == env_of(name)["DATABASE_URL"]

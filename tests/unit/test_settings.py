@@ -61,6 +61,14 @@ def test_without_an_argument_the_process_environment_is_read(monkeypatch):
             "database_read_urls",
             ("postgresql://r1/db", "postgresql://r2/db"),
         ),
+        ("STRATA_READ_STRATEGY", "round_robin", "read_strategy", "round_robin"),
+        ("STRATA_READ_STRATEGY", "LOWEST_LATENCY", "read_strategy", "lowest_latency"),
+        ("STRATA_REPLICA_MAX_LAG_BYTES", "0", "replica_max_lag_bytes", 0),
+        ("STRATA_REPLICA_MAX_LAG_S", "0.5", "replica_max_lag_s", 0.5),
+        ("STRATA_REPLICA_PROBE_INTERVAL_S", "0.1", "replica_probe_interval_s", 0.1),
+        ("STRATA_REPLICA_FAILURES_TO_OPEN", "1", "replica_failures_to_open", 1),
+        ("STRATA_REPLICA_OPEN_S", "0.25", "replica_open_s", 0.25),
+        ("STRATA_EMBEDDED_REPLICAS", "2", "embedded_replicas", 2),
     ],
 )
 def test_each_variable_overrides_its_setting(variable, raw, attribute, expected):
@@ -131,6 +139,8 @@ def test_a_bad_port_is_a_config_error_naming_the_variable(variable, raw):
         ("STRATA_KV_MAX_BATCH", "100001"),
         ("STRATA_KV_MAX_KEY_BYTES", "1e3"),
         ("STRATA_CACHE_LOCAL_ENTRIES", "many"),
+        ("STRATA_EMBEDDED_REPLICAS", "9"),
+        ("STRATA_REPLICA_FAILURES_TO_OPEN", "0"),
     ],
 )
 def test_a_bad_integer_is_a_config_error_naming_the_variable(variable, raw):
@@ -170,6 +180,7 @@ def test_a_bad_or_too_small_number_is_a_config_error_naming_the_variable(variabl
         ({"DATABASE_URL": "db.example:5432", "REDIS_URL": REDIS}, "DATABASE_URL"),
         ({"DATABASE_URL": PG, "REDIS_URL": "http://cache.example"}, "REDIS_URL"),
         ({"DATABASE_URL": PG, "REDIS_URL": REDIS, "STRATA_MIGRATE_DATABASE_URL": "redis://x"}, "MIGRATE"),
+        ({"DATABASE_URL": PG, "REDIS_URL": REDIS, "DATABASE_READ_URLS": f"{PG},replica:5432"}, "READ_URLS"),
     ],
 )
 def test_a_bad_url_scheme_is_a_config_error_naming_the_variable(env, variable):
@@ -183,6 +194,11 @@ def test_only_one_of_the_urls_is_a_config_error_naming_both(env):
         load_settings(env)
     assert "DATABASE_URL" in str(caught.value)
     assert "REDIS_URL" in str(caught.value)
+
+
+def test_an_unknown_read_strategy_is_a_config_error_naming_the_variable():
+    with pytest.raises(ConfigError, match="STRATA_READ_STRATEGY"):
+        load_settings({"STRATA_READ_STRATEGY": "random"})
 
 
 def test_an_unknown_log_level_is_a_config_error_naming_the_variable():
