@@ -13,6 +13,7 @@ import uvloop
 from bench.h2load import h2load_available
 from bench.otlp_sink import OtlpSink
 from bench.report import write_results
+from bench.scaling import scaling_rounds
 from bench.stack import ROOT, bench_backends, running_strata
 from bench.suite import Config, Suite
 from shared.backends import Backends
@@ -55,6 +56,8 @@ async def main(config: Config, folder: Path) -> int:
             await suite.run()
         if config.tracing:
             suite.tracing = await tracing_rounds(backends, data_dir, config)
+        if config.scaling:
+            suite.scaling = await scaling_rounds(backends, data_dir, config)
     document = write_results(suite, config, folder)
     print(f"\nwritten to {folder}/latest.json and latest.md")
     for name, value in document["ratios"].items():
@@ -71,6 +74,7 @@ if __name__ == "__main__":
     parser.add_argument("--vectors", type=int, default=Config.vectors, help="points in the vector scenarios")
     parser.add_argument("--only", default="", help="comma-separated scenario names (default: all)")
     parser.add_argument("--no-tracing", action="store_true", help="skip the tracing on/off phase")
+    parser.add_argument("--no-scaling", action="store_true", help="skip the kv/gateway process-count phase")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     config = Config(
@@ -79,5 +83,6 @@ if __name__ == "__main__":
         vectors=args.vectors,
         only=frozenset(filter(None, args.only.split(","))),
         tracing=not args.no_tracing,
+        scaling=not args.no_scaling,
     )
     sys.exit(uvloop.run(main(config, args.out)))

@@ -49,6 +49,7 @@ def results(suite: Suite, config: Config) -> dict[str, Any]:
         "rounds": [{name: m.as_dict() for name, m in r.items()} for r in suite.rounds],
         "memory_bytes": suite.memory,
         "tracing_rounds": suite.tracing,
+        "scaling": suite.scaling,
         "puts_per_commit": statistics.median(suite.puts_per_commit) if suite.puts_per_commit else None,
     }
 
@@ -96,6 +97,18 @@ def markdown(document: dict[str, Any]) -> str:
     ]
     for name, m in document["scenarios"].items():
         lines.append(f"| {name} | {m['rps']:.0f} | {m['p50_ms']:.3f} | {m['p99_ms']:.3f} | {m['tool']} |")
+    scaling = document.get("scaling")
+    if scaling:
+        lines += [
+            "",
+            f"## Scaling: KV Get by process count ({scaling['load']}, {scaling['cores']} cores in all)",
+            "",
+            "| kv processes | gateway processes | rps | vs one of each |",
+            "|---|---|---|---|",
+        ]
+        for row in scaling["rows"]:
+            shape = f"| {row['kv_processes']} | {row['gateway_processes']} "
+            lines.append(shape + f"| {row['rps']:.0f} | {row['vs_one_each']:.2f} |")
     cache = document.get("cache_zipf")
     if cache:
         lines += [

@@ -70,6 +70,7 @@ class Config:
     records: int = 2_000
     vectors: int = 100_000  # points of the 128-dimension vector scenarios
     tracing: bool = True  # run the tracing on/off phase
+    scaling: bool = True  # run the scaling phase (kv and gateway process counts)
     only: frozenset[str] = frozenset()  # scenario names to run (empty: all); for profiling one
 
 
@@ -84,6 +85,7 @@ class Suite:
     memory: dict[str, dict[str, int]] = field(default_factory=dict)
     cache: list[dict[str, float]] = field(default_factory=list)  # per round: the Zipf mix's figures
     tracing: list[dict[str, float]] = field(default_factory=list)  # per round: gateway Get rps, "off" / "on"
+    scaling: dict[str, Any] | None = None  # see bench.scaling
     puts_per_commit: list[float] = field(
         default_factory=list
     )  # per round: group commit's batch size under Put

@@ -46,13 +46,15 @@ _log = logging.getLogger("strata.launcher")
 DEV_KEY_FILE = "dev-api-key"
 _READY_TIMEOUT_S = 60.0
 _READY_LINE = "Press Ctrl-C to stop."  # the last line of the start-up banner
+_PORT_STRIDE = 100  # process i of a service listens on its port + 100 x i
 
 
 class ServiceProcess:
     """One supervised service process."""
 
-    def __init__(self, name: str, module: str, env: dict[str, str]) -> None:
+    def __init__(self, name: str, module: str, env: dict[str, str], *, label: str = "") -> None:
         self.name = name
+        self.label = label or name  # "kv", "kv-2", ...: which process of the service
         self.module = module
         self.env = env
         self.process: asyncio.subprocess.Process | None = None
@@ -87,14 +89,14 @@ class ServiceProcess:
             if text.startswith(f"READY {self.name} "):
                 self.address = text.split(" ", 2)[2]
                 break
-            print(f"[{self.name}] {text}", flush=True)
+            print(f"[{self.label}] {text}", flush=True)
         self._forwarder = asyncio.create_task(self._forward_stdout())
         return self.address
 
     async def _forward_stdout(self) -> None:
         assert self.process is not None and self.process.stdout is not None
         async for line in self.process.stdout:
-            print(f"[{self.name}] {line.decode(errors='replace').rstrip()}", flush=True)
+            print(f"[{self.label}] {line.decode(errors='replace').rstrip()}", flush=True)
 
     async def supervise(self) -> None:
         """Restart the process whenever it dies, until :meth:`stop`."""
@@ -105,7 +107,7 @@ class ServiceProcess:
             if self._stopping:
                 return
             self.restarts += 1
-            _log.error("service exited; restarting", extra={"service": self.name, "code": code})
+            _log.error("service exited; restarting", extra={"service": self.label, "code": code})
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
             with contextlib.suppress(RuntimeError):
@@ -164,6 +166,39 @@ async def ensure_dev_api_key(settings: Settings, env: dict[str, str], processes:
     return str(made.api_key)
 
 
+def service_processes(settings: Settings, env: dict[str, str]) -> list[ServiceProcess]:
+    """Every process to start, in order: ``STRATA_<SERVICE>_REPLICAS`` of each service.
+
+    Process i (from 0) of a service listens on its port + 100 x i, and so does
+    its metrics port, if set; the gateway's processes share one port (the
+    kernel spreads connections over them, SO_REUSEPORT). Unless the
+    environment names them, every process is told where all processes of
+    each service are (``STRATA_<SERVICE>_UPSTREAMS``): the gateway balances
+    over them, admin checks each, tenants reaches kv and admin.
+    """
+    addresses = {
+        name: [f"127.0.0.1:{settings.port_of(name) + _PORT_STRIDE * i}" for i in range(count)]
+        for name in SERVICES
+        if name != "gateway" and (count := settings.processes_of(name))
+    }
+    shared_env = dict(env)
+    for name, found in addresses.items():
+        variable = f"STRATA_{name.upper()}_UPSTREAMS"
+        if len(found) > 1 and variable not in env:
+            shared_env[variable] = ",".join(found)
+    processes = []
+    for name, module in SERVICES.items():
+        for i in range(settings.processes_of(name)):
+            offset = 0 if name == "gateway" else _PORT_STRIDE * i
+            own = {f"STRATA_{name.upper()}_PORT": str(settings.port_of(name) + offset)}
+            metrics = settings.metrics_port_of(name)
+            if metrics:
+                own[f"STRATA_{name.upper()}_METRICS_PORT"] = str(metrics + _PORT_STRIDE * i)
+            label = name if i == 0 else f"{name}-{i + 1}"
+            processes.append(ServiceProcess(name, module, {**shared_env, **own}, label=label))
+    return processes
+
+
 def service_environment(settings: Settings, backends: Backends) -> dict[str, str]:
     """The environment every service process gets: the caller's, the backends' URLs, the shared secrets.
 
@@ -182,6 +217,7 @@ def service_environment(settings: Settings, backends: Backends) -> dict[str, str
         STRATA_KEY_PEPPER=settings.key_pepper or stored_secret(folder, "key-pepper"),
     )
     env.pop("STRATA_MIGRATE_DATABASE_URL", None)  # the owner's URL goes to admin alone
+    env.pop("STRATA_PITR_DIR", None)  # set for admin alone, and only when Strata runs the Postgres
     # The replicas of these backends, or none: a caller's DATABASE_READ_URLS
     # could name replicas of another primary in embedded mode.
     env.pop("DATABASE_READ_URLS", None)
@@ -202,21 +238,22 @@ async def run(settings: Settings) -> None:
     print(f"Strata: starting ({mode} Postgres and Redis, data in {settings.data_dir})", flush=True)
     backends = await open_backends(settings, tuple(SERVICES))
     env = service_environment(settings, backends)
-    processes = [ServiceProcess(name, module, env) for name, module in SERVICES.items()]
+    processes = service_processes(settings, env)
     supervisors: list[asyncio.Task[None]] = []
     try:
         for service in processes:
-            env_port = {f"STRATA_{service.name.upper()}_PORT": str(settings.port_of(service.name))}
-            service.env = {**env, **env_port}
             if service.name == "admin":
                 # The operator's service: migrations, backups and branches need the owner role.
                 service.env["STRATA_MIGRATE_DATABASE_URL"] = backends.migrate_database_url
+                if backends.postgres is not None:
+                    # Strata manages this Postgres: its WAL archive and base backups live here.
+                    service.env["STRATA_PITR_DIR"] = str(settings.data_dir / "pitr")
             await service.start()
             supervisors.append(asyncio.create_task(service.supervise()))
         api_key = await ensure_dev_api_key(settings, env, processes)
         print("Strata is running:", flush=True)
         for service in processes:
-            print(f"  {service.name:<8} {service.address}", flush=True)
+            print(f"  {service.label:<8} {service.address}", flush=True)
         if settings.embedded:
             print(
                 f"  postgres 127.0.0.1:{settings.embedded_pg_port} (secrets in {settings.data_dir}/secrets)"
@@ -264,17 +301,21 @@ class LaunchedStrata:
             raise EOFError("the launcher exited before it was ready")
 
     def pids(self) -> dict[str, int]:
-        """The pid of each running service process (by :data:`SERVICES` name), from /proc."""
+        """The pid of a running process of each service (by :data:`SERVICES` name), from /proc."""
+        return {name: found[0] for name, found in self.all_pids().items()}
+
+    def all_pids(self) -> dict[str, list[int]]:
+        """The pids of every running process of each service, lowest first."""
         modules = {module.encode(): name for name, module in SERVICES.items()}
-        found: dict[str, int] = {}
+        found: dict[str, list[int]] = {}
         for task in Path(f"/proc/{self.process.pid}/task").glob("*"):
             with contextlib.suppress(OSError):
                 for child in (task / "children").read_text().split():
                     with contextlib.suppress(OSError):
                         argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
                         if b"-m" in argv and argv[argv.index(b"-m") + 1] in modules:
-                            found[modules[argv[argv.index(b"-m") + 1]]] = int(child)
-        return found
+                            found.setdefault(modules[argv[argv.index(b"-m") + 1]], []).append(int(child))
+        return {name: sorted(pids) for name, pids in found.items()}
 
     async def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM, wait up to ``timeout`` s (it drains its services), then SIGKILL; the exit code."""

@@ -86,7 +86,9 @@ class StrataServer:
                 # Streams one client connection may have open at once (HTTP/2 SETTINGS):
                 # the rest wait on the client's side, not in this process.
                 ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
-                ("grpc.so_reuseport", 0),
+                # Off, so a port taken by another server fails the start; on where several
+                # processes of this one serve one port (the gateway's replicas).
+                ("grpc.so_reuseport", int(settings.processes_of(name) > 1)),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ],

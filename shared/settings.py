@@ -46,6 +46,13 @@ class Settings:
     replica_failures_to_open: int = 3  # consecutive failed calls or probes
     replica_open_s: float = 2.0  # an open breaker's wait before its half-open probe
     embedded_replicas: int = 0  # streaming replicas of the embedded Postgres
+    # Processes per service (STRATA_<SERVICE>_REPLICAS): kv, tenants, vector and the gateway.
+    process_counts: tuple[tuple[str, int], ...] = ()
+    # Point-in-time recovery of a Postgres Strata manages (embedded mode): the launcher
+    # sets STRATA_PITR_DIR for admin; empty means PITR belongs to the provider.
+    pitr_dir: str = ""
+    pitr_base_backup_interval_s: float = 3600.0
+    pitr_keep_base_backups: int = 2
     redis_url: str = ""
     embedded_pg_port: int = 55432
     embedded_redis_port: int = 56379
@@ -93,6 +100,10 @@ class Settings:
                 return addresses
         return (f"127.0.0.1:{self.port_of(service)}",)
 
+    def processes_of(self, service: str) -> int:
+        """How many processes run ``service`` (``STRATA_<SERVICE>_REPLICAS``, default 1)."""
+        return dict(self.process_counts).get(service, 1)
+
     def metrics_port_of(self, process: str) -> int:
         """The Prometheus port of ``process`` (``STRATA_<NAME>_METRICS_PORT``); 0 when metrics are off."""
         return dict(self.metrics_ports).get(process, 0)
@@ -119,6 +130,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     redis_url = reader.url("REDIS_URL", ("redis://", "rediss://", "unix://"))
     if bool(database_url) != bool(redis_url):
         raise ConfigError("set both DATABASE_URL and REDIS_URL (external mode) or neither (embedded mode)")
+    if env.get("STRATA_ADMIN_REPLICAS", "1").strip() not in ("", "1"):
+        raise ConfigError(
+            "STRATA_ADMIN_REPLICAS: admin runs as one process (it holds the owner role, migrations, backups)"
+        )
     return _check_tls(
         Settings(
             data_dir=Path(env.get("STRATA_DATA_DIR", str(defaults.data_dir))),
@@ -147,6 +162,18 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             ),
             replica_open_s=reader.number("STRATA_REPLICA_OPEN_S", defaults.replica_open_s, 0.01),
             embedded_replicas=reader.integer("STRATA_EMBEDDED_REPLICAS", defaults.embedded_replicas, 0, 8),
+            process_counts=tuple(
+                (name, reader.integer(f"STRATA_{name.upper()}_REPLICAS", 1, 1, 16))
+                for name in REPLICABLE
+                if f"STRATA_{name.upper()}_REPLICAS" in env
+            ),
+            pitr_dir=env.get("STRATA_PITR_DIR", ""),
+            pitr_base_backup_interval_s=reader.number(
+                "STRATA_PITR_BASE_BACKUP_INTERVAL_S", defaults.pitr_base_backup_interval_s, 1.0
+            ),
+            pitr_keep_base_backups=reader.integer(
+                "STRATA_PITR_KEEP_BASE_BACKUPS", defaults.pitr_keep_base_backups, 1, 100
+            ),
             redis_url=redis_url,
             embedded_pg_port=reader.port("STRATA_EMBEDDED_PG_PORT", defaults.embedded_pg_port),
             embedded_redis_port=reader.port("STRATA_EMBEDDED_REDIS_PORT", defaults.embedded_redis_port),
@@ -211,6 +238,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
 
 
 _SERVICES = ("kv", "tenants", "vector", "admin")
+# Services that may run as several processes (admin holds the owner role: one).
+REPLICABLE = ("kv", "tenants", "vector", "gateway")
 # How reads are spread over replicas (see shared.replicas).
 READ_STRATEGIES = ("round_robin", "least_in_flight", "lowest_latency")
 

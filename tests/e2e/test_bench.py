@@ -12,6 +12,7 @@ import json
 import pytest
 
 from bench.report import write_results
+from bench.scaling import scaling_rounds
 from bench.suite import Config, Suite
 from bench.target import Target
 from tests.conftest import TEST_INTERNAL_SECRET
@@ -84,3 +85,15 @@ async def test_the_suite_runs_every_scenario_and_writes_its_figures(stack, setti
     assert all(size > 10 * 2**20 for size in document["memory_bytes"]["under_load"].values())
     table = (tmp_path / "latest.md").read_text()
     assert "| kv_get_direct_vs_echo |" in table and "| echo |" in table
+
+
+async def test_the_scaling_phase_measures_each_shape_with_its_processes(backends, tmp_path):
+    # Its own launchers on the session's backends: one of each, then two kv and two gateways.
+    scaling = await scaling_rounds(
+        backends, tmp_path / "data", TINY, shapes=((1, 1), (2, 2)), log=lambda _: None
+    )
+    assert scaling["cores"] and [(r["kv_processes"], r["gateway_processes"]) for r in scaling["rows"]] == [
+        (1, 1),
+        (2, 2),
+    ]
+    assert all(r["rps"] > 0 for r in scaling["rows"]) and scaling["rows"][0]["vs_one_each"] == 1.0

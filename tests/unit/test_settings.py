@@ -69,6 +69,11 @@ def test_without_an_argument_the_process_environment_is_read(monkeypatch):
         ("STRATA_REPLICA_FAILURES_TO_OPEN", "1", "replica_failures_to_open", 1),
         ("STRATA_REPLICA_OPEN_S", "0.25", "replica_open_s", 0.25),
         ("STRATA_EMBEDDED_REPLICAS", "2", "embedded_replicas", 2),
+        ("STRATA_KV_REPLICAS", "3", "process_counts", (("kv", 3),)),
+        ("STRATA_GATEWAY_REPLICAS", "2", "process_counts", (("gateway", 2),)),
+        ("STRATA_PITR_DIR", "/srv/pitr", "pitr_dir", "/srv/pitr"),
+        ("STRATA_PITR_BASE_BACKUP_INTERVAL_S", "60", "pitr_base_backup_interval_s", 60.0),
+        ("STRATA_PITR_KEEP_BASE_BACKUPS", "5", "pitr_keep_base_backups", 5),
     ],
 )
 def test_each_variable_overrides_its_setting(variable, raw, attribute, expected):
@@ -140,6 +145,8 @@ def test_a_bad_port_is_a_config_error_naming_the_variable(variable, raw):
         ("STRATA_KV_MAX_KEY_BYTES", "1e3"),
         ("STRATA_CACHE_LOCAL_ENTRIES", "many"),
         ("STRATA_EMBEDDED_REPLICAS", "9"),
+        ("STRATA_KV_REPLICAS", "0"),
+        ("STRATA_GATEWAY_REPLICAS", "17"),
         ("STRATA_REPLICA_FAILURES_TO_OPEN", "0"),
     ],
 )
@@ -194,6 +201,14 @@ def test_only_one_of_the_urls_is_a_config_error_naming_both(env):
         load_settings(env)
     assert "DATABASE_URL" in str(caught.value)
     assert "REDIS_URL" in str(caught.value)
+
+
+def test_process_counts_default_to_one_and_admin_is_never_replicated():
+    settings = load_settings({"STRATA_VECTOR_REPLICAS": "4", "STRATA_ADMIN_REPLICAS": "1"})
+    assert settings.processes_of("vector") == 4
+    assert settings.processes_of("kv") == settings.processes_of("admin") == 1
+    with pytest.raises(ConfigError, match="STRATA_ADMIN_REPLICAS"):
+        load_settings({"STRATA_ADMIN_REPLICAS": "2"})
 
 
 def test_an_unknown_read_strategy_is_a_config_error_naming_the_variable():
