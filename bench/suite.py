@@ -41,7 +41,8 @@ from bench.vectors import (
     recall_at_10,
     search_bodies,
 )
-from shared.cache import invalidate_prefix, open_redis
+from shared.cache import invalidate_prefix
+from shared.redisclient import open_redis
 from shared.stats import read_process_stats
 
 __all__ = ["Config", "Suite"]

@@ -7,7 +7,7 @@ from gateway.proxy import Proxy
 from gateway.ratelimit import RateLimiter
 from gateway.routes import ROUTED_SERVICES, build_routes
 from gateway.upstreams import Upstream
-from shared.cache import open_redis
+from shared.redisclient import open_redis
 from shared.server import StrataServer, run_service
 from shared.settings import Settings, require_internal_secret
 

@@ -22,10 +22,10 @@ import time
 from dataclasses import dataclass
 
 import grpc
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from shared.errors import StrataError
+from shared.redisclient import Redis
 
 __all__ = ["RateLimiter"]
 
@@ -68,7 +68,7 @@ class RateLimiter:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: Redis,
         rate: float,
         burst: int,
         *,

@@ -26,11 +26,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
-import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.groupcommit import GroupCommit
+from shared.redisclient import Redis, is_cluster, open_redis, ready, slot_of
 from shared.settings import Settings
 
 __all__ = [
@@ -40,7 +40,6 @@ __all__ = [
     "RevisionedCache",
     "invalidate_prefix",
     "invalidation_channel",
-    "open_redis",
     "redis_key_prefix",
 ]
 
@@ -88,7 +87,7 @@ def invalidation_channel(name: str) -> str:
     return f"strata:cache:invalidate:{name}"
 
 
-async def invalidate_prefix(redis: aioredis.Redis, name: str, prefix: bytes) -> int:
+async def invalidate_prefix(redis: Redis, name: str, prefix: bytes) -> int:
     """Drop every entry of cache ``name`` whose key starts with ``prefix`` (b"": all), everywhere.
 
     Redis entries are unlinked; every process drops its local ones on hearing
@@ -113,18 +112,6 @@ async def invalidate_prefix(redis: aioredis.Redis, name: str, prefix: bytes) -> 
 
 def _glob_escape(raw: bytes) -> bytes:
     return re.sub(rb"([*?\[\]\\])", rb"\\\1", raw)
-
-
-def open_redis(url: str, *, timeout_s: float = 0.5) -> aioredis.Redis:
-    """A Redis client that fails fast (no client-side retries): callers decide what to bypass."""
-    return aioredis.from_url(
-        url,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        retry_on_timeout=False,
-        retry=None,
-        health_check_interval=0,
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +164,7 @@ class RevisionedCache:
 
     def __init__(
         self,
-        redis: aioredis.Redis | None,
+        redis: Redis | None,
         *,
         prefix: str,
         local_entries: int = 100_000,
@@ -329,9 +316,12 @@ class RevisionedCache:
 
         Call after commit and before acknowledging. Writes recorded while a
         write-through is in flight go together in the next one: one Redis
-        round trip per batch, however many writers. If Redis cannot be
-        reached the writes are kept and replayed later; until then this
-        process does not read Redis.
+        round trip per batch, however many writers. Every write tries Redis,
+        even while reads bypass it: a write kept only in this process for
+        replay leaves Redis with the older entry, for every other process
+        and for this one's successor should it die first. If Redis cannot be
+        reached (refused, or timing out for 3 s) the writes are kept and
+        replayed later; until then this process does not read Redis.
         """
         encoded: list[tuple[bytes, bytes, CacheEntry]] = []
         for key, entry in writes:
@@ -339,10 +329,6 @@ class RevisionedCache:
             self._store_local(key, flag, entry, force=True)
             encoded.append((key, _encode(flag, entry), entry))
         if self._redis is None or not encoded:
-            return
-        if not self._redis_usable():
-            for key, data, _ in encoded:
-                self._remember(key, data)
             return
         await asyncio.gather(*(self._write_through_group.submit(item, _WRITE_THROUGH_S) for item in encoded))
 
@@ -372,19 +358,24 @@ class RevisionedCache:
             return [None] * len(encoded)
 
     async def _write_through(self, encoded: Sequence[tuple[bytes, bytes, CacheEntry]]) -> None:
-        """One pipeline: the guarded sets of every entry in one script call, one invalidation message."""
+        """The guarded sets of every entry (one script call per hash slot), then one invalidation message."""
         assert self._redis is not None and self._set_script is not None
+        message = b"".join(_invalidation(key, data) for key, data, _ in encoded)
+        if is_cluster(self._redis):
+            # A script's keys must share a slot, and a cluster pipeline carries no scripts:
+            # one call per slot, side by side.
+            by_slot: dict[int, list[tuple[bytes, bytes, CacheEntry]]] = {}
+            for item in encoded:
+                by_slot.setdefault(slot_of(self._prefix + item[0]), []).append(item)
+            await asyncio.gather(*(self._guarded_sets(group) for group in by_slot.values()))
+            await self._redis.publish(self._channel, message)
+            return
         sha = self._set_script.sha
         for attempt in (1, 2):
             # EVALSHA itself: a Script object in a pipeline costs a SCRIPT EXISTS round trip first.
             async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.evalsha(
-                    sha,
-                    len(encoded),
-                    *(self._prefix + key for key, _, _ in encoded),
-                    *(arg for _, data, entry in encoded for arg in (data, self._redis_ttl_ms(entry))),
-                )
-                pipe.publish(self._channel, b"".join(_invalidation(key, data) for key, data, _ in encoded))
+                pipe.evalsha(sha, len(encoded), *self._script_arguments(encoded))
+                pipe.publish(self._channel, message)
                 try:
                     await pipe.execute()
                     return
@@ -393,6 +384,23 @@ class RevisionedCache:
                         raise
                     # A restarted or flushed Redis: load the script and write again (the sets are guarded).
                     await self._redis.script_load(_GUARDED_SET)
+
+    async def _guarded_sets(self, encoded: Sequence[tuple[bytes, bytes, CacheEntry]]) -> None:
+        assert self._redis is not None and self._set_script is not None
+        for attempt in (1, 2):
+            try:
+                sha = self._set_script.sha
+                await self._redis.evalsha(sha, len(encoded), *self._script_arguments(encoded))
+                return
+            except NoScriptError:
+                if attempt == 2:
+                    raise
+                await self._redis.script_load(_GUARDED_SET)
+
+    def _script_arguments(self, encoded: Sequence[tuple[bytes, bytes, CacheEntry]]) -> list[bytes | int]:
+        """_GUARDED_SET's keys, then its (entry, TTL) pairs."""
+        keys: list[bytes | int] = [self._prefix + key for key, _, _ in encoded]
+        return keys + [arg for _, data, entry in encoded for arg in (data, self._redis_ttl_ms(entry))]
 
     async def invalidate(self, key: bytes) -> None:
         """Drop ``key`` from both tiers (for callers without a revision)."""
@@ -493,13 +501,22 @@ class RevisionedCache:
                         del self._pending[key]
             except (RedisError, OSError) as exc:
                 self._redis_failed(exc)
+            except Exception as exc:
+                # Never end with writes still pending: Redis would stay unread, and stale, for good.
+                _log.exception("replaying cache writes failed; trying again")
+                self._redis_failed(exc)
         _log.info("redis reachable again; cache tier back in use")
 
     async def _listen(self) -> None:
         assert self._redis is not None
         subscribed_before = False
         while not self._closed:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub = (await ready(self._redis)).pubsub(ignore_subscribe_messages=True)
+            except Exception as exc:
+                self._redis_failed(exc)
+                await asyncio.sleep(self._redis_retry_s)
+                continue
             try:
                 await pubsub.subscribe(self._channel)
                 if subscribed_before:

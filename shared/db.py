@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import asyncpg
 import grpc
 
-from shared.cache import open_redis
 from shared.consistency import note_commit, parse_lsn
 from shared.errors import StrataError, unavailable
+from shared.redisclient import open_redis
 from shared.settings import Settings
 from shared.slowlog import SlowLog
 

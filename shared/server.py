@@ -27,12 +27,12 @@ from google.protobuf import message as _message
 from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2
 
-from shared.cache import open_redis
 from shared.consistency import TOKEN_KEY, begin_call, format_lsn
 from shared.errors import FieldViolation, StrataError, from_exception, invalid_argument
 from shared.identity import set_current_caller, verify_caller
 from shared.metrics import Metrics
 from shared.pagetoken import configure_page_tokens
+from shared.redisclient import open_redis
 from shared.reflection import add_reflection
 from shared.settings import ConfigError, Settings, load_settings, require_internal_secret
 from shared.stats import ProcessReporter

@@ -127,7 +127,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     reader = _Reader(env)
     defaults = Settings()
     database_url = reader.url("DATABASE_URL", ("postgres://", "postgresql://"))
-    redis_url = reader.url("REDIS_URL", ("redis://", "rediss://", "unix://"))
+    # A single server, or a Redis Cluster by some of its nodes (see shared.redisclient).
+    redis_url = reader.url(
+        "REDIS_URL", ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+    )
     if bool(database_url) != bool(redis_url):
         raise ConfigError("set both DATABASE_URL and REDIS_URL (external mode) or neither (embedded mode)")
     if env.get("STRATA_ADMIN_REPLICAS", "1").strip() not in ("", "1"):

@@ -14,9 +14,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
 from opentelemetry import trace
 from redis.exceptions import RedisError
+
+from shared.redisclient import Redis
 
 __all__ = ["STREAM", "SlowLog", "SlowQueryEntry", "read_slow_queries"]
 
@@ -40,7 +41,7 @@ class SlowQueryEntry:
 class SlowLog:
     """Appends slow statements of one process (``component``) to the stream."""
 
-    def __init__(self, redis: aioredis.Redis, component: str) -> None:
+    def __init__(self, redis: Redis, component: str) -> None:
         self._redis = redis
         self._component = component
         self._pending: set[asyncio.Task[None]] = set()
@@ -77,7 +78,7 @@ class SlowLog:
         await self._redis.aclose()
 
 
-async def read_slow_queries(redis: aioredis.Redis, limit: int) -> list[SlowQueryEntry]:
+async def read_slow_queries(redis: Redis, limit: int) -> list[SlowQueryEntry]:
     """The newest ``limit`` entries, newest first."""
     entries = await redis.xrevrange(STREAM, count=limit) or []
     found = []

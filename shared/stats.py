@@ -20,14 +20,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from shared.redisclient import Redis
 from shared.telemetry import untraced
 
 __all__ = ["ProcessReporter", "ProcessSnapshot", "read_process_stats"]
 
-_KEY_PREFIX = "strata:process:"
+# One hash slot for every process's key (the part in braces): admin reads them all with one MGET,
+# which a Redis Cluster allows only within a slot.
+_KEY_PREFIX = "{strata:process}:"
 _log = logging.getLogger(__name__)
 
 StatsSource = Callable[[], Any]  # returns something JSON-serialisable
@@ -48,7 +50,7 @@ class ProcessReporter:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: Redis,
         component: str,
         interval_s: float = 5.0,
         sources: dict[str, StatsSource] | None = None,
@@ -100,7 +102,7 @@ class ProcessReporter:
                 await asyncio.sleep(self._interval_s)
 
 
-async def read_process_stats(redis: aioredis.Redis) -> list[ProcessSnapshot]:
+async def read_process_stats(redis: Redis) -> list[ProcessSnapshot]:
     """Every live process's last snapshot, by component then instance."""
     keys = [key async for key in redis.scan_iter(match=f"{_KEY_PREFIX}*", count=1000)]
     if not keys:

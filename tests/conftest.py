@@ -12,7 +12,7 @@ import os
 import shutil
 import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from shared.launcher import SERVICES
 from shared.server import StrataServer
 from shared.settings import Settings, load_settings
 from tests.helpers import signing_interceptors
+from tests.redis_cluster import RedisClusterProcesses
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # One folder per pytest process, so concurrent sessions never share a server.
@@ -71,6 +72,15 @@ def _remove_stale_test_folders() -> None:
         pid = folder.name.removeprefix("test-")
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():
             shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterProcesses]:
+    """A three-master Redis Cluster on loopback, started the first time a test asks for it."""
+    cluster = RedisClusterProcesses(tmp_path_factory.mktemp("redis-cluster"))
+    cluster.start()
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,8 @@ from services.admin.backups import Backups
 from services.admin.keys import ApiKeyStore
 from services.admin.operations import Operations
 from services.admin.servicer import AdminServicer
-from shared.cache import open_redis
 from shared.db import Database
+from shared.redisclient import open_redis
 from shared.server import StrataServer, run_service
 from shared.settings import ConfigError, Settings
 

@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 
 import asyncpg
 import grpc
-import redis.asyncio as aioredis
 from google.protobuf import duration_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.exceptions import RedisError
@@ -32,6 +31,7 @@ from shared.db import Database
 from shared.errors import FieldViolation, StrataError, invalid_argument, unavailable
 from shared.migrations import Migration, MigrationError, apply_migrations
 from shared.migrations import status as migration_versions
+from shared.redisclient import Redis
 from shared.replicas import ReplicaStatus
 from shared.settings import Settings
 from shared.slowlog import read_slow_queries
@@ -80,16 +80,14 @@ async def _timed(work: Awaitable[T]) -> tuple[T, float]:
 class Operations:
     """What an operator asks of the whole deployment."""
 
-    def __init__(
-        self, settings: Settings, db: Database, redis: aioredis.Redis, plan: list[Migration]
-    ) -> None:
+    def __init__(self, settings: Settings, db: Database, redis: Redis, plan: list[Migration]) -> None:
         self._settings = settings
         self._db = db
         self._redis = redis
         self._plan = plan
 
     @classmethod
-    def for_settings(cls, settings: Settings, db: Database, redis: aioredis.Redis) -> Operations:
+    def for_settings(cls, settings: Settings, db: Database, redis: Redis) -> Operations:
         """Operations on ``settings``' deployment, knowing this build's migrations."""
         return cls(settings, db, redis, migration_plan(SCHEMAS))
 

@@ -20,7 +20,7 @@ from strata.admin.v1 import admin_pb2
 from strata.kv.v1 import kv_pb2
 from strata.tenants.v1 import tenants_pb2
 
-from shared.cache import open_redis
+from shared.redisclient import open_redis
 from shared.slowlog import SlowLog
 from tests.e2e.conftest import bearer
 from tests.helpers import field_violations

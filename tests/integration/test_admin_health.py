@@ -7,8 +7,8 @@ from dataclasses import replace
 from strata.admin.v1 import admin_pb2
 
 from services.admin.operations import COMPONENTS, Operations
-from shared.cache import open_redis
 from shared.db import Database
+from shared.redisclient import open_redis
 from tests.conftest import free_port
 
 

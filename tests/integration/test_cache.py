@@ -10,16 +10,17 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from shared.cache import CacheEntry, RevisionedCache, open_redis
+from shared.cache import CacheEntry, RevisionedCache
+from shared.redisclient import open_redis
 
 
 @pytest.fixture
-async def make_cache(settings) -> AsyncIterator:
+async def make_cache(redis_url) -> AsyncIterator:
     caches: list[RevisionedCache] = []
     prefix = f"test-{uuid.uuid4().hex[:8]}"
 
     def make(**options) -> RevisionedCache:
-        cache = RevisionedCache(open_redis(settings.redis_url), prefix=prefix, **options)
+        cache = RevisionedCache(open_redis(redis_url), prefix=prefix, **options)
         cache.start()
         caches.append(cache)
         return cache
@@ -30,7 +31,9 @@ async def make_cache(settings) -> AsyncIterator:
 
 
 @pytest.fixture
-def redis_process(backends):
+def redis_process(backends, redis_url, settings):
+    if redis_url != settings.redis_url:
+        pytest.skip("pauses the one Redis server (a cluster's masters: test_redis_cluster.py)")
     if backends.redis is None or backends.redis.pid is None:
         pytest.skip("needs the embedded Redis to pause it")
     return backends.redis
@@ -182,6 +185,32 @@ async def test_a_write_through_outlasts_a_slow_redis_so_no_older_entry_outlives_
         await reader.close()
 
 
+async def test_a_write_right_after_a_failed_read_still_goes_to_redis(settings, redis_process):
+    # A read timed out (Redis stalled a moment): reads bypass Redis for a while. A write made
+    # then must still reach Redis before its writer hears back, or a writer dying right after
+    # would leave the older entry in Redis for everyone.
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    writer = RevisionedCache(open_redis(settings.redis_url), prefix=prefix, local_entries=0)
+    writer.start()
+    await writer.record_writes([(b"k", CacheEntry(1, b"old"))])
+    os.kill(redis_process.pid, signal.SIGSTOP)
+    try:
+        assert await writer.get(b"other") is None  # times out: Redis marked unusable for reads
+    finally:
+        os.kill(redis_process.pid, signal.SIGCONT)
+    assert writer.stats.redis_errors >= 1
+    try:
+        await writer.record_writes([(b"k", CacheEntry(2, b"new"))])
+    finally:
+        await writer.close()  # gone at once: nothing is left to replay its writes
+    reader = RevisionedCache(open_redis(settings.redis_url), prefix=prefix, local_entries=0)
+    try:
+        entry = await reader.get(b"k")
+        assert entry is not None and entry.payload == b"new"
+    finally:
+        await reader.close()
+
+
 def _const(entry: CacheEntry):
     async def load() -> CacheEntry:
         return entry
@@ -189,10 +218,10 @@ def _const(entry: CacheEntry):
     return load
 
 
-async def test_concurrent_writers_share_a_pipeline_and_survive_a_script_flush(make_cache, settings):
+async def test_concurrent_writers_share_a_pipeline_and_survive_a_script_flush(make_cache, redis_url):
     writer, reader = make_cache(), make_cache()
     # A flushed script cache (as after a Redis restart) must not lose the next writes.
-    admin = open_redis(settings.redis_url)
+    admin = open_redis(redis_url)
     try:
         await admin.script_flush()
     finally:

@@ -10,8 +10,8 @@ import grpc
 import pytest
 
 from gateway.ratelimit import RateLimiter
-from shared.cache import open_redis
 from shared.errors import StrataError
+from shared.redisclient import open_redis
 
 
 class CountingLimiter(RateLimiter):
@@ -31,8 +31,8 @@ async def spend(limiter: RateLimiter, key: str, calls: int) -> tuple[int, list[S
     return calls - len(refused), refused
 
 
-async def test_a_slow_limit_is_exact_one_token_per_round_trip(settings):
-    limiter = CountingLimiter(open_redis(settings.redis_url), rate=5, burst=5)
+async def test_a_slow_limit_is_exact_one_token_per_round_trip(redis_url):
+    limiter = CountingLimiter(open_redis(redis_url), rate=5, burst=5)
     try:
         allowed, refused = await spend(limiter, uuid.uuid4().hex, 8)
     finally:
@@ -42,10 +42,10 @@ async def test_a_slow_limit_is_exact_one_token_per_round_trip(settings):
     assert limiter.trips >= 6  # every call asked Redis (the refusals share a trip or not)
 
 
-async def test_a_fast_limit_spends_grants_locally_and_stays_global(settings):
+async def test_a_fast_limit_spends_grants_locally_and_stays_global(redis_url):
     # 1,000/s with a burst of 50: grants of 50 (1,000 x 0.05 s).
-    first = CountingLimiter(open_redis(settings.redis_url), rate=1000, burst=50)
-    second = CountingLimiter(open_redis(settings.redis_url), rate=1000, burst=50)
+    first = CountingLimiter(open_redis(redis_url), rate=1000, burst=50)
+    second = CountingLimiter(open_redis(redis_url), rate=1000, burst=50)
     key = uuid.uuid4().hex
     started = time.monotonic()
     try:
@@ -61,8 +61,8 @@ async def test_a_fast_limit_spends_grants_locally_and_stays_global(settings):
     assert allowed_first + allowed_second <= 50 + 1000 * elapsed + 1
 
 
-async def test_a_grant_left_unused_expires(settings):
-    limiter = CountingLimiter(open_redis(settings.redis_url), rate=1000, burst=1000, grant_s=0.02)
+async def test_a_grant_left_unused_expires(redis_url):
+    limiter = CountingLimiter(open_redis(redis_url), rate=1000, burst=1000, grant_s=0.02)
     key = uuid.uuid4().hex
     try:
         await limiter.take(key)
