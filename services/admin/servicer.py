@@ -215,6 +215,12 @@ class AdminServicer:
         require_scope(ADMIN_SCOPE)
         return await self._backups.delete_branch(request, context)
 
+    async def GetRecoveryWindow(
+        self, request: admin_pb2.GetRecoveryWindowRequest, context: Context
+    ) -> admin_pb2.GetRecoveryWindowResponse:
+        require_scope(ADMIN_SCOPE)
+        return await self._backups.recovery_window(request, context)
+
     async def ListAuditEvents(
         self, request: admin_pb2.ListAuditEventsRequest, context: Context
     ) -> admin_pb2.ListAuditEventsResponse:

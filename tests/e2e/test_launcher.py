@@ -25,8 +25,10 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
+import asyncpg
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -357,6 +359,45 @@ def test_grpcurl_put_then_get_returns_the_value_and_matching_revisions(launcher)
     assert put_kv["mod_revision"] == got_kv["mod_revision"] == revision
     assert got_kv["create_revision"] == revision
     assert got_kv["version"] == "1"
+
+
+async def test_grpcurl_branch_at_a_point_in_time_holds_what_was_committed_by_then(launcher):
+    put = '{"namespace":"pitr","key":"%s","value":"aGVsbG8="}'
+    deadline = time.monotonic() + 60
+    while "earliest_time" not in grpcurl_json(
+        launcher, "strata.admin.v1.AdminService/GetRecoveryWindow", "{}"
+    ):
+        assert time.monotonic() < deadline, "no base backup within 60 s of the start"
+        await asyncio.sleep(0.2)
+    grpcurl_json(launcher, "strata.kv.v1.KvService/Put", put % "a")
+    await asyncio.sleep(0.01)
+    as_of = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    await asyncio.sleep(0.01)
+    grpcurl_json(launcher, "strata.kv.v1.KvService/Put", put % "b")
+    grpcurl_json(launcher, "strata.kv.v1.KvService/Delete", '{"namespace":"pitr","key":"a"}')
+
+    made = grpcurl_json(
+        launcher, "strata.admin.v1.AdminService/CreateBranch", json.dumps({"name": "then", "as_of": as_of})
+    )
+    branch = made["branch"]
+    assert isinstance(branch, dict)
+    assert (branch["origin"], branch["running"]) == ("point_in_time", True)
+    port = int(str(branch["address"]).rsplit(":", 1)[1])
+    assert branch["connection_string"] == f"postgresql://strata_service@127.0.0.1:{port}/strata"
+    password = (launcher.data_dir / "secrets" / "pg-owner-password").read_text().strip()
+    conn = await asyncpg.connect(
+        host="127.0.0.1", port=port, user="postgres", password=password, database="strata"
+    )
+    try:
+        keys = await conn.fetch("SELECT key FROM kv.entries WHERE namespace = 'pitr'")
+    finally:
+        await conn.close()
+    assert [r["key"] for r in keys] == ["a"]
+    live = grpcurl(launcher, "strata.kv.v1.KvService/Get", data='{"namespace":"pitr","key":"a"}')
+    assert "NotFound" in live.stderr, live.stderr
+
+    grpcurl_json(launcher, "strata.admin.v1.AdminService/DeleteBranch", '{"name":"then"}')
+    assert port_refuses(port)
 
 
 def test_grpcurl_put_with_an_empty_key_is_invalid_argument_with_bad_request(launcher):
