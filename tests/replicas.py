@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,20 +17,11 @@ import asyncpg
 
 from shared.backends import Backends, open_backends
 from shared.settings import Settings
-from tests.conftest import free_port
+from tests.conftest import free_port, port_is_free
 
 __all__ = ["pause_replay", "replicated_backends", "resume_replay", "wait_replayed"]
 
 SERVICES = ("kv", "tenants", "vector", "admin")
-
-
-def _is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def free_port_run(length: int, avoid: tuple[int, ...] = ()) -> int:
@@ -39,7 +29,7 @@ def free_port_run(length: int, avoid: tuple[int, ...] = ()) -> int:
     for _ in range(200):
         first = free_port()
         run = range(first, first + length)
-        if run[-1] <= 65535 and not set(run) & set(avoid) and all(_is_free(port) for port in run[1:]):
+        if run[-1] <= 65535 and not set(run) & set(avoid) and all(port_is_free(port) for port in run[1:]):
             return first
     raise RuntimeError(f"no run of {length} free ports found")
 

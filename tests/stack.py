@@ -10,6 +10,7 @@ starts one more gateway process in front of a stack, with its own settings
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import sys
@@ -22,6 +23,7 @@ from shared.settings import Settings
 from tests.conftest import PROJECT_ROOT, TEST_INTERNAL_SECRET, free_port
 
 TEST_KEY_PEPPER = "test-key-pepper-not-for-production"
+GRPCURL = str(PROJECT_ROOT / ".venv" / "bin" / "grpcurl")
 
 
 @dataclass
@@ -117,6 +119,30 @@ async def stop_process(process: asyncio.subprocess.Process) -> None:
     if process.returncode is None:
         process.terminate()
         await asyncio.wait_for(process.wait(), 30)
+
+
+async def grpcurl(
+    stack: Stack, method: str, body: dict[str, object], *extra: str, api_key: str | None = None
+) -> tuple[int, str]:
+    """Call ``method`` through ``stack``'s gateway with the real grpcurl; (exit code, output).
+
+    As the stack's dev key unless ``api_key`` is given; ``extra`` goes before the body (``-v``).
+    """
+    process = await asyncio.create_subprocess_exec(
+        GRPCURL,
+        "-plaintext",
+        "-H",
+        f"authorization: Bearer {api_key or stack.api_key}",
+        *extra,
+        "-d",
+        json.dumps(body),
+        stack.gateway,
+        method,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), 30)
+    return process.returncode or 0, out.decode()
 
 
 def remove_data(stack: Stack) -> None:

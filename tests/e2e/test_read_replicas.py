@@ -30,9 +30,8 @@ from shared.backends import Backends
 from shared.consistency import TOKEN_KEY
 from tests.e2e.conftest import bearer
 from tests.replicas import pause_replay, replicated_backends, resume_replay, wait_replayed
-from tests.stack import Stack, remove_data, start_stack
+from tests.stack import Stack, grpcurl, remove_data, start_stack
 
-GRPCURL = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "grpcurl")
 SCOPES = ("kv:read", "kv:write", "tenants:read", "tenants:write", "vector:read", "vector:write")
 
 
@@ -96,41 +95,22 @@ async def paused(cluster: Backends) -> AsyncIterator[None]:
             await resume_replay(replica.urls.owner)
 
 
-async def grpcurl(stack: Stack, api_key: str, method: str, body: dict, *extra: str) -> tuple[int, str]:
-    process = await asyncio.create_subprocess_exec(
-        GRPCURL,
-        "-plaintext",
-        "-H",
-        f"authorization: Bearer {api_key}",
-        *extra,
-        "-d",
-        json.dumps(body),
-        stack.gateway,
-        method,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(process.communicate(), 30)
-    return process.returncode or 0, out.decode()
-
-
 async def test_a_grpcurl_user_reads_its_own_put_while_the_replicas_lag(replicated, two_keys, paused):
     _, key_a, key_b = two_keys
     namespace = f"ryw-{uuid.uuid4().hex[:6]}"
-    code, out = await grpcurl(
-        replicated,
-        key_a,
-        "strata.kv.v1.KvService/Put",
-        {"namespace": namespace, "key": "k", "value": "djE="},
-        "-v",
-    )
+    put = {"namespace": namespace, "key": "k", "value": "djE="}
+    code, out = await grpcurl(replicated, "strata.kv.v1.KvService/Put", put, "-v", api_key=key_a)
     assert code == 0, out
     assert TOKEN_KEY in out  # the write's consistency token, in its trailers
-    code, out = await grpcurl(replicated, key_a, "strata.kv.v1.KvService/List", {"namespace": namespace})
+    code, out = await grpcurl(
+        replicated, "strata.kv.v1.KvService/List", {"namespace": namespace}, api_key=key_a
+    )
     assert code == 0, out
     assert [kv["key"] for kv in json.loads(out)["kvs"]] == ["k"]
     # Another caller's List is served by the paused replicas: they have not replayed the Put.
-    code, out = await grpcurl(replicated, key_b, "strata.kv.v1.KvService/List", {"namespace": namespace})
+    code, out = await grpcurl(
+        replicated, "strata.kv.v1.KvService/List", {"namespace": namespace}, api_key=key_b
+    )
     assert code == 0, out
     assert json.loads(out).get("kvs", []) == []
 

@@ -2,36 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
-from pathlib import Path
 
 import pytest
 
+from tests.stack import grpcurl
+
 pytestmark = pytest.mark.e2e
 
-GRPCURL = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "grpcurl")
 SERVER, CLIENT = 2, 3
 ERROR = 2
-
-
-async def grpcurl(stack, method: str, body: dict, *extra: str) -> tuple[int, str]:
-    process = await asyncio.create_subprocess_exec(
-        GRPCURL,
-        "-plaintext",
-        "-H",
-        f"authorization: Bearer {stack.api_key}",
-        *extra,
-        "-d",
-        json.dumps(body),
-        stack.gateway,
-        method,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(process.communicate(), 30)
-    return process.returncode, out.decode()
 
 
 def chain_for(spans, trace_id):
