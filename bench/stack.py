@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -18,18 +17,13 @@ from pathlib import Path
 from bench.target import Target
 from shared.backends import Backends, open_backends
 from shared.launcher import SERVICES, launch
+from shared.ports import free_port
 from shared.settings import load_settings
 
 __all__ = ["bench_backends", "running_strata"]
 
 ROOT = Path(__file__).resolve().parent.parent
 PROCESSES = ("gateway", "kv", "tenants", "vector", "admin")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @contextlib.asynccontextmanager

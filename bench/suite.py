@@ -27,7 +27,7 @@ from strata.tenants.v1 import tenants_pb2
 from bench.etcd import PUT, RANGE, etcd_available, etcd_server, put_request, range_request
 from bench.h2load import Measurement, run_h2load
 from bench.pyload import Job, run_python_load, worker_offset
-from bench.stack import ROOT, free_port
+from bench.stack import ROOT
 from bench.target import Target
 from bench.vectors import (
     EF_SEARCH,
@@ -42,6 +42,7 @@ from bench.vectors import (
     search_bodies,
 )
 from shared.cache import invalidate_prefix
+from shared.ports import free_port
 from shared.redisclient import open_redis
 from shared.stats import read_process_stats
 

@@ -360,42 +360,44 @@ class RevisionedCache:
     async def _write_through(self, encoded: Sequence[tuple[bytes, bytes, CacheEntry]]) -> None:
         """The guarded sets of every entry (one script call per hash slot), then one invalidation message."""
         assert self._redis is not None and self._set_script is not None
+        redis, sha = self._redis, self._set_script.sha
         message = b"".join(_invalidation(key, data) for key, data, _ in encoded)
-        if is_cluster(self._redis):
+        if is_cluster(redis):
             # A script's keys must share a slot, and a cluster pipeline carries no scripts:
             # one call per slot, side by side.
             by_slot: dict[int, list[tuple[bytes, bytes, CacheEntry]]] = {}
             for item in encoded:
                 by_slot.setdefault(slot_of(self._prefix + item[0]), []).append(item)
-            await asyncio.gather(*(self._guarded_sets(group) for group in by_slot.values()))
-            await self._redis.publish(self._channel, message)
-            return
-        sha = self._set_script.sha
-        for attempt in (1, 2):
-            # EVALSHA itself: a Script object in a pipeline costs a SCRIPT EXISTS round trip first.
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.evalsha(sha, len(encoded), *self._script_arguments(encoded))
-                pipe.publish(self._channel, message)
-                try:
-                    await pipe.execute()
-                    return
-                except NoScriptError:
-                    if attempt == 2:
-                        raise
-                    # A restarted or flushed Redis: load the script and write again (the sets are guarded).
-                    await self._redis.script_load(_GUARDED_SET)
 
-    async def _guarded_sets(self, encoded: Sequence[tuple[bytes, bytes, CacheEntry]]) -> None:
-        assert self._redis is not None and self._set_script is not None
-        for attempt in (1, 2):
-            try:
-                sha = self._set_script.sha
-                await self._redis.evalsha(sha, len(encoded), *self._script_arguments(encoded))
-                return
-            except NoScriptError:
-                if attempt == 2:
-                    raise
-                await self._redis.script_load(_GUARDED_SET)
+            async def sets(group: Sequence[tuple[bytes, bytes, CacheEntry]]) -> None:
+                await redis.evalsha(sha, len(group), *self._script_arguments(group))
+
+            await asyncio.gather(*(self._with_script(sets, group) for group in by_slot.values()))
+            await redis.publish(self._channel, message)
+            return
+
+        async def pipelined(group: Sequence[tuple[bytes, bytes, CacheEntry]]) -> None:
+            # EVALSHA itself: a Script object in a pipeline costs a SCRIPT EXISTS round trip first.
+            async with redis.pipeline(transaction=False) as pipe:
+                pipe.evalsha(sha, len(group), *self._script_arguments(group))
+                pipe.publish(self._channel, message)
+                await pipe.execute()
+
+        await self._with_script(pipelined, encoded)
+
+    async def _with_script(
+        self,
+        send: Callable[[Sequence[tuple[bytes, bytes, CacheEntry]]], Awaitable[None]],
+        encoded: Sequence[tuple[bytes, bytes, CacheEntry]],
+    ) -> None:
+        """``send(encoded)``, and once more after loading the script if Redis lost it."""
+        assert self._redis is not None
+        try:
+            await send(encoded)
+        except NoScriptError:
+            # A restarted or flushed Redis: load the script and write again (the sets are guarded).
+            await self._redis.script_load(_GUARDED_SET)
+            await send(encoded)
 
     def _script_arguments(self, encoded: Sequence[tuple[bytes, bytes, CacheEntry]]) -> list[bytes | int]:
         """_GUARDED_SET's keys, then its (entry, TTL) pairs."""

@@ -306,7 +306,10 @@ class Database:
 
     async def _note_commit(self, conn: asyncpg.Connection, timeout: float) -> None:
         # The insert position after the commit is at or past its commit record:
-        # a replica that replayed this far sees the write.
+        # a replica that replayed this far sees the write. Without replicas no
+        # read waits for it: nothing to ask.
+        if self.replicas is None:
+            return
         lsn = parse_lsn(await conn.fetchval("SELECT pg_current_wal_insert_lsn()::text", timeout=timeout))
         self.latest_lsn = max(self.latest_lsn, lsn)
         note_commit(lsn)
@@ -365,8 +368,7 @@ class Database:
         async with self._guarded(), self._acquire(timeout) as conn:
             async with conn.transaction():
                 yield conn
-            if self.replicas is not None:
-                await self._note_commit(conn, timeout)
+            await self._note_commit(conn, timeout)
 
     @asynccontextmanager
     async def tenant_transaction(
@@ -396,7 +398,7 @@ class Database:
             await conn.execute(begin, timeout=timeout)
             yield conn
             await conn.execute("COMMIT", timeout=timeout)
-            if self.replicas is not None and not read_only:
+            if not read_only:
                 await self._note_commit(conn, timeout)
 
     @asynccontextmanager

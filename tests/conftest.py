@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import grpc
 import pytest
@@ -25,35 +23,17 @@ from services.kv.app import build_kv_server
 from shared.backends import Backends, open_backends
 from shared.identity import Caller
 from shared.launcher import SERVICES
+from shared.ports import free_port
 from shared.server import StrataServer
 from shared.settings import Settings, load_settings
 from tests.helpers import signing_interceptors
-
-if TYPE_CHECKING:
-    from tests.redis_cluster import RedisClusterProcesses
+from tests.redis_cluster import RedisClusterProcesses
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # One folder per pytest process, so concurrent sessions never share a server.
 TEST_DATA_DIR = PROJECT_ROOT / ".strata" / f"test-{os.getpid()}"
 TEST_INTERNAL_SECRET = "test-internal-secret-not-for-production"
 TENANT = Caller("tenant-a", frozenset({"kv:read", "kv:write"}), "key-a")
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def port_is_free(port: int) -> bool:
-    """Whether ``port`` can be bound on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 @pytest.fixture(scope="session")
@@ -90,8 +70,6 @@ def _remove_stale_test_folders() -> None:
 @pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterProcesses]:
     """A three-master Redis Cluster on loopback, started the first time a test asks for it."""
-    from tests.redis_cluster import RedisClusterProcesses  # it uses this module's port helpers
-
     cluster = RedisClusterProcesses(tmp_path_factory.mktemp("redis-cluster"))
     cluster.start()
     yield cluster

@@ -16,8 +16,8 @@ from pathlib import Path
 import asyncpg
 
 from shared.backends import Backends, open_backends
+from shared.ports import free_port, port_is_free
 from shared.settings import Settings
-from tests.conftest import free_port, port_is_free
 
 __all__ = ["pause_replay", "replicated_backends", "resume_replay", "wait_replayed"]
 

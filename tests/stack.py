@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.launcher import LaunchedStrata, launch
+from shared.ports import free_port
 from shared.settings import Settings
-from tests.conftest import PROJECT_ROOT, TEST_INTERNAL_SECRET, free_port
+from tests.conftest import PROJECT_ROOT, TEST_INTERNAL_SECRET
 
 TEST_KEY_PEPPER = "test-key-pepper-not-for-production"
 GRPCURL = str(PROJECT_ROOT / ".venv" / "bin" / "grpcurl")

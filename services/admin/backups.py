@@ -306,30 +306,27 @@ class BranchRegistry:
 
     async def reserve(self, name: str, database: str, origin: str, timeout: float) -> int:
         """Take ``name`` (not yet ready); ALREADY_EXISTS when it is taken."""
-        try:
-            row = await self._db.write_row(
-                "INSERT INTO admin.branches (name, database, origin) VALUES ($1, $2, $3) RETURNING id",
-                name,
-                database,
-                origin,
-                timeout=timeout,
-            )
-        except asyncpg.UniqueViolationError:
-            raise _name_taken(name) from None
-        assert row is not None
-        return int(row["id"])
+        return await self._insert(
+            name,
+            "INSERT INTO admin.branches (name, database, origin) VALUES ($1, $2, $3) RETURNING id",
+            (database, origin),
+            timeout,
+        )
 
     async def reserve_server(self, name: str, as_of: datetime, port: int, timeout: float) -> int:
         """Take ``name`` for a point-in-time branch (not yet ready); ALREADY_EXISTS when it is taken."""
+        return await self._insert(
+            name,
+            "INSERT INTO admin.branches (name, origin, as_of, port) "
+            "VALUES ($1, 'point_in_time', $2, $3) RETURNING id",
+            (as_of, port),
+            timeout,
+        )
+
+    async def _insert(self, name: str, sql: str, args: tuple[object, ...], timeout: float) -> int:
+        # ``sql`` inserts a row named $1 with ``args`` after it, returning its id.
         try:
-            row = await self._db.write_row(
-                "INSERT INTO admin.branches (name, origin, as_of, port) "
-                "VALUES ($1, 'point_in_time', $2, $3) RETURNING id",
-                name,
-                as_of,
-                port,
-                timeout=timeout,
-            )
+            row = await self._db.write_row(sql, name, *args, timeout=timeout)
         except asyncpg.UniqueViolationError:
             raise _name_taken(name) from None
         assert row is not None

@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import time
 from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
@@ -57,6 +56,7 @@ from shared.db import Database, deadline_timeout
 from shared.embedded import archive_command
 from shared.errors import FieldViolation, StrataError, invalid_argument
 from shared.pitr import BaseBackup, PitrFolder, PointInTimeServer, folder_bytes, service_url
+from shared.ports import free_port, port_is_free
 from shared.settings import Settings
 from shared.timestamps import to_timestamp
 
@@ -286,7 +286,7 @@ class PointInTime:
                 window = f"{earliest.isoformat()} .. {(latest or earliest).isoformat()}"
                 message = f"is outside the recoverable window {window} (GetRecoveryWindow)"
                 raise invalid_argument([FieldViolation("as_of", message)], domain=DOMAIN)
-            server = PointInTimeServer(folder, name, _free_port())
+            server = PointInTimeServer(folder, name, free_port())
             branch_id = await self._registry.reserve_server(
                 name, as_of, server.port, deadline_timeout(context)
             )
@@ -479,8 +479,8 @@ def _restore_and_start(server: PointInTimeServer, backup: BaseBackup, as_of: dat
 def _restart(server: PointInTimeServer) -> int:
     """Start a ready branch's server again (on another port if its own is taken); the port."""
     server._stop_leftover()
-    if not _port_free(server.port):
-        server.port = _free_port()
+    if not port_is_free(server.port, reuse_address=True):
+        server.port = free_port()
     server.start(120.0)
     return server.port
 
@@ -512,20 +512,3 @@ def _checked_time(value: timestamp_pb2.Timestamp, field: str) -> datetime:
     if not (_MIN_SECONDS <= value.seconds <= _MAX_SECONDS and 0 <= value.nanos < 1_000_000_000):
         raise invalid_argument([FieldViolation(field, "is not a valid timestamp")], domain=DOMAIN)
     return value.ToDatetime(tzinfo=UTC)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        # As Postgres binds: a port in TIME_WAIT is free for it.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True

@@ -36,7 +36,7 @@ from strata.admin.v1 import admin_pb2, admin_pb2_grpc
 from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 
 from shared.launcher import DEV_KEY_FILE
-from tests.conftest import free_port
+from shared.ports import free_port
 from tests.helpers import DETAILS_KEY, error_info
 
 pytestmark = pytest.mark.e2e

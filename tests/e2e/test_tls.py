@@ -27,7 +27,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 
-from tests.conftest import PROJECT_ROOT, free_port
+from shared.ports import free_port
+from tests.conftest import PROJECT_ROOT
 from tests.e2e.conftest import bearer
 from tests.helpers import error_info
 from tests.stack import Stack, start_gateway, stop_process

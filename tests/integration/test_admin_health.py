@@ -8,8 +8,8 @@ from strata.admin.v1 import admin_pb2
 
 from services.admin.operations import COMPONENTS, Operations
 from shared.db import Database
+from shared.ports import free_port
 from shared.redisclient import open_redis
-from tests.conftest import free_port
 
 
 async def test_health_is_not_serving_with_a_reason_for_each_missing_part(settings):

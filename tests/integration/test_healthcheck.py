@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from shared.healthcheck import main
-from tests.conftest import free_port
+from shared.ports import free_port
 
 
 async def test_a_serving_server_passes(kv_server):

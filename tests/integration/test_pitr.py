@@ -30,9 +30,10 @@ from services.admin.pitr import PointInTime
 from shared.backends import Backends, open_backends
 from shared.db import Database
 from shared.identity import Caller
+from shared.ports import free_port
 from shared.server import StrataServer
 from shared.settings import Settings
-from tests.conftest import TEST_INTERNAL_SECRET, free_port, signed_channel
+from tests.conftest import TEST_INTERNAL_SECRET, signed_channel
 from tests.helpers import error_info, field_violations
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]

@@ -11,7 +11,8 @@ import grpc
 import pytest
 from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 
-from tests.conftest import TENANT, free_port, signed_channel
+from shared.ports import free_port
+from tests.conftest import TENANT, signed_channel
 from tests.otlp import start_receiver
 
 SERVER, CLIENT = 2, 3  # OTLP span kinds
