@@ -44,6 +44,7 @@ from shared.telemetry import (
     shutdown_telemetry,
     tracing_on,
 )
+from shared.wireformat import invalid_utf8_field
 
 __all__ = ["CallGate", "ShutdownHook", "StrataServer", "run_service"]
 
@@ -359,14 +360,20 @@ async def _run_hooks(hooks: list[ShutdownHook]) -> None:
 
 
 def _decode(request_type: type[_M], raw: bytes) -> _M:
+    """``raw`` parsed as ``request_type``; INVALID_ARGUMENT naming the field at fault otherwise.
+
+    The parser says only that it failed: a string field that is not valid
+    UTF-8 is found by walking the bytes again and named; anything else
+    malformed names the whole ``request``.
+    """
     request = request_type()
     try:
         request.ParseFromString(raw)
     except _message.DecodeError:
-        # Also raised for a string field that is not valid UTF-8.
-        raise invalid_argument(
-            [FieldViolation("request", "the message cannot be decoded (malformed bytes or invalid UTF-8)")]
-        ) from None
+        violation = invalid_utf8_field(request_type, raw) or FieldViolation(
+            "request", "the message cannot be decoded (malformed bytes)"
+        )
+        raise invalid_argument([violation]) from None
     return request
 
 

@@ -2,17 +2,23 @@
 
 Every process builds one :class:`Settings` with :func:`load_settings` at start;
 nothing else in Strata reads ``os.environ`` for its own configuration. A bad
-value fails the start with a :class:`ConfigError` naming the variable.
-The standard ``OTEL_*`` variables are left to the OpenTelemetry SDK.
+value fails the start with a :class:`ConfigError` naming the variable. The
+server URLs are checked in full (scheme, hosts, ports), never echoing a
+password. The standard ``OTEL_*`` variables Strata relies on are checked here
+too (the SDK would ignore a bad one, or fail later), though
+:mod:`shared.telemetry` and the SDK read them.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 __all__ = ["ConfigError", "Settings", "load_settings", "require_internal_secret"]
 
@@ -121,16 +127,16 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Build :class:`Settings` from ``environ`` (default: ``os.environ``).
 
     Raises :class:`ConfigError` for a malformed value, e.g.
-    ``STRATA_KV_PORT=abc`` or a ``DATABASE_URL`` that is not a postgres URL.
+    ``STRATA_KV_PORT=abc``, a ``DATABASE_URL`` that is not a postgres URL or
+    ``OTEL_TRACES_SAMPLER=sometimes``.
     """
     env = os.environ if environ is None else environ
     reader = _Reader(env)
     defaults = Settings()
-    database_url = reader.url("DATABASE_URL", ("postgres://", "postgresql://"))
+    _check_otel(reader)
+    database_url = reader.url("DATABASE_URL", _postgres_url_problem)
     # A single server, or a Redis Cluster by some of its nodes (see shared.redisclient).
-    redis_url = reader.url(
-        "REDIS_URL", ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
-    )
+    redis_url = reader.url("REDIS_URL", _redis_url_problem)
     if bool(database_url) != bool(redis_url):
         raise ConfigError("set both DATABASE_URL and REDIS_URL (external mode) or neither (embedded mode)")
     if env.get("STRATA_ADMIN_REPLICAS", "1").strip() not in ("", "1"):
@@ -147,9 +153,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             vector_port=reader.port("STRATA_VECTOR_PORT", defaults.vector_port),
             admin_port=reader.port("STRATA_ADMIN_PORT", defaults.admin_port),
             database_url=database_url,
-            migrate_database_url=reader.url("STRATA_MIGRATE_DATABASE_URL", ("postgres://", "postgresql://"))
+            migrate_database_url=reader.url("STRATA_MIGRATE_DATABASE_URL", _postgres_url_problem)
             or database_url,
-            database_read_urls=reader.urls("DATABASE_READ_URLS", ("postgres://", "postgresql://")),
+            database_read_urls=reader.urls("DATABASE_READ_URLS", _postgres_url_problem),
             read_strategy=reader.choice(
                 "STRATA_READ_STRATEGY", defaults.read_strategy, tuple(s.upper() for s in READ_STRATEGIES)
             ).lower(),
@@ -265,6 +271,139 @@ def require_internal_secret(settings: Settings) -> bytes:
     return settings.internal_secret.encode()
 
 
+# The samplers the SDK's TracerProvider builds from OTEL_TRACES_SAMPLER (it
+# falls back to parentbased_always_on, with a warning, for any other name).
+OTEL_SAMPLERS = (
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+)
+_RATIO_SAMPLERS = ("traceidratio", "parentbased_traceidratio")
+# What shared.telemetry can export with: OTLP over gRPC or HTTP (protobuf), or nothing.
+OTEL_EXPORTERS = ("otlp", "none")
+OTEL_PROTOCOLS = ("grpc", "http/protobuf")
+
+
+def _check_otel(reader: _Reader) -> None:
+    """Check the standard ``OTEL_*`` variables Strata relies on; ConfigError naming a bad one."""
+    reader.choice("OTEL_SDK_DISABLED", "false", ("true", "false"))
+    reader.choice("OTEL_TRACES_EXPORTER", "otlp", OTEL_EXPORTERS)
+    protocol = reader.choice("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc", OTEL_PROTOCOLS)
+    protocol = reader.choice("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", protocol, OTEL_PROTOCOLS)
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        reader.url(name, lambda url: _endpoint_problem(url, scheme_required=protocol != "grpc"))
+    sampler = reader.choice("OTEL_TRACES_SAMPLER", "parentbased_always_on", OTEL_SAMPLERS)
+    if sampler in _RATIO_SAMPLERS:
+        reader.number("OTEL_TRACES_SAMPLER_ARG", 1.0, 0.0, 1.0)
+
+
+# One host of a URL: a name or IPv4 address (IPv6 goes in brackets).
+_HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?")
+_SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+# Said with every malformed host: the usual cause is a password with one of these in it.
+_ENCODE_HINT = "(percent-encode characters such as @ : / # ? in the user name and password)"
+
+
+def _postgres_url_problem(url: str) -> str | None:
+    """What is wrong with a Postgres URL as asyncpg reads it, or None.
+
+    ``postgres[ql]://[user[:password]@][host[:port][,host[:port]…]][/database][?…]``;
+    no host means the local socket, as with libpq. The answer never quotes the URL.
+    """
+    scheme, separator, _ = url.partition("://")
+    if not separator or scheme.lower() not in ("postgres", "postgresql"):
+        return "must start with postgres:// or postgresql://"
+    try:
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+    except ValueError:
+        return f"is not a valid URL {_ENCODE_HINT}"
+    # asyncpg splits the credentials off at the first '@'.
+    hosts = parts.netloc.partition("@")[2] if "@" in parts.netloc else parts.netloc
+    problem = _hosts_problem(hosts, required=False) if hosts else None
+    for key, value in query:
+        if key == "port" and not all(_is_port(p) for p in value.split(",")):
+            problem = problem or "has a port parameter that is not a number in 1-65535"
+        if key == "sslmode" and value not in _SSL_MODES:
+            problem = problem or f"has an sslmode that is not one of {', '.join(_SSL_MODES)}"
+    return problem
+
+
+def _redis_url_problem(url: str) -> str | None:
+    """What is wrong with a ``REDIS_URL`` (a server, a socket, or a cluster's nodes), or None."""
+    scheme, separator, _ = url.partition("://")
+    scheme = scheme.lower()
+    if not separator or scheme not in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"):
+        return "must start with redis://, rediss://, unix://, redis+cluster:// or rediss+cluster://"
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return f"is not a valid URL {_ENCODE_HINT}"
+    if scheme == "unix":
+        return None if parts.path else "unix:// needs the socket's path (unix:///path/to/redis.sock)"
+    # redis-py and shared.redisclient split the credentials off at the last '@'.
+    hosts = parts.netloc.rpartition("@")[2]
+    if "," in hosts and not scheme.endswith("+cluster"):
+        return "names several hosts: use redis+cluster:// for a Redis Cluster"
+    if scheme.endswith("+cluster"):
+        return _hosts_problem(hosts, required=True)
+    if parts.path.strip("/") and not parts.path.strip("/").isdigit():
+        return "has a path that is not a database number (redis://host:6379/0)"
+    return _hosts_problem(hosts, required=True)
+
+
+def _endpoint_problem(url: str, *, scheme_required: bool) -> str | None:
+    """What is wrong with an OTLP endpoint (``http[s]://host[:port][/path]``), or None.
+
+    The gRPC exporter also takes a bare ``host:port``; the HTTP one needs the scheme.
+    """
+    scheme, separator, rest = url.partition("://")
+    if separator and scheme.lower() not in ("http", "https"):
+        return "must be an http:// or https:// URL"
+    if not separator and scheme_required:
+        return "must be an http:// or https:// URL with OTLP over HTTP"
+    address = (rest if separator else url).split("/", 1)[0]
+    return _hosts_problem(address.rpartition("@")[2], required=True)
+
+
+def _hosts_problem(hosts: str, *, required: bool) -> str | None:
+    """What is wrong with ``host[:port][,host[:port]…]``, or None (never quoting a part)."""
+    specs = hosts.split(",")
+    if required and not hosts:
+        return "names no host"
+    for spec in specs:
+        if not spec:
+            return "has an empty host in its host list"
+        if spec.startswith("["):
+            address, _, port = spec[1:].partition("]")
+            if not _is_ipv6(address) or (port and not port.startswith(":")):
+                return f"has a malformed IPv6 host {_ENCODE_HINT}"
+            port = port[1:]
+        else:
+            name, _, port = spec.partition(":")
+            name = unquote(name)
+            if not name.startswith("/") and not _HOST_NAME.fullmatch(name):
+                return f"has a malformed host name {_ENCODE_HINT}"
+        if port and not _is_port(port):
+            return "has a port that is not a number in 1-65535"
+    return None
+
+
+def _is_port(text: str) -> bool:
+    return text.isdigit() and 0 < int(text) < 65536
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text.split("%")[0])  # a zone ("%eth0") is allowed
+    except ValueError:
+        return False
+    return True
+
+
 class _Reader:
     """Parses single variables, raising ConfigError that names the variable."""
 
@@ -290,7 +429,7 @@ class _Reader:
     def port(self, name: str, default: int) -> int:
         return self.integer(name, default, 1, 65535)
 
-    def number(self, name: str, default: float, low: float) -> float:
+    def number(self, name: str, default: float, low: float, high: float = math.inf) -> float:
         raw = self._raw(name)
         if raw is None:
             return default
@@ -298,26 +437,30 @@ class _Reader:
             value = float(raw)
         except ValueError:
             raise ConfigError(f"{name}={raw!r} is not a number") from None
-        if not math.isfinite(value) or value < low:
-            raise ConfigError(f"{name}={raw} must be a finite number >= {low}")
+        if not math.isfinite(value) or not low <= value <= high:
+            bounds = f">= {low}" if math.isinf(high) else f"in [{low}, {high}]"
+            raise ConfigError(f"{name}={raw} must be a finite number {bounds}")
         return value
 
-    def url(self, name: str, schemes: tuple[str, ...]) -> str:
+    def url(self, name: str, problem: Callable[[str], str | None]) -> str:
+        """The URL in ``name``, or ""; ``problem`` says what is wrong with it (never quoting it)."""
         raw = self._raw(name)
         if raw is None:
             return ""
-        if not raw.startswith(schemes):
-            raise ConfigError(f"{name} must start with one of {', '.join(schemes)}")
+        found = problem(raw)
+        if found:
+            raise ConfigError(f"{name} {found}")
         return raw
 
-    def urls(self, name: str, schemes: tuple[str, ...]) -> tuple[str, ...]:
+    def urls(self, name: str, problem: Callable[[str], str | None]) -> tuple[str, ...]:
+        """The comma-separated URLs in ``name``, each checked as :meth:`url` does."""
         raw = self._raw(name)
         if raw is None:
             return ()
         found = tuple(u.strip() for u in raw.split(",") if u.strip())
-        for url in found:
-            if not url.startswith(schemes):
-                raise ConfigError(f"{name}: every URL must start with one of {', '.join(schemes)}")
+        for position, url in enumerate(found, 1):
+            if issue := problem(url):
+                raise ConfigError(f"{name}: URL {position} {issue}")
         return found
 
     def addresses(self, name: str) -> tuple[str, ...]:
@@ -340,9 +483,11 @@ class _Reader:
         return raw
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        """One of ``choices`` (matched ignoring case, returned as spelled there), or ``default``."""
         raw = self._raw(name)
         if raw is None:
             return default
-        if raw.upper() not in choices:
-            raise ConfigError(f"{name}={raw!r} must be one of {', '.join(choices)}")
-        return raw.upper()
+        for choice in choices:
+            if raw.casefold() == choice.casefold():
+                return choice
+        raise ConfigError(f"{name}={raw!r} must be one of {', '.join(choices)}")

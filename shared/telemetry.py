@@ -3,10 +3,14 @@
 Code elsewhere uses only the OpenTelemetry API (``trace.get_tracer``); this
 module wires the SDK once per process from the standard ``OTEL_*`` variables.
 Tracing is on when an OTLP endpoint or a traces exporter is configured; then
-the asyncpg and Redis instrumentation plugins are installed and the server
-bootstrap opens one SERVER span per call (:func:`rpc_server_span`, named
-``<package.Service>/<Method>`` as the RPC conventions say). Otherwise nothing
-is installed and the hot path pays nothing.
+the asyncpg and Redis instrumentation plugins are installed (Postgres spans
+get ``db.operation`` from :mod:`shared.dbspans`) and the server bootstrap
+opens one SERVER span per call (:func:`rpc_server_span`, named
+``<package.Service>/<Method>`` as the RPC conventions say). Sampling follows
+``OTEL_TRACES_SAMPLER``/``OTEL_TRACES_SAMPLER_ARG`` (the SDK reads them);
+:func:`shared.settings.load_settings` has already rejected bad values of the
+variables used here. Otherwise nothing is installed and the hot path pays
+nothing.
 """
 
 from __future__ import annotations
@@ -67,10 +71,13 @@ def setup_telemetry(service_name: str) -> bool:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+    from shared.dbspans import DatabaseOperations
+
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)}).merge(
         OTELResourceDetector().detect()
     )
-    provider = TracerProvider(resource=resource)
+    provider = TracerProvider(resource=resource)  # its sampler: from OTEL_TRACES_SAMPLER
+    provider.add_span_processor(DatabaseOperations())
     provider.add_span_processor(BatchSpanProcessor(_span_exporter()))
     trace.set_tracer_provider(provider)
     AsyncPGInstrumentor().instrument()
@@ -174,10 +181,13 @@ def shutdown_telemetry() -> None:
 
 
 def _span_exporter() -> Any:
-    protocol = os.environ.get(
-        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    # The exporters do not read the protocol variables: choosing is ours (blank = unset).
+    protocol = (
+        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "").strip()
+        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "").strip()
+        or "grpc"
     )
-    if protocol.startswith("http"):
+    if protocol.lower() == "http/protobuf":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
         return HttpExporter()

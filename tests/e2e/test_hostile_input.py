@@ -5,7 +5,8 @@ without touching this file. What is sent, and what must come back:
 
 - bodies that are no request at all (random bytes, cut-off requests, strings
   that are not UTF-8: lone surrogates, overlong forms): INVALID_ARGUMENT
-  naming ``request``, from the server bootstrap's own decoding;
+  from the server bootstrap's own decoding, naming the field that is not
+  UTF-8, or ``request`` for bytes malformed otherwise;
 - broken gRPC framing at the HTTP/2 level (``nghttp``): grpc's own statuses;
 - messages over the receive limit: RESOURCE_EXHAUSTED, nothing written;
 - SQL and glob metacharacters, NULs, odd Unicode and very long strings in
@@ -65,6 +66,7 @@ from shared.pagetoken import page_token_key
 from shared.settings import Settings
 from tests.conftest import TEST_INTERNAL_SECRET
 from tests.e2e.conftest import bearer
+from tests.protowire import length_delimited, parses, strings_as_bytes, varint
 from tests.stack import Stack
 
 pytestmark = pytest.mark.e2e
@@ -419,19 +421,6 @@ def with_value(rpc: Rpc, slot: Slot, value: Any) -> message.Message:
 # -- hand-encoded protobuf (for what the library refuses to build) -------------------
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, value = value & 0x7F, value >> 7
-        out.append(low | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _length_delimited(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
 def _nested(innermost: bytes, wrappers: Sequence[int], depth: int) -> bytes:
     """``innermost`` wrapped ``depth`` times in the chain of length-delimited fields ``wrappers``.
 
@@ -442,7 +431,7 @@ def _nested(innermost: bytes, wrappers: Sequence[int], depth: int) -> bytes:
     size = len(innermost)
     for _ in range(depth):
         for number in wrappers:
-            prefix = _varint(number << 3 | 2) + _varint(size)
+            prefix = varint(number << 3 | 2) + varint(size)
             prefixes.append(prefix)
             size += len(prefix)
     return b"".join(reversed(prefixes)) + innermost
@@ -465,14 +454,14 @@ def deep_struct(depth: int) -> bytes:
     value = struct_pb2.Value(string_value="x").SerializeToString()
     fields = struct_pb2.Struct.DESCRIPTOR.fields_by_name["fields"].number
     entry_value = struct_pb2.Struct.DESCRIPTOR.fields_by_name["fields"].message_type.fields_by_name["value"]
-    key = _length_delimited(1, b"p")  # the map entry's key
+    key = length_delimited(1, b"p")  # the map entry's key
     struct_value = struct_pb2.Value.DESCRIPTOR.fields_by_name["struct_value"].number
     # Each level: Value{struct_value: Struct{fields: {key: "p", value: <inner Value>}}}.
     inner = value
     for _ in range(depth):
-        entry = key + _length_delimited(entry_value.number, inner)
-        inner = _length_delimited(struct_value, _length_delimited(fields, entry))
-    return _length_delimited(fields, key + _length_delimited(entry_value.number, inner))
+        entry = key + length_delimited(entry_value.number, inner)
+        inner = length_delimited(struct_value, length_delimited(fields, entry))
+    return length_delimited(fields, key + length_delimited(entry_value.number, inner))
 
 
 def embed(msg: message.Message, path: Sequence[str], raw: bytes) -> bytes:
@@ -487,7 +476,7 @@ def embed(msg: message.Message, path: Sequence[str], raw: bytes) -> bytes:
         sub = current[0] if f.is_repeated else current
         inner = embed(sub, path[1:], raw)
     copy.ClearField(name)
-    return copy.SerializeToString() + _length_delimited(f.number, inner)
+    return copy.SerializeToString() + length_delimited(f.number, inner)
 
 
 def message_paths(
@@ -952,26 +941,44 @@ async def test_every_service_is_served_on_its_own_port_and_through_the_gateway(h
 _MARKER = b"ZqXjZqXjZqXjZqXj"
 
 
-def _undecodable(rpc: Rpc) -> list[bytes]:
-    """Random bytes and cut-off requests that this very protobuf library refuses to parse."""
-    request_type = message_factory.GetMessageClass(rpc.method.input_type)
+def _utf8_field(rpc: Rpc, slot: Slot) -> str:
+    """The field a BadRequest names for a string that is not UTF-8 put at ``slot`` by :func:`with_value`."""
+    parts, desc = [], rpc.method.input_type
+    for name in slot.path:
+        f = desc.fields_by_name[name]
+        parts.append(f"{name}[0]" if f.is_repeated else name)  # with_value fills the first element
+        desc = f.message_type
+    suffix = {
+        "string": "",
+        "struct_key": ".fields",  # a map key that is not UTF-8 names the map
+        "struct_value": '.fields["p"].string_value',
+        "value": ".string_value",
+    }[slot.kind]
+    return ".".join(parts) + suffix
 
-    def parses(body: bytes) -> bool:
-        try:
-            request_type.FromString(body)
-        except message.DecodeError:
-            return False
-        return True
+
+def _undecodable(rpc: Rpc) -> list[tuple[bytes, tuple[str, ...]]]:
+    """Bodies this very protobuf library refuses to parse, each with the fields the answer must name.
+
+    Random bytes and cut-off requests malformed whatever their strings hold name
+    ``request``; a request whose one string is not UTF-8 names that field.
+    """
+    request_type = message_factory.GetMessageClass(rpc.method.input_type)
+    # The same message with bytes for strings: it refuses what is malformed, not bad UTF-8.
+    lenient = strings_as_bytes(request_type)
+
+    def malformed(body: bytes) -> bool:
+        return not parses(request_type, body) and not parses(lenient, body)
 
     rng = random.Random(rpc.path)  # the same bodies every run
-    bodies: list[bytes] = []
+    bodies: list[tuple[bytes, tuple[str, ...]]] = []
     while len(bodies) < 6:
         body = rng.randbytes(rng.randint(1, 64))
-        if not parses(body):
-            bodies.append(body)
+        if malformed(body):
+            bodies.append((body, ("request",)))
     whole = request_for(rpc).SerializeToString()
-    cuts = [whole[:end] for end in range(1, len(whole)) if not parses(whole[:end])]
-    bodies.extend(cuts[:: max(1, len(cuts) // 6)][:6])
+    cuts = [whole[:end] for end in range(1, len(whole)) if malformed(whole[:end])]
+    bodies.extend((cut, ("request",)) for cut in cuts[:: max(1, len(cuts) // 6)][:6])
     for slot in (
         s for s in slots(rpc.method.input_type) if s.kind in ("string", "struct_key", "struct_value", "value")
     ):
@@ -980,22 +987,26 @@ def _undecodable(rpc: Rpc) -> list[bytes]:
             encoded = with_value(rpc, slot, _MARKER.decode()).SerializeToString()
             assert encoded.count(_MARKER) == 1, slot
             body = encoded.replace(_MARKER, b"Z" * (len(_MARKER) - len(bad)) + bad)
-            assert not parses(body), f"{slot.path} with {bad!r} still parses"
-            bodies.append(body)
+            assert not parses(request_type, body), f"{slot.path} with {bad!r} still parses"
+            bodies.append((body, (_utf8_field(rpc, slot),)))
     return bodies
 
 
 @pytest.mark.parametrize("rpc", _params(RPCS))
 async def test_bodies_that_are_not_requests_are_invalid_argument(hostile: Hostile, rpc: Rpc) -> None:
     # StrataServer decodes every request itself (handlers take raw bytes), so grpc's own
-    # deserializer never runs on these: the answer is the bootstrap's INVALID_ARGUMENT.
-    undecodable = (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", ("request",))
-    failures = [
-        f"{label}: {outcome.code.name} {outcome.reason} {outcome.violations}"
-        for label, outcome in await hostile.both(rpc, _undecodable(rpc))
-        if (outcome.code, outcome.reason, outcome.violations) != _refusal(rpc, label, undecodable)
-    ]
-    _report(failures, "undecodable bodies not answered INVALID_ARGUMENT (request)")
+    # deserializer never runs on these: the answer is the bootstrap's INVALID_ARGUMENT,
+    # naming the field that is not UTF-8, or ``request`` for bytes malformed otherwise.
+    cases = _undecodable(rpc)
+    failures = []
+    for label, outcome in await hostile.both(rpc, [body for body, _ in cases]):
+        fields = cases[int(label.split("#")[1])][1]
+        expected = _refusal(rpc, label, (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", fields))
+        if (outcome.code, outcome.reason, outcome.violations) != expected:
+            failures.append(
+                f"{label}: {outcome.code.name} {outcome.reason} {outcome.violations}, not {fields}"
+            )
+    _report(failures, "undecodable bodies not answered INVALID_ARGUMENT naming the field")
     await hostile.assert_healthy()
 
 

@@ -283,23 +283,26 @@ def own_launcher() -> Iterator[Launcher]:
 
 def test_the_launcher_prints_every_address_and_the_dev_key(launcher):
     output = launcher.output()
-    for name, target in [
-        ("kv", launcher.kv_target),
-        ("admin", launcher.admin_target),
-        ("gateway", launcher.gateway_target),
-    ]:
-        assert re.search(rf"^  {name} +{re.escape(target)}$", output, re.MULTILINE), output
+    assert set(launcher.ports) == {"kv", "tenants", "vector", "admin", "gateway"}
+    for name, port in launcher.ports.items():
+        target = re.escape(f"127.0.0.1:{port}")
+        assert re.search(rf"^  {name} +{target}$", output, re.MULTILINE), (name, output)
     assert f"Dev API key (admin scope, tenant 'dev'): {launcher.api_key}" in output
     assert str(launcher.key_file) in output
 
 
-def test_grpcurl_list_on_the_gateway_shows_kv_admin_and_health(launcher):
+def test_grpcurl_list_on_the_gateway_shows_every_service_health_and_reflection(launcher):
     result = grpcurl(launcher, "list")
     assert result.returncode == 0, result.stderr
-    services = result.stdout.split()
-    assert "strata.kv.v1.KvService" in services
-    assert "strata.admin.v1.AdminService" in services
-    assert "grpc.health.v1.Health" in services
+    assert set(result.stdout.split()) == {
+        "strata.kv.v1.KvService",
+        "strata.tenants.v1.TenantService",
+        "strata.tenants.v1.RecordService",
+        "strata.vector.v1.VectorService",
+        "strata.admin.v1.AdminService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    }
 
 
 def test_grpcurl_describe_service_shows_every_rpc(launcher):

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from tests.stack import grpcurl
+from tests.stack import grpcurl, remove_data, start_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -48,13 +48,20 @@ async def test_one_call_is_one_trace_from_gateway_to_postgres_and_redis(stack, r
     spans = await receiver.wait_for(complete, timeout=20)
     root = next(r for r in spans if gateway_server(r) and needed <= parts(chain_for(spans, r.trace_id)))
     trace = chain_for(spans, root.trace_id)
+    # The forwarded call (the gateway may make other calls, e.g. to resolve the key).
     client = next(
         s
         for s in trace
-        if s.service == "strata-gateway" and s.kind == CLIENT and s.attributes.get("rpc.system")
+        if s.service == "strata-gateway" and s.kind == CLIENT and s.name == "strata.kv.v1.KvService/Put"
     )
     service = next(s for s in trace if s.service == "strata-kv" and s.kind == SERVER)
-    database = next(s for s in trace if s.attributes.get("db.system") == "postgresql")
+    database = next(
+        s
+        for s in trace
+        if s.service == "strata-kv"
+        and s.attributes.get("db.system") == "postgresql"
+        and "kv.put_batch" in str(s.attributes.get("db.statement"))
+    )
     cache = [s for s in trace if s.attributes.get("db.system") == "redis" and s.service == "strata-kv"]
     limiter = next(
         s for s in trace if s.attributes.get("db.system") == "redis" and s.service == "strata-gateway"
@@ -72,7 +79,8 @@ async def test_one_call_is_one_trace_from_gateway_to_postgres_and_redis(stack, r
         assert span.attributes["rpc.service"] == "strata.kv.v1.KvService"
         assert span.attributes["rpc.method"] == "Put"
         assert span.attributes["rpc.grpc.status_code"] == 0
-    assert "kv.put_batch" in str(database.attributes.get("db.statement"))
+    assert database.attributes.get("db.operation") == "SELECT"
+    assert database.attributes.get("db.stored_procedure.name") == "kv.put_batch"
 
 
 async def test_a_failing_call_marks_the_client_span_as_error(stack, receiver):
@@ -129,8 +137,32 @@ async def test_the_callers_trace_context_is_continued(stack, receiver):
     assert root.parent_span_id == parent
 
 
-async def test_logs_carry_trace_ids(stack):
-    lines = [json.loads(line) for line in stack.output if line.startswith("{")]
-    traced = [line for line in lines if "trace_id" in line]
-    assert lines, "no JSON logs"
-    assert all(len(line["trace_id"]) == 32 for line in traced)
+async def test_logs_carry_the_trace_and_span_ids_of_the_exported_spans(settings, receiver):
+    # A stack of its own where every statement is "slow": the kv process logs the
+    # slow-query warning inside the call's Postgres span.
+    slow = await start_stack(settings, receiver.port, STRATA_SLOW_QUERY_MS="0")
+    trace_id = uuid.uuid4().hex
+    try:
+        code, out = await grpcurl(
+            slow,
+            "strata.kv.v1.KvService/Put",
+            {"namespace": f"trace-{uuid.uuid4().hex[:8]}", "key": "k", "value": "dg=="},
+            "-H",
+            f"traceparent: 00-{trace_id}-{uuid.uuid4().hex[:16]}-01",
+        )
+        assert code == 0, out
+    finally:
+        assert await slow.stop() == 0  # every process flushed its spans and its logs
+        remove_data(slow)
+    lines = [json.loads(line) for line in slow.output if line.startswith("{")]
+    traced = [line for line in lines if line.get("trace_id") == trace_id]
+    assert traced, "no log line carries the call's trace id"
+    assert all(len(line["span_id"]) == 16 for line in traced)
+    exported = {s.span_id: s for s in receiver.spans if s.trace_id == trace_id}
+    line = next(line for line in traced if "kv.put_batch" in line.get("statement", ""))
+    assert (line["msg"], line["service"]) == ("slow query", "kv")
+    span = exported.get(line["span_id"])
+    assert span is not None, f"the line's span {line['span_id']} was not exported: {list(exported)}"
+    assert span.service == "strata-kv" and span.attributes.get("db.system") == "postgresql"
+    service = next(s for s in exported.values() if s.service == "strata-kv" and s.kind == SERVER)
+    assert span.parent_span_id == service.span_id

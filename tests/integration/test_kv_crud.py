@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import pytest
@@ -10,6 +11,7 @@ from google.protobuf import duration_pb2
 from strata.kv.v1 import kv_pb2
 
 from tests.helpers import error_info
+from tests.integration.test_kv_bad_input import store_revision, writes_since
 
 
 async def put(kv, namespace: str, key: str, value: bytes = b"v", **fields) -> kv_pb2.PutResponse:
@@ -92,12 +94,17 @@ async def test_put_if_revision_matching_writes(kv, namespace):
     assert second.kv.version == 2
 
 
-async def test_put_if_revision_mismatch_writes_nothing_and_keeps_store_revision(kv, namespace):
+async def test_put_if_revision_mismatch_writes_nothing_and_keeps_store_revision(kv, settings, namespace):
     first = await put(kv, namespace, "k", b"1")
+    before = await store_revision(settings)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await put(kv, namespace, "k", b"2", if_revision=first.kv.mod_revision + 1000)
     assert caught.value.code() == grpc.StatusCode.ABORTED
-    assert error_info(caught.value).metadata["expected_revision"] == str(first.kv.mod_revision + 1000)
+    metadata = error_info(caught.value).metadata
+    assert metadata["expected_revision"] == str(first.kv.mod_revision + 1000)
+    assert metadata["current_revision"] == str(first.kv.mod_revision)
+    assert int(metadata["store_revision"]) >= before
+    assert await writes_since(settings, before) == 0
     got = await kv.Get(kv_pb2.GetRequest(namespace=namespace, key="k"))
     assert got.kv.value == b"1" and got.kv.mod_revision == first.kv.mod_revision
 
@@ -155,16 +162,16 @@ async def test_delete_one_key_reports_one_and_removes_it(kv, namespace):
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-async def test_delete_of_absent_key_deletes_nothing_and_keeps_revision(kv, namespace):
-    before = await put(kv, namespace, "other")
+async def test_delete_of_absent_key_deletes_nothing_and_keeps_revision(kv, settings, namespace):
+    await put(kv, namespace, "other")
+    before = await store_revision(settings)
     response = await kv.Delete(kv_pb2.DeleteRequest(namespace=namespace, key="absent"))
     assert response.deleted == 0
-    after = await put(kv, namespace, "other2")
-    # Only our own two puts (and other tests' writes) moved the revision; the
-    # no-op delete did not generate an event we could see in our namespace.
+    # A delete that finds nothing takes no revision: it answers the current one.
+    assert await writes_since(settings, before) == 0
+    assert response.header.revision >= before
     listed = await kv.List(kv_pb2.ListRequest(namespace=namespace))
-    assert [k.key for k in listed.kvs] == ["other", "other2"]
-    assert after.header.revision > before.header.revision
+    assert [k.key for k in listed.kvs] == ["other"]
 
 
 async def test_delete_prefix_removes_only_keys_under_it(kv, namespace):
@@ -177,13 +184,19 @@ async def test_delete_prefix_removes_only_keys_under_it(kv, namespace):
     assert [k.key for k in listed.kvs] == ["ab", "b/1"]
 
 
-async def test_delete_if_revision_mismatch_keeps_the_key(kv, namespace):
+async def test_delete_if_revision_mismatch_keeps_the_key(kv, settings, namespace):
     written = await put(kv, namespace, "k")
+    before = await store_revision(settings)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await kv.Delete(
             kv_pb2.DeleteRequest(namespace=namespace, key="k", if_revision=written.kv.mod_revision + 1)
         )
     assert caught.value.code() == grpc.StatusCode.ABORTED
+    info = error_info(caught.value)
+    assert info.reason == "REVISION_MISMATCH"
+    assert info.metadata["current_revision"] == str(written.kv.mod_revision)
+    assert info.metadata["expected_revision"] == str(written.kv.mod_revision + 1)
+    assert await writes_since(settings, before) == 0
     ok = await kv.Delete(
         kv_pb2.DeleteRequest(namespace=namespace, key="k", if_revision=written.kv.mod_revision)
     )
@@ -224,6 +237,21 @@ async def test_expired_key_counts_as_absent_for_compare_and_set(kv, namespace):
     await asyncio.sleep(0.3)
     recreated = await put(kv, namespace, "k", b"again", if_revision=0)
     assert recreated.kv.version == 1
+
+
+async def test_get_has_an_expire_time_for_a_key_with_a_ttl_and_none_without(kv, namespace):
+    started = time.time()
+    with_ttl = await put(kv, namespace, "expiring", ttl=duration_pb2.Duration(seconds=3600))
+    finished = time.time()
+    await put(kv, namespace, "forever")
+    for _ in range(2):  # the first read fills the cache, the second may come from it
+        got = await kv.Get(kv_pb2.GetRequest(namespace=namespace, key="expiring"))
+        assert got.kv.HasField("expire_time")
+        assert got.kv.expire_time == with_ttl.kv.expire_time
+        # Postgres's clock set it; it shares this machine's.
+        assert started + 3600 - 5 <= got.kv.expire_time.ToNanoseconds() / 1e9 <= finished + 3600 + 5
+        plain = await kv.Get(kv_pb2.GetRequest(namespace=namespace, key="forever"))
+        assert not plain.kv.HasField("expire_time")
 
 
 async def test_put_without_ttl_clears_an_earlier_ttl(kv, namespace):

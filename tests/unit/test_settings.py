@@ -240,3 +240,149 @@ def test_port_of_an_unknown_service_is_a_config_error():
 def test_an_infinite_number_is_a_config_error_naming_the_variable(variable):
     with pytest.raises(ConfigError, match=variable):
         load_settings({variable: "inf"})
+
+
+# -- server URLs: checked in full, the password never echoed -------------------------
+
+SECRET = "s3cret-pw"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        PG,
+        "postgres://u@127.0.0.1/strata",
+        "postgresql:///strata",  # no host: the local socket, as with libpq
+        "postgresql://%2Fvar%2Frun%2Fpostgresql/strata",
+        "postgresql://u:p%40ss@h1:5432,h2:5433/strata?sslmode=require&connect_timeout=3",
+        "postgresql://u@[::1]:5432/strata",
+        "postgresql://u@db_primary/strata?port=6432",
+    ],
+)
+def test_a_well_formed_postgres_url_is_accepted(url):
+    assert load_settings({"DATABASE_URL": url, "REDIS_URL": REDIS}).database_url == url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgres://u:{SECRET}@127.0.0.1:notaport/db",
+        f"postgres://u:{SECRET}@127.0.0.1:0/db",
+        f"postgres://u:{SECRET}@127.0.0.1:65536/db",
+        f"postgres://u:{SECRET}@h1:5432,/db",
+        f"postgres://u:{SECRET}@[::1/db",
+        f"postgres://u:{SECRET}@[not-ipv6]:5432/db",
+        f"postgres://u:{SECRET}@bad host/db",
+        f"postgres://u:{SECRET}@h/db?port=five",
+        f"postgres://u:{SECRET}@h/db?sslmode=sometimes",
+        f"postgres://u:{SECRET}@x@h/db",  # an unencoded '@' in the password
+        f"postgres://u:{SECRET}/db",  # no '@': the password reads as a port
+        f"mysql://u:{SECRET}@h/db",
+    ],
+)
+@pytest.mark.parametrize("variable", ["DATABASE_URL", "STRATA_MIGRATE_DATABASE_URL", "DATABASE_READ_URLS"])
+def test_a_malformed_postgres_url_is_a_config_error_naming_the_variable_not_the_password(variable, url):
+    env = {"DATABASE_URL": PG, "REDIS_URL": REDIS, variable: url}
+    with pytest.raises(ConfigError, match=variable) as caught:
+        load_settings(env)
+    assert SECRET not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        REDIS,
+        "rediss://:pw@cache.example:6380",
+        "redis://[::1]:6379/2",
+        "unix:///run/redis/redis.sock?db=1",
+        "redis+cluster://:pw@10.0.0.1:6379,10.0.0.2:6379",
+        "rediss+cluster://:pw@node-a:7000",
+    ],
+)
+def test_a_well_formed_redis_url_is_accepted(url):
+    assert load_settings({"DATABASE_URL": PG, "REDIS_URL": url}).redis_url == url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"redis://:{SECRET}@cache.example:notaport/0",
+        f"redis://:{SECRET}@cache.example:70000/0",
+        f"redis://:{SECRET}@/0",
+        f"redis://:{SECRET}@cache.example:6379/zero",
+        f"redis://:{SECRET}@h1:6379,h2:6379/0",  # several hosts need redis+cluster://
+        f"redis+cluster://:{SECRET}@10.0.0.1:6379,10.0.0.2:x",
+        f"redis+cluster://:{SECRET}@10.0.0.1:6379,,",
+        "unix://",
+        f"http://:{SECRET}@cache.example",
+    ],
+)
+def test_a_malformed_redis_url_is_a_config_error_naming_the_variable_not_the_password(url):
+    with pytest.raises(ConfigError, match="REDIS_URL") as caught:
+        load_settings({"DATABASE_URL": PG, "REDIS_URL": url})
+    assert SECRET not in str(caught.value)
+
+
+# -- the standard OTEL_* variables Strata relies on ----------------------------------
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
+        {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_EXPORTER_OTLP_ENDPOINT": "https://otel:4318"},
+        {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "HTTP/PROTOBUF"},
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": "localhost:4317"},  # the gRPC exporter takes host:port
+        {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://jaeger:4318/v1/traces"},
+        {"OTEL_TRACES_EXPORTER": "otlp"},
+        {"OTEL_TRACES_EXPORTER": "none"},
+        {"OTEL_SDK_DISABLED": "TRUE"},
+        {"OTEL_TRACES_SAMPLER": "parentbased_always_off"},
+        {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0"},
+        {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.25"},
+        {"OTEL_TRACES_SAMPLER": "traceidratio"},  # no argument: the SDK's 1.0
+        {"OTEL_TRACES_SAMPLER": "always_on", "OTEL_TRACES_SAMPLER_ARG": "ignored"},
+    ],
+)
+def test_good_otel_values_are_accepted(env):
+    assert load_settings(env) == Settings()
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"OTEL_EXPORTER_OTLP_PROTOCOL": "bogus"}, "OTEL_EXPORTER_OTLP_PROTOCOL"),
+        ({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}, "OTEL_EXPORTER_OTLP_PROTOCOL"),
+        ({"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "udp"}, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"),
+        ({"OTEL_TRACES_EXPORTER": "zipkin"}, "OTEL_TRACES_EXPORTER"),
+        ({"OTEL_TRACES_EXPORTER": "otlp,console"}, "OTEL_TRACES_EXPORTER"),
+        ({"OTEL_SDK_DISABLED": "yes"}, "OTEL_SDK_DISABLED"),
+        ({"OTEL_TRACES_SAMPLER": "bogus"}, "OTEL_TRACES_SAMPLER"),
+        (
+            {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "half"},
+            "OTEL_TRACES_SAMPLER_ARG",
+        ),
+        (
+            {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "1.5"},
+            "OTEL_TRACES_SAMPLER_ARG",
+        ),
+        (
+            {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "-0.1"},
+            "OTEL_TRACES_SAMPLER_ARG",
+        ),
+        (
+            {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "nan"},
+            "OTEL_TRACES_SAMPLER_ARG",
+        ),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "ftp://otel:4317"}, "OTEL_EXPORTER_OTLP_ENDPOINT"),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel:port"}, "OTEL_EXPORTER_OTLP_ENDPOINT"),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://:4317"}, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+        (
+            {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_EXPORTER_OTLP_ENDPOINT": "otel:4318"},
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+        ),
+    ],
+)
+def test_a_bad_otel_value_is_a_config_error_naming_the_variable(env, variable):
+    with pytest.raises(ConfigError, match=rf"^{variable}\b"):
+        load_settings(env)
