@@ -4,7 +4,8 @@ The admin service owns keys; the gateway asks it (AuthenticateApiKey, signed
 as the gateway's internal identity) and remembers the answer, good or bad,
 for ``STRATA_KEY_CACHE_TTL_S`` (1 s): a revoked key stops working within that
 time, and a flood of calls with one key costs one lookup per second.
-Concurrent lookups of one key share one call.
+Concurrent lookups of one key share one call. A lookup is a client span of
+the request that made it, so admin's work on a cache miss joins that trace.
 """
 
 from __future__ import annotations
@@ -16,13 +17,16 @@ from collections.abc import Sequence
 import grpc
 from strata.admin.v1 import admin_pb2
 
+from gateway.tracing import end_span, upstream_call_span
 from gateway.upstreams import Upstream
 from shared.errors import StrataError
 from shared.identity import INTERNAL_SCOPE, Caller, sign_caller
 
 __all__ = ["KeyResolver", "bearer_token"]
 
-_AUTHENTICATE = "/strata.admin.v1.AdminService/AuthenticateApiKey"
+_ADMIN_SERVICE = "strata.admin.v1.AdminService"
+_AUTHENTICATE_METHOD = "AuthenticateApiKey"
+_AUTHENTICATE = f"/{_ADMIN_SERVICE}/{_AUTHENTICATE_METHOD}"
 GATEWAY_CALLER = Caller("strata-system", frozenset({INTERNAL_SCOPE}), "gateway")
 _MAX_CACHED = 100_000
 
@@ -65,18 +69,28 @@ class KeyResolver:
             raise answer
         return answer
 
-    async def _lookup(self, token: str) -> Caller | StrataError:
+    async def _authenticate(self, token: str) -> admin_pb2.AuthenticateApiKeyResponse:
+        """Ask admin who ``token`` is, in a client span of the current request (when tracing)."""
         call = self._admin.pick().unary_unary(
             _AUTHENTICATE,
             request_serializer=admin_pb2.AuthenticateApiKeyRequest.SerializeToString,
             response_deserializer=admin_pb2.AuthenticateApiKeyResponse.FromString,
         )
+        metadata = sign_caller(self._secret, _AUTHENTICATE, GATEWAY_CALLER)
+        with upstream_call_span(_ADMIN_SERVICE, _AUTHENTICATE_METHOD, metadata) as span:
+            try:
+                reply: admin_pb2.AuthenticateApiKeyResponse = await call(
+                    admin_pb2.AuthenticateApiKeyRequest(api_key=token), metadata=metadata, timeout=2.0
+                )
+            except grpc.aio.AioRpcError as exc:
+                end_span(span, exc.code(), client=True)
+                raise
+            end_span(span, grpc.StatusCode.OK, client=True)
+            return reply
+
+    async def _lookup(self, token: str) -> Caller | StrataError:
         try:
-            reply = await call(
-                admin_pb2.AuthenticateApiKeyRequest(api_key=token),
-                metadata=sign_caller(self._secret, _AUTHENTICATE, GATEWAY_CALLER),
-                timeout=2.0,
-            )
+            reply = await self._authenticate(token)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
                 # A valid key of a suspended tenant: an answer, cached like any other.

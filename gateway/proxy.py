@@ -9,7 +9,8 @@ travels with a call:
   (only the gateway may sign identities) and hop-by-hop headers;
 - the identity resolved from the API key, signed for that very method;
 - the caller's newest consistency token (see gateway.consistency);
-- the W3C trace context of the gateway's client span.
+- the W3C trace context of the gateway's client span when the gateway traces,
+  else the caller's own ``traceparent``/``tracestate``, unchanged.
 
 Status codes, messages and trailing metadata (``grpc-status-details-bin``
 included) come back unchanged; cancellation propagates both ways.
@@ -25,17 +26,17 @@ from typing import Any, TypeAlias
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
-from opentelemetry import trace
 
 from gateway.auth import KeyResolver, bearer_token
 from gateway.consistency import CallerTokens
 from gateway.ratelimit import RateLimiter
 from gateway.routes import Route
+from gateway.tracing import end_span, upstream_call_span
 from gateway.upstreams import Upstream
 from shared.errors import DETAILS_KEY, StrataError
 from shared.identity import INTERNAL_PREFIX, sign_caller
 from shared.server import CallGate
-from shared.telemetry import end_rpc_span, rpc_client_span, rpc_server_span, tracing_on
+from shared.telemetry import rpc_server_span, tracing_on
 
 __all__ = ["Proxy"]
 
@@ -43,22 +44,33 @@ Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 # How much of a refused client stream is still read before answering (see _discard).
 _DISCARD_LIMIT_BYTES = 64 * 1024 * 1024
 _DISCARD_LIMIT_S = 5.0
+# Never forwarded: the caller's credentials (the gateway forwards a signed identity
+# instead), the hop-by-hop headers of RFC 9110 section 7.6.1 and RFC 7230 section 6.1
+# (they describe the caller's connection, not the call), and what the gateway's own
+# channel sets for its hop (user agent, content type, deadline, encodings).
 _DROPPED = frozenset(
     {
         "authorization",
-        "user-agent",
-        "te",
-        "content-type",
-        "host",
+        "proxy-authorization",
+        "proxy-authenticate",
         "connection",
+        "proxy-connection",
         "keep-alive",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "user-agent",
+        "content-type",
         "grpc-timeout",
         "grpc-encoding",
         "grpc-accept-encoding",
-        "traceparent",
-        "tracestate",
     }
 )
+# The caller's W3C trace context: replaced by the client span's when the gateway
+# traces; passed on unchanged when it does not, so the service joins the caller's trace.
+_DROPPED_WHEN_TRACING = _DROPPED | {"traceparent", "tracestate"}
 
 
 class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
@@ -111,11 +123,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
         except BaseException:
             self._gate.leave()
             raise
-        forwarded = [
-            (key, value)
-            for key, value in incoming
-            if key not in _DROPPED and not key.startswith(INTERNAL_PREFIX) and not key.startswith(":")
-        ]
+        forwarded = _forwardable(incoming)
         forwarded.extend(sign_caller(self._secret, route.path, caller))
         return self._tokens.attach(caller.key_id, forwarded), caller.key_id
 
@@ -135,7 +143,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
         except StrataError as exc:
             if requests is not None:
                 await _discard(requests)
-            _end(server_span, exc.code)
+            end_span(server_span, exc.code)
             await context.abort(exc.code, exc.message, trailing_metadata=exc.trailing_metadata())
             raise AssertionError("unreachable") from None
 
@@ -145,7 +153,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
         return rpc_server_span(route.service, route.method, context.invocation_metadata(), context.peer())
 
     def _client_span(self, route: Route, metadata: list[tuple[str, str]]) -> AbstractContextManager[Any]:
-        return rpc_client_span(route.service, route.method, metadata) if tracing_on() else nullcontext()
+        return upstream_call_span(route.service, route.method, metadata)
 
     def _unary(self, route: Route) -> Any:
         upstream = self._upstreams[route.upstream]
@@ -160,16 +168,16 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
                                 upstream, route, request, metadata, context
                             )
                         except grpc.aio.AioRpcError as exc:
-                            _end(client_span, exc.code(), client=True)
+                            end_span(client_span, exc.code(), client=True)
                             raise
-                        _end(client_span, grpc.StatusCode.OK, client=True)
+                        end_span(client_span, grpc.StatusCode.OK, client=True)
                 except grpc.aio.AioRpcError as exc:
                     await _pass_back(exc, context, server_span)
                 finally:
                     self._gate.leave()
                 self._tokens.observe(caller, trailing)
                 context.set_trailing_metadata(tuple(trailing or ()))
-                _end(server_span, grpc.StatusCode.OK)
+                end_span(server_span, grpc.StatusCode.OK)
                 return response
 
         return forward
@@ -192,9 +200,9 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
                                 yield message
                             trailing = await call.trailing_metadata()
                         except grpc.aio.AioRpcError as exc:
-                            _end(client_span, exc.code(), client=True)
+                            end_span(client_span, exc.code(), client=True)
                             raise
-                        _end(client_span, grpc.StatusCode.OK, client=True)
+                        end_span(client_span, grpc.StatusCode.OK, client=True)
                 except grpc.aio.AioRpcError as exc:
                     await _pass_back(exc, context, server_span)
                 finally:
@@ -204,7 +212,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
                 if trailing:
                     self._tokens.observe(caller, trailing)
                     context.set_trailing_metadata(tuple(trailing or ()))
-                _end(server_span, grpc.StatusCode.OK)
+                end_span(server_span, grpc.StatusCode.OK)
 
         return forward
 
@@ -226,9 +234,9 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
                             response: bytes = await call
                             trailing = await call.trailing_metadata()
                         except grpc.aio.AioRpcError as exc:
-                            _end(client_span, exc.code(), client=True)
+                            end_span(client_span, exc.code(), client=True)
                             raise
-                        _end(client_span, grpc.StatusCode.OK, client=True)
+                        end_span(client_span, grpc.StatusCode.OK, client=True)
                 except grpc.aio.AioRpcError as exc:
                     await _pass_back(exc, context, server_span)
                 finally:
@@ -237,7 +245,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
                     self._gate.leave()
                 self._tokens.observe(caller, trailing)
                 context.set_trailing_metadata(tuple(trailing or ()))
-                _end(server_span, grpc.StatusCode.OK)
+                end_span(server_span, grpc.StatusCode.OK)
                 return response
 
         return forward
@@ -297,7 +305,7 @@ async def _discard(requests: AsyncIterator[bytes]) -> None:
 
 async def _pass_back(exc: grpc.aio.AioRpcError, context: Context, server_span: Any) -> None:
     """Answer the caller with the upstream's status, message and trailing metadata, unchanged."""
-    _end(server_span, exc.code())
+    end_span(server_span, exc.code())
     await context.abort(
         exc.code(), exc.details() or "", trailing_metadata=tuple(exc.trailing_metadata() or ())
     )
@@ -324,6 +332,11 @@ def _never_reached(exc: grpc.aio.AioRpcError) -> bool:
     return (exc.details() or "").startswith(_NOT_CONNECTED)
 
 
-def _end(span: Any, code: grpc.StatusCode, *, client: bool = False) -> None:
-    if span is not None and isinstance(span, trace.Span):
-        end_rpc_span(span, code, client=client)
+def _forwardable(incoming: Sequence[tuple[str, Any]]) -> list[tuple[str, str]]:
+    """The caller's metadata the upstream may see: no credentials, identities or hop-by-hop headers."""
+    dropped = _DROPPED_WHEN_TRACING if tracing_on() else _DROPPED
+    return [
+        (key, value)
+        for key, value in incoming
+        if key not in dropped and not key.startswith(INTERNAL_PREFIX) and not key.startswith(":")
+    ]

@@ -47,6 +47,7 @@ DEV_KEY_FILE = "dev-api-key"
 _READY_TIMEOUT_S = 60.0
 _READY_LINE = "Press Ctrl-C to stop."  # the last line of the start-up banner
 _PORT_STRIDE = 100  # process i of a service listens on its port + 100 x i
+_LOCAL_CACHE = "STRATA_CACHE_LOCAL_ENTRIES"
 
 
 class ServiceProcess:
@@ -191,6 +192,11 @@ def service_processes(settings: Settings, env: dict[str, str]) -> list[ServicePr
         for i in range(settings.processes_of(name)):
             offset = 0 if name == "gateway" else _PORT_STRIDE * i
             own = {f"STRATA_{name.upper()}_PORT": str(settings.port_of(name) + offset)}
+            if settings.processes_of(name) > 1 and _LOCAL_CACHE not in env:
+                # Another process's write reaches this one's in-process tier only
+                # through pub/sub, some time after it is acknowledged (never, while
+                # Redis is down): with several processes, every cached read asks Redis.
+                own[_LOCAL_CACHE] = "0"
             metrics = settings.metrics_port_of(name)
             if metrics:
                 own[f"STRATA_{name.upper()}_METRICS_PORT"] = str(metrics + _PORT_STRIDE * i)
@@ -263,8 +269,10 @@ async def run(settings: Settings) -> None:
                 print(f"  {f'replica{replica.number}':<8} 127.0.0.1:{replica.port} (read-only, streaming)")
         print(f"Dev API key (admin scope, tenant 'dev'): {api_key}", flush=True)
         print(f"  saved in {settings.data_dir / DEV_KEY_FILE}; call the gateway with", flush=True)
+        plaintext = "" if settings.tls_cert_file else "-plaintext "  # the gateway speaks TLS only with a cert
         print(
-            f'  grpcurl -H "authorization: Bearer $(cat {settings.data_dir / DEV_KEY_FILE})" ...', flush=True
+            f'  grpcurl {plaintext}-H "authorization: Bearer $(cat {settings.data_dir / DEV_KEY_FILE})" ...',
+            flush=True,
         )
         print(_READY_LINE, flush=True)
         await stop.wait()

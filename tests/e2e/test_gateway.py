@@ -1,8 +1,14 @@
-"""The gateway, as real processes: routing, deadlines, auth, scopes, tenancy, limits, revocation."""
+"""The gateway, as real processes: routing, deadlines, auth, scopes, tenancy, limits, revocation.
+
+What exactly reaches a service and comes back (headers, deadlines,
+cancellation, trailers, round robin) is checked against recording
+upstreams in test_gateway_upstreams.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 
@@ -41,7 +47,7 @@ async def test_streaming_calls_are_routed(gw_kv, admin_metadata, namespace):
     assert (event.kv.key, event.kv.value) == ("w", b"1")
 
 
-async def test_errors_come_back_with_code_and_details_unchanged(gw_kv, admin_metadata, namespace):
+async def test_errors_come_back_with_their_code_and_error_info(gw_kv, admin_metadata, namespace):
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await gw_kv.Get(kv_pb2.GetRequest(namespace=namespace, key="absent"), metadata=admin_metadata)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
@@ -58,7 +64,7 @@ async def test_unknown_methods_are_unimplemented(gateway_channel, admin_metadata
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
-async def test_the_callers_deadline_reaches_the_service(gw_kv, admin_metadata, namespace):
+async def test_a_stream_ends_with_deadline_exceeded_at_the_callers_deadline(gw_kv, admin_metadata, namespace):
     stream = gw_kv.Watch(
         kv_pb2.WatchRequest(namespace=namespace, prefix=""), metadata=admin_metadata, timeout=1.0
     )
@@ -70,7 +76,7 @@ async def test_the_callers_deadline_reaches_the_service(gw_kv, admin_metadata, n
     assert time.monotonic() - started < 5
 
 
-async def test_cancelling_a_stream_frees_it_upstream(gw_kv, admin_metadata, namespace):
+async def test_the_service_still_answers_after_many_cancelled_streams(gw_kv, admin_metadata, namespace):
     for _ in range(20):
         stream = gw_kv.Watch(kv_pb2.WatchRequest(namespace=namespace, prefix=""), metadata=admin_metadata)
         assert (await stream.read()).created
@@ -144,7 +150,7 @@ async def test_a_tenant_cannot_touch_another_tenants_namespace(gw_kv, make_key, 
     assert got.kv.value == b"one's"
 
 
-async def test_identity_metadata_from_callers_is_stripped(gw_kv, make_key, namespace):
+async def test_forged_identity_metadata_from_a_caller_is_not_honoured(gw_kv, make_key, namespace):
     key_b, _ = await make_key("tenant-two", "kv:read", "kv:write")
     await gw_kv.Put(
         kv_pb2.PutRequest(namespace=namespace, key="k", value=b"mine"),
@@ -226,7 +232,8 @@ async def test_rate_limit_answers_resource_exhausted_with_retry_delay(stack, mak
         await stop_process(process)
 
 
-async def test_rate_limits_fail_open_when_redis_is_unreachable(stack, make_key, namespace):
+async def test_rate_limits_fail_open_and_log_it_when_redis_is_unreachable(stack, make_key, namespace, capfd):
+    # The gateway process writes its JSON logs to the stderr it inherits: capfd reads them.
     process, port = await start_gateway(
         stack, REDIS_URL="redis://127.0.0.1:1/0", STRATA_RATE_LIMIT_RPS="1", STRATA_RATE_LIMIT_BURST="1"
     )
@@ -238,6 +245,13 @@ async def test_rate_limits_fail_open_when_redis_is_unreachable(stack, make_key, 
                 await stub.List(kv_pb2.ListRequest(namespace=namespace), metadata=bearer(api_key))
     finally:
         await stop_process(process)
+    logs = [json.loads(line) for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
+    assert any(
+        entry["service"] == "gateway"
+        and entry["level"] == "WARNING"
+        and entry["msg"] == "rate limits not enforced: redis unavailable"
+        for entry in logs
+    ), logs
 
 
 async def test_gateway_health_follows_its_upstreams(stack):
@@ -262,9 +276,7 @@ async def test_gateway_health_follows_its_upstreams(stack):
         await stop_process(process)
 
 
-async def test_several_upstream_addresses_are_balanced_and_a_dead_one_skipped(
-    stack, admin_metadata, namespace
-):
+async def test_calls_succeed_when_one_of_two_upstream_addresses_is_dead(stack, admin_metadata, namespace):
     process, port = await start_gateway(
         stack, STRATA_KV_UPSTREAMS=f"127.0.0.1:1,127.0.0.1:{stack.ports['kv']}"
     )
@@ -277,3 +289,36 @@ async def test_several_upstream_addresses_are_balanced_and_a_dead_one_skipped(
                 )
     finally:
         await stop_process(process)
+
+
+async def test_a_key_lookup_on_a_cache_miss_is_part_of_the_callers_trace(
+    gw_kv, make_key, namespace, receiver
+):
+    api_key, _ = await make_key("acme", "kv:read")  # new: not in the gateway's key cache yet
+    trace_id = uuid.uuid4().hex
+    traceparent = ("traceparent", f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01")
+    await gw_kv.List(kv_pb2.ListRequest(namespace=namespace), metadata=(*bearer(api_key), traceparent))
+    server, client = 2, 3  # span kinds
+    lookup = "strata.admin.v1.AdminService/AuthenticateApiKey"
+    wanted = {
+        ("strata-gateway", server, "strata.kv.v1.KvService/List"),
+        ("strata-gateway", client, lookup),
+        ("strata-admin", server, lookup),
+    }
+
+    def spans_of(spans):
+        return {(s.service, s.kind, s.name): s for s in spans if s.trace_id == trace_id}
+
+    spans = spans_of(await receiver.wait_for(lambda spans: wanted <= spans_of(spans).keys(), timeout=20))
+    root = spans["strata-gateway", server, "strata.kv.v1.KvService/List"]
+    asked = spans["strata-gateway", client, lookup]
+    answered = spans["strata-admin", server, lookup]
+    assert asked.parent_span_id == root.span_id
+    assert answered.parent_span_id == asked.span_id
+    assert asked.attributes["rpc.grpc.status_code"] == 0
+
+
+async def test_the_banners_grpcurl_hint_says_plaintext(stack):
+    # The stack's gateway has no certificate: grpcurl needs -plaintext to reach it.
+    hints = [line for line in stack.output if "grpcurl" in line]
+    assert hints and all('grpcurl -plaintext -H "authorization: Bearer $(cat ' in h for h in hints), hints

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 
@@ -74,10 +75,16 @@ async def test_a_grant_left_unused_expires(redis_url):
 
 
 @pytest.mark.parametrize("calls", [1, 50])
-async def test_redis_down_fails_open(calls):
+async def test_redis_down_fails_open_and_logs_it_once(calls, caplog):
     limiter = RateLimiter(open_redis("redis://127.0.0.1:1/0", timeout_s=0.2), rate=1, burst=1)
     try:
-        allowed, refused = await spend(limiter, "k", calls)
+        with caplog.at_level(logging.WARNING, logger="gateway.ratelimit"):
+            allowed, refused = await spend(limiter, "k", calls)
     finally:
         await limiter.close()
     assert allowed == calls and not refused
+    logged = [r for r in caplog.records if r.name == "gateway.ratelimit"]
+    # One line per outage, however many calls went through unlimited.
+    assert [(r.levelno, r.getMessage()) for r in logged] == [
+        (logging.WARNING, "rate limits not enforced: redis unavailable")
+    ]
