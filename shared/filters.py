@@ -125,6 +125,7 @@ def compile_filter(
     params: SqlParams,
     *,
     field: str = "filter",
+    domain: str = "strata",
 ) -> str:
     """Compile ``filter`` into a SQL boolean expression over the jsonb ``column``.
 
@@ -138,6 +139,7 @@ def compile_filter(
     :param params: where the values go; nothing is added when this raises.
     :param field: the request field that holds ``filter``, for violations
         (``"filter"`` gives ``filter.all_of.filters[2].condition.path``).
+    :param domain: the ErrorInfo domain of the service that answers.
     :return: a parenthesised expression, e.g.
         ``(("data" #> '{status}') = $2::jsonb)``.
     :raises StrataError: INVALID_ARGUMENT with a BadRequest naming every
@@ -156,11 +158,11 @@ def compile_filter(
         sql = ""
     if compiler.errors:
         params._truncate(mark)
-        raise invalid_argument(compiler.errors[:_MAX_VIOLATIONS])
+        raise invalid_argument(compiler.errors[:_MAX_VIOLATIONS], domain=domain)
     return sql
 
 
-def json_path_sql(column: str, path: str, *, field: str = "path") -> str:
+def json_path_sql(column: str, path: str, *, field: str = "path", domain: str = "strata") -> str:
     """The jsonb value at ``path`` inside ``column``: ``("data" #> '{address,city}')``.
 
     The one place a request's path becomes SQL, for filters, ``ORDER BY`` and
@@ -172,6 +174,7 @@ def json_path_sql(column: str, path: str, *, field: str = "path") -> str:
     :param path: dot-separated keys, e.g. ``"address.city"``; a segment of
         digits indexes an array (``"tags.0"``; ``"-1"`` is the last element).
     :param field: the request field that holds ``path``, for the violation.
+    :param domain: the ErrorInfo domain of the service that answers.
     :raises StrataError: INVALID_ARGUMENT when ``path`` is not valid.
     :raises ValueError: ``column`` is not a plain identifier.
     """
@@ -179,7 +182,7 @@ def json_path_sql(column: str, path: str, *, field: str = "path") -> str:
     errors: list[FieldViolation] = []
     segments = validate_path(path, field, errors)
     if errors:
-        raise invalid_argument(errors)
+        raise invalid_argument(errors, domain=domain)
     return _path_sql(quoted, "#>", segments)
 
 
@@ -323,7 +326,9 @@ class _Compiler:
             return f"({path} IS NULL)" if absent else f"({path} IS NOT NULL)"
         # OPERATOR_PREFIX: the only operator left after validation.
         text = _path_sql(self.column, "#>>", segments)
-        return f"(jsonb_typeof({path}) = 'string' AND starts_with({text}, {self.text(value)}))"
+        # In C collation, like the range comparisons: a declared path's text index serves both.
+        prefix = self.text(value)
+        return f"(jsonb_typeof({path}) = 'string' AND starts_with(({text} COLLATE \"C\"), {prefix}))"
 
     def jsonb(self, value: struct_pb2.Value) -> str:
         return f"{self.params.add(_json_text(value))}::jsonb"

@@ -7,10 +7,20 @@ vector schema's own SECURITY DEFINER function). KV keys and API keys
 belong to other services, so they are removed through those services' RPCs,
 which keep their own promises (KV delete events and cache tombstones; key
 revocation). Counting reads the other schemas directly: reads only.
+
+Records and collections go in the caller's transaction, the one that deletes
+(or creates) the tenant row, so they and the row change together. A tenant's
+API key stays usable at the gateway for up to its key-cache time after
+revocation, so a call may still write for that tenant after the purge; such
+leftovers are unreachable (no key resolves to a tenant that does not exist)
+and are purged when a tenant with the same slug is created again.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import asyncpg
 import grpc
 from strata.admin.v1 import admin_pb2, admin_pb2_grpc
 from strata.kv.v1 import kv_pb2, kv_pb2_grpc
@@ -20,11 +30,18 @@ from shared.cache import CacheEntry, RevisionedCache
 from shared.db import Database
 from shared.identity import ADMIN_SCOPE, INTERNAL_SCOPE, Caller, sign_caller
 
-__all__ = ["TenantPurge"]
+__all__ = ["PurgedRows", "TenantPurge"]
 
 _PURGE_KV = "/strata.kv.v1.KvService/PurgeTenant"
 _LIST_KEYS = "/strata.admin.v1.AdminService/ListApiKeys"
 _REVOKE_KEY = "/strata.admin.v1.AdminService/RevokeApiKey"
+
+
+class PurgedRows(NamedTuple):
+    """What :meth:`TenantPurge.purge_rows` deleted."""
+
+    records: list[tuple[str, str, int]]  # (collection, id, the tombstone's cache version)
+    vector_collections: int
 
 
 class TenantPurge:
@@ -43,19 +60,22 @@ class TenantPurge:
         await self._kv.close()
         await self._admin.close()
 
-    async def count(self, tenant: str, *, timeout: float) -> dict[str, int]:
-        """What ``tenant`` still owns: records, kv_keys, api_keys (working ones), vector_collections."""
-        async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
-            records = await conn.fetchval("SELECT count(*) FROM tenants.records", timeout=timeout)
-            kv_keys = await conn.fetchval(
-                "SELECT count(*) FROM kv.entries WHERE tenant = $1", tenant, timeout=timeout
-            )
-            api_keys = await conn.fetchval(
-                "SELECT count(*) FROM admin.api_keys WHERE tenant = $1 AND revoked_at IS NULL",
-                tenant,
-                timeout=timeout,
-            )
-            collections = await conn.fetchval("SELECT count(*) FROM vector.collections", timeout=timeout)
+    async def count(self, conn: asyncpg.Connection, tenant: str, *, timeout: float) -> dict[str, int]:
+        """What ``tenant`` still owns: records, kv_keys, api_keys (working ones), vector_collections.
+
+        ``conn`` is in a tenant transaction of ``tenant`` (row-level security
+        shows only its records and collections).
+        """
+        records = await conn.fetchval("SELECT count(*) FROM tenants.records", timeout=timeout)
+        kv_keys = await conn.fetchval(
+            "SELECT count(*) FROM kv.entries WHERE tenant = $1", tenant, timeout=timeout
+        )
+        api_keys = await conn.fetchval(
+            "SELECT count(*) FROM admin.api_keys WHERE tenant = $1 AND revoked_at IS NULL",
+            tenant,
+            timeout=timeout,
+        )
+        collections = await conn.fetchval("SELECT count(*) FROM vector.collections", timeout=timeout)
         return {
             "records": int(records),
             "kv_keys": int(kv_keys),
@@ -63,38 +83,41 @@ class TenantPurge:
             "vector_collections": int(collections),
         }
 
-    async def purge(self, tenant: str, *, timeout: float) -> dict[str, int]:
-        """Remove all of it; how many of each went."""
+    async def purge_services(self, tenant: str, *, timeout: float) -> dict[str, int]:
+        """Revoke ``tenant``'s API keys and remove its KV keys, through admin and kv."""
         api_keys = await self._revoke_keys(tenant, timeout)
         kv = await kv_pb2_grpc.KvServiceStub(self._kv).PurgeTenant(
             kv_pb2.PurgeTenantRequest(tenant=tenant),
             metadata=self._sign(_PURGE_KV, INTERNAL_SCOPE),
             timeout=timeout,
         )
-        async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
-            gone = await conn.fetch(
-                "DELETE FROM tenants.records "
-                "RETURNING collection, id, nextval('tenants.record_versions') AS version",
-                timeout=timeout,
-            )
-            # Vector collections (RLS: only this tenant's), their indexes first.
-            doomed = await conn.fetch("SELECT id FROM vector.collections", timeout=timeout)
-            for collection in doomed:
-                await conn.execute("SELECT vector.drop_index($1)", collection["id"], timeout=timeout)
-            await conn.execute("DELETE FROM vector.collections", timeout=timeout)
-        # Tombstones, so no cache anywhere serves a purged record (nor a late fill brings one back).
+        return {"api_keys": api_keys, "kv_keys": int(kv.deleted)}
+
+    async def purge_rows(self, conn: asyncpg.Connection, *, timeout: float) -> PurgedRows:
+        """Delete the records and vector collections that ``conn``'s tenant transaction shows.
+
+        The caller commits, then passes the result to :meth:`forget`.
+        """
+        gone = await conn.fetch(
+            "DELETE FROM tenants.records "
+            "RETURNING collection, id, nextval('tenants.record_versions') AS version",
+            timeout=timeout,
+        )
+        # Vector collections (RLS: only this tenant's), their indexes first.
+        doomed = await conn.fetch("SELECT id FROM vector.collections", timeout=timeout)
+        for collection in doomed:
+            await conn.execute("SELECT vector.drop_index($1)", collection["id"], timeout=timeout)
+        await conn.execute("DELETE FROM vector.collections", timeout=timeout)
+        return PurgedRows([(row["collection"], row["id"], row["version"]) for row in gone], len(doomed))
+
+    async def forget(self, tenant: str, purged: PurgedRows) -> None:
+        """Tombstone the purged records, so no cache anywhere serves one (nor a late fill brings it back)."""
         await self._cache.record_writes(
             [
-                (record_cache_key(tenant, row["collection"], row["id"]), CacheEntry(row["version"], None))
-                for row in gone
+                (record_cache_key(tenant, collection, record_id), CacheEntry(version, None))
+                for collection, record_id, version in purged.records
             ]
         )
-        return {
-            "records": len(gone),
-            "kv_keys": int(kv.deleted),
-            "api_keys": api_keys,
-            "vector_collections": len(doomed),
-        }
 
     async def _revoke_keys(self, tenant: str, timeout: float) -> int:
         admin = admin_pb2_grpc.AdminServiceStub(self._admin)

@@ -42,6 +42,7 @@ _TIME_ORDERS = {"create_time": "created_at", "update_time": "updated_at"}
 _ETAG_RE = re.compile(r"r(\d{1,18})(?:-(\d{1,18}))?")
 # Matches no row: cache_version comes from a sequence that starts at 1.
 _NEVER_CURRENT = 0
+_ABSENT = object()  # a masked path missing from the update (a JSON null is a value)
 
 
 def record_etag(row: asyncpg.Record) -> str:
@@ -290,7 +291,9 @@ class RecordServicer:
         _raise(errors)
         params = SqlParams()
         collection = params.add(request.collection)
-        where = compile_filter(request.filter if request.HasField("filter") else None, "data", params)
+        where = compile_filter(
+            request.filter if request.HasField("filter") else None, "data", params, domain=DOMAIN
+        )
         query = [
             "tenants.ListRecords",
             tenant,
@@ -322,7 +325,10 @@ class RecordServicer:
                     count_params = SqlParams()
                     count_collection = count_params.add(request.collection)
                     count_where = compile_filter(
-                        request.filter if request.HasField("filter") else None, "data", count_params
+                        request.filter if request.HasField("filter") else None,
+                        "data",
+                        count_params,
+                        domain=DOMAIN,
                     )
                     total = await conn.fetchval(
                         "SELECT count(*) FROM tenants.records "
@@ -389,19 +395,26 @@ def _mask_paths(
         if not path.startswith("data."):
             errors.append(FieldViolation(field, 'must be "data" or "data.<path>"'))
             continue
+        if path in paths[:i]:
+            errors.append(FieldViolation(field, "names a path named before"))
+            continue
         found.append(validate_path(path.removeprefix("data."), field, errors))
     return found
 
 
 def _apply_mask(current: dict[str, Any], incoming: dict[str, Any], paths: list[list[str]]) -> dict[str, Any]:
-    """``current`` with each masked path set from ``incoming``, or removed where incoming lacks it."""
+    """``current`` with each masked path set from ``incoming``, or removed where incoming lacks it.
+
+    A path present in ``incoming`` with a JSON null sets null: only absence removes.
+    """
     for path in paths:
         source: Any = incoming
         for key in path:
-            source = source.get(key) if isinstance(source, dict) else None
-            if source is None:
+            if not (isinstance(source, dict) and key in source):
+                source = _ABSENT
                 break
-        if source is None:
+            source = source[key]
+        if source is _ABSENT:
             _remove_path(current, path)
             continue
         target = current

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import Callable
 from typing import Any, TypeAlias
@@ -13,7 +14,7 @@ from google.protobuf import struct_pb2
 from strata.tenants.v1 import tenants_pb2
 
 from services.tenants.names import COLLECTION_RE, DOMAIN, TENANT_SLUG_RE
-from services.tenants.purge import TenantPurge
+from services.tenants.purge import PurgedRows, TenantPurge
 from shared.audit import record_audit
 from shared.db import Database, deadline_timeout
 from shared.documents import document_json
@@ -26,8 +27,10 @@ from shared.timestamps import to_timestamp
 __all__ = ["TenantServicer"]
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+_log = logging.getLogger("strata.tenants")
 _MUTABLE = ("display_name", "status", "plan", "metadata")
 _MAX_METADATA = 64 * 1024
+_STATUSES = (0, tenants_pb2.TENANT_STATUS_ACTIVE, tenants_pb2.TENANT_STATUS_SUSPENDED)  # 0: unset
 _COLUMNS = "id, slug, display_name, status, plan, metadata, version, created_at, updated_at"
 
 
@@ -70,21 +73,39 @@ class TenantServicer:
         metadata = _check_fields(tenant, "tenant.", errors)
         if errors:
             raise invalid_argument(errors, domain=DOMAIN)
-        row = await self._write_audited(
-            f"INSERT INTO tenants.tenants (slug, display_name, status, plan, metadata) "
-            f"VALUES ($1, $2, $3, $4, $5::jsonb) ON CONFLICT (slug) DO NOTHING RETURNING {_COLUMNS}",
-            tenant.slug,
-            tenant.display_name,
-            tenant.status or tenants_pb2.TENANT_STATUS_ACTIVE,
-            tenant.plan,
-            metadata,
-            timeout=deadline_timeout(context),
-            details=lambda r: {"status": r["status"], "plan": r["plan"]},
-        )
-        if row is None:
-            raise already_exists(
-                "TENANT_ALREADY_EXISTS", f"tenant {tenant.slug!r} exists", domain=DOMAIN, slug=tenant.slug
+        timeout = deadline_timeout(context)
+        purged = PurgedRows([], 0)
+        # The slug's unique index orders this against a concurrent create or
+        # delete of the same slug: the insert waits for the other to commit.
+        async with self._db.tenant_transaction(tenant.slug, timeout=timeout) as conn:
+            row = await conn.fetchrow(
+                f"INSERT INTO tenants.tenants (slug, display_name, status, plan, metadata) "
+                f"VALUES ($1, $2, $3, $4, $5::jsonb) ON CONFLICT (slug) DO NOTHING RETURNING {_COLUMNS}",
+                tenant.slug,
+                tenant.display_name,
+                tenant.status or tenants_pb2.TENANT_STATUS_ACTIVE,
+                tenant.plan,
+                metadata,
+                timeout=timeout,
             )
+            if row is None:
+                raise already_exists(
+                    "TENANT_ALREADY_EXISTS", f"tenant {tenant.slug!r} exists", domain=DOMAIN, slug=tenant.slug
+                )
+            # Data an earlier tenant of this slug was sent after its delete: never the new one's.
+            leftovers = await self._purge.count(conn, tenant.slug, timeout=timeout)
+            if any(leftovers.values()):
+                purged = await self._purge.purge_rows(conn, timeout=timeout)
+                await self._purge.purge_services(tenant.slug, timeout=timeout)
+                _log.warning(
+                    "removed what an earlier tenant of this slug left",
+                    extra={"tenant": tenant.slug, **leftovers},
+                )
+            details = {"status": row["status"], "plan": row["plan"]}
+            if any(leftovers.values()):
+                details["leftovers_removed"] = leftovers
+            await record_audit(conn, f"tenant/{tenant.slug}", details, timeout=timeout)
+        await self._purge.forget(tenant.slug, purged)
         return tenants_pb2.CreateTenantResponse(tenant=row_to_tenant(row))
 
     async def GetTenant(
@@ -100,6 +121,8 @@ class TenantServicer:
         require_scope(ADMIN_SCOPE)
         errors: list[FieldViolation] = []
         size = page_size(request.page_size, errors)
+        if request.status not in _STATUSES:
+            errors.append(FieldViolation("status", "is not a TenantStatus"))
         if errors:
             raise invalid_argument(errors, domain=DOMAIN)
         query = ["tenants.ListTenants", request.status]
@@ -130,6 +153,8 @@ class TenantServicer:
                 errors.append(
                     FieldViolation(f"update_mask.paths[{i}]", f"must be one of {', '.join(_MUTABLE)}")
                 )
+            elif path in paths[:i]:
+                errors.append(FieldViolation(f"update_mask.paths[{i}]", "names a field named before"))
         if "status" in paths and request.tenant.status == tenants_pb2.TENANT_STATUS_UNSPECIFIED:
             errors.append(FieldViolation("tenant.status", "must be ACTIVE or SUSPENDED"))
         metadata = _check_fields(request.tenant, "tenant.", errors)
@@ -165,25 +190,42 @@ class TenantServicer:
     ) -> tenants_pb2.DeleteTenantResponse:
         require_scope(ADMIN_SCOPE)
         row = await self._find(request, context)
-        if request.etag and request.etag != f"v{row['version']}":
-            raise aborted("ETAG_MISMATCH", "the tenant changed since that etag", domain=DOMAIN)
+        _check_etag(request.etag, row)
         slug = row["slug"]
-        remaining = await self._purge.count(slug, timeout=deadline_timeout(context))
+        timeout = deadline_timeout(context)
+        async with self._db.tenant_transaction(slug, timeout=timeout, read_only=True) as conn:
+            remaining = await self._purge.count(conn, slug, timeout=timeout)
         if any(remaining.values()) and not request.cascade:
-            raise StrataError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "TENANT_NOT_EMPTY",
-                "the tenant still owns data; delete it first or set cascade",
-                domain=DOMAIN,
-                metadata={name: str(count) for name, count in remaining.items()},
-            )
-        removed = await self._purge.purge(slug, timeout=deadline_timeout(context))
-        await self._write_audited(
-            "DELETE FROM tenants.tenants WHERE id = $1 RETURNING slug",
-            row["id"],
-            timeout=deadline_timeout(context),
-            details=lambda _: {"cascade": request.cascade, **removed},
+            raise _not_empty(remaining)
+        # Keys and KV first (other services, RPCs), then, in one transaction
+        # holding the tenant row, its records, collections and the row itself.
+        elsewhere = (
+            await self._purge.purge_services(slug, timeout=timeout)
+            if request.cascade
+            else {"api_keys": 0, "kv_keys": 0}
         )
+        async with self._db.tenant_transaction(slug, timeout=timeout) as conn:
+            locked = await conn.fetchrow(
+                f"SELECT {_COLUMNS} FROM tenants.tenants WHERE id = $1 FOR UPDATE", row["id"], timeout=timeout
+            )
+            if locked is None:
+                raise not_found("TENANT_NOT_FOUND", "no such tenant", domain=DOMAIN, slug=slug)
+            _check_etag(request.etag, locked)
+            if not request.cascade:
+                # Anything written since the first count is still refused, not deleted.
+                remaining = await self._purge.count(conn, slug, timeout=timeout)
+                if any(remaining.values()):
+                    raise _not_empty(remaining)
+            purged = await self._purge.purge_rows(conn, timeout=timeout)
+            await conn.execute("DELETE FROM tenants.tenants WHERE id = $1", row["id"], timeout=timeout)
+            removed = {
+                "records": len(purged.records),
+                "vector_collections": purged.vector_collections,
+                **elsewhere,
+            }
+            details = {"cascade": request.cascade, **removed}
+            await record_audit(conn, f"tenant/{slug}", details, timeout=timeout)
+        await self._purge.forget(slug, purged)
         return tenants_pb2.DeleteTenantResponse(
             records_deleted=removed["records"],
             kv_keys_deleted=removed["kv_keys"],
@@ -291,6 +333,24 @@ def _name_of(tenant_id: str, slug: str) -> tuple[str, Any]:
     raise invalid_argument([FieldViolation("slug", "set a tenant id or a valid slug")], domain=DOMAIN)
 
 
+def _check_etag(etag: str, row: asyncpg.Record) -> None:
+    """ABORTED when ``etag`` is set and is not the tenant row's."""
+    if etag and etag != f"v{row['version']}":
+        raise aborted("ETAG_MISMATCH", "the tenant changed since that etag", domain=DOMAIN)
+
+
+def _not_empty(remaining: dict[str, int]) -> StrataError:
+    """FAILED_PRECONDITION naming what the tenant still owns (kinds with none left out of the message)."""
+    owned = ", ".join(f"{kind.replace('_', ' ')}: {count}" for kind, count in remaining.items() if count)
+    return StrataError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "TENANT_NOT_EMPTY",
+        f"the tenant still owns {owned}; delete them first or set cascade",
+        domain=DOMAIN,
+        metadata={kind: str(count) for kind, count in remaining.items()},
+    )
+
+
 def _version_of(etag: str) -> int | None:
     if not etag:
         return None
@@ -305,6 +365,6 @@ def _check_fields(tenant: tenants_pb2.Tenant, prefix: str, errors: list[FieldVio
         errors.append(FieldViolation(f"{prefix}display_name", "must be at most 200 characters"))
     if len(tenant.plan) > 64:
         errors.append(FieldViolation(f"{prefix}plan", "must be at most 64 characters"))
-    if tenant.status not in (0, tenants_pb2.TENANT_STATUS_ACTIVE, tenants_pb2.TENANT_STATUS_SUSPENDED):
+    if tenant.status not in _STATUSES:
         errors.append(FieldViolation(f"{prefix}status", "is not a TenantStatus"))
     return document_json(tenant.metadata, f"{prefix}metadata", errors, max_bytes=_MAX_METADATA)

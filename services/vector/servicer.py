@@ -342,7 +342,7 @@ class VectorServicer:
             if which == "ids":
                 condition = f"id = ANY({params.add(list(request.ids.ids))}::text[])"
             else:
-                condition = compile_filter(request.filter, "payload", params)
+                condition = compile_filter(request.filter, "payload", params, domain=DOMAIN)
             status = await conn.execute(
                 f"DELETE FROM vector.points WHERE collection_id = {collection_id} AND {condition}",
                 *params.values,
@@ -359,7 +359,9 @@ class VectorServicer:
             collection = await self._collection(conn, request.collection, timeout)
             params = SqlParams()
             collection_id = params.add(collection.id)
-            where = compile_filter(request.filter if request.HasField("filter") else None, "payload", params)
+            where = compile_filter(
+                request.filter if request.HasField("filter") else None, "payload", params, domain=DOMAIN
+            )
             count = await conn.fetchval(
                 f"SELECT count(*) FROM vector.points WHERE collection_id = {collection_id} AND {where}",
                 *params.values,
@@ -389,7 +391,7 @@ class VectorServicer:
                 params = SqlParams()
                 collection_id = params.add(collection.id)
                 wanted = request.filter if request.HasField("filter") else None
-                where = compile_filter(wanted, "payload", params)
+                where = compile_filter(wanted, "payload", params, domain=DOMAIN)
                 found: list[asyncpg.Record] = await conn.fetch(
                     f"SELECT {_columns(request.with_vectors, request.with_payload)} FROM vector.points "
                     f"WHERE collection_id = {collection_id} AND id > {params.add(str(after))} AND {where} "
@@ -469,7 +471,7 @@ class VectorServicer:
                 params = SqlParams()
                 collection_id = params.add(collection.id)
                 wanted = request.filter if request.HasField("filter") else None
-                where = compile_filter(wanted, "payload", params)
+                where = compile_filter(wanted, "payload", params, domain=DOMAIN)
                 query = params.add(vector)
                 distance = collection.distance(query)
                 text = params.add(request.text)
@@ -576,7 +578,11 @@ class VectorServicer:
         params = SqlParams()
         collection_id = params.add(collection.id)
         where = compile_filter(
-            request.filter if request.HasField("filter") else None, "payload", params, field=f"{prefix}filter"
+            request.filter if request.HasField("filter") else None,
+            "payload",
+            params,
+            field=f"{prefix}filter",
+            domain=DOMAIN,
         )
         exact = request.exact or collection.index_kind == _NO_INDEX
         distance = collection.distance(params.add(vector))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 import asyncpg
 import grpc
@@ -14,8 +15,12 @@ from strata.common.v1 import filter_pb2
 from strata.kv.v1 import kv_pb2
 from strata.tenants.v1 import tenants_pb2, tenants_pb2_grpc
 
+from shared.identity import ADMIN_SCOPE, SCOPES, Caller
+from tests.chaos import provision_tenant
+from tests.conftest import signed_channel
 from tests.e2e.conftest import bearer
 from tests.helpers import error_info, field_violations
+from tests.stack import Stack, remove_data, start_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -146,10 +151,202 @@ async def test_update_changes_only_masked_fields_and_checks_the_etag(gw_tenants,
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+async def list_every_tenant(gw_tenants, metadata, status: int = 0) -> list[tenants_pb2.Tenant]:
+    """Every tenant ListTenants returns for ``status`` (0: all), walked page by page."""
+    found: list[tenants_pb2.Tenant] = []
+    token = ""
+    while True:
+        page = await gw_tenants.ListTenants(
+            tenants_pb2.ListTenantsRequest(status=status, page_size=50, page_token=token), metadata=metadata
+        )
+        found.extend(page.tenants)
+        token = page.next_page_token
+        if not token:
+            return found
+
+
+async def test_list_tenants_by_status_returns_exactly_the_tenants_with_that_status(
+    gw_tenants, admin_metadata
+):
+    prefix = f"st-{uuid.uuid4().hex[:8]}"
+    wanted = {f"{prefix}-a{i}": Status.TENANT_STATUS_ACTIVE for i in range(3)}
+    wanted |= {f"{prefix}-s{i}": Status.TENANT_STATUS_SUSPENDED for i in range(2)}
+    for slug, status in wanted.items():
+        await gw_tenants.CreateTenant(
+            tenants_pb2.CreateTenantRequest(tenant=tenants_pb2.Tenant(slug=slug, status=status)),
+            metadata=admin_metadata,
+        )
+    # One changes status after creation: the filter reads the current status.
+    moved = f"{prefix}-a2"
+    await gw_tenants.UpdateTenant(
+        tenants_pb2.UpdateTenantRequest(
+            tenant=tenants_pb2.Tenant(slug=moved, status=Status.TENANT_STATUS_SUSPENDED),
+            update_mask=field_mask_pb2.FieldMask(paths=["status"]),
+        ),
+        metadata=admin_metadata,
+    )
+    wanted[moved] = Status.TENANT_STATUS_SUSPENDED
+    for status in (Status.TENANT_STATUS_ACTIVE, Status.TENANT_STATUS_SUSPENDED):
+        listed = await list_every_tenant(gw_tenants, admin_metadata, status)
+        assert {t.status for t in listed} <= {status}
+        mine = {t.slug for t in listed if t.slug.startswith(prefix)}
+        assert mine == {slug for slug, s in wanted.items() if s == status}, Status.Name(status)
+    everyone = {t.slug for t in await list_every_tenant(gw_tenants, admin_metadata)}
+    assert set(wanted) <= everyone
+
+
+async def test_list_tenants_with_an_unknown_status_is_invalid_argument(gw_tenants, admin_metadata):
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gw_tenants.ListTenants(tenants_pb2.ListTenantsRequest(status=7), metadata=admin_metadata)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "status" in field_violations(caught.value)
+
+
+async def test_delete_tenant_with_a_stale_etag_is_aborted_and_with_the_current_etag_deletes(
+    gw_tenants, admin_metadata, slug
+):
+    created = (
+        await gw_tenants.CreateTenant(
+            tenants_pb2.CreateTenantRequest(tenant=tenants_pb2.Tenant(slug=slug, display_name="v1")),
+            metadata=admin_metadata,
+        )
+    ).tenant
+    updated = (
+        await gw_tenants.UpdateTenant(
+            tenants_pb2.UpdateTenantRequest(
+                tenant=tenants_pb2.Tenant(slug=slug, display_name="v2"),
+                update_mask=field_mask_pb2.FieldMask(paths=["display_name"]),
+            ),
+            metadata=admin_metadata,
+        )
+    ).tenant
+    assert updated.etag != created.etag
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gw_tenants.DeleteTenant(
+            tenants_pb2.DeleteTenantRequest(slug=slug, etag=created.etag), metadata=admin_metadata
+        )
+    assert caught.value.code() == grpc.StatusCode.ABORTED
+    assert error_info(caught.value).reason == "ETAG_MISMATCH"
+    still = await gw_tenants.GetTenant(tenants_pb2.GetTenantRequest(slug=slug), metadata=admin_metadata)
+    assert still.tenant == updated
+    await gw_tenants.DeleteTenant(
+        tenants_pb2.DeleteTenantRequest(slug=slug, etag=updated.etag), metadata=admin_metadata
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gw_tenants.GetTenant(tenants_pb2.GetTenantRequest(slug=slug), metadata=admin_metadata)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+# Every scope a key can hold but admin.
+NON_ADMIN_SCOPES = frozenset(SCOPES - {ADMIN_SCOPE})
+TENANT_METHODS = (
+    "CreateTenant",
+    "GetTenant",
+    "ListTenants",
+    "UpdateTenant",
+    "DeleteTenant",
+    "DeclareIndex",
+    "ListIndexes",
+)
+
+
+def tenant_service_call(
+    stub: tenants_pb2_grpc.TenantServiceStub, method: str, target: str, fresh: str, collection: str
+):
+    """A call of TenantService ``method`` that would change ``target``, make ``fresh`` or index ``collection``."""
+    requests = {
+        "CreateTenant": tenants_pb2.CreateTenantRequest(tenant=tenants_pb2.Tenant(slug=fresh)),
+        "GetTenant": tenants_pb2.GetTenantRequest(slug=target),
+        "ListTenants": tenants_pb2.ListTenantsRequest(),
+        "UpdateTenant": tenants_pb2.UpdateTenantRequest(
+            tenant=tenants_pb2.Tenant(
+                slug=target, display_name="taken over", status=Status.TENANT_STATUS_SUSPENDED
+            ),
+            update_mask=field_mask_pb2.FieldMask(paths=["display_name", "status"]),
+        ),
+        "DeleteTenant": tenants_pb2.DeleteTenantRequest(slug=target, cascade=True),
+        "DeclareIndex": tenants_pb2.DeclareIndexRequest(
+            index=tenants_pb2.RecordIndex(collection=collection, path="owner")
+        ),
+        "ListIndexes": tenants_pb2.ListIndexesRequest(collection=collection),
+    }
+    return getattr(stub, method), requests[method]
+
+
+async def registry_state(gw_tenants, admin_metadata, target: str, fresh: str, collection: str) -> tuple:
+    """What a TenantService call could change: ``target`` as stored, whether ``fresh`` exists, the indexes."""
+    tenant = (
+        await gw_tenants.GetTenant(tenants_pb2.GetTenantRequest(slug=target), metadata=admin_metadata)
+    ).tenant
+    try:
+        await gw_tenants.GetTenant(tenants_pb2.GetTenantRequest(slug=fresh), metadata=admin_metadata)
+        fresh_exists = True
+    except grpc.aio.AioRpcError as exc:
+        assert exc.code() == grpc.StatusCode.NOT_FOUND
+        fresh_exists = False
+    indexes = await gw_tenants.ListIndexes(
+        tenants_pb2.ListIndexesRequest(collection=collection), metadata=admin_metadata
+    )
+    return tenant, fresh_exists, list(indexes.indexes)
+
+
+@pytest.mark.parametrize("via", ["gateway", "service"])
+@pytest.mark.parametrize("method", TENANT_METHODS)
+async def test_every_tenant_method_without_the_admin_scope_is_permission_denied_and_changes_nothing(
+    gw_tenants, admin_metadata, make_key, stack, slug, method, via
+):
+    assert set(TENANT_METHODS) == set(
+        tenants_pb2.DESCRIPTOR.services_by_name["TenantService"].methods_by_name
+    )
+    api_key, key_id = await make_key(slug, *sorted(NON_ADMIN_SCOPES))
+    fresh, collection = f"t-{uuid.uuid4().hex[:10]}", f"c{uuid.uuid4().hex[:10]}"
+    before = await registry_state(gw_tenants, admin_metadata, slug, fresh, collection)
+    caller = Caller(slug, NON_ADMIN_SCOPES, key_id)
+    # "service": straight to the tenants process with a signed identity, past the gateway's own check.
+    async with signed_channel(stack.ports["tenants"], caller) as direct:
+        stub = gw_tenants if via == "gateway" else tenants_pb2_grpc.TenantServiceStub(direct)
+        metadata = bearer(api_key) if via == "gateway" else ()
+        call, request = tenant_service_call(stub, method, slug, fresh, collection)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call(request, metadata=metadata, timeout=10)
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert await registry_state(gw_tenants, admin_metadata, slug, fresh, collection) == before
+
+
 async def test_tenant_calls_need_the_admin_scope(gw_tenants, writer):
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await gw_tenants.ListTenants(tenants_pb2.ListTenantsRequest(), metadata=writer)
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_concurrent_tenant_updates_with_one_etag_let_exactly_one_win(gw_tenants, admin_metadata, slug):
+    created = (
+        await gw_tenants.CreateTenant(
+            tenants_pb2.CreateTenantRequest(tenant=tenants_pb2.Tenant(slug=slug, display_name="start")),
+            metadata=admin_metadata,
+        )
+    ).tenant
+
+    async def attempt(i: int) -> tenants_pb2.Tenant | grpc.StatusCode:
+        try:
+            response = await gw_tenants.UpdateTenant(
+                tenants_pb2.UpdateTenantRequest(
+                    tenant=tenants_pb2.Tenant(slug=slug, display_name=f"writer-{i}"),
+                    update_mask=field_mask_pb2.FieldMask(paths=["display_name"]),
+                    etag=created.etag,
+                ),
+                metadata=admin_metadata,
+            )
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+        return response.tenant
+
+    outcomes = await asyncio.gather(*(attempt(i) for i in range(8)))
+    winners = [o for o in outcomes if isinstance(o, tenants_pb2.Tenant)]
+    assert len(winners) == 1, outcomes
+    assert [o for o in outcomes if not isinstance(o, tenants_pb2.Tenant)] == [grpc.StatusCode.ABORTED] * 7
+    stored = await gw_tenants.GetTenant(tenants_pb2.GetTenantRequest(slug=slug), metadata=admin_metadata)
+    assert stored.tenant == winners[0]
 
 
 async def test_a_suspended_tenants_keys_are_refused_until_it_is_active_again(
@@ -624,3 +821,266 @@ async def test_a_recreated_tenant_does_not_see_its_predecessors_cached_records(
             tenants_pb2.GetRecordRequest(collection="c", id="r1"), metadata=bearer(new_key)
         )
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_concurrent_record_updates_with_one_etag_let_exactly_one_win(gw_records, writer):
+    made = await create(gw_records, writer, "race", {"writer": None}, "r1")
+
+    async def attempt(i: int) -> tenants_pb2.Record | grpc.StatusCode:
+        try:
+            response = await gw_records.UpdateRecord(
+                tenants_pb2.UpdateRecordRequest(
+                    record=tenants_pb2.Record(collection="race", id="r1", data=struct({"writer": i})),
+                    etag=made.etag,
+                ),
+                metadata=writer,
+            )
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+        return response.record
+
+    outcomes = await asyncio.gather(*(attempt(i) for i in range(8)))
+    winners = [o for o in outcomes if isinstance(o, tenants_pb2.Record)]
+    assert len(winners) == 1, outcomes
+    assert [o for o in outcomes if not isinstance(o, tenants_pb2.Record)] == [grpc.StatusCode.ABORTED] * 7
+    assert winners[0].revision == 2
+    cached = await gw_records.GetRecord(
+        tenants_pb2.GetRecordRequest(collection="race", id="r1"), metadata=writer
+    )
+    # ListRecords reads Postgres, not the cache: what is stored.
+    listed = await gw_records.ListRecords(tenants_pb2.ListRecordsRequest(collection="race"), metadata=writer)
+    assert cached.record == winners[0] and list(listed.records) == [winners[0]]
+
+
+# -- nested filters -----------------------------------------------------------
+
+NESTED_DOCS: dict[str, dict] = {
+    "n01": {"a": 1, "b": "x", "c": True},
+    "n02": {"a": 1, "b": "y", "c": False},
+    "n03": {"a": 2, "b": "x", "c": True},
+    "n04": {"a": 2, "b": "y", "c": False},
+    "n05": {"a": 3, "b": "xy", "c": True},
+    "n06": {"a": 3, "b": "z"},
+    "n07": {"b": "x", "c": False},
+    "n08": {"a": 0, "c": True},
+    "n09": {"a": 4, "b": "yx", "c": False},
+    "n10": {},
+}
+
+
+def has(doc: dict, key: str, value) -> bool:
+    """What OPERATOR_EQ means: the key is there with that value (and that JSON type: True is not 1)."""
+    return key in doc and type(doc[key]) is type(value) and doc[key] == value
+
+
+def all_of(*filters: filter_pb2.Filter) -> filter_pb2.Filter:
+    return filter_pb2.Filter(all_of=filter_pb2.FilterList(filters=filters))
+
+
+def any_of(*filters: filter_pb2.Filter) -> filter_pb2.Filter:
+    return filter_pb2.Filter(any_of=filter_pb2.FilterList(filters=filters))
+
+
+def none_of(*filters: filter_pb2.Filter) -> filter_pb2.Filter:
+    return filter_pb2.Filter(none_of=filter_pb2.FilterList(filters=filters))
+
+
+NESTED_CASES = {
+    "and of (or of two, not of one)": (
+        all_of(
+            any_of(cond("a", "OPERATOR_EQ", 1), cond("b", "OPERATOR_EQ", "x")),
+            none_of(cond("c", "OPERATOR_EQ", True)),
+        ),
+        lambda d: (has(d, "a", 1) or has(d, "b", "x")) and not has(d, "c", True),
+    ),
+    "or of ands": (
+        any_of(
+            all_of(cond("a", "OPERATOR_GTE", 2), cond("b", "OPERATOR_EQ", "y")),
+            all_of(cond("a", "OPERATOR_LT", 1), cond("c", "OPERATOR_EQ", True)),
+        ),
+        lambda d: (
+            (d.get("a", -99) >= 2 and has(d, "b", "y")) or ("a" in d and d["a"] < 1 and has(d, "c", True))
+        ),
+    ),
+    "not of an or": (
+        none_of(any_of(cond("a", "OPERATOR_EQ", 1), cond("b", "OPERATOR_PREFIX", "x"))),
+        lambda d: not (has(d, "a", 1) or str(d.get("b", "")).startswith("x")),
+    ),
+    "and of (or of (and, not exists), ne)": (
+        all_of(
+            any_of(
+                all_of(cond("a", "OPERATOR_GT", 1), cond("c", "OPERATOR_EQ", True)),
+                none_of(cond("b", "OPERATOR_EXISTS")),
+            ),
+            cond("b", "OPERATOR_NE", "z"),
+        ),
+        lambda d: ((d.get("a", -99) > 1 and has(d, "c", True)) or "b" not in d) and d.get("b") != "z",
+    ),
+    "or of (not exists, and with in)": (
+        any_of(
+            none_of(cond("a", "OPERATOR_EXISTS")),
+            all_of(cond("a", "OPERATOR_IN", values=[1, 3]), cond("c", "OPERATOR_EQ", False)),
+        ),
+        lambda d: "a" not in d or (d["a"] in (1, 3) and has(d, "c", False)),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(NESTED_CASES))
+async def test_nested_filter_combinations_match_the_same_logic_in_python(gw_records, writer, case):
+    for record_id, data in NESTED_DOCS.items():
+        await create(gw_records, writer, "nested", data, record_id)
+    filter_, matches = NESTED_CASES[case]
+    expected = sorted(record_id for record_id, data in NESTED_DOCS.items() if matches(data))
+    assert 0 < len(expected) < len(NESTED_DOCS), "a case that tells nothing apart"
+    page = await gw_records.ListRecords(
+        tenants_pb2.ListRecordsRequest(collection="nested", filter=filter_, order_by="id"), metadata=writer
+    )
+    assert [r.id for r in page.records] == expected
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        nested(9),
+        cond("a b", "OPERATOR_EQ", 1),
+        cond("name", "OPERATOR_PREFIX", 5),
+        cond("name", "OPERATOR_IN", values=list(range(1001))),
+    ],
+)
+async def test_filter_errors_from_list_records_carry_the_tenants_error_domain(gw_records, writer, bad):
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gw_records.ListRecords(
+            tenants_pb2.ListRecordsRequest(collection="x", filter=bad), metadata=writer
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(caught.value).domain == "strata.tenants.v1"
+
+
+# -- the records cache across tenants processes -----------------------------
+
+RECORD_SCOPES = frozenset({"tenants:read", "tenants:write"})
+
+
+@pytest.fixture(scope="module")
+async def two_tenants_processes(settings) -> AsyncIterator[Stack]:
+    """A stack whose gateway balances over two tenants processes (round robin)."""
+    stack = await start_stack(
+        settings,
+        STRATA_TENANTS_REPLICAS="2",
+        STRATA_RATE_LIMIT_RPS="100000",
+        STRATA_RATE_LIMIT_BURST="100000",
+    )
+    yield stack
+    await stack.stop()
+    remove_data(stack)
+
+
+def tenants_ports(stack: Stack) -> list[int]:
+    """The two tenants processes' ports (process i listens on the port + 100 x i)."""
+    return [stack.ports["tenants"], stack.ports["tenants"] + 100]
+
+
+async def expect_missing(
+    stubs: list[tenants_pb2_grpc.RecordServiceStub], collection: str, record_id: str
+) -> None:
+    """Each stub answers NOT_FOUND for the record, in GetRecord and BatchGetRecords."""
+    for stub in stubs:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.GetRecord(
+                tenants_pb2.GetRecordRequest(collection=collection, id=record_id), timeout=10
+            )
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        batch = await stub.BatchGetRecords(
+            tenants_pb2.BatchGetRecordsRequest(collection=collection, ids=[record_id]), timeout=10
+        )
+        assert list(batch.missing_ids) == [record_id]
+
+
+async def test_a_record_write_on_one_tenants_process_is_never_read_old_on_the_other(two_tenants_processes):
+    stack = two_tenants_processes
+    assert len(stack.launched.all_pids()["tenants"]) == 2
+    slug = f"rc-{uuid.uuid4().hex[:8]}"
+    metadata = await provision_tenant(stack, slug)
+    caller = Caller(slug, RECORD_SCOPES, "direct")
+    first, second = tenants_ports(stack)
+    async with (
+        grpc.aio.insecure_channel(stack.gateway) as gw,
+        signed_channel(first, caller) as a,
+        signed_channel(second, caller) as b,
+    ):
+        gateway = tenants_pb2_grpc.RecordServiceStub(gw)
+        one, other = tenants_pb2_grpc.RecordServiceStub(a), tenants_pb2_grpc.RecordServiceStub(b)
+
+        async def read(stub, record_id: str, **kwargs) -> dict:
+            got = await stub.GetRecord(
+                tenants_pb2.GetRecordRequest(collection="c", id=record_id), timeout=10, **kwargs
+            )
+            return json_format.MessageToDict(got.record.data)
+
+        await create(gateway, metadata, "c", {"v": 0}, "r1")
+        # Both processes hold the record in their own cache tier before the writes start.
+        assert [await read(one, "r1"), await read(other, "r1")] == [{"v": 0}] * 2
+        for i in range(1, 41):
+            writer, reader = (one, other) if i % 2 else (other, one)
+            await writer.UpdateRecord(
+                tenants_pb2.UpdateRecordRequest(
+                    record=tenants_pb2.Record(collection="c", id="r1", data=struct({"v": i}))
+                ),
+                timeout=10,
+            )
+            assert await read(reader, "r1") == {"v": i}, f"update {i}: the other process answered old"
+            assert await read(writer, "r1") == {"v": i}
+        # Through the gateway: consecutive calls go to alternate processes.
+        for i in range(41, 61):
+            await gateway.UpdateRecord(
+                tenants_pb2.UpdateRecordRequest(
+                    record=tenants_pb2.Record(collection="c", id="r1", data=struct({"v": i}))
+                ),
+                metadata=metadata,
+                timeout=10,
+            )
+            seen = [await read(gateway, "r1", metadata=metadata) for _ in range(4)]
+            assert seen == [{"v": i}] * 4, f"update {i} through the gateway"
+        assert [await read(one, "r1"), await read(other, "r1")] == [{"v": 60}] * 2
+        await one.DeleteRecord(tenants_pb2.DeleteRecordRequest(collection="c", id="r1"), timeout=10)
+        await expect_missing([other, one], "c", "r1")
+        # And a delete through the gateway, read back through it and both processes.
+        await create(gateway, metadata, "c", {"v": "again"}, "r2")
+        assert [await read(one, "r2"), await read(other, "r2")] == [{"v": "again"}] * 2
+        await gateway.DeleteRecord(
+            tenants_pb2.DeleteRecordRequest(collection="c", id="r2"), metadata=metadata, timeout=10
+        )
+        for _ in range(4):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await read(gateway, "r2", metadata=metadata)
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        await expect_missing([one, other], "c", "r2")
+
+
+async def test_a_tenant_delete_on_one_process_drops_its_records_from_the_others_cache(two_tenants_processes):
+    stack = two_tenants_processes
+    slug = f"rd-{uuid.uuid4().hex[:8]}"
+    metadata = await provision_tenant(stack, slug)
+    caller = Caller(slug, RECORD_SCOPES, "direct")
+    admin = bearer(stack.api_key)
+    async with (
+        grpc.aio.insecure_channel(stack.gateway) as gw,
+        signed_channel(tenants_ports(stack)[0], caller) as a,
+        signed_channel(tenants_ports(stack)[1], caller) as b,
+    ):
+        stubs = [tenants_pb2_grpc.RecordServiceStub(a), tenants_pb2_grpc.RecordServiceStub(b)]
+        ids = [f"d{i}" for i in range(5)]
+        for record_id in ids:
+            await create(tenants_pb2_grpc.RecordServiceStub(gw), metadata, "c", {"id": record_id}, record_id)
+        for stub in stubs:  # cached in both processes
+            batch = await stub.BatchGetRecords(tenants_pb2.BatchGetRecordsRequest(collection="c", ids=ids))
+            assert [r.id for r in batch.records] == ids
+            for record_id in ids:
+                await stub.GetRecord(tenants_pb2.GetRecordRequest(collection="c", id=record_id))
+        gone = await tenants_pb2_grpc.TenantServiceStub(gw).DeleteTenant(
+            tenants_pb2.DeleteTenantRequest(slug=slug, cascade=True), metadata=admin, timeout=30
+        )
+        assert gone.records_deleted == len(ids)
+        for record_id in ids:
+            await expect_missing(stubs, "c", record_id)

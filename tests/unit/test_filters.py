@@ -177,7 +177,8 @@ def test_exists_false_is_null():
 def test_prefix_is_starts_with_on_a_json_string():
     sql, values = compile_(cond("name", "PREFIX", "ab"))
     assert sql == (
-        """(jsonb_typeof(("data" #> '{name}')) = 'string' AND starts_with(("data" #>> '{name}'), $1::text))"""
+        """(jsonb_typeof(("data" #> '{name}')) = 'string' """
+        """AND starts_with((("data" #>> '{name}') COLLATE "C"), $1::text))"""
     )
     assert values == ["ab"]
 
