@@ -6,7 +6,15 @@ either tier, so the classic fill race (a reader misses, reads the old row, a
 writer commits and updates the cache, then the reader stores the old row)
 cannot leave a stale entry: the late fill is refused.
 
-Writers call :meth:`RevisionedCache.record_write` after commit and before
+That guard needs the newer entry to still be there. Redis may lose it between
+the write and the late fill (a flush, a restart, an eviction, an invalidation),
+so a reader takes a lease before it reads the database: a token stored under
+each key it missed (:meth:`RevisionedCache.lease`). Its fill lands in Redis
+only if the key still holds that token, or an older entry; a key found empty
+means something came between, and the fill is refused (leases, as in
+memcache's, after Nishtala et al., "Scaling Memcache at Facebook").
+
+Writers call :meth:`RevisionedCache.record_writes` after commit and before
 acknowledging, writing the new value (or a tombstone) through both tiers and
 broadcasting the revision to other processes' LRUs over Redis pub/sub.
 Concurrent misses for one key share one load. Redis down means the cache is
@@ -19,12 +27,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, TypeVar, cast
 
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -59,21 +68,47 @@ _POLL_S = 1.0
 _WRITE_THROUGH_S = 0.5  # the Redis client's own socket timeout bounds each pipeline
 _WRITE_THROUGH_PERSIST_S = 3.0  # how long a write-through keeps trying a Redis that times out
 
-# KEYS[i] = entry key; ARGV[2i-1] = its encoded entry; ARGV[2i] = its TTL in ms.
-# Stores each entry unless the current one's revision+flag prefix is >= the new
-# one's; returns how many were stored. One call per batch: a write-through of n
-# entries is one command for redis-py to encode and parse, not n.
+_LEASE_PREFIX = b"L"  # a lease: "L" + token; entries start with a revision's digits
+_LEASE_MS = 10_000  # a load slower than this loses its lease (its fill is refused)
+
+# KEYS[i] = entry key; ARGV[1] = the fill's lease, "" for a write; ARGV[2i] = the
+# encoded entry; ARGV[2i+1] = its TTL in ms. A write replaces an absent key, a
+# lease or an entry whose revision+flag prefix is lower; a fill only its own
+# lease or such an entry. Returns how many were stored. One call per batch: a
+# write-through of n entries is one command for redis-py to encode and parse, not n.
 _GUARDED_SET = """
+local lease = ARGV[1]
 local stored = 0
 for i, key in ipairs(KEYS) do
-  local new = ARGV[2 * i - 1]
+  local new = ARGV[2 * i]
   local cur = redis.call('GET', key)
-  if not (cur and string.sub(cur, 1, 21) >= string.sub(new, 1, 21)) then
-    redis.call('SET', key, new, 'PX', ARGV[2 * i])
+  local store
+  if not cur then
+    store = lease == ''
+  elseif string.sub(cur, 1, 1) == 'L' then
+    store = lease == '' or cur == lease
+  else
+    store = string.sub(cur, 1, 21) < string.sub(new, 1, 21)
+  end
+  if store then
+    redis.call('SET', key, new, 'PX', ARGV[2 * i + 1])
     stored = stored + 1
   end
 end
 return stored
+"""
+
+# KEYS = keys a reader missed; ARGV[1] = its lease; ARGV[2] = the lease's TTL in ms.
+# Takes each key that is absent or leased (the newest reader's lease wins);
+# an entry that arrived meanwhile stays, and guards the fill by its revision.
+_LEASE = """
+for _, key in ipairs(KEYS) do
+  local cur = redis.call('GET', key)
+  if not cur or string.sub(cur, 1, 1) == 'L' then
+    redis.call('SET', key, ARGV[1], 'PX', ARGV[2])
+  end
+end
+return 0
 """
 
 
@@ -92,9 +127,7 @@ async def invalidate_prefix(redis: Redis, name: str, prefix: bytes) -> int:
 
     Redis entries are unlinked; every process drops its local ones on hearing
     the broadcast. Returns how many Redis entries were removed. A fill that
-    read Postgres before the call may still land afterwards, as after any
-    eviction: entries are revisioned, so it can only hold what was current
-    when it was read.
+    read Postgres before the call is refused: its lease is unlinked too.
     """
     pattern = _glob_escape(redis_key_prefix(name) + prefix) + b"*"
     removed = 0
@@ -108,6 +141,14 @@ async def invalidate_prefix(redis: Redis, name: str, prefix: bytes) -> int:
         removed += await redis.unlink(*batch)
     await redis.publish(invalidation_channel(name), _DROP_PREFIX + prefix)
     return removed
+
+
+def _by_slot(prefix: bytes, keys: Sequence[bytes]) -> list[list[bytes]]:
+    """``keys`` grouped by the cluster hash slot of ``prefix + key``: a script's keys must share one."""
+    slots: dict[int, list[bytes]] = {}
+    for key in keys:
+        slots.setdefault(slot_of(prefix + key), []).append(key)
+    return list(slots.values())
 
 
 def _glob_escape(raw: bytes) -> bytes:
@@ -152,6 +193,9 @@ class _LocalEntry:
 
 
 Loader = Callable[[], Awaitable[CacheEntry | None]]
+Id = TypeVar("Id")  # what a batch caller names its keys by (a KV key, a record id)
+Item = TypeVar("Item")
+AsyncScript = Any  # redis-py's AsyncScript / a cluster's: registered once, run by its sha
 
 
 class RevisionedCache:
@@ -185,6 +229,7 @@ class RevisionedCache:
         self._pending: dict[bytes, bytes] = {}  # key → encoded entry not yet in Redis
         self._inflight: dict[bytes, asyncio.Future[CacheEntry | None]] = {}
         self._set_script = redis.register_script(_GUARDED_SET) if redis is not None else None
+        self._lease_script = redis.register_script(_LEASE) if redis is not None else None
         # Concurrent writers share one pipeline per round trip (see record_writes).
         self._write_through_group: GroupCommit[tuple[bytes, bytes, CacheEntry], None] = GroupCommit(
             self._write_through_batch, max_entries=1024, split_on=()
@@ -249,7 +294,7 @@ class RevisionedCache:
             except (RedisError, OSError) as exc:
                 self._redis_failed(exc)
             else:
-                if raw is not None:
+                if raw is not None and not raw.startswith(_LEASE_PREFIX):
                     entry = _decode(raw)
                     if entry is not None and (entry.expires_at is None or entry.expires_at > now):
                         self.stats.redis_hits += 1
@@ -276,9 +321,10 @@ class RevisionedCache:
         self._inflight[key] = future
         try:
             self.stats.loads += 1
+            lease = await self.lease([key])
             loaded = await loader()
             if loaded is not None:
-                await self.fill(key, loaded)
+                await self.fill(key, loaded, lease)
             future.set_result(loaded)
             return loaded
         except BaseException as exc:
@@ -288,20 +334,75 @@ class RevisionedCache:
         finally:
             del self._inflight[key]
 
+    async def load_many(
+        self,
+        ids: Sequence[Id],
+        key_of: Callable[[Id], bytes],
+        loader: Callable[[list[Id]], Awaitable[dict[Id, CacheEntry]]],
+    ) -> dict[Id, CacheEntry]:
+        """The cached entry of each of ``ids``, and ``loader(missed)``'s for the rest, stored.
+
+        ``key_of`` gives an id's cache key. The loader returns what it found
+        (ids absent from the database are left out, and from the result too).
+        Misses are leased together, in one round trip, before the loader runs.
+        """
+        found: dict[Id, CacheEntry] = {}
+        missed: list[Id] = []
+        for item in ids:
+            entry = await self.get(key_of(item))
+            if entry is None:
+                missed.append(item)
+            else:
+                found[item] = entry
+        if missed:
+            self.stats.loads += 1
+            lease = await self.lease([key_of(item) for item in missed])
+            for item, entry in (await loader(missed)).items():
+                await self.fill(key_of(item), entry, lease)
+                found[item] = entry
+        return found
+
+    async def lease(self, keys: Sequence[bytes]) -> bytes | None:
+        """Lease ``keys`` before reading them from the database; the lease to :meth:`fill` with.
+
+        None when Redis is not in use (bypassed, or it failed now): the fill
+        then goes to the local tier alone, if Redis is still bypassed then.
+        """
+        if not keys or not self._redis_usable():
+            return None
+        assert self._redis is not None and self._lease_script is not None
+        lease = _LEASE_PREFIX + os.urandom(8).hex().encode()
+        redis, sha = self._redis, self._lease_script.sha
+
+        async def take(group: Sequence[bytes]) -> None:
+            await redis.evalsha(sha, len(group), *[self._prefix + key for key in group], lease, _LEASE_MS)
+
+        try:
+            groups = _by_slot(self._prefix, keys) if is_cluster(redis) else [list(keys)]
+            await asyncio.gather(*(self._with_script(self._lease_script, take, group) for group in groups))
+        except (RedisError, OSError) as exc:
+            self._redis_failed(exc)
+            return None
+        return lease
+
     # -- writes ------------------------------------------------------------
 
-    async def fill(self, key: bytes, entry: CacheEntry) -> None:
-        """Store an entry read from the database, unless a newer one is cached.
+    async def fill(self, key: bytes, entry: CacheEntry, lease: bytes | None) -> None:
+        """Store an entry read from the database under ``lease`` (see :meth:`lease`).
 
         Redis decides first (it is shared by every process and survives this
-        one's LRU evictions); only a fill Redis accepted, or made while Redis is
-        bypassed, reaches the local tier, which applies its own guard.
+        one's LRU evictions): it takes the entry only if the key still holds
+        this lease or an older entry. Only a fill Redis accepted, or made while
+        Redis is bypassed, reaches the local tier, which applies its own guard.
         """
         flag = self._flag_for(entry)
         if self._redis_usable() and key not in self._pending:
+            if lease is None:  # Redis came back after this load began: its lease was never taken
+                self.stats.fills_refused += 1
+                return
             try:
                 stored = await self._set_script(  # type: ignore[misc]
-                    keys=[self._prefix + key], args=[_encode(flag, entry), self._redis_ttl_ms(entry)]
+                    keys=[self._prefix + key], args=[lease, _encode(flag, entry), self._redis_ttl_ms(entry)]
                 )
             except (RedisError, OSError) as exc:
                 self._redis_failed(exc)
@@ -362,17 +463,18 @@ class RevisionedCache:
         assert self._redis is not None and self._set_script is not None
         redis, sha = self._redis, self._set_script.sha
         message = b"".join(_invalidation(key, data) for key, data, _ in encoded)
+        script = self._set_script
         if is_cluster(redis):
             # A script's keys must share a slot, and a cluster pipeline carries no scripts:
             # one call per slot, side by side.
-            by_slot: dict[int, list[tuple[bytes, bytes, CacheEntry]]] = {}
+            slots: dict[int, list[tuple[bytes, bytes, CacheEntry]]] = {}
             for item in encoded:
-                by_slot.setdefault(slot_of(self._prefix + item[0]), []).append(item)
+                slots.setdefault(slot_of(self._prefix + item[0]), []).append(item)
 
             async def sets(group: Sequence[tuple[bytes, bytes, CacheEntry]]) -> None:
                 await redis.evalsha(sha, len(group), *self._script_arguments(group))
 
-            await asyncio.gather(*(self._with_script(sets, group) for group in by_slot.values()))
+            await asyncio.gather(*(self._with_script(script, sets, group) for group in slots.values()))
             await redis.publish(self._channel, message)
             return
 
@@ -383,26 +485,24 @@ class RevisionedCache:
                 pipe.publish(self._channel, message)
                 await pipe.execute()
 
-        await self._with_script(pipelined, encoded)
+        await self._with_script(script, pipelined, encoded)
 
     async def _with_script(
-        self,
-        send: Callable[[Sequence[tuple[bytes, bytes, CacheEntry]]], Awaitable[None]],
-        encoded: Sequence[tuple[bytes, bytes, CacheEntry]],
+        self, script: AsyncScript, send: Callable[[Sequence[Item]], Awaitable[None]], items: Sequence[Item]
     ) -> None:
-        """``send(encoded)``, and once more after loading the script if Redis lost it."""
+        """``send(items)``, and once more after loading ``script`` if Redis lost it."""
         assert self._redis is not None
         try:
-            await send(encoded)
+            await send(items)
         except NoScriptError:
-            # A restarted or flushed Redis: load the script and write again (the sets are guarded).
-            await self._redis.script_load(_GUARDED_SET)
-            await send(encoded)
+            # A restarted or flushed Redis: load the script and send again (both scripts are idempotent).
+            await self._redis.script_load(script.script)
+            await send(items)
 
     def _script_arguments(self, encoded: Sequence[tuple[bytes, bytes, CacheEntry]]) -> list[bytes | int]:
-        """_GUARDED_SET's keys, then its (entry, TTL) pairs."""
+        """_GUARDED_SET's keys, then no lease (a write), then its (entry, TTL) pairs."""
         keys: list[bytes | int] = [self._prefix + key for key, _, _ in encoded]
-        return keys + [arg for _, data, entry in encoded for arg in (data, self._redis_ttl_ms(entry))]
+        return [*keys, b"", *(arg for _, data, entry in encoded for arg in (data, self._redis_ttl_ms(entry)))]
 
     async def invalidate(self, key: bytes) -> None:
         """Drop ``key`` from both tiers (for callers without a revision)."""

@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
+import asyncpg
 import grpc
 from strata.kv.v1 import kv_pb2
 
@@ -60,10 +61,7 @@ class KvServicer:
 
         async def load() -> CacheEntry | None:
             row = await self._store.get(tenant, namespace, key, timeout=deadline_timeout(context))
-            if row is None:
-                return None
-            kv = entry_to_kv(namespace, row)
-            return CacheEntry(kv.mod_revision, kv.SerializeToString(), _expiry(row["expires_at"]))
+            return None if row is None else _cache_entry(namespace, row)
 
         entry = await self._cache.load(cache_key(tenant, namespace, key), load)
         if entry is None or entry.payload is None or _expired(entry):
@@ -83,27 +81,19 @@ class KvServicer:
         raise_if(errors)
         namespace = request.namespace
         keys = list(dict.fromkeys(request.keys))
-        found: dict[str, kv_pb2.KeyValue | None] = {}
-        misses: list[str] = []
-        for key in keys:
-            entry = await self._cache.get(cache_key(tenant, namespace, key))
-            if entry is None:
-                misses.append(key)
-            elif entry.payload is None or _expired(entry):
-                found[key] = None
-            else:
-                found[key] = kv_pb2.KeyValue.FromString(entry.payload)
-        if misses:
+
+        async def load(misses: list[str]) -> dict[str, CacheEntry]:
             rows = await self._store.get_many(tenant, namespace, misses, timeout=deadline_timeout(context))
-            for row in rows:
-                kv = entry_to_kv(namespace, row)
-                found[kv.key] = kv
-                await self._cache.fill(
-                    cache_key(tenant, namespace, kv.key),
-                    CacheEntry(kv.mod_revision, kv.SerializeToString(), _expiry(row["expires_at"])),
-                )
-        kvs = [found_kv for key in keys if (found_kv := found.get(key)) is not None]
-        missing = [key for key in keys if found.get(key) is None]
+            return {row["key"]: _cache_entry(namespace, row) for row in rows}
+
+        entries = await self._cache.load_many(keys, lambda key: cache_key(tenant, namespace, key), load)
+        found = {
+            key: kv_pb2.KeyValue.FromString(entry.payload)
+            for key, entry in entries.items()
+            if entry.payload is not None and not _expired(entry)
+        }
+        kvs = [found[key] for key in keys if key in found]
+        missing = [key for key in keys if key not in found]
         newest = max((kv.mod_revision for kv in kvs), default=0)
         return kv_pb2.BatchGetResponse(header=self._header(newest), kvs=kvs, missing_keys=missing)
 
@@ -385,6 +375,12 @@ class KvServicer:
 
 def _expiry(value: Any) -> float | None:
     return None if value is None else float(value.timestamp())
+
+
+def _cache_entry(namespace: str, row: asyncpg.Record) -> CacheEntry:
+    """A stored row as its key's cache entry: the ``KeyValue``, guarded by its mod revision."""
+    kv = entry_to_kv(namespace, row)
+    return CacheEntry(kv.mod_revision, kv.SerializeToString(), _expiry(row["expires_at"]))
 
 
 def _expired(entry: CacheEntry) -> bool:

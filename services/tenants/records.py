@@ -171,17 +171,8 @@ class RecordServicer:
             _check_id(record_id, f"ids[{i}]", errors)
         _raise(errors)
         ids = list(dict.fromkeys(request.ids))
-        found: dict[str, tenants_pb2.Record | None] = {}
-        misses: list[str] = []
-        for record_id in ids:
-            entry = await self._cache.get(record_cache_key(tenant, request.collection, record_id))
-            if entry is None:
-                misses.append(record_id)
-            else:
-                found[record_id] = (
-                    None if entry.payload is None else tenants_pb2.Record.FromString(entry.payload)
-                )
-        if misses:
+
+        async def load(misses: list[str]) -> dict[str, CacheEntry]:
             timeout = deadline_timeout(context)
             async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
                 rows = await conn.fetch(
@@ -190,13 +181,19 @@ class RecordServicer:
                     misses,
                     timeout=timeout,
                 )
-            for row in rows:
-                entry = cache_entry(row)
-                await self._cache.fill(record_cache_key(tenant, row["collection"], row["id"]), entry)
-                found[row["id"]] = row_to_record(row)
+            return {row["id"]: cache_entry(row) for row in rows}
+
+        entries = await self._cache.load_many(
+            ids, lambda record_id: record_cache_key(tenant, request.collection, record_id), load
+        )
+        found = {
+            record_id: tenants_pb2.Record.FromString(entry.payload)
+            for record_id, entry in entries.items()
+            if entry.payload is not None
+        }
         return tenants_pb2.BatchGetRecordsResponse(
-            records=[record for i in ids if (record := found.get(i)) is not None],
-            missing_ids=[i for i in ids if found.get(i) is None],
+            records=[found[i] for i in ids if i in found],
+            missing_ids=[i for i in ids if i not in found],
         )
 
     async def UpdateRecord(

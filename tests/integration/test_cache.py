@@ -62,10 +62,82 @@ async def test_a_late_fill_never_replaces_a_newer_write(make_cache):
     assert cache.stats.fills_refused >= 1
 
 
+@pytest.mark.parametrize("lost_by", ["flush", "invalidate"])
+async def test_a_late_fill_is_refused_when_redis_lost_the_newer_write(make_cache, redis_url, lost_by):
+    # Redis loses the newer entry between the write and the late fill (a flush, a
+    # restart, an eviction, an invalidation): nothing is left to guard by revision.
+    reader, writer = make_cache(local_entries=0), make_cache(local_entries=0)
+    reader_has_read, lost = asyncio.Event(), asyncio.Event()
+
+    async def slow_loader() -> CacheEntry:
+        reader_has_read.set()
+        await lost.wait()
+        return CacheEntry(1, b"old")
+
+    load = asyncio.create_task(reader.load(b"k", slow_loader))
+    await reader_has_read.wait()
+    await writer.record_writes([(b"k", CacheEntry(2, b"new"))])
+    if lost_by == "flush":
+        admin = open_redis(redis_url)
+        await admin.flushall()
+        await admin.aclose()
+    else:
+        await writer.invalidate(b"k")
+    lost.set()
+    assert (await load).payload == b"old"  # what this reader read is its own answer ...
+    assert await reader.get(b"k") is None  # ... but it is not cached for anyone else
+    assert reader.stats.fills_refused == 1
+    # The next reader's load is cached as usual.
+    assert await writer.load(b"k", _const(CacheEntry(2, b"new"))) == CacheEntry(2, b"new")
+    assert (await reader.get(b"k")).payload == b"new"
+
+
+async def test_of_two_readers_leasing_a_key_only_the_later_fills_it(make_cache):
+    first, second = make_cache(local_entries=0), make_cache(local_entries=0)
+    early = await first.lease([b"k"])
+    late = await second.lease([b"k"])
+    await first.fill(b"k", CacheEntry(1, b"early"), early)
+    assert await first.get(b"k") is None and first.stats.fills_refused == 1
+    await second.fill(b"k", CacheEntry(1, b"late"), late)
+    assert (await first.get(b"k")).payload == b"late"
+
+
+async def test_a_write_replaces_a_lease_and_the_leased_fill_then_needs_a_newer_revision(make_cache):
+    cache = make_cache(local_entries=0)
+    lease = await cache.lease([b"a", b"b"])
+    await cache.record_writes([(b"a", CacheEntry(5, b"written"))])
+    await cache.fill(b"a", CacheEntry(4, b"read-before"), lease)
+    await cache.fill(b"b", CacheEntry(3, b"untouched"), lease)
+    assert (await cache.get(b"a")).payload == b"written"
+    assert (await cache.get(b"b")).payload == b"untouched"
+
+
+async def test_load_many_leases_its_misses_and_keeps_what_was_cached(make_cache):
+    cache = make_cache()
+    await cache.record_writes([(b"cached", CacheEntry(7, b"from-a-write"))])
+    asked: list[list[str]] = []
+
+    async def loader(missed: list[str]) -> dict[str, CacheEntry]:
+        asked.append(missed)
+        return {name: CacheEntry(1, name.encode()) for name in missed if name != "absent"}
+
+    names = ["cached", "x", "y", "absent"]
+    found = await cache.load_many(names, str.encode, loader)
+    assert asked == [["x", "y", "absent"]]
+    assert {name: entry.payload for name, entry in found.items()} == {
+        "cached": b"from-a-write",
+        "x": b"x",
+        "y": b"y",
+    }
+    cache.clear_local()
+    again = await cache.load_many(names, str.encode, loader)
+    assert asked[-1] == ["absent"] and again == found
+
+
 async def test_a_tombstone_refuses_older_fills(make_cache):
     cache = make_cache()
     await cache.record_writes([(b"k", CacheEntry(5, None))])
-    await cache.fill(b"k", CacheEntry(4, b"resurrected"))
+    await cache.fill(b"k", CacheEntry(4, b"resurrected"), await cache.lease([b"k"]))
     cache.clear_local()
     entry = await cache.get(b"k")
     assert entry is not None and entry.payload is None and entry.revision == 5
@@ -91,7 +163,7 @@ async def test_large_payloads_are_not_stored_but_still_guard(make_cache):
     cache = make_cache(max_payload=10)
     await cache.record_writes([(b"k", CacheEntry(3, b"x" * 100))])
     assert await cache.get(b"k") is None
-    await cache.fill(b"k", CacheEntry(2, b"small-old"))
+    await cache.fill(b"k", CacheEntry(2, b"small-old"), await cache.lease([b"k"]))
     assert await cache.get(b"k") is None
 
 
@@ -99,7 +171,7 @@ async def test_entries_expire_with_their_key(make_cache):
     import time
 
     cache = make_cache()
-    await cache.fill(b"k", CacheEntry(1, b"v", expires_at=time.time() + 0.2))
+    await cache.fill(b"k", CacheEntry(1, b"v", expires_at=time.time() + 0.2), await cache.lease([b"k"]))
     assert (await cache.get(b"k")).payload == b"v"
     await asyncio.sleep(0.3)
     assert await cache.get(b"k") is None
@@ -108,7 +180,7 @@ async def test_entries_expire_with_their_key(make_cache):
 async def test_a_write_in_one_process_evicts_the_entry_in_another(make_cache):
     writer, other = make_cache(), make_cache()
     await asyncio.sleep(0.2)  # both subscribed
-    await other.fill(b"k", CacheEntry(1, b"old"))
+    await other.fill(b"k", CacheEntry(1, b"old"), await other.lease([b"k"]))
     await writer.record_writes([(b"k", CacheEntry(2, b"new"))])
     for _ in range(50):
         entry = await other.get(b"k")
@@ -126,7 +198,8 @@ async def test_redis_unreachable_means_bypass_not_error(settings):
     cache.start()
     try:
         assert await cache.get(b"k") is None
-        await cache.fill(b"k", CacheEntry(1, b"v"))
+        assert await cache.lease([b"k"]) is None  # Redis unreachable: nothing to lease
+        await cache.fill(b"k", CacheEntry(1, b"v"), None)
         await cache.record_writes([(b"k", CacheEntry(2, b"v2"))])
         assert await cache.load(b"k", _const(CacheEntry(3, b"v3"))) == CacheEntry(3, b"v3")
         assert cache.stats.redis_errors >= 1

@@ -10,6 +10,7 @@ import pytest
 from strata.kv.v1 import kv_pb2
 
 from shared.embedded import EmbeddedRedis
+from shared.redisclient import open_redis
 from tests.helpers import error_info
 
 
@@ -94,3 +95,43 @@ async def test_watch_reports_where_to_resume_when_postgres_goes_away(kv, namespa
     events = (await asyncio.wait_for(resumed.read(), 10)).events
     resumed.cancel()
     assert [(e.kv.value, e.kv.mod_revision) for e in events] == [(b"2", second.header.revision)]
+
+
+async def test_redis_flushed_again_and_again_never_serves_a_value_older_than_an_acknowledged_write(
+    kv, namespace, settings
+):
+    redis = open_redis(settings.redis_url)
+    acknowledged = 0  # the revision of the newest acknowledged Put
+    stale: list[tuple[int, int]] = []
+    done = asyncio.Event()
+    flushes = 0
+
+    async def flush() -> None:
+        nonlocal flushes
+        while not done.is_set():
+            await redis.flushall()
+            flushes += 1
+            await asyncio.sleep(0.003)
+
+    async def read() -> None:
+        while not done.is_set():
+            floor = acknowledged
+            got = await kv.Get(kv_pb2.GetRequest(namespace=namespace, key="k"))
+            if got.kv.mod_revision < floor:
+                stale.append((got.kv.mod_revision, floor))
+
+    first = await kv.Put(kv_pb2.PutRequest(namespace=namespace, key="k", value=b"0"))
+    acknowledged = first.header.revision
+    tasks = [asyncio.create_task(flush()), *(asyncio.create_task(read()) for _ in range(6))]
+    try:
+        for i in range(1, 201):
+            written = await kv.Put(kv_pb2.PutRequest(namespace=namespace, key="k", value=str(i).encode()))
+            acknowledged = written.header.revision
+            got = await kv.Get(kv_pb2.GetRequest(namespace=namespace, key="k"))
+            assert (got.kv.value, got.kv.mod_revision) == (str(i).encode(), written.header.revision)
+    finally:
+        done.set()
+        await asyncio.gather(*tasks)
+        await redis.aclose()
+    assert flushes > 10  # the flushes really ran between the writes
+    assert stale == []

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import uuid
 
 import asyncpg
 import grpc
 import pytest
 from google.protobuf import duration_pb2
-from strata.kv.v1 import kv_pb2
+from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 
+from services.kv import sweeper
+from services.kv.app import build_kv_server
+from tests.conftest import TENANT, signed_channel
 from tests.helpers import error_info
 
 PUT, DELETE, EXPIRE = kv_pb2.EVENT_TYPE_PUT, kv_pb2.EVENT_TYPE_DELETE, kv_pb2.EVENT_TYPE_EXPIRE
@@ -136,3 +141,43 @@ async def test_watch_with_negative_start_revision_is_invalid_argument(kv, namesp
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await open_watch(kv, namespace=namespace, prefix="", start_revision=-1)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_the_sweeper_compacts_the_change_log_by_itself(settings, monkeypatch):
+    # A kv server of its own that keeps 10 revisions of history and compacts every 0.2 s.
+    monkeypatch.setattr(sweeper, "_COMPACT_EVERY_S", 0.2)
+    server = await build_kv_server(dataclasses.replace(settings, kv_history_revisions=10))
+    await server.start(0)
+    namespace = f"compact-{uuid.uuid4().hex[:8]}"
+    try:
+        async with signed_channel(server.port, TENANT) as channel:
+            kv = kv_pb2_grpc.KvServiceStub(channel)
+            first = await kv.Put(kv_pb2.PutRequest(namespace=namespace, key="k", value=b"0"))
+            for i in range(1, 30):
+                last = await kv.Put(kv_pb2.PutRequest(namespace=namespace, key="k", value=str(i).encode()))
+            deadline = asyncio.get_running_loop().time() + 10
+            while True:
+                try:
+                    stream, _ = await open_watch(
+                        kv, namespace=namespace, key="k", start_revision=first.header.revision
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    caught = exc
+                    break
+                stream.cancel()
+                assert asyncio.get_running_loop().time() < deadline, "history never compacted"
+                await asyncio.sleep(0.1)
+            assert caught.code() == grpc.StatusCode.OUT_OF_RANGE
+            info = error_info(caught)
+            assert info.reason == "REVISION_COMPACTED"
+            compacted = int(info.metadata["compact_revision"])
+            # Ten revisions are kept behind the newest (an expiry sweep elsewhere may add one).
+            assert first.header.revision <= compacted < last.header.revision - 5
+            stream, _ = await open_watch(
+                kv, namespace=namespace, key="k", start_revision=last.header.revision - 4
+            )
+            events = await collect(stream, 5)
+            stream.cancel()
+            assert [e.kv.value for e in events] == [str(i).encode() for i in range(25, 30)]
+    finally:
+        await server.stop(grace=1.0)
