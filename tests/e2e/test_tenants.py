@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import asyncpg
 import grpc
@@ -23,6 +24,8 @@ from tests.helpers import error_info, field_violations
 from tests.stack import Stack, remove_data, start_stack
 
 pytestmark = pytest.mark.e2e
+
+T = TypeVar("T")
 
 Status = tenants_pb2.TenantStatus
 
@@ -319,6 +322,24 @@ async def test_tenant_calls_need_the_admin_scope(gw_tenants, writer):
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
+async def only_one_wins(attempt: Callable[[int], Awaitable[T]], writers: int = 8) -> T:
+    """Run ``attempt(0..writers-1)`` at once: exactly one succeeds, every other is ABORTED; the winner's answer."""
+
+    async def outcome(i: int) -> T | grpc.StatusCode:
+        try:
+            return await attempt(i)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+
+    outcomes = await asyncio.gather(*(outcome(i) for i in range(writers)))
+    winners = [o for o in outcomes if not isinstance(o, grpc.StatusCode)]
+    assert len(winners) == 1, outcomes
+    assert [o for o in outcomes if isinstance(o, grpc.StatusCode)] == [grpc.StatusCode.ABORTED] * (
+        writers - 1
+    )
+    return winners[0]
+
+
 async def test_concurrent_tenant_updates_with_one_etag_let_exactly_one_win(gw_tenants, admin_metadata, slug):
     created = (
         await gw_tenants.CreateTenant(
@@ -327,26 +348,20 @@ async def test_concurrent_tenant_updates_with_one_etag_let_exactly_one_win(gw_te
         )
     ).tenant
 
-    async def attempt(i: int) -> tenants_pb2.Tenant | grpc.StatusCode:
-        try:
-            response = await gw_tenants.UpdateTenant(
-                tenants_pb2.UpdateTenantRequest(
-                    tenant=tenants_pb2.Tenant(slug=slug, display_name=f"writer-{i}"),
-                    update_mask=field_mask_pb2.FieldMask(paths=["display_name"]),
-                    etag=created.etag,
-                ),
-                metadata=admin_metadata,
-            )
-        except grpc.aio.AioRpcError as exc:
-            return exc.code()
+    async def attempt(i: int) -> tenants_pb2.Tenant:
+        response = await gw_tenants.UpdateTenant(
+            tenants_pb2.UpdateTenantRequest(
+                tenant=tenants_pb2.Tenant(slug=slug, display_name=f"writer-{i}"),
+                update_mask=field_mask_pb2.FieldMask(paths=["display_name"]),
+                etag=created.etag,
+            ),
+            metadata=admin_metadata,
+        )
         return response.tenant
 
-    outcomes = await asyncio.gather(*(attempt(i) for i in range(8)))
-    winners = [o for o in outcomes if isinstance(o, tenants_pb2.Tenant)]
-    assert len(winners) == 1, outcomes
-    assert [o for o in outcomes if not isinstance(o, tenants_pb2.Tenant)] == [grpc.StatusCode.ABORTED] * 7
+    winner = await only_one_wins(attempt)
     stored = await gw_tenants.GetTenant(tenants_pb2.GetTenantRequest(slug=slug), metadata=admin_metadata)
-    assert stored.tenant == winners[0]
+    assert stored.tenant == winner
 
 
 async def test_a_suspended_tenants_keys_are_refused_until_it_is_active_again(
@@ -826,30 +841,24 @@ async def test_a_recreated_tenant_does_not_see_its_predecessors_cached_records(
 async def test_concurrent_record_updates_with_one_etag_let_exactly_one_win(gw_records, writer):
     made = await create(gw_records, writer, "race", {"writer": None}, "r1")
 
-    async def attempt(i: int) -> tenants_pb2.Record | grpc.StatusCode:
-        try:
-            response = await gw_records.UpdateRecord(
-                tenants_pb2.UpdateRecordRequest(
-                    record=tenants_pb2.Record(collection="race", id="r1", data=struct({"writer": i})),
-                    etag=made.etag,
-                ),
-                metadata=writer,
-            )
-        except grpc.aio.AioRpcError as exc:
-            return exc.code()
+    async def attempt(i: int) -> tenants_pb2.Record:
+        response = await gw_records.UpdateRecord(
+            tenants_pb2.UpdateRecordRequest(
+                record=tenants_pb2.Record(collection="race", id="r1", data=struct({"writer": i})),
+                etag=made.etag,
+            ),
+            metadata=writer,
+        )
         return response.record
 
-    outcomes = await asyncio.gather(*(attempt(i) for i in range(8)))
-    winners = [o for o in outcomes if isinstance(o, tenants_pb2.Record)]
-    assert len(winners) == 1, outcomes
-    assert [o for o in outcomes if not isinstance(o, tenants_pb2.Record)] == [grpc.StatusCode.ABORTED] * 7
-    assert winners[0].revision == 2
+    winner = await only_one_wins(attempt)
+    assert winner.revision == 2
     cached = await gw_records.GetRecord(
         tenants_pb2.GetRecordRequest(collection="race", id="r1"), metadata=writer
     )
     # ListRecords reads Postgres, not the cache: what is stored.
     listed = await gw_records.ListRecords(tenants_pb2.ListRecordsRequest(collection="race"), metadata=writer)
-    assert cached.record == winners[0] and list(listed.records) == [winners[0]]
+    assert cached.record == winner and list(listed.records) == [winner]
 
 
 # -- nested filters -----------------------------------------------------------
