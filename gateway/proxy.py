@@ -47,7 +47,8 @@ _DISCARD_LIMIT_S = 5.0
 # Never forwarded: the caller's credentials (the gateway forwards a signed identity
 # instead), the hop-by-hop headers of RFC 9110 section 7.6.1 and RFC 7230 section 6.1
 # (they describe the caller's connection, not the call), and what the gateway's own
-# channel sets for its hop (user agent, content type, deadline, encodings).
+# channel sets for its hop (user agent, content type; deadline and encodings are
+# grpc-* names, never forwarded either: see _forwardable).
 _DROPPED = frozenset(
     {
         "authorization",
@@ -63,9 +64,6 @@ _DROPPED = frozenset(
         "host",
         "user-agent",
         "content-type",
-        "grpc-timeout",
-        "grpc-encoding",
-        "grpc-accept-encoding",
     }
 )
 # The caller's W3C trace context: replaced by the client span's when the gateway
@@ -333,10 +331,14 @@ def _never_reached(exc: grpc.aio.AioRpcError) -> bool:
 
 
 def _forwardable(incoming: Sequence[tuple[str, Any]]) -> list[tuple[str, str]]:
-    """The caller's metadata the upstream may see: no credentials, identities or hop-by-hop headers."""
+    """The caller's metadata the upstream may see: no credentials, identities or hop-by-hop headers.
+
+    Nor ``grpc-*``: the protocol reserves those names, and the gateway's own
+    channel sets the ones that describe its hop.
+    """
     dropped = _DROPPED_WHEN_TRACING if tracing_on() else _DROPPED
     return [
         (key, value)
         for key, value in incoming
-        if key not in dropped and not key.startswith(INTERNAL_PREFIX) and not key.startswith(":")
+        if key not in dropped and not key.startswith((INTERNAL_PREFIX, ":", "grpc-"))
     ]

@@ -225,6 +225,9 @@ HOP_BY_HOP = (
     ("host", "elsewhere.example"),
     ("proxy-authorization", "Basic cHJveHk6c2VjcmV0"),
     ("proxy-authenticate", "Basic"),
+    # Names the gRPC protocol reserves, sent by a caller.
+    ("grpc-foo", "made up"),
+    ("grpc-previous-rpc-attempts", "3"),
 )
 
 
