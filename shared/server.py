@@ -336,7 +336,7 @@ def run_service(name: str, build: Callable[[Settings], Awaitable[StrataServer]])
         print(f"strata-{name}: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(name, settings.log_level)
-    setup_telemetry(f"strata-{name}")
+    setup_telemetry(f"strata-{name}", settings.otlp_protocol)
 
     async def serve() -> None:
         server = await build(settings)

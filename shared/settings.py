@@ -86,6 +86,7 @@ class Settings:
     rate_limit_burst: int = 2000
     upstreams: tuple[tuple[str, tuple[str, ...]], ...] = ()
     metrics_ports: tuple[tuple[str, int], ...] = ()  # process → Prometheus port; absent: no metrics
+    otlp_protocol: str = "grpc"  # OTLP trace export: "grpc" or "http/protobuf"
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_client_ca_file: str = ""
@@ -133,7 +134,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if environ is None else environ
     reader = _Reader(env)
     defaults = Settings()
-    _check_otel(reader)
+    otlp_protocol = _check_otel(reader)
     database_url = reader.url("DATABASE_URL", _postgres_url_problem)
     # A single server, or a Redis Cluster by some of its nodes (see shared.redisclient).
     redis_url = reader.url("REDIS_URL", _redis_url_problem)
@@ -236,6 +237,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
                 for name in (*_SERVICES, "gateway")
                 if f"STRATA_{name.upper()}_METRICS_PORT" in env
             ),
+            otlp_protocol=otlp_protocol,
             tls_cert_file=reader.existing_file("STRATA_TLS_CERT_FILE"),
             tls_key_file=reader.existing_file("STRATA_TLS_KEY_FILE"),
             tls_client_ca_file=reader.existing_file("STRATA_TLS_CLIENT_CA_FILE"),
@@ -287,8 +289,12 @@ OTEL_EXPORTERS = ("otlp", "none")
 OTEL_PROTOCOLS = ("grpc", "http/protobuf")
 
 
-def _check_otel(reader: _Reader) -> None:
-    """Check the standard ``OTEL_*`` variables Strata relies on; ConfigError naming a bad one."""
+def _check_otel(reader: _Reader) -> str:
+    """Check the standard ``OTEL_*`` variables Strata relies on; the OTLP traces protocol.
+
+    The traces protocol overrides the general one; a blank one is unset. The
+    exporters do not read these variables: telemetry exports with this answer.
+    """
     reader.choice("OTEL_SDK_DISABLED", "false", ("true", "false"))
     reader.choice("OTEL_TRACES_EXPORTER", "otlp", OTEL_EXPORTERS)
     protocol = reader.choice("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc", OTEL_PROTOCOLS)
@@ -298,6 +304,7 @@ def _check_otel(reader: _Reader) -> None:
     sampler = reader.choice("OTEL_TRACES_SAMPLER", "parentbased_always_on", OTEL_SAMPLERS)
     if sampler in _RATIO_SAMPLERS:
         reader.number("OTEL_TRACES_SAMPLER_ARG", 1.0, 0.0, 1.0)
+    return protocol
 
 
 # One host of a URL: a name or IPv4 address (IPv6 goes in brackets).

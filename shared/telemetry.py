@@ -56,10 +56,11 @@ def tracing_enabled(environ: dict[str, str] | None = None) -> bool:
     )
 
 
-def setup_telemetry(service_name: str) -> bool:
+def setup_telemetry(service_name: str, otlp_protocol: str = "grpc") -> bool:
     """Install the tracer provider and instrumentations for this process.
 
-    ``service_name`` is used unless ``OTEL_SERVICE_NAME`` overrides it.
+    ``service_name`` is used unless ``OTEL_SERVICE_NAME`` overrides it;
+    spans are exported over OTLP with ``otlp_protocol`` (``Settings.otlp_protocol``).
     Returns whether tracing is on. Safe to call more than once.
     """
     global _enabled
@@ -78,7 +79,7 @@ def setup_telemetry(service_name: str) -> bool:
     )
     provider = TracerProvider(resource=resource)  # its sampler: from OTEL_TRACES_SAMPLER
     provider.add_span_processor(DatabaseOperations())
-    provider.add_span_processor(BatchSpanProcessor(_span_exporter()))
+    provider.add_span_processor(BatchSpanProcessor(_span_exporter(otlp_protocol)))
     trace.set_tracer_provider(provider)
     AsyncPGInstrumentor().instrument()
     RedisInstrumentor().instrument()
@@ -180,14 +181,8 @@ def shutdown_telemetry() -> None:
         shutdown()
 
 
-def _span_exporter() -> Any:
-    # The exporters do not read the protocol variables: choosing is ours (blank = unset).
-    protocol = (
-        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "").strip()
-        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "").strip()
-        or "grpc"
-    )
-    if protocol.lower() == "http/protobuf":
+def _span_exporter(protocol: str) -> Any:
+    if protocol == "http/protobuf":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
         return HttpExporter()

@@ -201,8 +201,8 @@ import sys
 from shared.settings import load_settings
 from shared.telemetry import end_rpc_span, rpc_server_span, setup_telemetry, shutdown_telemetry
 
-load_settings()
-assert setup_telemetry("strata-sampling-probe")
+settings = load_settings()
+assert setup_telemetry("strata-sampling-probe", settings.otlp_protocol)
 metadata = [("traceparent", sys.argv[1])] if len(sys.argv) > 1 else []
 with rpc_server_span("strata.probe.v1.Probe", "Call", metadata) as span:
     end_rpc_span(span, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -327,6 +328,25 @@ def test_a_malformed_redis_url_is_a_config_error_naming_the_variable_not_the_pas
 
 
 @pytest.mark.parametrize(
+    ("env", "protocol"),
+    [
+        ({}, "grpc"),
+        ({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}, "http/protobuf"),
+        (
+            {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "HTTP/PROTOBUF"},
+            "http/protobuf",
+        ),
+        (
+            {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": " "},
+            "http/protobuf",
+        ),
+    ],
+)
+def test_the_traces_protocol_overrides_the_general_one_and_a_blank_one_is_unset(env, protocol):
+    assert load_settings(env).otlp_protocol == protocol
+
+
+@pytest.mark.parametrize(
     "env",
     [
         {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
@@ -345,7 +365,10 @@ def test_a_malformed_redis_url_is_a_config_error_naming_the_variable_not_the_pas
     ],
 )
 def test_good_otel_values_are_accepted(env):
-    assert load_settings(env) == Settings()
+    # The protocol is the one setting they change (see the test above).
+    loaded = load_settings(env)
+    assert loaded == dataclasses.replace(Settings(), otlp_protocol=loaded.otlp_protocol)
+    assert loaded.otlp_protocol in ("grpc", "http/protobuf")
 
 
 @pytest.mark.parametrize(
