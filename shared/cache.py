@@ -33,7 +33,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import TypeVar, cast
 
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -143,11 +143,11 @@ async def invalidate_prefix(redis: Redis, name: str, prefix: bytes) -> int:
     return removed
 
 
-def _by_slot(prefix: bytes, keys: Sequence[bytes]) -> list[list[bytes]]:
-    """``keys`` grouped by the cluster hash slot of ``prefix + key``: a script's keys must share one."""
-    slots: dict[int, list[bytes]] = {}
-    for key in keys:
-        slots.setdefault(slot_of(prefix + key), []).append(key)
+def _by_slot(prefix: bytes, items: Sequence[Item], key_of: Callable[[Item], bytes]) -> list[list[Item]]:
+    """``items`` grouped by the cluster hash slot of ``prefix + key_of(item)``: a script's keys share one."""
+    slots: dict[int, list[Item]] = {}
+    for item in items:
+        slots.setdefault(slot_of(prefix + key_of(item)), []).append(item)
     return list(slots.values())
 
 
@@ -195,7 +195,6 @@ class _LocalEntry:
 Loader = Callable[[], Awaitable[CacheEntry | None]]
 Id = TypeVar("Id")  # what a batch caller names its keys by (a KV key, a record id)
 Item = TypeVar("Item")
-AsyncScript = Any  # redis-py's AsyncScript / a cluster's: registered once, run by its sha
 
 
 class RevisionedCache:
@@ -378,8 +377,8 @@ class RevisionedCache:
             await redis.evalsha(sha, len(group), *[self._prefix + key for key in group], lease, _LEASE_MS)
 
         try:
-            groups = _by_slot(self._prefix, keys) if is_cluster(redis) else [list(keys)]
-            await asyncio.gather(*(self._with_script(self._lease_script, take, group) for group in groups))
+            groups = _by_slot(self._prefix, keys, bytes) if is_cluster(redis) else [list(keys)]
+            await asyncio.gather(*(self._with_script(_LEASE, take, group) for group in groups))
         except (RedisError, OSError) as exc:
             self._redis_failed(exc)
             return None
@@ -463,18 +462,13 @@ class RevisionedCache:
         assert self._redis is not None and self._set_script is not None
         redis, sha = self._redis, self._set_script.sha
         message = b"".join(_invalidation(key, data) for key, data, _ in encoded)
-        script = self._set_script
         if is_cluster(redis):
-            # A script's keys must share a slot, and a cluster pipeline carries no scripts:
-            # one call per slot, side by side.
-            slots: dict[int, list[tuple[bytes, bytes, CacheEntry]]] = {}
-            for item in encoded:
-                slots.setdefault(slot_of(self._prefix + item[0]), []).append(item)
-
+            # A cluster pipeline carries no scripts: one call per slot, side by side.
             async def sets(group: Sequence[tuple[bytes, bytes, CacheEntry]]) -> None:
                 await redis.evalsha(sha, len(group), *self._script_arguments(group))
 
-            await asyncio.gather(*(self._with_script(script, sets, group) for group in slots.values()))
+            groups = _by_slot(self._prefix, encoded, lambda item: item[0])
+            await asyncio.gather(*(self._with_script(_GUARDED_SET, sets, group) for group in groups))
             await redis.publish(self._channel, message)
             return
 
@@ -485,18 +479,18 @@ class RevisionedCache:
                 pipe.publish(self._channel, message)
                 await pipe.execute()
 
-        await self._with_script(script, pipelined, encoded)
+        await self._with_script(_GUARDED_SET, pipelined, encoded)
 
     async def _with_script(
-        self, script: AsyncScript, send: Callable[[Sequence[Item]], Awaitable[None]], items: Sequence[Item]
+        self, source: str, send: Callable[[Sequence[Item]], Awaitable[None]], items: Sequence[Item]
     ) -> None:
-        """``send(items)``, and once more after loading ``script`` if Redis lost it."""
+        """``send(items)``, and once more after loading the script ``source`` if Redis lost it."""
         assert self._redis is not None
         try:
             await send(items)
         except NoScriptError:
             # A restarted or flushed Redis: load the script and send again (both scripts are idempotent).
-            await self._redis.script_load(script.script)
+            await self._redis.script_load(source)
             await send(items)
 
     def _script_arguments(self, encoded: Sequence[tuple[bytes, bytes, CacheEntry]]) -> list[bytes | int]:

@@ -94,7 +94,8 @@ class TenantServicer:
                 )
             # Data an earlier tenant of this slug was sent after its delete: never the new one's.
             leftovers = await self._purge.count(conn, tenant.slug, timeout=timeout)
-            if any(leftovers.values()):
+            left_over = any(leftovers.values())
+            if left_over:
                 purged = await self._purge.purge_rows(conn, timeout=timeout)
                 await self._purge.purge_services(tenant.slug, timeout=timeout)
                 _log.warning(
@@ -102,7 +103,7 @@ class TenantServicer:
                     extra={"tenant": tenant.slug, **leftovers},
                 )
             details = {"status": row["status"], "plan": row["plan"]}
-            if any(leftovers.values()):
+            if left_over:
                 details["leftovers_removed"] = leftovers
             await record_audit(conn, f"tenant/{tenant.slug}", details, timeout=timeout)
         await self._purge.forget(tenant.slug, purged)
