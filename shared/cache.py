@@ -638,7 +638,7 @@ class RevisionedCache:
                 await asyncio.sleep(self._redis_retry_s)
             finally:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(pubsub.aclose(), _POLL_S)  # type: ignore[no-untyped-call]
+                    await asyncio.wait_for(pubsub.aclose(), _POLL_S)
 
     def _apply_invalidation(self, revision: int, key: bytes) -> None:
         self.stats.invalidations_received += 1
