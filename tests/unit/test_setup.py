@@ -94,7 +94,9 @@ def installed(python: Path) -> dict[str, str]:
         text=True,
         check=True,
     ).stdout
-    return {canonicalize_name(name): version for name, version in (line.split() for line in listing.splitlines())}
+    return {
+        canonicalize_name(name): version for name, version in (line.split() for line in listing.splitlines())
+    }
 
 
 def test_venv_holds_exactly_the_lock() -> None:
@@ -157,7 +159,9 @@ def test_make_test_stops_first_with_one_line_naming_make_lock_when_a_range_was_e
 
 def test_a_new_dependency_without_relocking_is_drift_too(project_copy: Path) -> None:
     pyproject = project_copy / "pyproject.toml"
-    pyproject.write_text(pyproject.read_text().replace('dependencies = [\n', 'dependencies = [\n    "six",\n', 1))
+    pyproject.write_text(
+        pyproject.read_text().replace("dependencies = [\n", 'dependencies = [\n    "six",\n', 1)
+    )
     done = make(project_copy, "lock-check")
     assert done.returncode != 0
     assert "'make lock'" in done.stderr
@@ -175,7 +179,9 @@ def dockerfile_runtime_install() -> list[str]:
 def test_the_images_runtime_set_is_the_locked_runtime_and_runs_every_service(tmp_path: Path) -> None:
     runtime = tmp_path / "runtime"
     env = {**os.environ, "UV_PROJECT_ENVIRONMENT": str(runtime), "UV_PYTHON_DOWNLOADS": "never"}
-    subprocess.run(dockerfile_runtime_install(), cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        dockerfile_runtime_install(), cwd=ROOT, env=env, check=True, capture_output=True, timeout=300
+    )
     python = runtime / "bin" / "python"
 
     frozen = installed(python)
