@@ -6,6 +6,7 @@ from gateway.auth import KeyResolver
 from gateway.proxy import Proxy
 from gateway.ratelimit import RateLimiter
 from gateway.routes import ROUTED_SERVICES, build_routes
+from gateway.streams import OpenStreams
 from gateway.upstreams import Upstream
 from shared.redisclient import open_redis
 from shared.server import StrataServer, run_service
@@ -19,12 +20,21 @@ async def build_gateway_server(settings: Settings) -> StrataServer:
     secret = require_internal_secret(settings)
     server = StrataServer(settings, "gateway", tls=True)
     upstreams = {
-        name: Upstream(name, settings.upstreams_of(name), settings.max_message_bytes)
+        name: Upstream(
+            name,
+            settings.upstreams_of(name),
+            settings.max_message_bytes,
+            max_streams=settings.gateway_max_streams,
+            streams_per_connection=settings.max_concurrent_streams,
+        )
         for name in ROUTED_SERVICES
     }
     limiter = RateLimiter(open_redis(settings.redis_url), settings.rate_limit_rps, settings.rate_limit_burst)
     keys = KeyResolver(upstreams["admin"], secret, settings.key_cache_ttl_s)
-    proxy = Proxy(build_routes(), upstreams, keys, limiter, secret, server.gate)
+    streams = OpenStreams(
+        keys, settings.streams_per_key, settings.streams_per_tenant, settings.gateway_max_streams
+    )
+    proxy = Proxy(build_routes(), upstreams, keys, limiter, secret, server.gate, streams)
     server.add_generic_handler(
         proxy, [service.full_name for services in ROUTED_SERVICES.values() for service in services]
     )
@@ -39,6 +49,7 @@ async def build_gateway_server(settings: Settings) -> StrataServer:
         upstream.start(mirror)
         server.after_drain(upstream.close)
     server.after_drain(limiter.close)
+    server.after_drain(streams.close_all)
     return server
 
 

@@ -49,14 +49,23 @@ class KeyResolver:
         self._admin = admin
         self._secret = secret
         self._ttl_s = ttl_s
+        # token -> (when fetched, the answer)
         self._cache: dict[str, tuple[float, Caller | StrataError]] = {}
         self._inflight: dict[str, asyncio.Future[Caller | StrataError]] = {}
 
-    async def resolve(self, token: str) -> Caller:
-        """The caller ``token`` speaks for; UNAUTHENTICATED for a bad key."""
-        now = time.monotonic()
+    @property
+    def ttl_s(self) -> float:
+        """How long an answer is remembered: a revoked key may work this long after."""
+        return self._ttl_s
+
+    async def resolve(self, token: str, max_age_s: float | None = None) -> Caller:
+        """The caller ``token`` speaks for; UNAUTHENTICATED for a bad key.
+
+        An answer older than ``max_age_s`` (default: the cache TTL) is asked again.
+        """
+        max_age = self._ttl_s if max_age_s is None else min(max_age_s, self._ttl_s)
         cached = self._cache.get(token)
-        if cached is not None and cached[0] > now:
+        if cached is not None and time.monotonic() - cached[0] < max_age:
             answer = cached[1]
         else:
             waiting = self._inflight.get(token)
@@ -89,6 +98,7 @@ class KeyResolver:
             return reply
 
     async def _lookup(self, token: str) -> Caller | StrataError:
+        asked = time.monotonic()  # the answer is as old as the question
         try:
             reply = await self._authenticate(token)
         except grpc.aio.AioRpcError as exc:
@@ -111,10 +121,10 @@ class KeyResolver:
             else:
                 answer = _unauthenticated("INVALID_API_KEY", "the API key is not valid")
         else:
-            answer = Caller(reply.tenant, frozenset(reply.scopes), reply.key_id)
+            answer = Caller(reply.tenant, frozenset(reply.scopes), reply.key_id, tenant_uid=reply.tenant_uid)
         if len(self._cache) >= _MAX_CACHED:
             self._cache.clear()
-        self._cache[token] = (time.monotonic() + self._ttl_s, answer)
+        self._cache[token] = (asked, answer)
         return answer
 
 

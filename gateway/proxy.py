@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, TypeAlias
+from typing import Any, NamedTuple, TypeAlias
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -31,6 +31,7 @@ from gateway.auth import KeyResolver, bearer_token
 from gateway.consistency import CallerTokens
 from gateway.ratelimit import RateLimiter
 from gateway.routes import Route
+from gateway.streams import OpenStream, OpenStreams
 from gateway.tracing import end_span, upstream_call_span
 from gateway.upstreams import Upstream
 from shared.errors import DETAILS_KEY, StrataError
@@ -82,8 +83,10 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
         limiter: RateLimiter,
         secret: bytes,
         gate: CallGate,
+        streams: OpenStreams,
     ) -> None:
         self._keys = keys
+        self._streams = streams
         self._limiter = limiter
         self._secret = secret
         self._gate = gate
@@ -103,12 +106,13 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         return self._handlers.get(handler_call_details.method)
 
-    async def _admit(self, route: Route, context: Context) -> tuple[list[tuple[str, str]], str]:
-        """The metadata to forward and the caller's key id, once the caller may make this call."""
+    async def _admit(self, route: Route, context: Context) -> _Admitted:
+        """What to forward once the caller may make this call; a server stream is counted in."""
         self._gate.enter()
         try:
             incoming: Sequence[tuple[str, Any]] = context.invocation_metadata() or ()
-            caller = await self._keys.resolve(bearer_token(incoming))
+            token = bearer_token(incoming)
+            caller = await self._keys.resolve(token)
             if not caller.has_scope(route.scope):
                 raise StrataError(
                     grpc.StatusCode.PERMISSION_DENIED,
@@ -118,12 +122,13 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
                     metadata={"scope": route.scope},
                 )
             await self._limiter.take(caller.key_id)
+            stream = self._streams.open(token, caller, route.scope) if route.server_streaming else None
         except BaseException:
             self._gate.leave()
             raise
         forwarded = _forwardable(incoming)
         forwarded.extend(sign_caller(self._secret, route.path, caller))
-        return self._tokens.attach(caller.key_id, forwarded), caller.key_id
+        return _Admitted(self._tokens.attach(caller.key_id, forwarded), caller.key_id, stream)
 
     async def _admitted(
         self,
@@ -131,7 +136,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
         context: Context,
         server_span: Any,
         requests: AsyncIterator[bytes] | None = None,
-    ) -> tuple[list[tuple[str, str]], str]:
+    ) -> _Admitted:
         """:meth:`_admit`, answering the caller with the refusal when there is one.
 
         ``requests``, a client stream, is read on (bounded) before refusing: see :func:`_discard`.
@@ -141,8 +146,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
         except StrataError as exc:
             if requests is not None:
                 await _discard(requests)
-            end_span(server_span, exc.code)
-            await context.abort(exc.code, exc.message, trailing_metadata=exc.trailing_metadata())
+            await _refuse(exc, context, server_span)
             raise AssertionError("unreachable") from None
 
     def _server_span(self, route: Route, context: Context) -> AbstractContextManager[Any]:
@@ -158,7 +162,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
 
         async def forward(request: bytes, context: Context) -> bytes:
             with self._server_span(route, context) as server_span:
-                metadata, caller = await self._admitted(route, context, server_span)
+                metadata, caller, _ = await self._admitted(route, context, server_span)
                 try:
                     with self._client_span(route, metadata) as client_span:
                         try:
@@ -185,27 +189,34 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
 
         async def forward(request: bytes, context: Context) -> AsyncIterator[bytes]:
             with self._server_span(route, context) as server_span:
-                metadata, caller = await self._admitted(route, context, server_span)
+                metadata, caller, stream = await self._admitted(route, context, server_span)
+                assert stream is not None
+                channel, release = upstream.pick_stream()
                 call = None
                 trailing = None
                 try:
                     with self._client_span(route, metadata) as client_span:
-                        call = upstream.pick().unary_stream(
+                        call = channel.unary_stream(
                             route.path, request_serializer=None, response_deserializer=None
                         )(request, metadata=metadata, timeout=context.time_remaining())
                         try:
-                            async for message in call:
+                            async for message in _until_ended(call, stream):
                                 yield message
                             trailing = await call.trailing_metadata()
                         except grpc.aio.AioRpcError as exc:
                             end_span(client_span, exc.code(), client=True)
                             raise
+                        except StrataError as exc:
+                            end_span(client_span, grpc.StatusCode.CANCELLED, client=True)
+                            await _refuse(exc, context, server_span)
                         end_span(client_span, grpc.StatusCode.OK, client=True)
                 except grpc.aio.AioRpcError as exc:
                     await _pass_back(exc, context, server_span)
                 finally:
                     if call is not None:
                         call.cancel()  # the caller went away, or we are done: free the upstream stream
+                    release()
+                    self._streams.close(stream)
                     self._gate.leave()
                 if trailing:
                     self._tokens.observe(caller, trailing)
@@ -219,7 +230,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
 
         async def forward(requests: AsyncIterator[bytes], context: Context) -> bytes:
             with self._server_span(route, context) as server_span:
-                metadata, caller = await self._admitted(route, context, server_span, requests)
+                metadata, caller, _ = await self._admitted(route, context, server_span, requests)
                 call = None
                 try:
                     with self._client_span(route, metadata) as client_span:
@@ -247,6 +258,40 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
                 return response
 
         return forward
+
+
+class _Admitted(NamedTuple):
+    metadata: list[tuple[str, str]]  # to forward, the signed identity included
+    key_id: str
+    stream: OpenStream | None  # a server stream's place among the open ones
+
+
+async def _until_ended(call: Any, stream: OpenStream) -> AsyncIterator[bytes]:
+    """The upstream stream's messages until it ends, or until ``stream`` must end (its reason raised)."""
+    ended = asyncio.ensure_future(stream.ended.wait())
+    messages = call.__aiter__()
+    following: asyncio.Future[bytes] | None = None
+    try:
+        while True:
+            following = asyncio.ensure_future(messages.__anext__())
+            await asyncio.wait((following, ended), return_when=asyncio.FIRST_COMPLETED)
+            if stream.reason is not None:
+                raise stream.reason
+            try:
+                message = following.result()
+            except StopAsyncIteration:
+                return
+            yield message
+    finally:
+        ended.cancel()
+        if following is not None:
+            following.cancel()
+
+
+async def _refuse(exc: StrataError, context: Context, server_span: Any) -> None:
+    """Answer the caller with the gateway's own refusal."""
+    end_span(server_span, exc.code)
+    await context.abort(exc.code, exc.message, trailing_metadata=exc.trailing_metadata())
 
 
 # One multicallable per upstream channel and method, made once: building one per call is

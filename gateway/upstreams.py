@@ -4,6 +4,13 @@ Each address gets its own channel and a health watcher (grpc.health.v1
 Check every second). :meth:`Upstream.pick` walks the addresses round robin,
 skipping those that are not serving or whose connection has failed; when none
 qualifies it still returns one, so the call fails with the real error.
+
+Server streams (Watch, Backup) travel on connections of their own
+(:meth:`Upstream.pick_stream`), never on the one unary calls use: an HTTP/2
+connection carries at most ``STRATA_MAX_CONCURRENT_STREAMS`` calls at once, and
+idle streams holding every slot would leave unary calls waiting until their
+deadline. Each address gets enough stream connections for the gateway's
+whole stream limit, and a stream takes the least loaded.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -24,9 +32,17 @@ _BAD_STATES = frozenset({grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.Channe
 
 
 class _Address:
-    def __init__(self, address: str, options: list[tuple[str, int]]) -> None:
+    def __init__(self, address: str, options: list[tuple[str, int]], stream_connections: int) -> None:
         self.address = address
         self.channel = grpc.aio.insecure_channel(address, options=options)
+        # A local subchannel pool gives each stream channel a connection of its own.
+        self.stream_channels = [
+            grpc.aio.insecure_channel(
+                address, options=[*options, ("grpc.use_local_subchannel_pool", 1), ("strata.stream_pool", i)]
+            )
+            for i in range(stream_connections)
+        ]
+        self.stream_load = [0] * stream_connections
         self.serving = True  # optimistic until the first check says otherwise
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -45,14 +61,25 @@ class _Address:
 class Upstream:
     """The addresses of one service, with health and round-robin selection."""
 
-    def __init__(self, name: str, addresses: tuple[str, ...], max_message_bytes: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        addresses: tuple[str, ...],
+        max_message_bytes: int,
+        *,
+        max_streams: int = 1024,
+        streams_per_connection: int = 256,
+    ) -> None:
+        """``max_streams``: the most streams the gateway holds; ``streams_per_connection``: the upstream's
+        HTTP/2 limit per connection (both sizes of the stream connections)."""
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.enable_retries", 0),
         ]
         self.name = name
-        self._addresses = [_Address(a, options) for a in addresses]
+        connections = max(1, math.ceil(max_streams / streams_per_connection))
+        self._addresses = [_Address(a, options, connections) for a in addresses]
         self._turn = itertools.cycle(range(len(self._addresses)))
         self._task: asyncio.Task[None] | None = None
 
@@ -63,13 +90,27 @@ class Upstream:
 
     def pick(self, exclude: grpc.aio.Channel | None = None) -> grpc.aio.Channel:
         """The next usable channel (not ``exclude``), or the next one when none is usable."""
+        return self._next_address(exclude).channel
+
+    def pick_stream(self) -> tuple[grpc.aio.Channel, Callable[[], None]]:
+        """A stream connection of the next usable address, the least loaded; call the second to release it."""
+        address = self._next_address()
+        index = min(range(len(address.stream_load)), key=address.stream_load.__getitem__)
+        address.stream_load[index] += 1
+
+        def release() -> None:
+            address.stream_load[index] -= 1
+
+        return address.stream_channels[index], release
+
+    def _next_address(self, exclude: grpc.aio.Channel | None = None) -> _Address:
         first = next(self._turn)
         count = len(self._addresses)
         for step in range(count):
             candidate = self._addresses[(first + step) % count]
             if candidate.channel is not exclude and candidate.usable():
-                return candidate.channel
-        return self._addresses[first].channel
+                return candidate
+        return self._addresses[first]
 
     def start(self, on_change: Callable[[str, bool], Awaitable[None]], interval_s: float = 1.0) -> None:
         """Check every address every ``interval_s``; call ``on_change(name, serving)`` on changes."""
@@ -94,4 +135,5 @@ class Upstream:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         for address in self._addresses:
-            await address.channel.close()
+            for channel in (address.channel, *address.stream_channels):
+                await channel.close()

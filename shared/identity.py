@@ -39,6 +39,7 @@ INTERNAL_PREFIX = "x-strata-"
 _TENANT = "x-strata-tenant"
 _SCOPES = "x-strata-scopes"
 _KEY_ID = "x-strata-key-id"
+_TENANT_UID = "x-strata-tenant-uid"
 _TIMESTAMP = "x-strata-ts"
 _SIGNATURE = "x-strata-signature"
 _MAX_SKEW_S = 60.0
@@ -60,14 +61,15 @@ class Caller:
     scopes: frozenset[str]
     key_id: str
     method: str = ""  # the full method the signature was checked for ("" outside a call)
+    tenant_uid: str = ""  # the tenant's registry id, where the gateway knows it (never reused, unlike slugs)
 
     def has_scope(self, scope: str) -> bool:
         """True for ``scope`` itself or the ``admin`` scope, which implies every other but internal."""
         return scope in self.scopes or (ADMIN_SCOPE in self.scopes and scope != INTERNAL_SCOPE)
 
 
-def _payload(method: str, tenant: str, scopes: str, key_id: str, timestamp: str) -> bytes:
-    return "\n".join(("strata-caller-v1", method, tenant, scopes, key_id, timestamp)).encode()
+def _payload(method: str, tenant: str, tenant_uid: str, scopes: str, key_id: str, timestamp: str) -> bytes:
+    return "\n".join(("strata-caller-v2", method, tenant, tenant_uid, scopes, key_id, timestamp)).encode()
 
 
 def sign_caller(
@@ -77,15 +79,20 @@ def sign_caller(
     scopes = ",".join(sorted(caller.scopes))
     timestamp = f"{time.time() if now is None else now:.3f}"
     signature = hmac.new(
-        secret, _payload(method, caller.tenant, scopes, caller.key_id, timestamp), hashlib.sha256
+        secret,
+        _payload(method, caller.tenant, caller.tenant_uid, scopes, caller.key_id, timestamp),
+        hashlib.sha256,
     ).hexdigest()
-    return [
+    signed = [
         (_TENANT, caller.tenant),
         (_SCOPES, scopes),
         (_KEY_ID, caller.key_id),
         (_TIMESTAMP, timestamp),
         (_SIGNATURE, signature),
     ]
+    if caller.tenant_uid:  # absent rather than empty (some clients refuse empty header values)
+        signed.append((_TENANT_UID, caller.tenant_uid))
+    return signed
 
 
 def verify_caller(
@@ -103,14 +110,15 @@ def verify_caller(
         age = (time.time() if now is None else now) - float(timestamp)
     except (KeyError, ValueError):
         raise _unauthenticated("the signed caller metadata is incomplete") from None
+    tenant_uid = fields.get(_TENANT_UID, "")  # signed: dropping or editing it breaks the signature
     expected = hmac.new(
-        secret, _payload(method, tenant, scopes, key_id, timestamp), hashlib.sha256
+        secret, _payload(method, tenant, tenant_uid, scopes, key_id, timestamp), hashlib.sha256
     ).hexdigest()
     if not hmac.compare_digest(expected, fields[_SIGNATURE]):
         raise _unauthenticated("the caller signature is not valid")
     if not -_MAX_SKEW_S <= age <= _MAX_SKEW_S:
         raise _unauthenticated("the caller signature has expired")
-    return Caller(tenant, frozenset(s for s in scopes.split(",") if s), key_id, method)
+    return Caller(tenant, frozenset(s for s in scopes.split(",") if s), key_id, method, tenant_uid)
 
 
 def current_caller() -> Caller:

@@ -84,6 +84,13 @@ class Settings:
     key_cache_ttl_s: float = 1.0
     rate_limit_rps: float = 1000.0
     rate_limit_burst: int = 2000
+    # Gateway: server streams (Watch, Backup) open at once, per API key, per tenant and in all.
+    streams_per_key: int = 64
+    streams_per_tenant: int = 128
+    gateway_max_streams: int = 1024
+    # Watch ends itself after this long (UNAVAILABLE STREAM_MAX_AGE, with resume_revision): the
+    # client resumes through the gateway, which authenticates its key again.
+    stream_max_age_s: float = 1800.0
     upstreams: tuple[tuple[str, tuple[str, ...]], ...] = ()
     metrics_ports: tuple[tuple[str, int], ...] = ()  # process → Prometheus port; absent: no metrics
     otlp_protocol: str = "grpc"  # OTLP trace export: "grpc" or "http/protobuf"
@@ -227,6 +234,14 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             key_cache_ttl_s=reader.number("STRATA_KEY_CACHE_TTL_S", defaults.key_cache_ttl_s, 0.0),
             rate_limit_rps=reader.number("STRATA_RATE_LIMIT_RPS", defaults.rate_limit_rps, 0.001),
             rate_limit_burst=reader.integer("STRATA_RATE_LIMIT_BURST", defaults.rate_limit_burst, 1, 1 << 30),
+            streams_per_key=reader.integer("STRATA_STREAMS_PER_KEY", defaults.streams_per_key, 1, 1 << 20),
+            streams_per_tenant=reader.integer(
+                "STRATA_STREAMS_PER_TENANT", defaults.streams_per_tenant, 1, 1 << 20
+            ),
+            gateway_max_streams=reader.integer(
+                "STRATA_GATEWAY_MAX_STREAMS", defaults.gateway_max_streams, 1, 1 << 20
+            ),
+            stream_max_age_s=reader.number("STRATA_STREAM_MAX_AGE_S", defaults.stream_max_age_s, 1.0),
             upstreams=tuple(
                 (service, addresses)
                 for service in (*_SERVICES, "gateway")

@@ -96,23 +96,35 @@ async def start_stack(settings: Settings, otlp_port: int | None = None, **extra:
 
 async def start_gateway(stack: Stack, **extra: str) -> tuple[asyncio.subprocess.Process, int]:
     """One more gateway in front of ``stack``'s services, with ``extra`` settings; (process, port)."""
+    upstreams = {
+        "STRATA_KV_UPSTREAMS": f"127.0.0.1:{stack.ports['kv']}",
+        "STRATA_ADMIN_UPSTREAMS": f"127.0.0.1:{stack.ports['admin']}",
+    }
+    return await start_process(stack, "gateway", **{**upstreams, **extra})
+
+
+async def start_process(stack: Stack, name: str, **extra: str) -> tuple[asyncio.subprocess.Process, int]:
+    """One more process of service ``name`` (or the gateway) beside ``stack``'s, with ``extra``
+    settings, on a port of its own; (process, port)."""
     port = free_port()
     env = dict(stack.env)
     env.update(
-        STRATA_GATEWAY_PORT=str(port),
-        STRATA_GATEWAY_METRICS_PORT=str(free_port()),  # the stack's gateway holds its own
-        STRATA_KV_UPSTREAMS=f"127.0.0.1:{stack.ports['kv']}",
-        STRATA_ADMIN_UPSTREAMS=f"127.0.0.1:{stack.ports['admin']}",
+        {
+            f"STRATA_{name.upper()}_PORT": str(port),
+            # The stack's process of this name holds its own metrics port.
+            f"STRATA_{name.upper()}_METRICS_PORT": str(free_port()),
+        }
     )
     env.update(extra)
+    module = "gateway" if name == "gateway" else f"services.{name}"
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", env=env, cwd=PROJECT_ROOT, stdout=asyncio.subprocess.PIPE
+        sys.executable, "-m", module, env=env, cwd=PROJECT_ROOT, stdout=asyncio.subprocess.PIPE
     )
     assert process.stdout is not None
     line = await asyncio.wait_for(process.stdout.readline(), 30)
-    if not line.startswith(b"READY gateway"):
+    if not line.startswith(f"READY {name}".encode()):
         process.kill()
-        raise AssertionError(f"gateway did not start: {line!r}")
+        raise AssertionError(f"{name} did not start: {line!r}")
     return process, port
 
 

@@ -66,9 +66,10 @@ class ApiKeyStore:
         return row
 
     async def find_for_authentication(self, key_id: str, *, timeout: float) -> asyncpg.Record | None:
-        """The live key ``key_id`` with its secret hash and its tenant's status (NULL: no tenant)."""
+        """The live key ``key_id`` with its secret hash, its tenant's status and id (NULL: no tenant)."""
         return await self._db.fetchrow(
-            "SELECT k.key_id, k.tenant, k.scopes, k.secret_hash, t.status AS tenant_status "
+            "SELECT k.key_id, k.tenant, k.scopes, k.secret_hash, "
+            "t.status AS tenant_status, t.id AS tenant_uid "
             "FROM admin.api_keys k LEFT JOIN tenants.tenants t ON t.slug = k.tenant "
             "WHERE k.key_id = $1 AND k.revoked_at IS NULL",
             key_id,

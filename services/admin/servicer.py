@@ -144,7 +144,10 @@ class AdminServicer:
                 metadata={"tenant": row["tenant"]},
             )
         return admin_pb2.AuthenticateApiKeyResponse(
-            key_id=row["key_id"], tenant=row["tenant"], scopes=row["scopes"]
+            key_id=row["key_id"],
+            tenant=row["tenant"],
+            scopes=row["scopes"],
+            tenant_uid=str(row["tenant_uid"]),
         )
 
     # -- operations (each module documents its calls) -----------------------

@@ -81,6 +81,7 @@ class Limits:
         self.max_key_bytes = settings.kv_max_key_bytes
         self.max_value_bytes = settings.kv_max_value_bytes
         self.max_batch = settings.kv_max_batch
+        self.stream_max_age_s = settings.stream_max_age_s
 
     def namespace(self, value: str, errors: list[FieldViolation], field: str = "namespace") -> None:
         if not value:

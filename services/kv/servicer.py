@@ -219,7 +219,8 @@ class KvServicer:
     async def Watch(
         self, request: kv_pb2.WatchRequest, context: Context
     ) -> AsyncIterator[kv_pb2.WatchResponse]:
-        tenant = require_scope(READ).tenant
+        caller = require_scope(READ)
+        tenant = caller.tenant
         errors: list[FieldViolation] = []
         self._limits.namespace(request.namespace, errors)
         keys = self._limits.target(request, errors)
@@ -232,20 +233,36 @@ class KvServicer:
         if start <= compacted:
             raise _compacted(start, compacted)
         yield kv_pb2.WatchResponse(header=kv_pb2.ResponseHeader(revision=current), created=True)
+        # A watch lasts at most this long, then the client resumes through the gateway,
+        # which authenticates its key again.
+        ends_at = time.monotonic() + self._limits.stream_max_age_s
         # Every matching change up to the cursor (revision, key) has been sent;
         # key None: all of that revision.
         cursor: tuple[int, str | None] = (start - 1, None)
         while True:
+            if time.monotonic() >= ends_at:
+                raise StrataError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "STREAM_MAX_AGE",
+                    f"a watch stays open at most {self._limits.stream_max_age_s:g} s; "
+                    "watch again from resume_revision",
+                    domain=DOMAIN,
+                    metadata={"resume_revision": str(_resume_revision(cursor))},
+                )
             try:
-                changes, current, compacted = await self._store.changes_after(
+                changes, current, compacted, tenant_uid = await self._store.changes_after(
                     tenant, request.namespace, keys, cursor, _WATCH_BATCH, timeout=deadline_timeout(context)
                 )
             except StrataError as exc:
                 # Tell the client where to resume (e.g. Postgres is restarting).
-                exc.metadata["resume_revision"] = str(cursor[0] + (0 if cursor[1] is not None else 1))
+                exc.metadata["resume_revision"] = str(_resume_revision(cursor))
                 raise
+            # The stream belongs to the tenant the gateway resolved, not to its slug: once
+            # that tenant is gone, nothing more is sent, whoever holds the slug now.
+            if caller.tenant_uid and tenant_uid != caller.tenant_uid:
+                raise _tenant_gone(tenant)
             if compacted > cursor[0] or (compacted == cursor[0] and cursor[1] is not None):
-                raise _compacted(cursor[0] + (0 if cursor[1] is not None else 1), compacted)
+                raise _compacted(_resume_revision(cursor), compacted)
             if changes:
                 if len(changes) < _WATCH_BATCH:
                     # Not a full batch: everything up to the snapshot's revision was read.
@@ -259,7 +276,9 @@ class KvServicer:
                 continue
             cursor = (max(cursor[0], current), None)
             try:
-                await self._feed.wait_beyond(cursor[0], timeout=5.0)
+                await self._feed.wait_beyond(
+                    cursor[0], timeout=min(5.0, max(0.0, ends_at - time.monotonic()))
+                )
             except FeedClosed:
                 raise StrataError(
                     grpc.StatusCode.UNAVAILABLE,
@@ -385,6 +404,21 @@ def _cache_entry(namespace: str, row: asyncpg.Record) -> CacheEntry:
 
 def _expired(entry: CacheEntry) -> bool:
     return entry.expires_at is not None and entry.expires_at <= time.time()
+
+
+def _tenant_gone(tenant: str) -> StrataError:
+    return StrataError(
+        grpc.StatusCode.PERMISSION_DENIED,
+        "TENANT_DELETED",
+        f"tenant {tenant!r} of this watch was deleted",
+        domain=DOMAIN,
+        metadata={"tenant": tenant},
+    )
+
+
+def _resume_revision(cursor: tuple[int, str | None]) -> int:
+    """Where a new watch picks up from ``cursor``: its revision again when only part of it was sent."""
+    return cursor[0] + (0 if cursor[1] is not None else 1)
 
 
 def _compacted(wanted: int, compacted: int) -> StrataError:

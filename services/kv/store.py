@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import asyncpg
 from strata.kv.v1 import kv_pb2
@@ -22,7 +23,7 @@ from shared.db import Database
 from shared.groupcommit import GroupCommit
 from shared.timestamps import to_timestamp
 
-__all__ = ["Change", "DeleteResult", "KvStore", "PutItem", "WriteResult"]
+__all__ = ["Change", "ChangesPage", "DeleteResult", "KvStore", "PutItem", "WriteResult"]
 
 _log = logging.getLogger(__name__)
 
@@ -109,6 +110,15 @@ class Change:
     revision: int
     kind: int
     kv: kv_pb2.KeyValue
+
+
+class ChangesPage(NamedTuple):
+    """A page of the change log and the snapshot it was read in."""
+
+    changes: list[Change]
+    current: int  # the store's revision
+    compacted: int  # the oldest revision still in the log
+    tenant_uid: str | None  # the registry id of the tenant with the slug asked for (None: none)
 
 
 def entry_to_kv(
@@ -327,19 +337,21 @@ class KvStore:
         limit: int,
         *,
         timeout: float,
-    ) -> tuple[list[Change], int, int]:
-        """Changes to ``keys`` after ``cursor`` in (revision, key) order; plus (current, compacted).
+    ) -> ChangesPage:
+        """Changes to ``keys`` after ``cursor`` in (revision, key) order, with the snapshot they come from.
 
         ``cursor`` is (revision, key): changes of later revisions, and of that
-        revision with a greater key (None: none of that revision). All three
-        results come from one snapshot: when no change is returned, nothing
-        matching happened up to ``current``.
+        revision with a greater key (None: none of that revision). Everything
+        comes from one snapshot: when no change is returned, nothing matching
+        happened up to ``current``; and the changes belong to the tenant whose
+        registry id is ``tenant_uid`` (None: no tenant has the slug now).
         """
         after_revision, after_key = cursor
         end_condition = "AND ch.key < $4" if keys.end is not None else "AND $4::text IS NULL"
         rows = await self._db.fetch(
             f"""
-            SELECT s.current, c.revision AS compacted, ch.*
+            SELECT s.current, c.revision AS compacted,
+                   (SELECT t.id::text FROM tenants.tenants t WHERE t.slug = $7) AS tenant_uid, ch.*
             FROM kv.store_revision s CROSS JOIN kv.compaction c
             LEFT JOIN LATERAL (
                 SELECT ch.revision, ch.revision AS mod_revision, ch.key, ch.kind, ch.value,
@@ -360,13 +372,12 @@ class KvStore:
             tenant,
             timeout=timeout,
         )
-        current, compacted = rows[0]["current"], rows[0]["compacted"]
         changes = [
             Change(row["revision"], row["kind"], entry_to_kv(namespace, row))
             for row in rows
             if row["revision"] is not None
         ]
-        return changes, current, compacted
+        return ChangesPage(changes, rows[0]["current"], rows[0]["compacted"], rows[0]["tenant_uid"])
 
     async def sweep_expired(self, limit: int) -> tuple[int | None, int]:
         """Remove up to ``limit`` expired keys; (revision or None, how many)."""

@@ -233,7 +233,9 @@ HOP_BY_HOP = (
 
 async def test_credentials_hop_by_hop_and_forged_identity_headers_never_reach_the_upstream(gateway, stack):
     forged = sign_caller(
-        b"forged-secret-forged-secret", GET, Caller("victim", frozenset({"kv:read"}), "forgedkey0000000")
+        b"forged-secret-forged-secret",
+        GET,
+        Caller("victim", frozenset({"kv:read"}), "forgedkey0000000", tenant_uid=str(uuid.uuid4())),
     )
     metadata = gateway.call_metadata(*HOP_BY_HOP, *forged, ("x-custom", "kept as is"))
     await gateway.unary()(b"{}", metadata=metadata, timeout=10)
