@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from strata.admin.v1 import admin_pb2
 
+from services.admin.archives import ArchiveSigner
 from services.admin.audit_log import AuditLog
 from services.admin.backups import Backups
 from services.admin.keys import ApiKeyStore
@@ -13,7 +14,7 @@ from services.admin.servicer import AdminServicer
 from shared.db import Database
 from shared.redisclient import open_redis
 from shared.server import StrataServer, run_service
-from shared.settings import ConfigError, Settings
+from shared.settings import ConfigError, Settings, require_internal_secret
 
 __all__ = ["build_admin_server", "main"]
 
@@ -32,7 +33,8 @@ async def build_admin_server(settings: Settings) -> StrataServer:
     pitr = PointInTime.for_settings(settings, db)
     pitr.start()
     server.after_drain(pitr.close)  # stops the point-in-time branches' servers
-    backups = Backups(db, settings.migrate_database_url, settings.restore_max_bytes, pitr)
+    signer = ArchiveSigner(require_internal_secret(settings))
+    backups = Backups(db, settings.migrate_database_url, settings.restore_max_bytes, signer, pitr)
     servicer = AdminServicer(ApiKeyStore(db), settings.key_pepper.encode(), operations, backups, AuditLog(db))
     server.add_servicer(servicer, SERVICE)
     server.after_drain(db.close)

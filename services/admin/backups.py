@@ -2,7 +2,10 @@
 
 - **Backup** streams ``pg_dump --format=custom`` of the live database in
   chunks of up to 1 MiB; the last chunk carries the size and SHA-256.
-- **Restore** feeds an uploaded archive to ``pg_restore`` in a new database.
+- **Restore** takes an uploaded archive to disk, checks it is one this
+  deployment's Backup signed and holds only what such a backup holds
+  (:mod:`services.admin.archives`), then runs ``pg_restore`` into a new
+  database as a role of its own that owns that database and nothing else.
 - **CreateBranch** pipes ``pg_dump`` straight into ``pg_restore`` (one
   consistent snapshot, no temporary file). ``CREATE DATABASE … TEMPLATE``
   would be faster but needs the live database to have no other connection.
@@ -11,7 +14,8 @@ New databases are named ``strata_branch_<name>`` and listed in
 ``admin.branches``; only listed databases are ever dropped. (Point-in-time
 branches, CreateBranch with ``as_of``, are servers of their own in the same
 registry: ``services.admin.pitr`` makes, runs and deletes them.) The tools and
-every CREATE/DROP DATABASE run as the owner role (``STRATA_MIGRATE_DATABASE_URL``):
+every CREATE/DROP DATABASE run as the owner role (``STRATA_MIGRATE_DATABASE_URL``),
+except a restore's pg_restore, which never runs an uploaded archive with privilege:
 the service role can neither read past row-level security nor create
 databases. The registry and its audit events are written through this
 process's service-role pool, in one transaction. The password reaches the
@@ -23,16 +27,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeAlias
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
@@ -40,6 +48,7 @@ import asyncpg
 import grpc
 from strata.admin.v1 import admin_pb2
 
+from services.admin.archives import STRATA_SCHEMAS, ArchiveSigner, parse_toc, vet
 from shared.audit import record_audit
 from shared.db import Database, deadline_timeout
 from shared.errors import FieldViolation, StrataError, already_exists, invalid_argument, not_found
@@ -83,11 +92,18 @@ class Backups:
     """pg_dump / pg_restore and database copies, as the owner role; the branch registry."""
 
     def __init__(
-        self, db: Database, owner_url: str, restore_max_bytes: int, pitr: PointInTime | None = None
+        self,
+        db: Database,
+        owner_url: str,
+        restore_max_bytes: int,
+        signer: ArchiveSigner,
+        pitr: PointInTime | None = None,
     ) -> None:
-        """``pitr``: point-in-time branches and the recovery window; None: not managed here."""
+        """``signer``: signs backups and checks restores; ``pitr``: point-in-time branches and the
+        recovery window (None: not managed here)."""
         from services.admin.pitr import PointInTime  # it builds on this module
 
+        self._signer = signer
         self._registry = BranchRegistry(db)
         self._owner = _Owner.parse(owner_url) if owner_url else None
         self._restore_max_bytes = restore_max_bytes
@@ -107,7 +123,8 @@ class Backups:
     async def backup(
         self, request: admin_pb2.BackupRequest, context: Context
     ) -> AsyncIterator[admin_pb2.BackupResponse]:
-        """Stream a custom-format archive of the live database; the last message has size and SHA-256.
+        """Stream a custom-format archive of the live database; the last message has size, SHA-256
+        and this deployment's signature (which Restore requires).
 
         pg_dump is killed if the caller goes away. The registry's rows are left
         out: branches are other databases, not part of this one's backup.
@@ -115,6 +132,7 @@ class Backups:
         owner = self._owner_role()
         pg_dump = await pg_tool("pg_dump")
         digest = hashlib.sha256()
+        signing = self._signer.start()
         offset = 0
         try:
             async with _running(
@@ -129,6 +147,7 @@ class Backups:
                     if not following:
                         break
                     digest.update(chunk)
+                    signing.update(chunk)
                     yield admin_pb2.BackupResponse(data=chunk, offset=offset)
                     offset += len(chunk)
                     chunk = following
@@ -136,15 +155,20 @@ class Backups:
         except _ToolFailed as exc:
             raise _tool_error(exc, "BACKUP_FAILED", "the backup") from None
         digest.update(chunk)
+        signing.update(chunk)
         yield admin_pb2.BackupResponse(
-            data=chunk, offset=offset, total_bytes=offset + len(chunk), sha256=digest.hexdigest()
+            data=chunk,
+            offset=offset,
+            total_bytes=offset + len(chunk),
+            sha256=digest.hexdigest(),
+            signature=signing.hexdigest(),
         )
 
     async def restore(
         self, requests: AsyncIterator[admin_pb2.RestoreRequest], context: Context
     ) -> admin_pb2.RestoreResponse:
         """Restore an uploaded archive into a new branch database; on any failure nothing is kept."""
-        upload = _Upload(requests, self._restore_max_bytes)
+        upload = _Upload(requests, self._restore_max_bytes, self._signer.start())
         try:
             return await self._restore(upload, context)
         except Exception:
@@ -155,26 +179,41 @@ class Backups:
         owner = self._owner_role()
         name = await upload.start()
         pg_restore = await pg_tool("pg_restore")
-        async with self._new_database(name, "restore", owner, context) as branch_id:
-            try:
-                async with _running(
-                    pg_restore,
-                    _restore_args(owner, DATABASE_PREFIX + name),
-                    owner.env("strata-restore"),
-                    stdin=True,
-                ) as tool:
-                    await upload.feed(tool)
-                    await tool.wait()
-            except _ToolFailed as exc:
-                if upload.complete:
-                    upload.verify()  # a damaged upload explains the failure best
-                raise _tool_error(
-                    exc, "RESTORE_FAILED", "restoring the archive", grpc.StatusCode.INVALID_ARGUMENT
-                ) from None
-            await upload.drain()
+        database = DATABASE_PREFIX + name
+        with tempfile.TemporaryDirectory(prefix="strata-restore-") as folder:
+            archive, use_list = Path(folder) / "archive", Path(folder) / "use-list"
+            await upload.spool(archive)
             upload.verify()
-            details = {"database": DATABASE_PREFIX + name, "bytes": upload.total, "sha256": upload.sha256}
-            branch = await self._finish(branch_id, name, details, context)
+            # Nothing of the archive runs before it is known to be this deployment's own.
+            self._signer.check(upload.signing, upload.signature)
+            entries, extensions = vet(
+                parse_toc(await _archive_listing(pg_restore, archive, owner)),
+                await _live_functions(owner, deadline_timeout(context)),
+            )
+            use_list.write_text("".join(f"{line}\n" for line in entries))
+            restorer = owner.as_role(database, secrets.token_hex(24))
+            async with self._new_database(name, "restore", owner, context, restorer) as branch_id:
+                async with owner.connect(database) as conn:
+                    for extension in sorted(extensions):
+                        await conn.execute(f"CREATE EXTENSION IF NOT EXISTS {_quote_ident(extension)}")
+                try:
+                    async with _running(
+                        pg_restore,
+                        _restore_args(
+                            restorer, database, "--no-owner", f"--use-list={use_list}", str(archive)
+                        ),
+                        restorer.env("strata-restore"),
+                    ) as tool:
+                        await tool.wait()
+                except _ToolFailed as exc:
+                    raise _tool_error(
+                        exc, "RESTORE_FAILED", "restoring the archive", grpc.StatusCode.INVALID_ARGUMENT
+                    ) from None
+                async with owner.connect() as conn:
+                    # It keeps owning what it restored, and can log in no more.
+                    await conn.execute(f"ALTER ROLE {_quote_ident(restorer.user)} NOLOGIN")
+                details = {"database": database, "bytes": upload.total, "sha256": upload.sha256}
+                branch = await self._finish(branch_id, name, details, context)
         return admin_pb2.RestoreResponse(branch=branch, bytes_read=upload.total)
 
     async def create_branch(
@@ -226,6 +265,8 @@ class Backups:
             )
         async with owner.connect() as conn:
             await _drop_database(conn, row["database"], deadline_timeout(context))
+            if row["origin"] == "restore":
+                await _drop_role(conn, row["database"], deadline_timeout(context))
         details = {"database": row["database"], "origin": row["origin"]}
         if not await self._registry.remove(row["id"], name, details, deadline_timeout(context)):
             raise _no_branch(name)  # deleted by a concurrent call
@@ -233,35 +274,43 @@ class Backups:
 
     @asynccontextmanager
     async def _new_database(
-        self, name: str, origin: str, owner: _Owner, context: Context
+        self, name: str, origin: str, owner: _Owner, context: Context, restorer: _Owner | None = None
     ) -> AsyncIterator[int]:
         """Reserve ``name`` and create its empty database; yields the registry id.
 
-        If the body fails (or the call is cancelled), the database is dropped
-        and the reservation removed, so nothing is left behind.
+        With ``restorer``, its role is created first (no privilege but to log
+        in) and owns the database. If the body fails (or the call is
+        cancelled), the database and role are dropped and the reservation
+        removed, so nothing is left behind.
         """
         database = DATABASE_PREFIX + name
         if database == owner.database:
             raise invalid_argument([FieldViolation("name", "names the live database")], domain=DOMAIN)
         branch_id = await self._registry.reserve(name, database, origin, deadline_timeout(context))
         created = False
+        role = restorer.user if restorer is not None else None
         try:
             async with owner.connect() as conn:
-                await _create_database(conn, name, database, deadline_timeout(context))
+                if restorer is not None:
+                    await _create_restore_role(conn, restorer, deadline_timeout(context))
+                await _create_database(conn, name, database, role, deadline_timeout(context))
                 created = True
                 await _copy_database_settings(conn, owner, database)
             yield branch_id
         except BaseException:
-            await _to_the_end(self._discard(branch_id, database if created else None, owner))
+            await _to_the_end(self._discard(branch_id, database if created else None, owner, role))
             raise
 
-    async def _discard(self, branch_id: int, database: str | None, owner: _Owner) -> None:
-        """Undo a failed copy: drop its database (if still ours) and free its name; never raises."""
+    async def _discard(self, branch_id: int, database: str | None, owner: _Owner, role: str | None) -> None:
+        """Undo a failed copy: drop its database and role (if still ours) and free its name; never raises."""
         try:
             # A DeleteBranch may already have dropped it, and the name may even be reserved again.
-            if database is not None and await self._registry.holds(branch_id, _CLEANUP_TIMEOUT_S):
+            if await self._registry.holds(branch_id, _CLEANUP_TIMEOUT_S):
                 async with owner.connect() as conn:
-                    await _drop_database(conn, database, _CLEANUP_TIMEOUT_S)
+                    if database is not None:
+                        await _drop_database(conn, database, _CLEANUP_TIMEOUT_S)
+                    if role is not None:
+                        await _drop_role(conn, role, _CLEANUP_TIMEOUT_S)
             await self._registry.release(branch_id, _CLEANUP_TIMEOUT_S)
         except Exception:
             _log.exception("could not remove a failed branch", extra={"database": database})
@@ -414,26 +463,33 @@ class _Owner:
     url: str = field(repr=False)  # holds the password
     database: str  # the live database
     password: str = field(repr=False)
+    user: str
     _scheme: str
-    _netloc: str  # without the password
+    _hosts: str
     _query: str  # without a password parameter
 
     @classmethod
     def parse(cls, url: str) -> _Owner:
         parts = urlsplit(url)
-        userinfo, at, hosts = parts.netloc.rpartition("@")
+        userinfo, _at, hosts = parts.netloc.rpartition("@")
         user, _, password = userinfo.partition(":")
         query = parse_qsl(parts.query, keep_blank_values=True)
         password = unquote(password) or dict(query).get("password", "")
         # libpq's default database is the user's name.
         database = unquote(parts.path.lstrip("/")) or unquote(user)
-        netloc = f"{user}{at}{hosts}"
         kept = urlencode([(k, v) for k, v in query if k != "password"])
-        return cls(url, database, password, parts.scheme, netloc, kept)
+        return cls(url, database, password, unquote(user), parts.scheme, hosts, kept)
+
+    def as_role(self, user: str, password: str) -> _Owner:
+        """The same server and database as another role (a restore's own)."""
+        netloc = f"{quote(user)}:{quote(password)}@{self._hosts}"
+        url = urlunsplit((self._scheme, netloc, "/" + quote(self.database), self._query, ""))
+        return _Owner(url, self.database, password, user, self._scheme, self._hosts, self._query)
 
     def conninfo(self, database: str) -> str:
-        """A libpq URL for ``database`` as the owner, without the password (it goes in :meth:`env`)."""
-        return urlunsplit((self._scheme, self._netloc, "/" + quote(database), self._query, ""))
+        """A libpq URL for ``database`` as this role, without the password (it goes in :meth:`env`)."""
+        netloc = f"{quote(self.user)}@{self._hosts}" if self.user else self._hosts
+        return urlunsplit((self._scheme, netloc, "/" + quote(database), self._query, ""))
 
     def env(self, application: str) -> dict[str, str]:
         """The tools' environment: the password, an application name, and what libpq reads of ours.
@@ -462,10 +518,13 @@ class _Owner:
             await conn.close()
 
 
-async def _create_database(conn: asyncpg.Connection, name: str, database: str, timeout: float) -> None:
+async def _create_database(
+    conn: asyncpg.Connection, name: str, database: str, role: str | None, timeout: float
+) -> None:
+    owned = f" OWNER {_quote_ident(role)}" if role is not None else ""
     try:
         # The name is validated ([a-z0-9_]), so quoting it is enough.
-        await conn.execute(f'CREATE DATABASE "{database}"', timeout=timeout)
+        await conn.execute(f'CREATE DATABASE "{database}"{owned}', timeout=timeout)
     except asyncpg.DuplicateDatabaseError:
         raise _name_taken(name) from None
     except asyncpg.InsufficientPrivilegeError:
@@ -479,6 +538,41 @@ async def _create_database(conn: asyncpg.Connection, name: str, database: str, t
 
 async def _drop_database(conn: asyncpg.Connection, database: str, timeout: float) -> None:
     await conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)', timeout=timeout)
+
+
+async def _create_restore_role(conn: asyncpg.Connection, restorer: _Owner, timeout: float) -> None:
+    """The role a restore runs as: it may log in and nothing else (no superuser, no BYPASSRLS,
+    member of no role, so none of pg_execute_server_program's or pg_write_server_files' rights).
+
+    The owner role becomes its member, so that it may make it a database's owner.
+    """
+    role = _quote_ident(restorer.user)
+    await _drop_role(conn, restorer.user, timeout)  # a role left by a process killed mid-restore
+    # The password is hex (secrets.token_hex): safe inside a literal.
+    await conn.execute(
+        f"CREATE ROLE {role} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT NOREPLICATION "
+        f"NOBYPASSRLS CONNECTION LIMIT 2 PASSWORD '{restorer.password}'",
+        timeout=timeout,
+    )
+    if not await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"):
+        await conn.execute(f"GRANT {role} TO CURRENT_USER", timeout=timeout)
+
+
+async def _drop_role(conn: asyncpg.Connection, role: str, timeout: float) -> None:
+    """Drop a restore's role (after its database); nothing else of the cluster is its."""
+    await conn.execute(f"DROP ROLE IF EXISTS {_quote_ident(role)}", timeout=timeout)
+
+
+async def _live_functions(owner: _Owner, timeout: float) -> set[tuple[str, str]]:
+    """(schema, name) of every function the live database has in Strata's schemas."""
+    async with owner.connect() as conn:
+        rows = await conn.fetch(
+            "SELECT n.nspname, p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+            "WHERE n.nspname = ANY($1::text[])",
+            sorted(STRATA_SCHEMAS),
+            timeout=timeout,
+        )
+    return {(row[0], row[1]) for row in rows}
 
 
 async def _copy_database_settings(conn: asyncpg.Connection, owner: _Owner, database: str) -> None:
@@ -578,10 +672,33 @@ def _dump_args(owner: _Owner, *, compress: bool) -> list[str]:
     ]
 
 
-def _restore_args(owner: _Owner, database: str) -> list[str]:
-    # Owners and privileges are kept as in the source: the roles are this
-    # cluster's, so the copy serves the same service role under the same RLS.
-    return ["--format=custom", "--exit-on-error", "--no-password", f"--dbname={owner.conninfo(database)}"]
+def _restore_args(role: _Owner, database: str, *more: str) -> list[str]:
+    # Privileges are kept as in the source: the roles are this cluster's, so
+    # the copy serves the same service role under the same RLS. A branch keeps
+    # the owners too; a restore's objects are its own role's (--no-owner).
+    return [
+        "--format=custom",
+        "--exit-on-error",
+        "--no-password",
+        f"--dbname={role.conninfo(database)}",
+        *more,
+    ]
+
+
+async def _archive_listing(pg_restore: str, archive: Path, owner: _Owner) -> str:
+    """``pg_restore --list`` of ``archive``: its table of contents (read only, no database)."""
+    try:
+        async with _running(
+            pg_restore, ["--list", str(archive)], owner.env("strata-restore"), stdout=True
+        ) as tool:
+            assert tool.stdout is not None
+            listing = await tool.stdout.read()
+            await tool.wait()
+    except _ToolFailed as exc:
+        raise _tool_error(
+            exc, "NOT_A_BACKUP", "reading the archive's contents", grpc.StatusCode.INVALID_ARGUMENT
+        ) from None
+    return listing.decode(errors="replace")
 
 
 class _ToolFailed(Exception):
@@ -782,17 +899,20 @@ async def _to_the_end(work: Awaitable[None]) -> None:
 
 
 class _Upload:
-    """The archive a Restore call streams: its bytes in order, their count and SHA-256."""
+    """The archive a Restore call streams: its bytes in order, their count, SHA-256 and signature."""
 
-    def __init__(self, requests: AsyncIterator[admin_pb2.RestoreRequest], limit: int) -> None:
+    def __init__(
+        self, requests: AsyncIterator[admin_pb2.RestoreRequest], limit: int, signing: hmac.HMAC
+    ) -> None:
         self._requests = aiter(requests)
         self._limit = limit
         self._name = ""
         self._expected = ""
         self._head = b""
         self._digest = hashlib.sha256()
+        self.signing = signing  # fed every byte, to compare with the signature given
+        self.signature = ""
         self.total = 0
-        self.complete = False  # every message has been read
 
     @property
     def sha256(self) -> str:
@@ -822,22 +942,12 @@ class _Upload:
             )
         return self._name
 
-    async def feed(self, tool: _Tool) -> None:
-        """Write the whole archive to the tool's stdin, then close it; stops early if the tool exits."""
-        try:
-            await tool.write(self._head)
+    async def spool(self, path: Path) -> None:
+        """Write the whole archive to ``path`` (a private folder's), reading the stream to its end."""
+        with path.open("wb") as file:
+            await asyncio.to_thread(file.write, self._head)
             async for message in self._requests:
-                await tool.write(self._take(message))  # the upload goes as fast as pg_restore reads
-            self.complete = True
-        except BrokenPipeError:
-            pass  # pg_restore ended without reading everything; its exit status says why
-        tool.close_stdin()
-
-    async def drain(self) -> None:
-        """Read what is left of the stream (counted and hashed, not kept)."""
-        async for message in self._requests:
-            self._take(message)
-        self.complete = True
+                await asyncio.to_thread(file.write, self._take(message))
 
     async def discard_rest(self) -> None:
         """Before a refusal, read (a bounded part of) what the caller is still sending.
@@ -881,6 +991,16 @@ class _Upload:
                     [FieldViolation("sha256", "differs from an earlier message's")], domain=DOMAIN
                 )
             self._expected = message.sha256
+        if message.signature:
+            if not ArchiveSigner.well_formed(message.signature):
+                raise invalid_argument(
+                    [FieldViolation("signature", "must be 64 lowercase hex characters")], domain=DOMAIN
+                )
+            if self.signature and message.signature != self.signature:
+                raise invalid_argument(
+                    [FieldViolation("signature", "differs from an earlier message's")], domain=DOMAIN
+                )
+            self.signature = message.signature
         self.total += len(message.data)
         if self.total > self._limit:
             raise StrataError(
@@ -891,6 +1011,7 @@ class _Upload:
                 metadata={"limit": str(self._limit)},
             )
         self._digest.update(message.data)
+        self.signing.update(message.data)
         return message.data
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -25,10 +27,12 @@ from strata.admin.v1 import admin_pb2
 from strata.kv.v1 import kv_pb2
 from strata.tenants.v1 import tenants_pb2, tenants_pb2_grpc
 
+from services.admin.archives import ArchiveSigner
 from services.admin.backups import CHUNK_BYTES, DATABASE_PREFIX, Backups, pg_tool
 from shared.db import Database
 from shared.errors import StrataError
 from shared.settings import Settings
+from tests.conftest import TEST_INTERNAL_SECRET
 from tests.e2e.conftest import bearer
 from tests.helpers import error_info, field_violations
 
@@ -85,13 +89,29 @@ async def table_digests(conn: asyncpg.Connection) -> dict[str, str]:
     return digests
 
 
-def upload(database: str, archive: bytes, sha256: str = "") -> AsyncIterator[admin_pb2.RestoreRequest]:
+def upload(
+    database: str, archive: bytes, sha256: str = "", signature: str | None = None
+) -> AsyncIterator[admin_pb2.RestoreRequest]:
+    """The messages of a Restore of ``archive``; signed as this deployment's Backup signs, unless
+    ``signature`` says otherwise."""
+    if signature is None:
+        signature = sign(archive)
+
     async def messages() -> AsyncIterator[admin_pb2.RestoreRequest]:
-        yield admin_pb2.RestoreRequest(database=database, sha256=sha256)
+        yield admin_pb2.RestoreRequest(database=database, sha256=sha256, signature=signature)
         for start in range(0, len(archive), CHUNK_BYTES):
             yield admin_pb2.RestoreRequest(data=archive[start : start + CHUNK_BYTES])
 
     return messages()
+
+
+SIGNER = ArchiveSigner(TEST_INTERNAL_SECRET.encode())
+
+
+def sign(archive: bytes) -> str:
+    signing = SIGNER.start()
+    signing.update(archive)
+    return signing.hexdigest()
 
 
 @dataclass
@@ -250,16 +270,36 @@ async def test_bad_names_are_invalid(gw_admin, admin_metadata, backup, name):
 
 async def test_a_cancelled_restore_keeps_nothing(gw_admin, admin_metadata, settings, backup):
     name = f"{RUN}_cancelled"
+    spools_before = spools()
+    sent = asyncio.Event()
 
     async def stalls() -> AsyncIterator[admin_pb2.RestoreRequest]:
         yield admin_pb2.RestoreRequest(database=name, data=backup.archive[:CHUNK_BYTES])
+        yield admin_pb2.RestoreRequest(data=backup.archive[CHUNK_BYTES : 2 * CHUNK_BYTES])
+        sent.set()
         await asyncio.sleep(60)
 
     call = gw_admin.Restore(stalls(), metadata=admin_metadata)
-    await eventually(lambda: database_exists(settings, DATABASE_PREFIX + name))
+    await asyncio.wait_for(sent.wait(), 10)
+    # The upload is spooled to a private folder before anything is restored.
+    await eventually(
+        lambda: _is_true(set(Path(tempfile.gettempdir()).glob("strata-restore-*")) - spools_before)
+    )
     call.cancel()
-    await eventually(lambda: _not(database_exists(settings, DATABASE_PREFIX + name)))
+    await eventually(lambda: _is_true(not spools() - spools_before))
+    assert not await database_exists(settings, DATABASE_PREFIX + name)
+    async with owner(settings) as conn:
+        assert not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", DATABASE_PREFIX + name)
     assert name not in await branch_names(gw_admin, admin_metadata)
+
+
+def spools() -> set[Path]:
+    """The folders admin spools uploads to (this machine's temporary folder)."""
+    return set(Path(tempfile.gettempdir()).glob("strata-restore-*"))
+
+
+async def _is_true(value: object) -> bool:
+    return bool(value)
 
 
 async def _not(check) -> bool:
@@ -459,7 +499,7 @@ async def backup_connections(settings: Settings) -> int:
 
 
 async def test_an_abandoned_backup_stops_pg_dump(settings, service_db, dataset):
-    backups = Backups(service_db, settings.migrate_database_url, 1 << 40)
+    backups = Backups(service_db, settings.migrate_database_url, 1 << 40, SIGNER)
     stream = backups.backup(admin_pb2.BackupRequest(), _Context())
     first = await anext(stream)
     assert len(first.data) == CHUNK_BYTES
@@ -491,7 +531,7 @@ def with_netloc(url: str, **parts: Any) -> str:
 )
 async def test_a_failing_pg_dump_answers_a_safe_error(settings, service_db, caplog, broken, code):
     url = with_netloc(settings.migrate_database_url, **broken)
-    backups = Backups(service_db, url, 1 << 40)
+    backups = Backups(service_db, url, 1 << 40, SIGNER)
     with pytest.raises(StrataError) as caught:
         async for _ in backups.backup(admin_pb2.BackupRequest(), _Context()):
             pass
@@ -504,7 +544,7 @@ async def test_a_failing_pg_dump_answers_a_safe_error(settings, service_db, capl
 
 
 async def test_restores_over_the_size_limit_are_refused_and_keep_nothing(settings, service_db, backup):
-    backups = Backups(service_db, settings.migrate_database_url, 2 * CHUNK_BYTES)
+    backups = Backups(service_db, settings.migrate_database_url, 2 * CHUNK_BYTES, SIGNER)
     name = f"{RUN}_too_large"
     with pytest.raises(StrataError) as caught:
         await backups.restore(upload(name, backup.archive), _Context())
@@ -518,7 +558,7 @@ async def test_restores_over_the_size_limit_are_refused_and_keep_nothing(setting
 
 
 async def test_without_the_owner_role_calls_fail_with_a_precondition(service_db, backup):
-    backups = Backups(service_db, "", 1 << 40)
+    backups = Backups(service_db, "", 1 << 40, SIGNER)
     calls: Sequence[Any] = [
         anext(backups.backup(admin_pb2.BackupRequest(), _Context())),
         backups.restore(upload(f"{RUN}_x", backup.archive), _Context()),
@@ -543,3 +583,147 @@ async def test_the_tools_found_are_not_older_than_the_server(settings):
         )
         out, _ = await proc.communicate()
         assert int(out.split(b"(PostgreSQL) ")[1].split(b".")[0]) >= server_major
+
+
+# -- hostile archives ---------------------------------------------------------------
+
+# A function that runs a shell command, but only once restored into a branch (so that
+# building the archive runs nothing), called by a CHECK constraint while rows load.
+_TRAP = """
+CREATE SCHEMA IF NOT EXISTS {schema};
+CREATE FUNCTION {schema}.{function}(p text) RETURNS boolean LANGUAGE plpgsql AS $f$
+BEGIN
+    IF current_database() LIKE 'strata_branch_%' THEN
+        EXECUTE format('COPY (SELECT 1) TO PROGRAM %L', 'touch {marker}');
+    END IF;
+    RETURN true;
+END $f$;
+CREATE TABLE {schema}.trap (v text CHECK ({schema}.{function}(v)));
+INSERT INTO {schema}.trap VALUES ('armed');
+"""
+
+
+async def hostile_archive(settings: Settings, schema: str, function: str, marker: Path) -> bytes:
+    """A pg_dump archive of a scratch database (as anyone could make in any Postgres) with the trap."""
+    source = f"hostile_{uuid.uuid4().hex[:8]}"
+    async with owner(settings) as conn:
+        await conn.execute(f'CREATE DATABASE "{source}"')
+    try:
+        async with owner(settings, source) as conn:
+            await conn.execute(_TRAP.format(schema=schema, function=function, marker=marker))
+        url = urlsplit(settings.migrate_database_url)
+        dump = await asyncio.create_subprocess_exec(
+            await pg_tool("pg_dump"),
+            "--format=custom",
+            f"--dbname={urlunsplit(url._replace(netloc=f'{url.username}@{url.hostname}:{url.port}', path='/' + source))}",
+            env={**os.environ, "PGPASSWORD": url.password or ""},
+            stdout=asyncio.subprocess.PIPE,
+        )
+        archive, _ = await dump.communicate()
+        assert dump.returncode == 0
+        return archive
+    finally:
+        async with owner(settings) as conn:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{source}" WITH (FORCE)')
+
+
+@pytest.fixture
+def marker(tmp_path: Path) -> Path:
+    folder = Path(tempfile.gettempdir()) / f"strata-marker-{uuid.uuid4().hex[:8]}"
+    folder.mkdir(mode=0o777)
+    folder.chmod(0o777)  # the database's OS user may write here, if anything lets it run a program
+    yield folder / "pwned"
+    for leftover in folder.iterdir():
+        leftover.unlink()
+    folder.rmdir()
+
+
+async def assert_nothing_kept(settings: Settings, gw_admin, admin_metadata, name: str) -> None:
+    assert not await database_exists(settings, DATABASE_PREFIX + name)
+    async with owner(settings) as conn:
+        assert not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", DATABASE_PREFIX + name)
+    assert name not in await branch_names(gw_admin, admin_metadata)
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("no signature", "BACKUP_NOT_SIGNED"),
+        ("a made-up signature", "BACKUP_SIGNATURE_INVALID"),
+        ("the deployment's signature (a leaked key)", "ARCHIVE_NOT_ALLOWED"),
+    ],
+)
+async def test_an_archive_from_elsewhere_runs_nothing_and_keeps_nothing(
+    gw_admin, admin_metadata, settings, marker, case, reason
+):
+    archive = await hostile_archive(settings, "public", "evil", marker)
+    signature = {"no signature": "", "a made-up signature": "ab" * 32}.get(case, sign(archive))
+    name = f"{RUN}_hostile_{len(case)}"
+
+    error = await refused(
+        gw_admin.Restore(upload(name, archive, signature=signature), metadata=admin_metadata)
+    )
+
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(error).reason == reason
+    if reason == "ARCHIVE_NOT_ALLOWED":
+        assert "FUNCTION public.evil" in error.details()
+    assert not marker.exists(), "the archive ran a program on the database server"
+    await assert_nothing_kept(settings, gw_admin, admin_metadata, name)
+
+
+async def test_a_signed_archive_that_passes_the_contents_check_still_runs_with_no_privilege(
+    gw_admin, admin_metadata, settings, marker
+):
+    # Named like a function Strata has, in Strata's schema: only the restore's own
+    # role stands between the archive and the server now.
+    archive = await hostile_archive(settings, "kv", "compact", marker)
+    name = f"{RUN}_contained"
+
+    error = await refused(gw_admin.Restore(upload(name, archive), metadata=admin_metadata))
+
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(error).reason == "RESTORE_FAILED"
+    assert not marker.exists(), "the restore ran a program on the database server"
+    await assert_nothing_kept(settings, gw_admin, admin_metadata, name)
+
+
+async def test_a_restored_branch_belongs_to_a_role_with_no_privilege(
+    gw_admin, admin_metadata, settings, backup
+):
+    name = f"{RUN}_owned"
+    await gw_admin.Restore(upload(name, backup.archive), metadata=admin_metadata)
+    role = DATABASE_PREFIX + name
+    async with owner(settings) as conn:
+        attributes = await conn.fetchrow("SELECT * FROM pg_roles WHERE rolname = $1", role)
+        assert attributes is not None
+        assert not any(
+            attributes[a]
+            for a in (
+                "rolsuper",
+                "rolcanlogin",
+                "rolbypassrls",
+                "rolcreatedb",
+                "rolcreaterole",
+                "rolreplication",
+            )
+        )
+        assert not await conn.fetchval(
+            "SELECT count(*) FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.member WHERE r.rolname = $1",
+            role,
+        )
+        assert (
+            await conn.fetchval("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = $1", role)
+            == role
+        )
+    async with owner(settings, role) as conn:
+        owners = {
+            r[0]
+            for r in await conn.fetch(
+                "SELECT DISTINCT pg_get_userbyid(relowner) FROM pg_class c "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname IN ('kv', 'tenants', 'vector', 'admin')"
+            )
+        }
+        assert owners == {role}
+    await gw_admin.DeleteBranch(admin_pb2.DeleteBranchRequest(name=name), metadata=admin_metadata)
+    await assert_nothing_kept(settings, gw_admin, admin_metadata, name)

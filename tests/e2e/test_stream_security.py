@@ -8,6 +8,7 @@ setting must differ, one more gateway or kv process beside it.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 
@@ -235,3 +236,30 @@ async def test_a_watch_ends_at_its_maximum_age_with_a_revision_to_resume_from(st
     finally:
         await stop_process(gateway)
         await stop_process(kv)
+
+
+async def test_a_backup_download_ends_once_its_admin_key_is_revoked(
+    gw_admin, gw_kv, admin_metadata, make_key
+):
+    # More than the HTTP/2 windows of both hops hold, so the backup cannot all be in flight.
+    namespace = f"backup-{uuid.uuid4().hex[:8]}"
+    for number in range(24):
+        await gw_kv.Put(
+            kv_pb2.PutRequest(namespace=namespace, key=f"v{number}", value=os.urandom(1024 * 1024)),
+            metadata=admin_metadata,
+        )
+    try:
+        # A slow reader: one chunk, then the key is revoked, then it reads on.
+        api_key, key_id = await make_key("dev", "admin")
+        stream = gw_admin.Backup(admin_pb2.BackupRequest(), metadata=bearer(api_key))
+        first = await stream.read()
+        assert first.data
+        await gw_admin.RevokeApiKey(admin_pb2.RevokeApiKeyRequest(key_id=key_id), metadata=admin_metadata)
+        await asyncio.sleep(ENDS_WITHIN_S)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            while True:
+                message = await stream.read()
+                assert message is not grpc.aio.EOF, "the whole backup reached a revoked key"
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        await gw_kv.Delete(kv_pb2.DeleteRequest(namespace=namespace, prefix=""), metadata=admin_metadata)
