@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.auth import KeyResolver
+from gateway.auth import FailedAttempts, KeyResolver
 from gateway.proxy import Proxy
 from gateway.ratelimit import RateLimiter
 from gateway.routes import ROUTED_SERVICES, build_routes
@@ -34,7 +34,8 @@ async def build_gateway_server(settings: Settings) -> StrataServer:
     streams = OpenStreams(
         keys, settings.streams_per_key, settings.streams_per_tenant, settings.gateway_max_streams
     )
-    proxy = Proxy(build_routes(), upstreams, keys, limiter, secret, server.gate, streams)
+    failures = FailedAttempts(settings.auth_failures_per_peer_rps, settings.auth_failures_per_peer_burst)
+    proxy = Proxy(build_routes(), upstreams, keys, limiter, secret, server.gate, streams, failures)
     server.add_generic_handler(
         proxy, [service.full_name for services in ROUTED_SERVICES.values() for service in services]
     )

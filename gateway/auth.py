@@ -6,12 +6,20 @@ for ``STRATA_KEY_CACHE_TTL_S`` (1 s): a revoked key stops working within that
 time, and a flood of calls with one key costs one lookup per second.
 Concurrent lookups of one key share one call. A lookup is a client span of
 the request that made it, so admin's work on a cache miss joins that trace.
+
+Callers without a valid key cost little and keep nothing: a token that is
+not shaped like a key (``sk_<16 hex>_<43 characters>``) is refused before any
+lookup or cache entry; refusals are cached apart from good answers, at most
+10,000 of them (each keyed by a token of at most 63 characters); and
+:class:`FailedAttempts` refuses a peer that keeps failing before it costs a
+lookup at all.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import grpc
@@ -19,16 +27,19 @@ from strata.admin.v1 import admin_pb2
 
 from gateway.tracing import end_span, upstream_call_span
 from gateway.upstreams import Upstream
+from shared.apikeys import parse_api_key
 from shared.errors import StrataError
 from shared.identity import INTERNAL_SCOPE, Caller, sign_caller
 
-__all__ = ["KeyResolver", "bearer_token"]
+__all__ = ["FailedAttempts", "KeyResolver", "bearer_token", "peer_host"]
 
 _ADMIN_SERVICE = "strata.admin.v1.AdminService"
 _AUTHENTICATE_METHOD = "AuthenticateApiKey"
 _AUTHENTICATE = f"/{_ADMIN_SERVICE}/{_AUTHENTICATE_METHOD}"
 GATEWAY_CALLER = Caller("strata-system", frozenset({INTERNAL_SCOPE}), "gateway")
-_MAX_CACHED = 100_000
+_MAX_CACHED = 100_000  # good answers
+_MAX_REFUSALS_CACHED = 10_000  # bad ones: anyone can make those
+_MAX_PEERS = 10_000  # peers whose failures are counted at once
 
 
 def bearer_token(metadata: Sequence[tuple[str, str | bytes]]) -> str:
@@ -49,8 +60,9 @@ class KeyResolver:
         self._admin = admin
         self._secret = secret
         self._ttl_s = ttl_s
-        # token -> (when fetched, the answer)
+        # token -> (when fetched, the answer); refusals apart, so that junk cannot evict good keys
         self._cache: dict[str, tuple[float, Caller | StrataError]] = {}
+        self._refusals: dict[str, tuple[float, Caller | StrataError]] = {}
         self._inflight: dict[str, asyncio.Future[Caller | StrataError]] = {}
 
     @property
@@ -63,8 +75,10 @@ class KeyResolver:
 
         An answer older than ``max_age_s`` (default: the cache TTL) is asked again.
         """
+        if parse_api_key(token) is None:
+            raise _MALFORMED.with_traceback(None)
         max_age = self._ttl_s if max_age_s is None else min(max_age_s, self._ttl_s)
-        cached = self._cache.get(token)
+        cached = self._cache.get(token) or self._refusals.get(token)
         if cached is not None and time.monotonic() - cached[0] < max_age:
             answer = cached[1]
         else:
@@ -75,8 +89,13 @@ class KeyResolver:
                 waiting.add_done_callback(lambda _: self._inflight.pop(token, None))
             answer = await asyncio.shield(waiting)
         if isinstance(answer, StrataError):
-            raise answer
+            raise answer.with_traceback(None)  # shared: a re-raise would grow its traceback
         return answer
+
+    def known_good(self, token: str) -> bool:
+        """Whether ``token`` resolved to a caller within the TTL (no lookup)."""
+        cached = self._cache.get(token)
+        return cached is not None and time.monotonic() - cached[0] < self._ttl_s
 
     async def _authenticate(self, token: str) -> admin_pb2.AuthenticateApiKeyResponse:
         """Ask admin who ``token`` is, in a client span of the current request (when tracing)."""
@@ -119,14 +138,71 @@ class KeyResolver:
                     retry_delay_s=1.0,
                 ) from exc
             else:
-                answer = _unauthenticated("INVALID_API_KEY", "the API key is not valid")
+                answer = _INVALID
         else:
             answer = Caller(reply.tenant, frozenset(reply.scopes), reply.key_id, tenant_uid=reply.tenant_uid)
-        if len(self._cache) >= _MAX_CACHED:
-            self._cache.clear()
-        self._cache[token] = (asked, answer)
+        cache, bound = (
+            (self._cache, _MAX_CACHED)
+            if isinstance(answer, Caller)
+            else (self._refusals, _MAX_REFUSALS_CACHED)
+        )
+        (self._refusals if cache is self._cache else self._cache).pop(token, None)
+        if len(cache) >= bound:
+            cache.clear()
+        cache[token] = (asked, answer)
         return answer
+
+
+class FailedAttempts:
+    """Failed authentications per peer address, as a token bucket: ``rate_per_s`` refill, ``burst`` deep.
+
+    A peer that has spent its bucket is refused (RESOURCE_EXHAUSTED
+    ``TOO_MANY_FAILED_ATTEMPTS``, with a retry delay) before its token is
+    looked at, unless the token is a key known good right now. Counted per
+    gateway process; at most 10,000 peers are tracked (the least recent go).
+    """
+
+    def __init__(self, rate_per_s: float, burst: int) -> None:
+        self._rate = rate_per_s
+        self._burst = float(burst)
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # peer -> (tokens, when)
+
+    def check(self, peer: str) -> None:
+        """Refuse ``peer`` if it has failed too often lately."""
+        if self._tokens(peer, time.monotonic()) < 1.0:
+            raise StrataError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "TOO_MANY_FAILED_ATTEMPTS",
+                "too many calls from this address failed to authenticate; wait before trying again",
+                domain="strata.gateway",
+                retry_delay_s=1.0 / self._rate,
+            )
+
+    def failed(self, peer: str) -> None:
+        """Count one failed authentication of ``peer``."""
+        now = time.monotonic()
+        self._buckets[peer] = (self._tokens(peer, now) - 1.0, now)
+        self._buckets.move_to_end(peer)
+        while len(self._buckets) > _MAX_PEERS:
+            self._buckets.popitem(last=False)
+
+    def _tokens(self, peer: str, now: float) -> float:
+        tokens, when = self._buckets.get(peer, (self._burst, now))
+        return min(self._burst, tokens + (now - when) * self._rate)
+
+
+def peer_host(peer: str) -> str:
+    """The address of a gRPC peer string (``ipv4:10.0.0.1:5000`` → ``ipv4:10.0.0.1``), port dropped."""
+    host, _, port = peer.rpartition(":")
+    return host if host and port.isdigit() else peer
 
 
 def _unauthenticated(reason: str, message: str) -> StrataError:
     return StrataError(grpc.StatusCode.UNAUTHENTICATED, reason, message, domain="strata.gateway")
+
+
+# Shared by every refusal: a cached refusal costs its key and a tuple, not an error of its own.
+_INVALID = _unauthenticated("INVALID_API_KEY", "the API key is not valid")
+_MALFORMED = _unauthenticated(
+    "INVALID_API_KEY", "the API key is not valid: Strata keys read sk_<16 hex>_<43 characters>"
+)

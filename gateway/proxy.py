@@ -27,7 +27,7 @@ from typing import Any, NamedTuple, TypeAlias
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
-from gateway.auth import KeyResolver, bearer_token
+from gateway.auth import FailedAttempts, KeyResolver, bearer_token, peer_host
 from gateway.consistency import CallerTokens
 from gateway.ratelimit import RateLimiter
 from gateway.routes import Route
@@ -35,7 +35,7 @@ from gateway.streams import OpenStream, OpenStreams
 from gateway.tracing import end_span, upstream_call_span
 from gateway.upstreams import Upstream
 from shared.errors import DETAILS_KEY, StrataError
-from shared.identity import INTERNAL_PREFIX, sign_caller
+from shared.identity import INTERNAL_PREFIX, Caller, sign_caller
 from shared.server import CallGate
 from shared.telemetry import rpc_server_span, tracing_on
 
@@ -84,9 +84,11 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
         secret: bytes,
         gate: CallGate,
         streams: OpenStreams,
+        failures: FailedAttempts,
     ) -> None:
         self._keys = keys
         self._streams = streams
+        self._failures = failures
         self._limiter = limiter
         self._secret = secret
         self._gate = gate
@@ -111,8 +113,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
         self._gate.enter()
         try:
             incoming: Sequence[tuple[str, Any]] = context.invocation_metadata() or ()
-            token = bearer_token(incoming)
-            caller = await self._keys.resolve(token)
+            caller, token = await self._authenticate(incoming, context)
             if not caller.has_scope(route.scope):
                 raise StrataError(
                     grpc.StatusCode.PERMISSION_DENIED,
@@ -129,6 +130,22 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
         forwarded = _forwardable(incoming)
         forwarded.extend(sign_caller(self._secret, route.path, caller))
         return _Admitted(self._tokens.attach(caller.key_id, forwarded), caller.key_id, stream)
+
+    async def _authenticate(
+        self, incoming: Sequence[tuple[str, Any]], context: Context
+    ) -> tuple[Caller, str]:
+        """The caller of the call's key, and its token; a peer that keeps failing is refused first."""
+        peer = peer_host(context.peer() or "")
+        token = ""
+        try:
+            token = bearer_token(incoming)
+            if not self._keys.known_good(token):
+                self._failures.check(peer)
+            return await self._keys.resolve(token), token
+        except StrataError as exc:
+            if exc.code == grpc.StatusCode.UNAUTHENTICATED:
+                self._failures.failed(peer)
+            raise
 
     async def _admitted(
         self,

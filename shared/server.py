@@ -53,6 +53,8 @@ _M = TypeVar("_M", bound=_message.Message)
 _log = logging.getLogger(__name__)
 # Longest one shutdown or after-drain hook may take before it is abandoned.
 _HOOK_TIMEOUT_S = 10.0
+# Health watches one process serves at once (they need no key, so no keyed limit applies).
+_MAX_HEALTH_WATCHES = 256
 
 
 class StrataServer:
@@ -391,13 +393,15 @@ class _Health:
     as for every Strata method); and its Watch streams through context.write,
     which the metrics interceptor (wrapping async generators) cannot wrap.
     Health stays unsigned and outside the drain gate: load balancers and the
-    gateway ask it. List is not served (UNIMPLEMENTED), as before.
+    gateway ask it. List is not served (UNIMPLEMENTED), as before. At most
+    256 Watch streams at once (RESOURCE_EXHAUSTED ``TOO_MANY_HEALTH_WATCHES``).
     """
 
     def __init__(self) -> None:
         self._status: dict[str, Any] = {"": health_pb2.HealthCheckResponse.SERVING}
         self._changed = asyncio.Condition()
         self._final = False
+        self._watchers = 0
 
     async def set(self, service: str, status: Any) -> None:
         """Report ``service``'s ServingStatus (ignored once shutting down)."""
@@ -436,14 +440,29 @@ class _Health:
         self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
         service = (await _health_request(raw, context)).service
-        last = None
-        while True:
-            # Sent outside the lock, so a slow watcher never holds up set().
-            async with self._changed:
-                while (status := self._current(service)) == last:
-                    await self._changed.wait()
-            last = status
-            yield health_pb2.HealthCheckResponse(status=status)
+        # Health needs no key, so its streams are capped apart from every keyed limit.
+        if self._watchers >= _MAX_HEALTH_WATCHES:
+            await _abort(
+                context,
+                StrataError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    "TOO_MANY_HEALTH_WATCHES",
+                    f"this process already serves {_MAX_HEALTH_WATCHES} health watches; use Check",
+                    retry_delay_s=1.0,
+                ),
+            )
+        self._watchers += 1
+        try:
+            last = None
+            while True:
+                # Sent outside the lock, so a slow watcher never holds up set().
+                async with self._changed:
+                    while (status := self._current(service)) == last:
+                        await self._changed.wait()
+                last = status
+                yield health_pb2.HealthCheckResponse(status=status)
+        finally:
+            self._watchers -= 1
 
     def _current(self, service: str) -> Any:
         return self._status.get(service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)

@@ -84,6 +84,9 @@ class Settings:
     key_cache_ttl_s: float = 1.0
     rate_limit_rps: float = 1000.0
     rate_limit_burst: int = 2000
+    # Gateway: failed authentications one peer address may make (token bucket), before it is refused.
+    auth_failures_per_peer_rps: float = 5.0
+    auth_failures_per_peer_burst: int = 50
     # Gateway: server streams (Watch, Backup) open at once, per API key, per tenant and in all.
     streams_per_key: int = 64
     streams_per_tenant: int = 128
@@ -234,6 +237,12 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             key_cache_ttl_s=reader.number("STRATA_KEY_CACHE_TTL_S", defaults.key_cache_ttl_s, 0.0),
             rate_limit_rps=reader.number("STRATA_RATE_LIMIT_RPS", defaults.rate_limit_rps, 0.001),
             rate_limit_burst=reader.integer("STRATA_RATE_LIMIT_BURST", defaults.rate_limit_burst, 1, 1 << 30),
+            auth_failures_per_peer_rps=reader.number(
+                "STRATA_AUTH_FAILURES_PER_PEER_RPS", defaults.auth_failures_per_peer_rps, 0.001
+            ),
+            auth_failures_per_peer_burst=reader.integer(
+                "STRATA_AUTH_FAILURES_PER_PEER_BURST", defaults.auth_failures_per_peer_burst, 1, 1 << 30
+            ),
             streams_per_key=reader.integer("STRATA_STREAMS_PER_KEY", defaults.streams_per_key, 1, 1 << 20),
             streams_per_tenant=reader.integer(
                 "STRATA_STREAMS_PER_TENANT", defaults.streams_per_tenant, 1, 1 << 20
