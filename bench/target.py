@@ -30,5 +30,5 @@ class Target:
 
     def signed(self, method: str, tenant: str = "bench") -> list[tuple[str, str]]:
         """Metadata for a call straight to a service port, as the gateway would sign it (valid 60 s)."""
-        caller = Caller(tenant, frozenset({"admin"}), "bench")
+        caller = Caller(tenant, frozenset({"operator"}), "bench")
         return sign_caller(self.internal_secret.encode(), method, caller)

@@ -14,7 +14,7 @@ from strata.kv.v1 import kv_pb2
 from strata.tenants.v1 import tenants_pb2
 from strata.vector.v1 import vector_pb2
 
-from shared.identity import ADMIN_SCOPE, INTERNAL_SCOPE
+from shared.identity import ADMIN_SCOPE, INTERNAL_SCOPE, OPERATOR_SCOPE
 
 __all__ = ["ROUTED_SERVICES", "Route", "build_routes"]
 
@@ -49,8 +49,17 @@ _READS = frozenset(
         "HybridSearch",
     }
 )
-# Services that only operators may call: every method needs the admin scope.
-_ADMIN_SERVICES = frozenset({"strata.admin.v1.AdminService", "strata.tenants.v1.TenantService"})
+# Services of the deployment: every method needs the operator scope, but for those below.
+_OPERATOR_SERVICES = frozenset({"strata.admin.v1.AdminService", "strata.tenants.v1.TenantService"})
+# What a tenant's admin may do, for its own tenant only (the service enforces which tenant).
+_TENANT_ADMIN = frozenset(
+    {
+        "/strata.admin.v1.AdminService/CreateApiKey",
+        "/strata.admin.v1.AdminService/ListApiKeys",
+        "/strata.admin.v1.AdminService/RevokeApiKey",
+        "/strata.admin.v1.AdminService/ListAuditEvents",
+    }
+)
 # Methods no API key may call through the gateway.
 _INTERNAL = frozenset(
     {"/strata.admin.v1.AdminService/AuthenticateApiKey", "/strata.kv.v1.KvService/PurgeTenant"}
@@ -73,8 +82,10 @@ class Route:
 def _scope(upstream: str, service: str, path: str, method: str) -> str:
     if path in _INTERNAL:
         return INTERNAL_SCOPE
-    if service in _ADMIN_SERVICES:
+    if path in _TENANT_ADMIN:
         return ADMIN_SCOPE
+    if service in _OPERATOR_SERVICES:
+        return OPERATOR_SCOPE
     return f"{upstream}:{'read' if method in _READS else 'write'}"
 
 

@@ -25,8 +25,10 @@ from shared.errors import StrataError
 
 __all__ = [
     "ADMIN_SCOPE",
+    "DATA_SCOPES",
     "INTERNAL_PREFIX",
     "INTERNAL_SCOPE",
+    "OPERATOR_SCOPE",
     "SCOPES",
     "Caller",
     "current_caller",
@@ -43,11 +45,17 @@ _TENANT_UID = "x-strata-tenant-uid"
 _TIMESTAMP = "x-strata-ts"
 _SIGNATURE = "x-strata-signature"
 _MAX_SKEW_S = 60.0
-ADMIN_SCOPE = "admin"
-# What an API key may carry. "internal" is kept for the gateway's own calls.
-SCOPES = frozenset(
-    {"kv:read", "kv:write", "tenants:read", "tenants:write", "vector:read", "vector:write", ADMIN_SCOPE}
+# A tenant's data: what its own keys read and write.
+DATA_SCOPES = frozenset(
+    {"kv:read", "kv:write", "tenants:read", "tenants:write", "vector:read", "vector:write"}
 )
+# A tenant's administrator: its own tenant's keys and audit events, and all of its data.
+ADMIN_SCOPE = "admin"
+# The deployment's operator: tenants, every tenant's keys, backups, restores, branches,
+# migrations, caches, record indexes; and everything an admin may do.
+OPERATOR_SCOPE = "operator"
+# What an API key may carry. "internal" is kept for Strata's own calls.
+SCOPES = DATA_SCOPES | {ADMIN_SCOPE, OPERATOR_SCOPE}
 INTERNAL_SCOPE = "internal"
 
 _caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("strata_caller")
@@ -64,8 +72,18 @@ class Caller:
     tenant_uid: str = ""  # the tenant's registry id, where the gateway knows it (never reused, unlike slugs)
 
     def has_scope(self, scope: str) -> bool:
-        """True for ``scope`` itself or the ``admin`` scope, which implies every other but internal."""
-        return scope in self.scopes or (ADMIN_SCOPE in self.scopes and scope != INTERNAL_SCOPE)
+        """True for ``scope`` itself, or one it implies: ``operator`` every scope but internal,
+        ``admin`` every data scope."""
+        if scope in self.scopes:
+            return True
+        if OPERATOR_SCOPE in self.scopes:
+            return scope != INTERNAL_SCOPE
+        return ADMIN_SCOPE in self.scopes and scope in DATA_SCOPES
+
+    @property
+    def is_operator(self) -> bool:
+        """Whether this caller may act for every tenant (not only its own)."""
+        return self.has_scope(OPERATOR_SCOPE)
 
 
 def _payload(method: str, tenant: str, tenant_uid: str, scopes: str, key_id: str, timestamp: str) -> bytes:

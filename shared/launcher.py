@@ -24,8 +24,9 @@ import uvloop
 from strata.admin.v1 import admin_pb2, admin_pb2_grpc
 from strata.tenants.v1 import tenants_pb2, tenants_pb2_grpc
 
+from shared.apikeys import parse_api_key
 from shared.backends import Backends, open_backends
-from shared.identity import Caller, sign_caller
+from shared.identity import OPERATOR_SCOPE, Caller, sign_caller
 from shared.secret_files import stored_secret
 from shared.settings import ConfigError, Settings, load_settings
 from shared.telemetry import configure_logging
@@ -140,7 +141,7 @@ async def ensure_dev_api_key(settings: Settings, env: dict[str, str], processes:
         return path.read_text().strip()
     address = {p.name: p.address for p in processes}
     secret = env["STRATA_INTERNAL_SECRET"].encode()
-    launcher = Caller("dev", frozenset({"admin"}), "launcher")
+    launcher = Caller("dev", frozenset({OPERATOR_SCOPE}), "launcher")
     create_tenant = "/strata.tenants.v1.TenantService/CreateTenant"
     async with grpc.aio.insecure_channel(address["tenants"]) as channel:
         try:
@@ -157,7 +158,7 @@ async def ensure_dev_api_key(settings: Settings, env: dict[str, str], processes:
     create_key = "/strata.admin.v1.AdminService/CreateApiKey"
     async with grpc.aio.insecure_channel(address["admin"]) as channel:
         made = await admin_pb2_grpc.AdminServiceStub(channel).CreateApiKey(
-            admin_pb2.CreateApiKeyRequest(tenant="dev", name="dev key (make run)", scopes=["admin"]),
+            admin_pb2.CreateApiKeyRequest(tenant="dev", name="dev key (make run)", scopes=[OPERATOR_SCOPE]),
             metadata=sign_caller(secret, create_key, launcher),
             timeout=10,
         )
@@ -165,6 +166,12 @@ async def ensure_dev_api_key(settings: Settings, env: dict[str, str], processes:
     with os.fdopen(fd, "w") as handle:
         handle.write(made.api_key + "\n")
     return str(made.api_key)
+
+
+def _redacted(api_key: str) -> str:
+    """``sk_<id>_…``: enough to tell which key it is, nothing that authenticates."""
+    parsed = parse_api_key(api_key)
+    return f"sk_{parsed[0]}_…" if parsed is not None else "…"
 
 
 def service_processes(settings: Settings, env: dict[str, str]) -> list[ServiceProcess]:
@@ -220,9 +227,9 @@ def service_environment(settings: Settings, backends: Backends) -> dict[str, str
         REDIS_URL=backends.redis_url,
         STRATA_DATA_DIR=str(settings.data_dir),
         STRATA_INTERNAL_SECRET=settings.internal_secret or stored_secret(folder, "internal-secret"),
-        STRATA_KEY_PEPPER=settings.key_pepper or stored_secret(folder, "key-pepper"),
     )
     env.pop("STRATA_MIGRATE_DATABASE_URL", None)  # the owner's URL goes to admin alone
+    env.pop("STRATA_KEY_PEPPER", None)  # so does the key pepper: only admin hashes key secrets
     env.pop("STRATA_PITR_DIR", None)  # set for admin alone, and only when Strata runs the Postgres
     # The replicas of these backends, or none: a caller's DATABASE_READ_URLS
     # could name replicas of another primary in embedded mode.
@@ -249,13 +256,18 @@ async def run(settings: Settings) -> None:
     try:
         for service in processes:
             if service.name == "admin":
-                # The operator's service: migrations, backups and branches need the owner role.
+                # The operator's service: migrations, backups and branches need the owner role,
+                # and it alone issues and checks API keys.
                 service.env["STRATA_MIGRATE_DATABASE_URL"] = backends.migrate_database_url
+                service.env["STRATA_KEY_PEPPER"] = settings.key_pepper or stored_secret(
+                    settings.data_dir / "secrets", "key-pepper"
+                )
                 if backends.postgres is not None:
                     # Strata manages this Postgres: its WAL archive and base backups live here.
                     service.env["STRATA_PITR_DIR"] = str(settings.data_dir / "pitr")
             await service.start()
             supervisors.append(asyncio.create_task(service.supervise()))
+        made_now = not (settings.data_dir / DEV_KEY_FILE).exists()
         api_key = await ensure_dev_api_key(settings, env, processes)
         print("Strata is running:", flush=True)
         for service in processes:
@@ -267,7 +279,9 @@ async def run(settings: Settings) -> None:
             print(f"  redis    127.0.0.1:{settings.embedded_redis_port}")
             for replica in backends.replicas:
                 print(f"  {f'replica{replica.number}':<8} 127.0.0.1:{replica.port} (read-only, streaming)")
-        print(f"Dev API key (admin scope, tenant 'dev'): {api_key}", flush=True)
+        # The whole key is shown once, when it is made; output is often kept in logs.
+        shown = api_key if made_now else _redacted(api_key)
+        print(f"Dev API key (operator scope, tenant 'dev'): {shown}", flush=True)
         print(f"  saved in {settings.data_dir / DEV_KEY_FILE}; call the gateway with", flush=True)
         plaintext = "" if settings.tls_cert_file else "-plaintext "  # the gateway speaks TLS only with a cert
         print(

@@ -28,9 +28,9 @@ class AuditLog:
         self._db = db
 
     async def page(
-        self, request: admin_pb2.ListAuditEventsRequest, timeout: float
+        self, request: admin_pb2.ListAuditEventsRequest, actor_tenant: str | None, timeout: float
     ) -> admin_pb2.ListAuditEventsResponse:
-        """One page of events matching ``request``'s filters."""
+        """One page of events matching ``request``'s filters; made by ``actor_tenant``'s keys, if given."""
         errors: list[FieldViolation] = []
         size = page_size(request.page_size, errors)
         if request.actor_key_id and not _KEY_ID_RE.fullmatch(request.actor_key_id):
@@ -47,6 +47,7 @@ class AuditLog:
             raise invalid_argument(errors, domain=DOMAIN)
         query = [
             "admin.ListAuditEvents",
+            actor_tenant or "",
             request.actor_key_id,
             request.action,
             request.target_prefix,
@@ -59,6 +60,8 @@ class AuditLog:
         conditions = []
         if before:
             conditions.append(f"id < {params.add(before)}")
+        if actor_tenant is not None:
+            conditions.append(f"actor_tenant = {params.add(actor_tenant)}")
         if request.actor_key_id:
             conditions.append(f"actor_key_id = {params.add(request.actor_key_id)}")
         if request.action:

@@ -97,13 +97,15 @@ class ApiKeyStore:
             timeout=timeout,
         )
 
-    async def revoke(self, key_id: str, *, timeout: float) -> asyncpg.Record | None:
-        """Revoke ``key_id`` (keeping the first revocation time), audited; None if unknown."""
+    async def revoke(self, key_id: str, tenant: str | None, *, timeout: float) -> asyncpg.Record | None:
+        """Revoke ``key_id`` (keeping the first revocation time), audited; None if unknown, or
+        not ``tenant``'s when one is given."""
         async with self._db.transaction(timeout=timeout) as conn:
             row = await conn.fetchrow(
-                f"UPDATE admin.api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE key_id = $1 "
-                f"RETURNING {_COLUMNS}",
+                f"UPDATE admin.api_keys SET revoked_at = coalesce(revoked_at, now()) "
+                f"WHERE key_id = $1 AND ($2::text IS NULL OR tenant = $2) RETURNING {_COLUMNS}",
                 key_id,
+                tenant,
                 timeout=timeout,
             )
             if row is not None:

@@ -20,7 +20,7 @@ from services.admin.operations import Operations
 from shared.apikeys import new_api_key, parse_api_key, secrets_match
 from shared.db import deadline_timeout
 from shared.errors import FieldViolation, StrataError, invalid_argument, not_found
-from shared.identity import ADMIN_SCOPE, INTERNAL_SCOPE, SCOPES, require_scope
+from shared.identity import ADMIN_SCOPE, INTERNAL_SCOPE, OPERATOR_SCOPE, SCOPES, Caller, require_scope
 from shared.pagetoken import encode_page_token, page_cursor, page_size
 
 __all__ = ["AdminServicer"]
@@ -47,7 +47,7 @@ class AdminServicer:
     async def CreateApiKey(
         self, request: admin_pb2.CreateApiKeyRequest, context: Context
     ) -> admin_pb2.CreateApiKeyResponse:
-        require_scope(ADMIN_SCOPE)
+        caller = require_scope(ADMIN_SCOPE)
         errors: list[FieldViolation] = []
         if not TENANT_RE.fullmatch(request.tenant):
             errors.append(
@@ -66,6 +66,15 @@ class AdminServicer:
                 )
         if errors:
             raise invalid_argument(errors, domain=DOMAIN)
+        _own_tenant(caller, request.tenant)
+        if OPERATOR_SCOPE in request.scopes and not caller.is_operator:
+            raise StrataError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "MISSING_SCOPE",
+                "only an operator may make an operator key",
+                domain=DOMAIN,
+                metadata={"scope": OPERATOR_SCOPE},
+            )
         if not await self._keys.tenant_exists(request.tenant, timeout=deadline_timeout(context)):
             raise StrataError(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -88,17 +97,20 @@ class AdminServicer:
     async def ListApiKeys(
         self, request: admin_pb2.ListApiKeysRequest, context: Context
     ) -> admin_pb2.ListApiKeysResponse:
-        require_scope(ADMIN_SCOPE)
+        caller = require_scope(ADMIN_SCOPE)
         errors: list[FieldViolation] = []
         if request.tenant and not TENANT_RE.fullmatch(request.tenant):
             errors.append(FieldViolation("tenant", "is not a tenant slug"))
         size = page_size(request.page_size, errors)
         if errors:
             raise invalid_argument(errors, domain=DOMAIN)
-        query = ["admin.ListApiKeys", request.tenant, request.include_revoked]
+        # A tenant's admin lists its own tenant's keys ("" means its own, not every tenant's).
+        tenant = request.tenant if caller.is_operator else request.tenant or caller.tenant
+        _own_tenant(caller, tenant)
+        query = ["admin.ListApiKeys", tenant, request.include_revoked]
         after = page_cursor(request.page_token, query, "", domain=DOMAIN)
         rows = await self._keys.page(
-            request.tenant, request.include_revoked, str(after), size + 1, timeout=deadline_timeout(context)
+            tenant, request.include_revoked, str(after), size + 1, timeout=deadline_timeout(context)
         )
         response = admin_pb2.ListApiKeysResponse(keys=[row_to_key(r) for r in rows[:size]])
         if len(rows) > size:
@@ -108,10 +120,12 @@ class AdminServicer:
     async def RevokeApiKey(
         self, request: admin_pb2.RevokeApiKeyRequest, context: Context
     ) -> admin_pb2.RevokeApiKeyResponse:
-        require_scope(ADMIN_SCOPE)
+        caller = require_scope(ADMIN_SCOPE)
         if not _KEY_ID_RE.fullmatch(request.key_id):
             raise invalid_argument([FieldViolation("key_id", "must be 16 hex characters")], domain=DOMAIN)
-        row = await self._keys.revoke(request.key_id, timeout=deadline_timeout(context))
+        # Another tenant's key is NOT_FOUND to a tenant's admin, as if it did not exist.
+        tenant = None if caller.is_operator else caller.tenant
+        row = await self._keys.revoke(request.key_id, tenant, timeout=deadline_timeout(context))
         if row is None:
             raise not_found("API_KEY_NOT_FOUND", "no such API key", domain=DOMAIN, key_id=request.key_id)
         return admin_pb2.RevokeApiKeyResponse(key=row_to_key(row))
@@ -155,77 +169,91 @@ class AdminServicer:
     async def GetSystemHealth(
         self, request: admin_pb2.GetSystemHealthRequest, context: Context
     ) -> admin_pb2.GetSystemHealthResponse:
-        require_scope(ADMIN_SCOPE)
+        require_scope(OPERATOR_SCOPE)
         return await self._operations.system_health(deadline_timeout(context))
 
     async def GetDatabaseStats(
         self, request: admin_pb2.GetDatabaseStatsRequest, context: Context
     ) -> admin_pb2.GetDatabaseStatsResponse:
-        require_scope(ADMIN_SCOPE)
+        require_scope(OPERATOR_SCOPE)
         return await self._operations.database_stats(request, deadline_timeout(context))
 
     async def GetCacheStats(
         self, request: admin_pb2.GetCacheStatsRequest, context: Context
     ) -> admin_pb2.GetCacheStatsResponse:
-        require_scope(ADMIN_SCOPE)
+        require_scope(OPERATOR_SCOPE)
         return await self._operations.cache_stats()
 
     async def InvalidateCache(
         self, request: admin_pb2.InvalidateCacheRequest, context: Context
     ) -> admin_pb2.InvalidateCacheResponse:
-        require_scope(ADMIN_SCOPE)
+        require_scope(OPERATOR_SCOPE)
         return await self._operations.invalidate_cache(request, deadline_timeout(context))
 
     async def GetMigrationStatus(
         self, request: admin_pb2.GetMigrationStatusRequest, context: Context
     ) -> admin_pb2.GetMigrationStatusResponse:
-        require_scope(ADMIN_SCOPE)
+        require_scope(OPERATOR_SCOPE)
         return await self._operations.migration_status(deadline_timeout(context))
 
     async def ApplyMigrations(
         self, request: admin_pb2.ApplyMigrationsRequest, context: Context
     ) -> admin_pb2.ApplyMigrationsResponse:
-        require_scope(ADMIN_SCOPE)
+        require_scope(OPERATOR_SCOPE)
         return await self._operations.apply_migrations(deadline_timeout(context))
 
     def Backup(
         self, request: admin_pb2.BackupRequest, context: Context
     ) -> AsyncIterator[admin_pb2.BackupResponse]:
-        require_scope(ADMIN_SCOPE)
+        require_scope(OPERATOR_SCOPE)
         return self._backups.backup(request, context)
 
     async def Restore(
         self, requests: AsyncIterator[admin_pb2.RestoreRequest], context: Context
     ) -> admin_pb2.RestoreResponse:
-        require_scope(ADMIN_SCOPE)
+        require_scope(OPERATOR_SCOPE)
         return await self._backups.restore(requests, context)
 
     async def CreateBranch(
         self, request: admin_pb2.CreateBranchRequest, context: Context
     ) -> admin_pb2.CreateBranchResponse:
-        require_scope(ADMIN_SCOPE)
+        require_scope(OPERATOR_SCOPE)
         return await self._backups.create_branch(request, context)
 
     async def ListBranches(
         self, request: admin_pb2.ListBranchesRequest, context: Context
     ) -> admin_pb2.ListBranchesResponse:
-        require_scope(ADMIN_SCOPE)
+        require_scope(OPERATOR_SCOPE)
         return await self._backups.list_branches(request, context)
 
     async def DeleteBranch(
         self, request: admin_pb2.DeleteBranchRequest, context: Context
     ) -> admin_pb2.DeleteBranchResponse:
-        require_scope(ADMIN_SCOPE)
+        require_scope(OPERATOR_SCOPE)
         return await self._backups.delete_branch(request, context)
 
     async def GetRecoveryWindow(
         self, request: admin_pb2.GetRecoveryWindowRequest, context: Context
     ) -> admin_pb2.GetRecoveryWindowResponse:
-        require_scope(ADMIN_SCOPE)
+        require_scope(OPERATOR_SCOPE)
         return await self._backups.recovery_window(request, context)
 
     async def ListAuditEvents(
         self, request: admin_pb2.ListAuditEventsRequest, context: Context
     ) -> admin_pb2.ListAuditEventsResponse:
-        require_scope(ADMIN_SCOPE)
-        return await self._audit.page(request, deadline_timeout(context))
+        caller = require_scope(ADMIN_SCOPE)
+        # A tenant's admin sees what its own tenant's keys did.
+        actor_tenant = None if caller.is_operator else caller.tenant
+        return await self._audit.page(request, actor_tenant, deadline_timeout(context))
+
+
+def _own_tenant(caller: Caller, tenant: str) -> None:
+    """PERMISSION_DENIED unless ``caller`` may manage ``tenant``: an operator any, an admin its own."""
+    if not caller.is_operator and tenant != caller.tenant:
+        raise StrataError(
+            grpc.StatusCode.PERMISSION_DENIED,
+            "OTHER_TENANT",
+            "an admin key manages its own tenant only; another tenant needs an operator key",
+            domain=DOMAIN,
+            metadata={"tenant": tenant},
+        )

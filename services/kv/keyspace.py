@@ -82,6 +82,7 @@ class Limits:
         self.max_value_bytes = settings.kv_max_value_bytes
         self.max_batch = settings.kv_max_batch
         self.stream_max_age_s = settings.stream_max_age_s
+        self.max_message_bytes = settings.max_message_bytes
 
     def namespace(self, value: str, errors: list[FieldViolation], field: str = "namespace") -> None:
         if not value:

@@ -24,7 +24,7 @@ from services.kv.keyspace import (
     revision_mismatch,
 )
 from services.kv.revisions import FeedClosed, RevisionFeed
-from services.kv.store import DeleteResult, KvStore, PutItem, WriteResult, entry_to_kv
+from services.kv.store import Change, DeleteResult, KvStore, PutItem, WriteResult, entry_to_kv
 from shared.cache import CacheEntry, RevisionedCache
 from shared.db import deadline_timeout
 from shared.errors import FieldViolation, StrataError, not_found
@@ -36,6 +36,7 @@ __all__ = ["KvServicer"]
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 _WATCH_BATCH = 500
+_WATCH_HEADROOM_BYTES = 64 * 1024  # a watch message's header and framing, kept under the limit
 READ, WRITE = "kv:read", "kv:write"
 _RETURN_PREVIOUS_LIMIT = 1000
 
@@ -264,14 +265,15 @@ class KvServicer:
             if compacted > cursor[0] or (compacted == cursor[0] and cursor[1] is not None):
                 raise _compacted(_resume_revision(cursor), compacted)
             if changes:
-                if len(changes) < _WATCH_BATCH:
-                    # Not a full batch: everything up to the snapshot's revision was read.
+                events = _within_bytes(changes, self._limits.max_message_bytes - _WATCH_HEADROOM_BYTES)
+                if len(events) == len(changes) < _WATCH_BATCH:
+                    # Not a full batch, all of it sent: everything up to the snapshot's revision was read.
                     cursor = (max(current, changes[-1].revision), None)
                 else:
-                    cursor = (changes[-1].revision, changes[-1].kv.key)
+                    last = changes[len(events) - 1]
+                    cursor = (last.revision, last.kv.key)
                 yield kv_pb2.WatchResponse(
-                    header=kv_pb2.ResponseHeader(revision=max(current, cursor[0])),
-                    events=[kv_pb2.Event(type=c.kind, kv=c.kv) for c in changes],  # type: ignore[arg-type]
+                    header=kv_pb2.ResponseHeader(revision=max(current, cursor[0])), events=events
                 )
                 continue
             cursor = (max(cursor[0], current), None)
@@ -404,6 +406,23 @@ def _cache_entry(namespace: str, row: asyncpg.Record) -> CacheEntry:
 
 def _expired(entry: CacheEntry) -> bool:
     return entry.expires_at is not None and entry.expires_at <= time.time()
+
+
+def _within_bytes(changes: list[Change], budget: int) -> list[kv_pb2.Event]:
+    """The events of the first ``changes`` whose message stays within ``budget`` bytes (one at least).
+
+    A batch is cut by bytes as well as by count: ten 1 MiB values must not make
+    a message over the limit, which every watcher would fail on at every retry.
+    """
+    events: list[kv_pb2.Event] = []
+    size = 0
+    for change in changes:
+        event = kv_pb2.Event(type=change.kind, kv=change.kv)  # type: ignore[arg-type]
+        size += event.ByteSize() + 8  # the field's tag and length
+        if events and size > budget:
+            break
+        events.append(event)
+    return events
 
 
 def _tenant_gone(tenant: str) -> StrataError:

@@ -28,7 +28,7 @@ from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 from services.tenants.names import record_cache_key
 from shared.cache import CacheEntry, RevisionedCache
 from shared.db import Database
-from shared.identity import ADMIN_SCOPE, INTERNAL_SCOPE, Caller, sign_caller
+from shared.identity import INTERNAL_SCOPE, OPERATOR_SCOPE, Caller, sign_caller
 
 __all__ = ["PurgedRows", "TenantPurge"]
 
@@ -126,13 +126,13 @@ class TenantPurge:
         while True:
             page = await admin.ListApiKeys(
                 admin_pb2.ListApiKeysRequest(tenant=tenant, page_size=1000, page_token=page_token),
-                metadata=self._sign(_LIST_KEYS, ADMIN_SCOPE),
+                metadata=self._sign(_LIST_KEYS, OPERATOR_SCOPE),
                 timeout=timeout,
             )
             for key in page.keys:
                 await admin.RevokeApiKey(
                     admin_pb2.RevokeApiKeyRequest(key_id=key.key_id),
-                    metadata=self._sign(_REVOKE_KEY, ADMIN_SCOPE),
+                    metadata=self._sign(_REVOKE_KEY, OPERATOR_SCOPE),
                     timeout=timeout,
                 )
                 revoked += 1

@@ -20,7 +20,7 @@ from shared.db import Database, deadline_timeout
 from shared.documents import document_json
 from shared.errors import FieldViolation, StrataError, aborted, already_exists, invalid_argument, not_found
 from shared.filters import validate_path
-from shared.identity import ADMIN_SCOPE, require_scope
+from shared.identity import OPERATOR_SCOPE, require_scope
 from shared.pagetoken import encode_page_token, page_cursor, page_size
 from shared.timestamps import to_timestamp
 
@@ -61,7 +61,7 @@ class TenantServicer:
     async def CreateTenant(
         self, request: tenants_pb2.CreateTenantRequest, context: Context
     ) -> tenants_pb2.CreateTenantResponse:
-        require_scope(ADMIN_SCOPE)
+        require_scope(OPERATOR_SCOPE)
         tenant = request.tenant
         errors: list[FieldViolation] = []
         if not TENANT_SLUG_RE.fullmatch(tenant.slug):
@@ -112,14 +112,14 @@ class TenantServicer:
     async def GetTenant(
         self, request: tenants_pb2.GetTenantRequest, context: Context
     ) -> tenants_pb2.GetTenantResponse:
-        require_scope(ADMIN_SCOPE)
+        require_scope(OPERATOR_SCOPE)
         row = await self._find(request, context)
         return tenants_pb2.GetTenantResponse(tenant=row_to_tenant(row))
 
     async def ListTenants(
         self, request: tenants_pb2.ListTenantsRequest, context: Context
     ) -> tenants_pb2.ListTenantsResponse:
-        require_scope(ADMIN_SCOPE)
+        require_scope(OPERATOR_SCOPE)
         errors: list[FieldViolation] = []
         size = page_size(request.page_size, errors)
         if request.status not in _STATUSES:
@@ -144,7 +144,7 @@ class TenantServicer:
     async def UpdateTenant(
         self, request: tenants_pb2.UpdateTenantRequest, context: Context
     ) -> tenants_pb2.UpdateTenantResponse:
-        require_scope(ADMIN_SCOPE)
+        require_scope(OPERATOR_SCOPE)
         errors: list[FieldViolation] = []
         paths = list(request.update_mask.paths)
         if not paths:
@@ -189,7 +189,7 @@ class TenantServicer:
     async def DeleteTenant(
         self, request: tenants_pb2.DeleteTenantRequest, context: Context
     ) -> tenants_pb2.DeleteTenantResponse:
-        require_scope(ADMIN_SCOPE)
+        require_scope(OPERATOR_SCOPE)
         row = await self._find(request, context)
         _check_etag(request.etag, row)
         slug = row["slug"]
@@ -237,7 +237,7 @@ class TenantServicer:
     async def DeclareIndex(
         self, request: tenants_pb2.DeclareIndexRequest, context: Context
     ) -> tenants_pb2.DeclareIndexResponse:
-        require_scope(ADMIN_SCOPE)
+        require_scope(OPERATOR_SCOPE)
         errors: list[FieldViolation] = []
         if not COLLECTION_RE.fullmatch(request.index.collection):
             errors.append(FieldViolation("index.collection", "must be 1-64 characters of [A-Za-z0-9_-]"))
@@ -271,7 +271,7 @@ class TenantServicer:
     async def ListIndexes(
         self, request: tenants_pb2.ListIndexesRequest, context: Context
     ) -> tenants_pb2.ListIndexesResponse:
-        require_scope(ADMIN_SCOPE)
+        require_scope(OPERATOR_SCOPE)
         rows = await self._db.fetch(
             "SELECT collection, path, name, created_at FROM tenants.record_indexes "
             "WHERE $1 = '' OR collection = $1 ORDER BY collection, path",

@@ -19,7 +19,7 @@ async def build_vector_server(settings: Settings) -> StrataServer:
     db = await Database.for_service(settings, "vector")
     server = StrataServer(settings, "vector")
     server.report("pool", db.pool_stats)
-    server.add_servicer(VectorServicer(db), SERVICE)
+    server.add_servicer(VectorServicer(db, settings.max_message_bytes), SERVICE)
     server.after_drain(db.close)
     return server
 

@@ -12,6 +12,7 @@ import json
 import math
 import re
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -21,7 +22,7 @@ from strata.vector.v1 import vector_pb2
 
 from shared.db import Database, deadline_timeout
 from shared.documents import document_json
-from shared.errors import FieldViolation, already_exists, invalid_argument, not_found
+from shared.errors import FieldViolation, StrataError, already_exists, invalid_argument, not_found
 from shared.filters import SqlParams, compile_filter
 from shared.identity import require_scope
 from shared.pagetoken import encode_page_token, page_cursor, page_size
@@ -123,8 +124,10 @@ def _columns(with_vectors: bool, with_payload: bool) -> str:
 class VectorServicer:
     """Serves VectorService from the vector schema."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, max_response_bytes: int = 8 * 1024 * 1024) -> None:
+        """``max_response_bytes``: the largest answer sent (STRATA_MAX_MESSAGE_BYTES)."""
         self._db = db
+        self._max_response = max_response_bytes
         # (tenant, name) -> collection, so a search need not look its collection
         # up first; every search re-checks it in its own statement (_search).
         self._known: OrderedDict[tuple[str, str], _Collection] = OrderedDict()
@@ -415,6 +418,7 @@ class VectorServicer:
         tenant = require_scope(READ).tenant
         timeout = deadline_timeout(context)
         _check_search(request, "")
+        _check_answer_size([request], "", self._max_response)
         known = self._known.get((tenant, request.collection))
         if known is not None and len(request.vector.values) != known.dimension:
             known = None  # perhaps the collection was made again with another dimension: look it up
@@ -435,14 +439,21 @@ class VectorServicer:
             _raise([FieldViolation("searches", f"must hold 1 to {_MAX_SEARCHES} searches")])
         for i, search in enumerate(request.searches):
             _check_search(search, f"searches[{i}].")
+        # Refused before any work when the vectors asked for alone would pass the limit.
+        _check_answer_size(request.searches, "searches", self._max_response)
         timeout = deadline_timeout(context)
 
         async def searches(db: Database) -> list[vector_pb2.SearchResponse]:
+            results: list[vector_pb2.SearchResponse] = []
+            size = 0
             async with db.tenant_transaction(tenant, timeout=timeout, read_only=True) as conn:
-                return [
-                    await self._search(conn, tenant, search, f"searches[{i}].", timeout)
-                    for i, search in enumerate(request.searches)
-                ]
+                for i, search in enumerate(request.searches):
+                    results.append(await self._search(conn, tenant, search, f"searches[{i}].", timeout))
+                    # Payloads and texts are known only once read: stop at the first search past the limit.
+                    size += results[-1].ByteSize() + 8
+                    if size > self._max_response:
+                        raise _too_large(size, self._max_response, f"searches[{i}]")
+            return results
 
         return vector_pb2.SearchBatchResponse(results=await self._db.read_replica(searches))
 
@@ -685,6 +696,47 @@ def _limit(value: int, field: str, errors: list[FieldViolation]) -> int:
 
 def _limit_of(value: int) -> int:
     return value or 10
+
+
+# What a hit costs beyond its vector: id, score, distance, framing (payloads come on top).
+_HIT_OVERHEAD_BYTES = 32
+
+
+def _check_answer_size(searches: Iterable[vector_pb2.SearchRequest], field: str, budget: int) -> None:
+    """INVALID_ARGUMENT when the vectors ``searches`` ask for could not fit in one answer.
+
+    A hit's vector has the query vector's dimension, so ``limit`` hits of it
+    take at least limit x (4 x dimension) bytes: known before any work, unlike
+    payloads, which the search counts as it goes.
+    """
+    least = sum(
+        _limit_of(s.limit) * (_HIT_OVERHEAD_BYTES + (4 * len(s.vector.values) + 8 if s.with_vectors else 0))
+        for s in searches
+    )
+    if least > budget:
+        where = field or "limit"
+        raise invalid_argument(
+            [
+                FieldViolation(
+                    where,
+                    f"the answer would hold at least {least} bytes (limit x vector dimension x 4 with "
+                    f"with_vectors), over the {budget}-byte message limit: ask fewer results, fewer "
+                    "searches, or leave with_vectors off",
+                )
+            ],
+            domain=DOMAIN,
+        )
+
+
+def _too_large(size: int, budget: int, field: str) -> StrataError:
+    return StrataError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "RESPONSE_TOO_LARGE",
+        f"the answer passed the {budget}-byte message limit at {field} ({size} bytes so far); "
+        "ask fewer results or leave with_payload off",
+        domain=DOMAIN,
+        metadata={"field": field, "limit": str(budget)},
+    )
 
 
 def _check_search(request: vector_pb2.SearchRequest, prefix: str) -> None:

@@ -61,7 +61,7 @@ from strata.tenants.v1 import tenants_pb2
 from strata.vector.v1 import vector_pb2
 
 from gateway.routes import build_routes
-from shared.identity import ADMIN_SCOPE, INTERNAL_SCOPE, SCOPES, Caller, sign_caller
+from shared.identity import ADMIN_SCOPE, INTERNAL_SCOPE, OPERATOR_SCOPE, SCOPES, Caller, sign_caller
 from shared.pagetoken import page_token_key
 from shared.settings import Settings
 from tests.conftest import TEST_INTERNAL_SECRET
@@ -176,7 +176,7 @@ class Rpc:
     @property
     def tenant_scoped(self) -> bool:
         """Whether it acts on the caller's own tenant (not an operator's whole-system call)."""
-        return ROUTES[self.path].scope not in (ADMIN_SCOPE, INTERNAL_SCOPE)
+        return ROUTES[self.path].scope not in (ADMIN_SCOPE, OPERATOR_SCOPE, INTERNAL_SCOPE)
 
     def response(self, raw: bytes) -> message.Message:
         return message_factory.GetMessageClass(self.method.output_type).FromString(raw)
@@ -850,7 +850,7 @@ async def hostile(stack: Stack, settings: Settings, request: pytest.FixtureReque
         upstream: grpc.aio.insecure_channel(f"127.0.0.1:{stack.ports[upstream]}", options=_CHANNEL_OPTIONS)
         for upstream in sorted({rpc.upstream for rpc in RPCS})
     }
-    keys = {upstream: await _make_tenant(gateway, stack.api_key, NAME, ADMIN_SCOPE) for upstream in direct}
+    keys = {upstream: await _make_tenant(gateway, stack.api_key, NAME, OPERATOR_SCOPE) for upstream in direct}
     victim_key = await _make_tenant(
         gateway,
         stack.api_key,
@@ -1417,7 +1417,7 @@ async def _until(predicate: Callable[[], Any], limit_s: float) -> float:
 
 
 async def test_a_revoked_key_is_refused_by_every_service_within_a_second_for_good(hostile: Hostile) -> None:
-    key = await _make_tenant(hostile.gateway, hostile.keys["admin"], REVOKED, ADMIN_SCOPE)
+    key = await _make_tenant(hostile.gateway, hostile.keys["admin"], REVOKED, OPERATOR_SCOPE)
     assert {p: o.code for p, o in (await _probe_all(hostile, bearer(key))).items()} == dict.fromkeys(
         PROBES, OK
     )
@@ -1440,7 +1440,7 @@ async def test_a_revoked_key_is_refused_by_every_service_within_a_second_for_goo
 
 
 async def test_a_suspended_tenants_key_is_refused_by_every_service(hostile: Hostile) -> None:
-    key = await _make_tenant(hostile.gateway, hostile.keys["admin"], SUSPENDED, ADMIN_SCOPE)
+    key = await _make_tenant(hostile.gateway, hostile.keys["admin"], SUSPENDED, OPERATOR_SCOPE)
     assert {p: o.code for p, o in (await _probe_all(hostile, bearer(key))).items()} == dict.fromkeys(
         PROBES, OK
     )

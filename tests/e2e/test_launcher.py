@@ -287,8 +287,33 @@ def test_the_launcher_prints_every_address_and_the_dev_key(launcher):
     for name, port in launcher.ports.items():
         target = re.escape(f"127.0.0.1:{port}")
         assert re.search(rf"^  {name} +{target}$", output, re.MULTILINE), (name, output)
-    assert f"Dev API key (admin scope, tenant 'dev'): {launcher.api_key}" in output
+    assert f"Dev API key (operator scope, tenant 'dev'): {launcher.api_key}" in output
     assert str(launcher.key_file) in output
+
+
+def test_only_admin_is_given_the_key_pepper(launcher):
+    assert launcher.process is not None
+    children = [
+        int(pid)
+        for pid in Path(f"/proc/{launcher.process.pid}/task/{launcher.process.pid}/children")
+        .read_text()
+        .split()
+    ]
+    given = {}
+    for pid in children:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if b"-m" not in command:
+            continue  # the embedded Postgres and Redis
+        module = command[command.index(b"-m") + 1].decode()
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        given[module] = any(variable.startswith(b"STRATA_KEY_PEPPER=") for variable in environ)
+    assert given == {
+        "services.kv": False,
+        "services.tenants": False,
+        "services.vector": False,
+        "services.admin": True,
+        "gateway": False,
+    }
 
 
 def test_grpcurl_list_on_the_gateway_shows_every_service_health_and_reflection(launcher):
@@ -515,7 +540,12 @@ def test_a_second_start_on_the_same_data_folder_reuses_the_dev_key(own_launcher)
     stat_after = own_launcher.key_file.stat()
     assert (stat_after.st_ino, stat_after.st_mtime_ns) == (stat_before.st_ino, stat_before.st_mtime_ns)
     assert stat.S_IMODE(stat_after.st_mode) == 0o600
-    assert f"Dev API key (admin scope, tenant 'dev'): {before.decode().strip()}" in own_launcher.output()
+    # Shown whole once, when made; after that only as much as tells which key it is.
+    key = before.decode().strip()
+    key_id = key.split("_")[1]
+    restarted = own_launcher.output().split("Strata is running:")[-1]
+    assert f"Dev API key (operator scope, tenant 'dev'): sk_{key_id}_…" in restarted
+    assert key not in restarted
     with grpc.insecure_channel(own_launcher.gateway_target) as channel:
         got = kv_pb2_grpc.KvServiceStub(channel).Get(
             kv_pb2.GetRequest(namespace="restart", key="k"), metadata=own_launcher.auth, timeout=10

@@ -250,7 +250,7 @@ async def test_a_backup_download_ends_once_its_admin_key_is_revoked(
         )
     try:
         # A slow reader: one chunk, then the key is revoked, then it reads on.
-        api_key, key_id = await make_key("dev", "admin")
+        api_key, key_id = await make_key("dev", "operator")
         stream = gw_admin.Backup(admin_pb2.BackupRequest(), metadata=bearer(api_key))
         first = await stream.read()
         assert first.data

@@ -16,7 +16,7 @@ from strata.common.v1 import filter_pb2
 from strata.kv.v1 import kv_pb2
 from strata.tenants.v1 import tenants_pb2, tenants_pb2_grpc
 
-from shared.identity import ADMIN_SCOPE, SCOPES, Caller
+from shared.identity import ADMIN_SCOPE, OPERATOR_SCOPE, SCOPES, Caller
 from tests.chaos import provision_tenant
 from tests.conftest import signed_channel
 from tests.e2e.conftest import bearer
@@ -241,7 +241,7 @@ async def test_delete_tenant_with_a_stale_etag_is_aborted_and_with_the_current_e
 
 
 # Every scope a key can hold but admin.
-NON_ADMIN_SCOPES = frozenset(SCOPES - {ADMIN_SCOPE})
+NON_ADMIN_SCOPES = frozenset(SCOPES - {ADMIN_SCOPE, OPERATOR_SCOPE})
 TENANT_METHODS = (
     "CreateTenant",
     "GetTenant",

@@ -38,7 +38,7 @@ from tests.helpers import error_info, field_violations
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("kv", "tenants", "vector", "admin")
-OPERATOR = Caller("dev", frozenset({"admin"}), "pitr-test-key")
+OPERATOR = Caller("dev", frozenset({"operator"}), "pitr-test-key")
 ADMIN = "/strata.admin.v1.AdminService/"
 
 

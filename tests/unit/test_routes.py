@@ -40,11 +40,19 @@ def test_records_reads_and_writes_need_their_scopes():
     }
 
 
-def test_operator_services_need_admin_and_key_checks_are_internal():
+TENANT_ADMIN_METHODS = {"CreateApiKey", "ListApiKeys", "RevokeApiKey", "ListAuditEvents"}
+
+
+def expected_scope(method: str) -> str:
+    if method == "AuthenticateApiKey":
+        return "internal"
+    return "admin" if method in TENANT_ADMIN_METHODS else "operator"
+
+
+def test_operator_services_need_operator_but_a_tenants_own_keys_and_audit_need_admin():
     for route in ROUTES.values():
         if route.service in ("strata.admin.v1.AdminService", "strata.tenants.v1.TenantService"):
-            expected = "internal" if route.method == "AuthenticateApiKey" else "admin"
-            assert route.scope == expected, route
+            assert route.scope == expected_scope(route.method), route
 
 
 def test_vector_reads_and_writes_need_their_scopes():

@@ -1,0 +1,165 @@
+"""Answers never outgrow the message limit by surprise: refused from the request when they must,
+cut or stopped as they are built when only the data can tell.
+
+Real processes: a vector process of its own (so its memory is its own to
+measure) behind a gateway of its own; KV through the session's gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import struct_pb2
+from strata.kv.v1 import kv_pb2, kv_pb2_grpc
+from strata.vector.v1 import vector_pb2, vector_pb2_grpc
+
+from tests.e2e.conftest import bearer
+from tests.helpers import error_info, field_violations
+from tests.stack import start_gateway, start_process, stop_process
+
+DIMENSION = 2000
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.fixture
+async def large_channel(stack) -> AsyncIterator[grpc.aio.Channel]:
+    """A channel to the session's gateway that takes messages up to the servers' limit (8 MiB)."""
+    limit = 8 * 1024 * 1024 + 64 * 1024
+    options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+    async with grpc.aio.insecure_channel(stack.gateway, options=options) as channel:
+        yield channel
+
+
+def unit_vector(rng: random.Random) -> vector_pb2.Vector:
+    return vector_pb2.Vector(values=[rng.uniform(-1, 1) for _ in range(DIMENSION)])
+
+
+async def test_a_search_batch_whose_vectors_cannot_fit_is_refused_before_any_work(stack, make_key):
+    vector, vector_port = await start_process(stack, "vector")
+    gateway, port = await start_gateway(stack, STRATA_VECTOR_UPSTREAMS=f"127.0.0.1:{vector_port}")
+    try:
+        api_key, _ = await make_key(f"big-{uuid.uuid4().hex[:8]}", "vector:read", "vector:write")
+        md = bearer(api_key)
+        rng = random.Random(7)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = vector_pb2_grpc.VectorServiceStub(channel)
+            await stub.CreateCollection(
+                vector_pb2.CreateCollectionRequest(
+                    collection=vector_pb2.Collection(
+                        name="big",
+                        dimension=DIMENSION,
+                        metric=vector_pb2.METRIC_L2,
+                        none=vector_pb2.NoIndex(),
+                    )
+                ),
+                metadata=md,
+            )
+            for batch in range(3):  # 900 points of 8 kB each
+                points = [vector_pb2.Point(id=f"p{batch}-{i}", vector=unit_vector(rng)) for i in range(300)]
+                await stub.UpsertPoints(
+                    vector_pb2.UpsertPointsRequest(collection="big", points=points), metadata=md
+                )
+            query = unit_vector(rng)
+            before = rss_mib(vector.pid)
+            searches = [
+                vector_pb2.SearchRequest(collection="big", vector=query, limit=1000, with_vectors=True)
+                for _ in range(100)
+            ]
+            with_vectors = stub.SearchBatch(vector_pb2.SearchBatchRequest(searches=searches), metadata=md)
+            try:
+                await with_vectors
+                raise AssertionError("answered")
+            except grpc.aio.AioRpcError as exc:
+                error = exc
+            grown = rss_mib(vector.pid) - before
+            # The same searches without the vectors are fine.
+            for search in searches[:3]:
+                search.with_vectors = False
+            small = await stub.SearchBatch(vector_pb2.SearchBatchRequest(searches=searches[:3]), metadata=md)
+    finally:
+        await stop_process(gateway)
+        await stop_process(vector)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
+    assert "searches" in field_violations(error)
+    assert "message limit" in field_violations(error)["searches"]
+    assert grown < 30, f"vector grew {grown:.0f} MiB for a refused call"  # before: hundreds
+    assert [len(result.hits) for result in small.results] == [900, 900, 900]
+
+
+async def test_a_search_batch_stops_at_the_first_search_its_payloads_push_past_the_limit(
+    large_channel, make_key
+):
+    gw_vector = vector_pb2_grpc.VectorServiceStub(large_channel)
+    api_key, _ = await make_key(f"pay-{uuid.uuid4().hex[:8]}", "vector:read", "vector:write")
+    md = bearer(api_key)
+    await gw_vector.CreateCollection(
+        vector_pb2.CreateCollectionRequest(
+            collection=vector_pb2.Collection(name="heavy", dimension=2, metric=vector_pb2.METRIC_L2)
+        ),
+        metadata=md,
+    )
+    filler = struct_pb2.Struct()
+    filler.update({"blob": "x" * 60_000})
+    for batch in range(4):  # 100 points with 60 kB payloads: 6 MB per search of 100
+        points = [
+            vector_pb2.Point(
+                id=f"p{batch}-{i}", vector=vector_pb2.Vector(values=[1.0, i + 1.0]), payload=filler
+            )
+            for i in range(25)
+        ]
+        await gw_vector.UpsertPoints(
+            vector_pb2.UpsertPointsRequest(collection="heavy", points=points), metadata=md
+        )
+    search = vector_pb2.SearchRequest(
+        collection="heavy", vector=vector_pb2.Vector(values=[1.0, 1.0]), limit=100, with_payload=True
+    )
+    one = await gw_vector.SearchBatch(vector_pb2.SearchBatchRequest(searches=[search]), metadata=md)
+    assert len(one.results[0].hits) == 100
+    try:
+        await gw_vector.SearchBatch(vector_pb2.SearchBatchRequest(searches=[search] * 10), metadata=md)
+        raise AssertionError("answered")
+    except grpc.aio.AioRpcError as exc:
+        assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        info = error_info(exc)
+        assert info.reason == "RESPONSE_TOO_LARGE"
+        assert info.metadata["field"] == "searches[1]"  # stopped there, not after all ten
+
+
+async def test_watchers_get_values_larger_together_than_one_message_in_several(large_channel, admin_metadata):
+    gw_kv = kv_pb2_grpc.KvServiceStub(large_channel)
+    # Before: ten 1 MiB values made one 10 MiB message, over the 8 MiB limit, and every watcher
+    # that started before them failed on it at every retry.
+    namespace = f"large-{uuid.uuid4().hex[:8]}"
+    watch = gw_kv.Watch(kv_pb2.WatchRequest(namespace=namespace, prefix=""), metadata=admin_metadata)
+    assert (await watch.read()).created
+    values = {f"v{i}": os.urandom(1024 * 1024) for i in range(10)}
+    for half in (list(values)[:5], list(values)[5:]):
+        await gw_kv.BatchPut(
+            kv_pb2.BatchPutRequest(
+                namespace=namespace, items=[kv_pb2.BatchPutItem(key=k, value=values[k]) for k in half]
+            ),
+            metadata=admin_metadata,
+        )
+    received: dict[str, bytes] = {}
+    messages = 0
+    while len(received) < len(values):
+        response = await asyncio.wait_for(watch.read(), 30)
+        assert response is not grpc.aio.EOF
+        messages += 1
+        received.update({event.kv.key: event.kv.value for event in response.events})
+    watch.cancel()
+    assert received == values
+    assert messages >= 2
