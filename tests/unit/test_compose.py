@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import yaml
@@ -71,7 +72,49 @@ def test_only_the_gateway_publishes_a_port():
     published = {name for name, spec in STRATA.items() if spec.get("ports")}
     assert published == {"gateway"}
     port = env_of("gateway")["STRATA_GATEWAY_PORT"]
-    assert f"{port}:{port}" in STRATA["gateway"]["ports"]
+    assert f"127.0.0.1:{port}:{port}" in STRATA["gateway"]["ports"]
+
+
+def test_every_published_port_is_on_loopback_only():
+    for name, spec in CONTAINERS.items():
+        for mapping in spec.get("ports", []):
+            assert str(mapping).startswith("127.0.0.1:"), f"{name} publishes {mapping} on every interface"
+
+
+REQUIRED = re.compile(r"\$\{(STRATA_[A-Z_]+):\?[^}]+\}")
+
+
+def test_no_secret_has_a_default_compose_refuses_to_start_without_each():
+    text = (ROOT / "docker-compose.yml").read_text()
+    assert "change-me" not in text
+    required = set(REQUIRED.findall(text))
+    assert required == {
+        "STRATA_PG_OWNER_PASSWORD",
+        "STRATA_PG_SERVICE_PASSWORD",
+        "STRATA_REDIS_PASSWORD",
+        "STRATA_INTERNAL_SECRET",
+        "STRATA_KEY_PEPPER",
+    }
+    # Every secret and every URL's password is one of them, never a literal.
+    for name, spec in CONTAINERS.items():
+        for key, value in (spec.get("environment") or {}).items():
+            value = str(value)
+            if any(word in key for word in ("PASSWORD", "SECRET", "PEPPER", "AUTH")):
+                assert REQUIRED.fullmatch(value), (name, key)
+            if "://" in value and "@" in value:
+                userinfo = value.split("://", 1)[1].rsplit("@", 1)[0]
+                assert REQUIRED.search(userinfo), (name, key)
+
+
+def test_redis_requires_its_password_and_every_url_carries_it():
+    redis = CONTAINERS["redis"]
+    command = redis["command"]
+    assert (
+        command[command.index("--requirepass") + 1]
+        == "${STRATA_REDIS_PASSWORD:?set STRATA_REDIS_PASSWORD (README, Deployment)}"
+    )
+    for name in SERVICES:
+        assert env_of(name)["REDIS_URL"].startswith("redis://:${STRATA_REDIS_PASSWORD:?")
 
 
 def test_start_order_follows_dependencies():
