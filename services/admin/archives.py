@@ -114,7 +114,6 @@ _KINDS = sorted(
     reverse=True,
 )
 _ENTRY_RE = re.compile(r"(\d+); (\d+) (\d+) (.*)")
-_SIGNATURE_RE = re.compile(r"[0-9a-f]{64}")
 _MAX_REFUSED_NAMED = 5
 
 
@@ -147,10 +146,6 @@ class ArchiveSigner:
                 "or it was changed since; nothing was restored",
                 domain=DOMAIN,
             )
-
-    @staticmethod
-    def well_formed(signature: str) -> bool:
-        return bool(_SIGNATURE_RE.fullmatch(signature))
 
 
 @dataclass(frozen=True, slots=True)

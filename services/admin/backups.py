@@ -981,26 +981,9 @@ class _Upload:
             raise invalid_argument(
                 [FieldViolation("database", "only the first message names the database")], domain=DOMAIN
             )
-        if message.sha256:
-            if not _SHA256_RE.fullmatch(message.sha256):
-                raise invalid_argument(
-                    [FieldViolation("sha256", "must be 64 lowercase hex characters")], domain=DOMAIN
-                )
-            if self._expected and message.sha256 != self._expected:
-                raise invalid_argument(
-                    [FieldViolation("sha256", "differs from an earlier message's")], domain=DOMAIN
-                )
-            self._expected = message.sha256
-        if message.signature:
-            if not ArchiveSigner.well_formed(message.signature):
-                raise invalid_argument(
-                    [FieldViolation("signature", "must be 64 lowercase hex characters")], domain=DOMAIN
-                )
-            if self.signature and message.signature != self.signature:
-                raise invalid_argument(
-                    [FieldViolation("signature", "differs from an earlier message's")], domain=DOMAIN
-                )
-            self.signature = message.signature
+        # Either may come in any message, but always the same.
+        self._expected = _hex_once(message.sha256, self._expected, "sha256")
+        self.signature = _hex_once(message.signature, self.signature, "signature")
         self.total += len(message.data)
         if self.total > self._limit:
             raise StrataError(
@@ -1013,6 +996,18 @@ class _Upload:
         self._digest.update(message.data)
         self.signing.update(message.data)
         return message.data
+
+
+def _hex_once(value: str, earlier: str, field: str) -> str:
+    """``value`` (64 lowercase hex characters) if given, else ``earlier``; INVALID_ARGUMENT on ``field``
+    when it is malformed or differs from ``earlier``."""
+    if not value:
+        return earlier
+    if not _SHA256_RE.fullmatch(value):
+        raise invalid_argument([FieldViolation(field, "must be 64 lowercase hex characters")], domain=DOMAIN)
+    if earlier and value != earlier:
+        raise invalid_argument([FieldViolation(field, "differs from an earlier message's")], domain=DOMAIN)
+    return value
 
 
 # -- names and errors ---------------------------------------------------------------
