@@ -62,6 +62,10 @@ async def running_strata(
         # The bench measures throughput: rate limits would measure themselves.
         STRATA_RATE_LIMIT_RPS="1000000000",
         STRATA_RATE_LIMIT_BURST="1000000000",
+        # h2load sends one signed identity for a whole run straight to a service: let it last one.
+        STRATA_IDENTITY_MAX_AGE_S="300",
+        # Every load comes from 127.0.0.1; a failed call must not lock the bench out.
+        STRATA_AUTH_FAILURES_PER_PEER_BURST="1000000",
         PYTHONUNBUFFERED="1",
     )
     env.update({f"STRATA_{name.upper()}_PORT": str(port) for name, port in ports.items()})

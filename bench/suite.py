@@ -138,8 +138,7 @@ class Suite:
 
     async def _prepare_records(self) -> None:
         """Records r0..r<records-1> in collection "orders"; one in ten is "open"."""
-        metadata = self.target.signed(RECORDS + "CreateRecord")
-        async with grpc.aio.insecure_channel(self.target.address("tenants")) as channel:
+        async with self.target.channel("tenants", TENANT) as channel:
             create = channel.unary_unary(RECORDS + "CreateRecord")
 
             async def one(i: int) -> None:
@@ -147,18 +146,17 @@ class Suite:
                 record.data.update({"status": "open" if i % 10 == 0 else "closed", "total": i})
                 request = tenants_pb2.CreateRecordRequest(record=record)
                 with contextlib.suppress(grpc.aio.AioRpcError):  # ALREADY_EXISTS on a second prepare
-                    await create(request.SerializeToString(), metadata=metadata)
+                    await create(request.SerializeToString())
 
             for start in range(0, self.config.records, 50):
                 await asyncio.gather(*(one(i) for i in range(start, min(start + 50, self.config.records))))
 
     async def prepare_kv(self) -> None:
         """The keys the KV scenarios read."""
-        direct = self._direct("Put")
-        async with grpc.aio.insecure_channel(self.target.address("kv")) as channel:
+        async with self.target.channel("kv", TENANT) as channel:
             put = channel.unary_unary(KV + "Put")
             for key in ("hot", *(f"b{i}" for i in range(BATCH))):
-                await put(_put(key), metadata=direct)
+                await put(_put(key))
             batch_put = channel.unary_unary(KV + "BatchPut")
             for start in range(0, self.config.keys, 1000):
                 items = [
@@ -166,7 +164,7 @@ class Suite:
                     for i in range(start, min(start + 1000, self.config.keys))
                 ]
                 request = kv_pb2.BatchPutRequest(namespace=NAMESPACE, items=items)
-                await batch_put(request.SerializeToString(), metadata=self._direct("BatchPut"))
+                await batch_put(request.SerializeToString())
         async with grpc.aio.insecure_channel(self.target.address("gateway")) as channel:
             await channel.unary_unary(KV + "Put")(_put("hot"), metadata=self.target.bearer())
 
@@ -189,10 +187,14 @@ class Suite:
             await conn.close()
 
     def _grpc_job(self, process: str, path: str, bodies: list[bytes]) -> Job:
-        metadata = self.target.signed(path)
         return Job(
             "grpc",
-            {"address": self.target.address(process), "path": path, "bodies": bodies, "metadata": metadata},
+            {
+                "address": self.target.address(process),
+                "path": path,
+                "bodies": bodies,
+                "signed_as": self.target.signing(TENANT),
+            },
         )
 
     def _tenant_sql_job(self, sql: str, args: list[str], ids: int = 0) -> Job:
@@ -216,8 +218,9 @@ class Suite:
                 totals[name] += float(snapshot.figures.get(source, {}).get(name, 0))
         return totals
 
-    def _direct(self, method: str) -> list[tuple[str, str]]:
-        return self.target.signed(KV + method)
+    def _direct(self, method: str, body: bytes) -> list[tuple[str, str]]:
+        """A KV call's signed identity for ``body`` (h2load sends that one body throughout)."""
+        return self.target.signed(KV + method, body, TENANT)
 
     # -- scenarios ---------------------------------------------------------
 
@@ -232,19 +235,19 @@ class Suite:
             return await self._h2load(f"127.0.0.1:{port}", ECHO, get, len(get), [])
 
         async def kv_get_direct(_: int) -> Measurement:
-            return await self._unary("kv", "Get", get, self._direct("Get"))
+            return await self._unary("kv", "Get", get, self._direct("Get", get))
 
         async def kv_get_gateway(_: int) -> Measurement:
             return await self._unary("gateway", "Get", get, self.target.bearer(), sample_memory=True)
 
         async def kv_get_direct_moderate(_: int) -> Measurement:
-            return await self._unary("kv", "Get", get, self._direct("Get"), moderate=True)
+            return await self._unary("kv", "Get", get, self._direct("Get", get), moderate=True)
 
         async def kv_get_gateway_moderate(_: int) -> Measurement:
             return await self._unary("gateway", "Get", get, self.target.bearer(), moderate=True)
 
         async def batchget_direct(_: int) -> Measurement:
-            return await self._unary("kv", "BatchGet", batch, self._direct("BatchGet"))
+            return await self._unary("kv", "BatchGet", batch, self._direct("BatchGet", batch))
 
         async def kv_put_direct(_: int) -> Measurement:
             before = await self._kv_figures("group_commit", ("batches", "entries"))
@@ -263,7 +266,7 @@ class Suite:
                     "address": self.target.address("kv"),
                     "path": KV + "Put",
                     "bodies": bodies,
-                    "metadata": self._direct("Put"),
+                    "signed_as": self.target.signing(TENANT),
                 },
             )
             return await self._python(job)
@@ -284,7 +287,7 @@ class Suite:
                         "address": self.target.address("kv"),
                         "path": KV + "Get",
                         "bodies": zipf_gets(config.keys, seed=seed),
-                        "metadata": self._direct("Get"),
+                        "signed_as": self.target.signing(TENANT),
                     },
                 )
 
@@ -322,7 +325,7 @@ class Suite:
                     "address": self.target.address("kv"),
                     "path": KV + "Get",
                     "bodies": [get],
-                    "metadata": self._direct("Get"),
+                    "signed_as": self.target.signing(TENANT),
                 },
             )
             return await self._python(job)
@@ -443,7 +446,8 @@ class Suite:
             return await self._probed(address, PUT, put_request(b"w", value), [])
 
         async def kv_put_hot_direct(_: int) -> Measurement:
-            return await self._probed(self.target.address("kv"), KV + "Put", _put("w"), self._direct("Put"))
+            put = _put("w")
+            return await self._probed(self.target.address("kv"), KV + "Put", put, self._direct("Put", put))
 
         return {"etcd_range": etcd_range, "etcd_put": etcd_put, "kv_put_hot_direct": kv_put_hot_direct}
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.identity import Caller, sign_caller
+import grpc
 
-__all__ = ["Target"]
+from shared.identity import OPERATOR_SCOPE, Caller, sign_caller, signing_interceptors
+
+__all__ = ["Target", "bench_caller"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,7 +30,23 @@ class Target:
         """Metadata for a call through the gateway."""
         return [("authorization", f"Bearer {self.api_key}")]
 
-    def signed(self, method: str, tenant: str = "bench") -> list[tuple[str, str]]:
-        """Metadata for a call straight to a service port, as the gateway would sign it (valid 60 s)."""
-        caller = Caller(tenant, frozenset({"operator"}), "bench")
-        return sign_caller(self.internal_secret.encode(), method, caller)
+    def signed(self, method: str, body: bytes, tenant: str = "bench") -> list[tuple[str, str]]:
+        """Metadata for a call of ``method`` with ``body`` straight to a service port, as the gateway
+        would sign it (good for STRATA_IDENTITY_MAX_AGE_S: the bench's stack allows a whole run)."""
+        return sign_caller(self.internal_secret.encode(), method, bench_caller(tenant), body=body)
+
+    def signing(self, tenant: str = "bench") -> dict[str, str]:
+        """What a load worker needs to sign each of its calls itself (a ``grpc`` job's ``signed_as``)."""
+        return {"secret": self.internal_secret, "tenant": tenant}
+
+    def channel(self, process: str, tenant: str = "bench") -> grpc.aio.Channel:
+        """A channel to ``process`` whose calls are signed, each for its own request."""
+        return grpc.aio.insecure_channel(
+            self.address(process),
+            interceptors=signing_interceptors(self.internal_secret.encode(), bench_caller(tenant)),
+        )
+
+
+def bench_caller(tenant: str) -> Caller:
+    """Who direct calls are made as: the tenant's operator."""
+    return Caller(tenant, frozenset({OPERATOR_SCOPE}), "bench")

@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass
 
 import asyncpg
-import grpc
 from google.protobuf import struct_pb2
 from strata.common.v1 import filter_pb2
 from strata.vector.v1 import vector_pb2
@@ -76,11 +75,10 @@ def _text(values: list[float]) -> str:
 
 async def load_service(target: Target, data: VectorData, lanes: int = 2) -> float:
     """Create the collection and upsert every point through the service; points per second."""
-    metadata = target.signed(VECTOR + "CreateCollection")
-    async with grpc.aio.insecure_channel(target.address("vector")) as channel:
+    async with target.channel("vector") as channel:
         spec = vector_pb2.Collection(name=COLLECTION, dimension=DIMENSION, metric=vector_pb2.METRIC_COSINE)
         await channel.unary_unary(VECTOR + "CreateCollection")(
-            vector_pb2.CreateCollectionRequest(collection=spec).SerializeToString(), metadata=metadata
+            vector_pb2.CreateCollectionRequest(collection=spec).SerializeToString()
         )
         upsert = channel.unary_unary(VECTOR + "UpsertPoints")
         batches = [data.points[i : i + 1000] for i in range(0, len(data.points), 1000)]
@@ -99,8 +97,7 @@ async def load_service(target: Target, data: VectorData, lanes: int = 2) -> floa
 
         async def lane() -> None:
             while queue:
-                # Signed per call: a caller signature is good for 60 s, the whole load takes longer.
-                await upsert(queue.pop(), metadata=target.signed(VECTOR + "UpsertPoints"), timeout=300)
+                await upsert(queue.pop(), timeout=300)  # the channel signs each call for its body
 
         await asyncio.gather(*(lane() for _ in range(lanes)))
         return len(data.points) / (time.perf_counter() - started)
@@ -172,7 +169,7 @@ RAW_FILTERED_SEARCH = (
 async def recall_at_10(target: Target, data: VectorData, queries: int = 50) -> float:
     """Mean recall@10 of default searches against exact ones, through the service."""
     found = 0
-    async with grpc.aio.insecure_channel(target.address("vector")) as channel:
+    async with target.channel("vector") as channel:
         search = channel.unary_unary(
             VECTOR + "Search",
             request_serializer=vector_pb2.SearchRequest.SerializeToString,
@@ -180,13 +177,11 @@ async def recall_at_10(target: Target, data: VectorData, queries: int = 50) -> f
         )
         for query in data.queries[:queries]:
             vector = vector_pb2.Vector(values=query)
-            metadata = target.signed(VECTOR + "Search")  # fresh: exact searches of 100k points take a while
             approximate = await search(
-                vector_pb2.SearchRequest(collection=COLLECTION, vector=vector, limit=10), metadata=metadata
+                vector_pb2.SearchRequest(collection=COLLECTION, vector=vector, limit=10)
             )
             exact = await search(
-                vector_pb2.SearchRequest(collection=COLLECTION, vector=vector, limit=10, exact=True),
-                metadata=metadata,
+                vector_pb2.SearchRequest(collection=COLLECTION, vector=vector, limit=10, exact=True)
             )
             found += len({h.id for h in approximate.hits} & {h.id for h in exact.hits})
     return found / (10 * min(queries, len(data.queries)))

@@ -101,14 +101,15 @@ class KeyResolver:
         """Ask admin who ``token`` is, in a client span of the current request (when tracing)."""
         call = self._admin.pick().unary_unary(
             _AUTHENTICATE,
-            request_serializer=admin_pb2.AuthenticateApiKeyRequest.SerializeToString,
+            request_serializer=None,  # the bytes the identity is signed for are the bytes sent
             response_deserializer=admin_pb2.AuthenticateApiKeyResponse.FromString,
         )
-        metadata = sign_caller(self._secret, _AUTHENTICATE, GATEWAY_CALLER)
+        request = admin_pb2.AuthenticateApiKeyRequest(api_key=token).SerializeToString()
+        metadata = sign_caller(self._secret, _AUTHENTICATE, GATEWAY_CALLER, body=request)
         with upstream_call_span(_ADMIN_SERVICE, _AUTHENTICATE_METHOD, metadata) as span:
             try:
                 reply: admin_pb2.AuthenticateApiKeyResponse = await call(
-                    admin_pb2.AuthenticateApiKeyRequest(api_key=token), metadata=metadata, timeout=2.0
+                    request, metadata=metadata, timeout=2.0
                 )
             except grpc.aio.AioRpcError as exc:
                 end_span(span, exc.code(), client=True)

@@ -108,8 +108,11 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         return self._handlers.get(handler_call_details.method)
 
-    async def _admit(self, route: Route, context: Context) -> _Admitted:
-        """What to forward once the caller may make this call; a server stream is counted in."""
+    async def _admit(self, route: Route, context: Context, request: bytes | None) -> _Admitted:
+        """What to forward once the caller may make this call; a server stream is counted in.
+
+        The identity is signed for ``request``, the bytes forwarded (None: a client stream).
+        """
         self._gate.enter()
         try:
             incoming: Sequence[tuple[str, Any]] = context.invocation_metadata() or ()
@@ -128,7 +131,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
             self._gate.leave()
             raise
         forwarded = _forwardable(incoming)
-        forwarded.extend(sign_caller(self._secret, route.path, caller))
+        forwarded.extend(sign_caller(self._secret, route.path, caller, body=request))
         return _Admitted(self._tokens.attach(caller.key_id, forwarded), caller.key_id, stream)
 
     async def _authenticate(
@@ -152,6 +155,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
         route: Route,
         context: Context,
         server_span: Any,
+        request: bytes | None,
         requests: AsyncIterator[bytes] | None = None,
     ) -> _Admitted:
         """:meth:`_admit`, answering the caller with the refusal when there is one.
@@ -159,7 +163,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
         ``requests``, a client stream, is read on (bounded) before refusing: see :func:`_discard`.
         """
         try:
-            return await self._admit(route, context)
+            return await self._admit(route, context, request)
         except StrataError as exc:
             if requests is not None:
                 await _discard(requests)
@@ -179,7 +183,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
 
         async def forward(request: bytes, context: Context) -> bytes:
             with self._server_span(route, context) as server_span:
-                metadata, caller, _ = await self._admitted(route, context, server_span)
+                metadata, caller, _ = await self._admitted(route, context, server_span, request)
                 try:
                     with self._client_span(route, metadata) as client_span:
                         try:
@@ -206,7 +210,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
 
         async def forward(request: bytes, context: Context) -> AsyncIterator[bytes]:
             with self._server_span(route, context) as server_span:
-                metadata, caller, stream = await self._admitted(route, context, server_span)
+                metadata, caller, stream = await self._admitted(route, context, server_span, request)
                 assert stream is not None
                 channel, release = upstream.pick_stream()
                 call = None
@@ -247,7 +251,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
 
         async def forward(requests: AsyncIterator[bytes], context: Context) -> bytes:
             with self._server_span(route, context) as server_span:
-                metadata, caller, _ = await self._admitted(route, context, server_span, requests)
+                metadata, caller, _ = await self._admitted(route, context, server_span, None, requests)
                 call = None
                 try:
                     with self._client_span(route, metadata) as client_span:

@@ -26,7 +26,7 @@ from strata.tenants.v1 import tenants_pb2, tenants_pb2_grpc
 
 from shared.apikeys import parse_api_key
 from shared.backends import Backends, open_backends
-from shared.identity import OPERATOR_SCOPE, Caller, sign_caller
+from shared.identity import OPERATOR_SCOPE, Caller, signing_interceptors
 from shared.secret_files import stored_secret
 from shared.settings import ConfigError, Settings, load_settings
 from shared.telemetry import configure_logging
@@ -140,26 +140,23 @@ async def ensure_dev_api_key(settings: Settings, env: dict[str, str], processes:
     if path.exists():
         return path.read_text().strip()
     address = {p.name: p.address for p in processes}
-    secret = env["STRATA_INTERNAL_SECRET"].encode()
-    launcher = Caller("dev", frozenset({OPERATOR_SCOPE}), "launcher")
-    create_tenant = "/strata.tenants.v1.TenantService/CreateTenant"
-    async with grpc.aio.insecure_channel(address["tenants"]) as channel:
+    launcher = signing_interceptors(
+        env["STRATA_INTERNAL_SECRET"].encode(), Caller("dev", frozenset({OPERATOR_SCOPE}), "launcher")
+    )
+    async with grpc.aio.insecure_channel(address["tenants"], interceptors=launcher) as channel:
         try:
             await tenants_pb2_grpc.TenantServiceStub(channel).CreateTenant(
                 tenants_pb2.CreateTenantRequest(
                     tenant=tenants_pb2.Tenant(slug="dev", display_name="Development (make run)")
                 ),
-                metadata=sign_caller(secret, create_tenant, launcher),
                 timeout=10,
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
                 raise
-    create_key = "/strata.admin.v1.AdminService/CreateApiKey"
-    async with grpc.aio.insecure_channel(address["admin"]) as channel:
+    async with grpc.aio.insecure_channel(address["admin"], interceptors=launcher) as channel:
         made = await admin_pb2_grpc.AdminServiceStub(channel).CreateApiKey(
             admin_pb2.CreateApiKeyRequest(tenant="dev", name="dev key (make run)", scopes=[OPERATOR_SCOPE]),
-            metadata=sign_caller(secret, create_key, launcher),
             timeout=10,
         )
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -150,7 +150,9 @@ class StrataServer:
     def _admission(
         self, service: _descriptor.ServiceDescriptor, method: _descriptor.MethodDescriptor
     ) -> _Admission:
-        return _Admission(self._gate, self._secret, f"/{service.full_name}/{method.name}")
+        return _Admission(
+            self._gate, self._secret, f"/{service.full_name}/{method.name}", self._settings.identity_max_age_s
+        )
 
     def add_generic_handler(self, handler: grpc.GenericRpcHandler, service_names: list[str]) -> None:
         """Serve ``service_names`` from ``handler`` (the gateway's proxy), with reflection and health."""
@@ -256,18 +258,22 @@ def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 
 
 class _Admission:
-    """Lets a call of one method in: the server is not draining and the caller is signed."""
+    """Lets a call of one method in: the server is not draining and the caller is signed for it."""
 
-    def __init__(self, gate: CallGate, secret: bytes, full_method: str) -> None:
+    def __init__(self, gate: CallGate, secret: bytes, full_method: str, max_age_s: float) -> None:
         self.gate = gate
         self._secret = secret
         self._method = full_method
+        self._max_age_s = max_age_s
 
-    def admit(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        """Enter the gate and bind the verified caller; raises StrataError (and leaves) otherwise."""
+    def admit(self, context: grpc.aio.ServicerContext[Any, Any], body: bytes | None) -> None:
+        """Enter the gate and bind the caller verified for request ``body`` (None: a client stream);
+        raises StrataError (and leaves) otherwise."""
         self.gate.enter()
         try:
-            set_current_caller(verify_caller(self._secret, self._method, context.invocation_metadata() or ()))
+            metadata = context.invocation_metadata() or ()
+            caller = verify_caller(self._secret, self._method, metadata, body=body, max_age_s=self._max_age_s)
+            set_current_caller(caller)
         except StrataError:
             self.gate.leave()
             raise
@@ -483,7 +489,7 @@ def _unary_handler(
     request_type: type[_message.Message],
     admission: _Admission,
 ) -> UnaryHandler:
-    return _answering_once(impl, lambda raw: _decode(request_type, raw), admission)
+    return _answering_once(impl, lambda raw: _decode(request_type, raw), admission, signed_body=True)
 
 
 def _client_stream_handler(
@@ -495,20 +501,25 @@ def _client_stream_handler(
         async for raw in raw_requests:
             yield _decode(request_type, raw)
 
-    return _answering_once(impl, decoded, admission)
+    return _answering_once(impl, decoded, admission, signed_body=False)
 
 
 def _answering_once(
     impl: Callable[..., Awaitable[_message.Message]],
     requests: Callable[[Any], Any],
     admission: _Admission,
+    *,
+    signed_body: bool,
 ) -> UnaryHandler:
-    """A handler with one response: admit, hand ``requests(raw)`` to ``impl``, map errors to statuses."""
+    """A handler with one response: admit, hand ``requests(raw)`` to ``impl``, map errors to statuses.
+
+    ``signed_body``: ``raw`` is the request's bytes, which the identity is checked against (else a stream).
+    """
     gate = admission.gate
 
     async def handle(raw: Any, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         try:
-            admission.admit(context)
+            admission.admit(context, raw if signed_body else None)
         except StrataError as exc:
             await _abort(context, exc)
         try:
@@ -539,7 +550,7 @@ def _stream_handler(
 
     async def handle(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
         try:
-            admission.admit(context)
+            admission.admit(context, raw)
         except StrataError as exc:
             await _abort(context, exc)
         try:

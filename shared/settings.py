@@ -82,6 +82,8 @@ class Settings:
     internal_secret: str = ""
     key_pepper: str = ""
     key_cache_ttl_s: float = 1.0
+    # How old a signed caller identity may be when a service checks it (clock skew and one hop).
+    identity_max_age_s: float = 10.0
     rate_limit_rps: float = 1000.0
     rate_limit_burst: int = 2000
     # Gateway: failed authentications one peer address may make (token bucket), before it is refused.
@@ -235,6 +237,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             internal_secret=env.get("STRATA_INTERNAL_SECRET", ""),
             key_pepper=env.get("STRATA_KEY_PEPPER", ""),
             key_cache_ttl_s=reader.number("STRATA_KEY_CACHE_TTL_S", defaults.key_cache_ttl_s, 0.0),
+            identity_max_age_s=reader.number(
+                "STRATA_IDENTITY_MAX_AGE_S", defaults.identity_max_age_s, 1.0, 600.0
+            ),
             rate_limit_rps=reader.number("STRATA_RATE_LIMIT_RPS", defaults.rate_limit_rps, 0.001),
             rate_limit_burst=reader.integer("STRATA_RATE_LIMIT_BURST", defaults.rate_limit_burst, 1, 1 << 30),
             auth_failures_per_peer_rps=reader.number(

@@ -21,12 +21,11 @@ from strata.kv.v1 import kv_pb2_grpc
 
 from services.kv.app import build_kv_server
 from shared.backends import Backends, open_backends
-from shared.identity import Caller
+from shared.identity import Caller, signing_interceptors
 from shared.launcher import SERVICES
 from shared.ports import free_port
 from shared.server import StrataServer
 from shared.settings import Settings, load_settings
-from tests.helpers import signing_interceptors
 from tests.redis_cluster import RedisClusterProcesses
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent

@@ -34,37 +34,6 @@ def field_violations(error: grpc.aio.AioRpcError | grpc.RpcError) -> dict[str, s
     raise AssertionError("no BadRequest detail")
 
 
-class _Signer:
-    def __init__(self, secret: bytes, caller) -> None:
-        self._secret = secret
-        self._caller = caller
-
-    def _details(self, details):
-        from shared.identity import sign_caller
-
-        method = details.method.decode() if isinstance(details.method, bytes) else details.method
-        metadata = list(details.metadata or ()) + sign_caller(self._secret, method, self._caller)
-        return details._replace(metadata=metadata)
-
-
-class _SignUnary(_Signer, grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation, client_call_details, request):
-        return await continuation(self._details(client_call_details), request)
-
-
-class _SignStream(_Signer, grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation, client_call_details, request):
-        return await continuation(self._details(client_call_details), request)
-
-
-def signing_interceptors(secret: bytes, caller) -> list:
-    """Client interceptors that sign every call as ``caller``, as the gateway does.
-
-    Two objects: grpc.aio files an interceptor under one kind only.
-    """
-    return [_SignUnary(secret, caller), _SignStream(secret, caller)]
-
-
 def run_model_at_gateway(
     model: type, stub_class: type, gateway: str, api_key: str, *, max_examples: int, steps: int
 ) -> None:

@@ -28,13 +28,9 @@ from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 from services.tenants.names import record_cache_key
 from shared.cache import CacheEntry, RevisionedCache
 from shared.db import Database
-from shared.identity import INTERNAL_SCOPE, OPERATOR_SCOPE, Caller, sign_caller
+from shared.identity import INTERNAL_SCOPE, OPERATOR_SCOPE, Caller, signing_interceptors
 
 __all__ = ["PurgedRows", "TenantPurge"]
-
-_PURGE_KV = "/strata.kv.v1.KvService/PurgeTenant"
-_LIST_KEYS = "/strata.admin.v1.AdminService/ListApiKeys"
-_REVOKE_KEY = "/strata.admin.v1.AdminService/RevokeApiKey"
 
 
 class PurgedRows(NamedTuple):
@@ -52,9 +48,9 @@ class TenantPurge:
     ) -> None:
         self._db = db
         self._cache = cache
-        self._secret = secret
-        self._kv = grpc.aio.insecure_channel(kv_address)
-        self._admin = grpc.aio.insecure_channel(admin_address)
+        # Each channel signs its calls for the request sent, with the one scope its calls need.
+        self._kv = grpc.aio.insecure_channel(kv_address, interceptors=_signing(secret, INTERNAL_SCOPE))
+        self._admin = grpc.aio.insecure_channel(admin_address, interceptors=_signing(secret, OPERATOR_SCOPE))
 
     async def close(self) -> None:
         await self._kv.close()
@@ -88,7 +84,6 @@ class TenantPurge:
         api_keys = await self._revoke_keys(tenant, timeout)
         kv = await kv_pb2_grpc.KvServiceStub(self._kv).PurgeTenant(
             kv_pb2.PurgeTenantRequest(tenant=tenant),
-            metadata=self._sign(_PURGE_KV, INTERNAL_SCOPE),
             timeout=timeout,
         )
         return {"api_keys": api_keys, "kv_keys": int(kv.deleted)}
@@ -126,13 +121,11 @@ class TenantPurge:
         while True:
             page = await admin.ListApiKeys(
                 admin_pb2.ListApiKeysRequest(tenant=tenant, page_size=1000, page_token=page_token),
-                metadata=self._sign(_LIST_KEYS, OPERATOR_SCOPE),
                 timeout=timeout,
             )
             for key in page.keys:
                 await admin.RevokeApiKey(
                     admin_pb2.RevokeApiKeyRequest(key_id=key.key_id),
-                    metadata=self._sign(_REVOKE_KEY, OPERATOR_SCOPE),
                     timeout=timeout,
                 )
                 revoked += 1
@@ -140,7 +133,6 @@ class TenantPurge:
                 return revoked
             page_token = page.next_page_token
 
-    def _sign(self, method: str, scope: str) -> list[tuple[str, str]]:
-        return sign_caller(
-            self._secret, method, Caller("strata-system", frozenset({scope}), "tenants-service")
-        )
+
+def _signing(secret: bytes, scope: str) -> list[grpc.aio.ClientInterceptor]:
+    return signing_interceptors(secret, Caller("strata-system", frozenset({scope}), "tenants-service"))

@@ -160,6 +160,7 @@ async def test_forged_identity_metadata_from_a_caller_is_not_honoured(gw_kv, mak
         b"not-the-secret-not-the-secret",
         "/strata.kv.v1.KvService/Get",
         Caller("tenant-one", frozenset({"kv:read"}), "x"),
+        body=kv_pb2.GetRequest(namespace=namespace, key="k").SerializeToString(),
     )
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await gw_kv.Get(
@@ -173,6 +174,7 @@ async def test_forged_metadata_sent_straight_to_a_service_is_refused(stack, name
         b"guessed-secret-guessed-secret",
         "/strata.kv.v1.KvService/Get",
         Caller("tenant-one", frozenset({"admin"}), "x"),
+        body=kv_pb2.GetRequest(namespace=namespace, key="k").SerializeToString(),
     )
     async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.ports['kv']}") as channel:
         stub = kv_pb2_grpc.KvServiceStub(channel)

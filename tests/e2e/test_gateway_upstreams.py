@@ -28,6 +28,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from shared.apikeys import parse_api_key
+from shared.errors import StrataError
 from shared.identity import Caller, sign_caller, verify_caller
 from tests.conftest import TEST_INTERNAL_SECRET
 from tests.e2e.conftest import bearer
@@ -236,6 +237,7 @@ async def test_credentials_hop_by_hop_and_forged_identity_headers_never_reach_th
         b"forged-secret-forged-secret",
         GET,
         Caller("victim", frozenset({"kv:read"}), "forgedkey0000000", tenant_uid=str(uuid.uuid4())),
+        body=b"{}",
     )
     metadata = gateway.call_metadata(*HOP_BY_HOP, *forged, ("x-custom", "kept as is"))
     await gateway.unary()(b"{}", metadata=metadata, timeout=10)
@@ -249,7 +251,10 @@ async def test_credentials_hop_by_hop_and_forged_identity_headers_never_reach_th
     identity = [(name, value) for name, value in seen.metadata if name.startswith("x-strata-")]
     assert sorted(name for name, _ in identity) == sorted(name for name, _ in forged)
     assert not set(identity) & set(forged)
-    caller = verify_caller(TEST_INTERNAL_SECRET.encode(), GET, seen.metadata)
+    # Signed for the very bytes forwarded, and for no others.
+    caller = verify_caller(TEST_INTERNAL_SECRET.encode(), GET, seen.metadata, body=b"{}")
+    with pytest.raises(StrataError):
+        verify_caller(TEST_INTERNAL_SECRET.encode(), GET, seen.metadata, body=b"{ }")
     key_id = parse_api_key(stack.api_key)
     assert key_id is not None
     assert (caller.tenant, caller.key_id) == ("dev", key_id[0])

@@ -582,8 +582,9 @@ class Hostile:
     output_mark: int = 0
     limit: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(32))
 
-    def signed(self, rpc: Rpc, caller: Caller = ATTACKER) -> Metadata:
-        return sign_caller(SECRET, rpc.path, caller)
+    def signed(self, rpc: Rpc, caller: Caller = ATTACKER, body: bytes | Sequence[bytes] = b"") -> Metadata:
+        """An identity as the gateway signs it, for ``body`` (an upload's for any stream)."""
+        return sign_caller(SECRET, rpc.path, caller, body=_signed_body(rpc, body))
 
     async def call(
         self,
@@ -595,7 +596,7 @@ class Hostile:
     ) -> Outcome:
         """Call ``rpc`` with raw ``body`` as the attacker (or with ``metadata``), and count it."""
         if metadata is None:
-            metadata = bearer(self.keys[rpc.upstream]) if via == "gateway" else self.signed(rpc)
+            metadata = bearer(self.keys[rpc.upstream]) if via == "gateway" else self.signed(rpc, body=body)
         channel = self.gateway if via == "gateway" else self.direct[rpc.upstream]
         async with self.limit:
             outcome = await _invoke(channel, rpc, body, metadata, timeout)
@@ -1298,31 +1299,42 @@ async def test_declaring_one_index_concurrently_answers_every_caller_with_it(hos
 def _forgeries(rpc: Rpc) -> dict[str, Metadata]:
     """Metadata a caller without the internal secret might send to a service port."""
     now = time.time()
-    good = sign_caller(SECRET, rpc.path, ATTACKER)
+    body = _signed_body(rpc, request_for(rpc).SerializeToString())  # what the test sends
+    good = sign_caller(SECRET, rpc.path, ATTACKER, body=body)
 
     def edited(key: str, value: str) -> Metadata:
         return [(k, value if k == key else v) for k, v in good]
 
-    reader = sign_caller(SECRET, rpc.path, Caller(NAME, frozenset({"kv:read"}), "reader"))
+    reader = sign_caller(SECRET, rpc.path, Caller(NAME, frozenset({"kv:read"}), "reader"), body=body)
     other_method = next(r for r in RPCS if r.path != rpc.path).path
-    return {
+    forgeries = {
         "no signature": [],
-        "wrong secret": sign_caller(b"guessed-secret-guessed-secret", rpc.path, ATTACKER),
+        "wrong secret": sign_caller(b"guessed-secret-guessed-secret", rpc.path, ATTACKER, body=body),
         "tenant edited after signing": edited("x-strata-tenant", VICTIM),
         "scopes edited after signing": [
             (k, "admin,internal" if k == "x-strata-scopes" else v) for k, v in reader
         ],
         "key id edited after signing": edited("x-strata-key-id", "someone-else"),
         "timestamp edited after signing": edited("x-strata-ts", f"{now + 1:.3f}"),
-        "expired": sign_caller(SECRET, rpc.path, ATTACKER, now=now - 3600),
-        "from the future": sign_caller(SECRET, rpc.path, ATTACKER, now=now + 3600),
-        "signed for another method": sign_caller(SECRET, other_method, ATTACKER),
+        "expired": sign_caller(SECRET, rpc.path, ATTACKER, now=now - 3600, body=body),
+        "older than the window": sign_caller(SECRET, rpc.path, ATTACKER, now=now - 30, body=body),
+        "from the future": sign_caller(SECRET, rpc.path, ATTACKER, now=now + 3600, body=body),
+        "signed for another method": sign_caller(SECRET, other_method, ATTACKER, body=body),
         "a second tenant header": [*good, ("x-strata-tenant", VICTIM)],
         "signature in upper case": edited("x-strata-signature", dict(good)["x-strata-signature"].upper()),
         "timestamp not a number": edited("x-strata-ts", "soon"),
         "no timestamp": [(k, v) for k, v in good if k != "x-strata-ts"],
         "a bearer key instead": bearer("sk_0000000000000000_" + "A" * 43),
     }
+    if body is not None:  # a captured identity replayed with another request
+        forgeries["signed for another body"] = sign_caller(SECRET, rpc.path, ATTACKER, body=body + b"\x00")
+        forgeries["signed for an upload"] = sign_caller(SECRET, rpc.path, ATTACKER, body=None)
+    return forgeries
+
+
+def _signed_body(rpc: Rpc, body: bytes | Sequence[bytes]) -> bytes | None:
+    """What an identity is signed for: the request's bytes, or None for a client stream."""
+    return None if rpc.method.client_streaming or not isinstance(body, bytes) else body
 
 
 async def test_forged_identities_sent_straight_to_a_service_are_unauthenticated_and_write_nothing(
@@ -1467,7 +1479,8 @@ async def _first_token(hostile: Hostile, rpc: Rpc, caller: Caller = ATTACKER) ->
     """A one-item first page's request and its next_page_token, asked as ``caller``."""
     request = request_for(rpc)
     request.page_size = 1
-    outcome = await hostile.call(rpc, request.SerializeToString(), "direct", hostile.signed(rpc, caller))
+    body = request.SerializeToString()
+    outcome = await hostile.call(rpc, body, "direct", hostile.signed(rpc, caller, body))
     assert outcome.code == OK, outcome
     token = rpc.response(outcome.response).next_page_token
     assert token, f"{rpc.id}: no second page to try tokens on"
@@ -1555,8 +1568,12 @@ TENANT_LIST_RPCS = [rpc for rpc in LIST_RPCS if rpc.tenant_scoped]
 async def test_another_tenants_page_token_reveals_nothing_of_it(hostile: Hostile, rpc: Rpc) -> None:
     request, token = await _first_token(hostile, rpc)
     victim = Caller(VICTIM, frozenset(SCOPES), "victim")
-    for via, metadata in (("gateway", bearer(hostile.victim_key)), ("direct", hostile.signed(rpc, victim))):
-        outcome = await hostile.call(rpc, _with_token(request, token), via, metadata)
+    body = _with_token(request, token)
+    for via, metadata in (
+        ("gateway", bearer(hostile.victim_key)),
+        ("direct", hostile.signed(rpc, victim, body)),
+    ):
+        outcome = await hostile.call(rpc, body, via, metadata)
         assert outcome.problem() is None, f"{via}: {outcome}"
         assert ATTACKER_MARK.encode() not in outcome.response, f"{via}: the victim got the attacker's data"
 
@@ -1565,8 +1582,12 @@ async def test_another_tenants_page_token_reveals_nothing_of_it(hostile: Hostile
 async def test_another_tenants_page_token_is_invalid_argument(hostile: Hostile, rpc: Rpc) -> None:
     request, token = await _first_token(hostile, rpc)
     victim = Caller(VICTIM, frozenset(SCOPES), "victim")
-    for via, metadata in (("gateway", bearer(hostile.victim_key)), ("direct", hostile.signed(rpc, victim))):
-        outcome = await hostile.call(rpc, _with_token(request, token), via, metadata)
+    body = _with_token(request, token)
+    for via, metadata in (
+        ("gateway", bearer(hostile.victim_key)),
+        ("direct", hostile.signed(rpc, victim, body)),
+    ):
+        outcome = await hostile.call(rpc, body, via, metadata)
         assert (outcome.code, outcome.violations) == (grpc.StatusCode.INVALID_ARGUMENT, ("page_token",)), via
 
 

@@ -206,8 +206,10 @@ async def test_wrong_secrets_of_every_length_are_unauthenticated(
     async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.ports['admin']}") as channel:
         stub = admin_pb2_grpc.AdminServiceStub(channel)
         for what, candidate in presented.items():
-            metadata = sign_caller(TEST_INTERNAL_SECRET.encode(), AUTHENTICATE, caller)
             request = admin_pb2.AuthenticateApiKeyRequest(api_key=candidate)
+            metadata = sign_caller(
+                TEST_INTERNAL_SECRET.encode(), AUTHENTICATE, caller, body=request.SerializeToString()
+            )
             if what == "the key itself":
                 assert (await stub.AuthenticateApiKey(request, metadata=metadata)).key_id == key_id
                 continue
@@ -237,7 +239,10 @@ async def _failing_calls(
             await kv.Get(kv_pb2.GetRequest(namespace="sec", key="k"), metadata=bearer(api_key))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.ports['kv']}") as direct:
         forged = sign_caller(
-            b"guessed", "/strata.kv.v1.KvService/Put", Caller("dev", frozenset({"admin"}), "x")
+            b"guessed",
+            "/strata.kv.v1.KvService/Put",
+            Caller("dev", frozenset({"admin"}), "x"),
+            body=put.SerializeToString(),
         )
         for metadata in (bearer(api_key), tuple(forged) + bearer(api_key)):
             with pytest.raises(grpc.aio.AioRpcError):

@@ -11,6 +11,7 @@ from tests.conftest import TENANT, TEST_INTERNAL_SECRET, signed_channel
 from tests.helpers import error_info
 
 GET = "/strata.kv.v1.KvService/Get"
+GET_BODY = kv_pb2.GetRequest(namespace="n", key="k").SerializeToString()  # what call_get sends
 
 
 async def call_get(port: int, metadata) -> grpc.aio.AioRpcError:
@@ -30,33 +31,39 @@ async def test_an_unsigned_call_is_unauthenticated(kv_server):
 async def test_tenant_metadata_without_signature_is_unauthenticated(kv_server):
     forged = [
         (k, v)
-        for k, v in sign_caller(TEST_INTERNAL_SECRET.encode(), GET, TENANT)
+        for k, v in sign_caller(TEST_INTERNAL_SECRET.encode(), GET, TENANT, body=GET_BODY)
         if k != "x-strata-signature"
     ]
     assert (await call_get(kv_server.port, forged)).code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 async def test_a_signature_made_with_another_secret_is_unauthenticated(kv_server):
-    forged = sign_caller(b"guessed-secret-guessed-secret", GET, TENANT)
+    forged = sign_caller(b"guessed-secret-guessed-secret", GET, TENANT, body=GET_BODY)
     assert (await call_get(kv_server.port, forged)).code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 async def test_a_signature_for_another_tenant_cannot_be_edited(kv_server):
-    signed = dict(sign_caller(TEST_INTERNAL_SECRET.encode(), GET, TENANT))
+    signed = dict(sign_caller(TEST_INTERNAL_SECRET.encode(), GET, TENANT, body=GET_BODY))
     signed["x-strata-tenant"] = "tenant-b"
     assert (await call_get(kv_server.port, list(signed.items()))).code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 async def test_a_signature_for_another_method_is_refused(kv_server):
-    signed = sign_caller(TEST_INTERNAL_SECRET.encode(), "/strata.kv.v1.KvService/List", TENANT)
+    signed = sign_caller(TEST_INTERNAL_SECRET.encode(), "/strata.kv.v1.KvService/List", TENANT, body=GET_BODY)
     assert (await call_get(kv_server.port, signed)).code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 async def test_an_old_signature_is_refused(kv_server):
     import time
 
-    stale = sign_caller(TEST_INTERNAL_SECRET.encode(), GET, TENANT, now=time.time() - 120)
+    stale = sign_caller(TEST_INTERNAL_SECRET.encode(), GET, TENANT, now=time.time() - 30, body=GET_BODY)
     assert (await call_get(kv_server.port, stale)).code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_signature_for_another_request_body_is_refused(kv_server):
+    other = kv_pb2.GetRequest(namespace="n", key="another").SerializeToString()
+    signed = sign_caller(TEST_INTERNAL_SECRET.encode(), GET, TENANT, body=other)
+    assert (await call_get(kv_server.port, signed)).code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 async def test_a_read_only_caller_cannot_write(kv_server, namespace):

@@ -18,8 +18,9 @@ from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 from services.kv.app import build_kv_server
 from shared.db import Database
 from shared.errors import StrataError
+from shared.identity import signing_interceptors
 from tests.conftest import TENANT, TEST_INTERNAL_SECRET, signed_channel
-from tests.helpers import error_info, signing_interceptors
+from tests.helpers import error_info
 
 
 async def test_an_exhausted_pool_answers_unavailable_at_once_and_recovers(settings):
