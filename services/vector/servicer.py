@@ -314,6 +314,8 @@ class VectorServicer:
         timeout = deadline_timeout(context)
         async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
             collection = await self._collection(conn, request.collection, timeout)
+            least = _least_bytes(len(set(request.ids)), collection.dimension, request.with_vectors)
+            _refuse_over(least, self._max_response, "ids", "ask fewer ids, or leave with_vectors off")
             rows = await conn.fetch(
                 f"SELECT {_columns(request.with_vectors, request.with_payload)} FROM vector.points "
                 "WHERE collection_id = $1 AND id = ANY($2::text[])",
@@ -391,6 +393,10 @@ class VectorServicer:
         async def page(db: Database) -> list[asyncpg.Record]:
             async with db.tenant_transaction(tenant, timeout=timeout, read_only=True) as conn:
                 collection = await self._collection(conn, request.collection, timeout)
+                least = _least_bytes(size, collection.dimension, request.with_vectors)
+                _refuse_over(
+                    least, self._max_response, "page_size", "ask a smaller page, or leave with_vectors off"
+                )
                 params = SqlParams()
                 collection_id = params.add(collection.id)
                 wanted = request.filter if request.HasField("filter") else None
@@ -709,19 +715,25 @@ def _check_answer_size(searches: Iterable[vector_pb2.SearchRequest], field: str,
     take at least limit x (4 x dimension) bytes: known before any work, unlike
     payloads, which the search counts as it goes.
     """
-    least = sum(
-        _limit_of(s.limit) * (_HIT_OVERHEAD_BYTES + (4 * len(s.vector.values) + 8 if s.with_vectors else 0))
-        for s in searches
+    least = sum(_least_bytes(_limit_of(s.limit), len(s.vector.values), s.with_vectors) for s in searches)
+    _refuse_over(
+        least, budget, field or "limit", "ask fewer results, fewer searches, or leave with_vectors off"
     )
+
+
+def _least_bytes(points: int, dimension: int, with_vectors: bool) -> int:
+    """The fewest bytes ``points`` points (or hits) of ``dimension`` take in an answer."""
+    return points * (_HIT_OVERHEAD_BYTES + (4 * dimension + 8 if with_vectors else 0))
+
+
+def _refuse_over(least: int, budget: int, field: str, remedy: str) -> None:
     if least > budget:
-        where = field or "limit"
         raise invalid_argument(
             [
                 FieldViolation(
-                    where,
-                    f"the answer would hold at least {least} bytes (limit x vector dimension x 4 with "
-                    f"with_vectors), over the {budget}-byte message limit: ask fewer results, fewer "
-                    "searches, or leave with_vectors off",
+                    field,
+                    f"the answer would hold at least {least} bytes (with vectors: 4 bytes a dimension), "
+                    f"over the {budget}-byte message limit: {remedy}",
                 )
             ],
             domain=DOMAIN,

@@ -163,3 +163,44 @@ async def test_watchers_get_values_larger_together_than_one_message_in_several(l
     watch.cancel()
     assert received == values
     assert messages >= 2
+
+
+async def test_point_reads_whose_vectors_cannot_fit_are_refused_from_the_request(gw_vector, make_key):
+    api_key, _ = await make_key(f"wide-{uuid.uuid4().hex[:8]}", "vector:read", "vector:write")
+    md = bearer(api_key)
+    await gw_vector.CreateCollection(
+        vector_pb2.CreateCollectionRequest(
+            collection=vector_pb2.Collection(
+                name="wide", dimension=4096, metric=vector_pb2.METRIC_L2, none=vector_pb2.NoIndex()
+            )
+        ),
+        metadata=md,
+    )
+    ids = [f"p{i}" for i in range(1000)]  # 1,000 vectors of 16 kB: 16 MB, over the 8 MiB limit
+    for call, field in (
+        (
+            gw_vector.GetPoints(
+                vector_pb2.GetPointsRequest(collection="wide", ids=ids, with_vectors=True), metadata=md
+            ),
+            "ids",
+        ),
+        (
+            gw_vector.ScrollPoints(
+                vector_pb2.ScrollPointsRequest(collection="wide", page_size=1000, with_vectors=True),
+                metadata=md,
+            ),
+            "page_size",
+        ),
+    ):
+        try:
+            await call
+            raise AssertionError("answered")
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, exc
+            assert "message limit" in field_violations(exc)[field]
+    # Without the vectors, the same reads are fine.
+    got = await gw_vector.GetPoints(vector_pb2.GetPointsRequest(collection="wide", ids=ids), metadata=md)
+    assert len(got.missing_ids) == 1000
+    await gw_vector.ScrollPoints(
+        vector_pb2.ScrollPointsRequest(collection="wide", page_size=1000), metadata=md
+    )
