@@ -31,7 +31,7 @@ from shared.apikeys import parse_api_key
 from shared.errors import StrataError
 from shared.identity import INTERNAL_SCOPE, Caller, sign_caller
 
-__all__ = ["FailedAttempts", "KeyResolver", "bearer_token", "peer_host"]
+__all__ = ["FailedAttempts", "KeyResolver", "bearer_token", "missing_scope", "peer_host"]
 
 _ADMIN_SERVICE = "strata.admin.v1.AdminService"
 _AUTHENTICATE_METHOD = "AuthenticateApiKey"
@@ -75,13 +75,14 @@ class KeyResolver:
 
         An answer older than ``max_age_s`` (default: the cache TTL) is asked again.
         """
-        if parse_api_key(token) is None:
-            raise _MALFORMED.with_traceback(None)
         max_age = self._ttl_s if max_age_s is None else min(max_age_s, self._ttl_s)
         cached = self._cache.get(token) or self._refusals.get(token)
         if cached is not None and time.monotonic() - cached[0] < max_age:
             answer = cached[1]
         else:
+            # Only well-shaped tokens are ever cached, so a hit needs no shape check.
+            if parse_api_key(token) is None:
+                raise _MALFORMED.with_traceback(None)
             waiting = self._inflight.get(token)
             if waiting is None:
                 waiting = asyncio.ensure_future(self._lookup(token))
@@ -142,12 +143,11 @@ class KeyResolver:
                 answer = _INVALID
         else:
             answer = Caller(reply.tenant, frozenset(reply.scopes), reply.key_id, tenant_uid=reply.tenant_uid)
-        cache, bound = (
-            (self._cache, _MAX_CACHED)
-            if isinstance(answer, Caller)
-            else (self._refusals, _MAX_REFUSALS_CACHED)
-        )
-        (self._refusals if cache is self._cache else self._cache).pop(token, None)
+        if isinstance(answer, Caller):
+            cache, other, bound = self._cache, self._refusals, _MAX_CACHED
+        else:
+            cache, other, bound = self._refusals, self._cache, _MAX_REFUSALS_CACHED
+        other.pop(token, None)  # a token's answer lives in one of the two
         if len(cache) >= bound:
             cache.clear()
         cache[token] = (asked, answer)
@@ -190,6 +190,22 @@ class FailedAttempts:
     def _tokens(self, peer: str, now: float) -> float:
         tokens, when = self._buckets.get(peer, (self._burst, now))
         return min(self._burst, tokens + (now - when) * self._rate)
+
+
+def missing_scope(caller: Caller, scope: str) -> StrataError | None:
+    """PERMISSION_DENIED ``MISSING_SCOPE`` when ``caller`` lacks ``scope``; None when it has it.
+
+    Asked when a call is admitted and again while a stream stays open.
+    """
+    if caller.has_scope(scope):
+        return None
+    return StrataError(
+        grpc.StatusCode.PERMISSION_DENIED,
+        "MISSING_SCOPE",
+        f"this API key lacks the {scope!r} scope",
+        domain="strata.gateway",
+        metadata={"scope": scope},
+    )
 
 
 def peer_host(peer: str) -> str:

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple, TypeAlias
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
-from gateway.auth import FailedAttempts, KeyResolver, bearer_token, peer_host
+from gateway.auth import FailedAttempts, KeyResolver, bearer_token, missing_scope, peer_host
 from gateway.consistency import CallerTokens
 from gateway.ratelimit import RateLimiter
 from gateway.routes import Route
@@ -117,14 +117,9 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
         try:
             incoming: Sequence[tuple[str, Any]] = context.invocation_metadata() or ()
             caller, token = await self._authenticate(incoming, context)
-            if not caller.has_scope(route.scope):
-                raise StrataError(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    "MISSING_SCOPE",
-                    f"this API key lacks the {route.scope!r} scope",
-                    domain="strata.gateway",
-                    metadata={"scope": route.scope},
-                )
+            refused = missing_scope(caller, route.scope)
+            if refused is not None:
+                raise refused
             await self._limiter.take(caller.key_id)
             stream = self._streams.open(token, caller, route.scope) if route.server_streaming else None
         except BaseException:
@@ -137,17 +132,18 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
     async def _authenticate(
         self, incoming: Sequence[tuple[str, Any]], context: Context
     ) -> tuple[Caller, str]:
-        """The caller of the call's key, and its token; a peer that keeps failing is refused first."""
-        peer = peer_host(context.peer() or "")
-        token = ""
+        """The caller of the call's key, and its token; a peer that keeps failing is refused first.
+
+        A key known good skips the per-address check (and the peer's address is not even read).
+        """
         try:
             token = bearer_token(incoming)
             if not self._keys.known_good(token):
-                self._failures.check(peer)
+                self._failures.check(peer_host(context.peer() or ""))
             return await self._keys.resolve(token), token
         except StrataError as exc:
             if exc.code == grpc.StatusCode.UNAUTHENTICATED:
-                self._failures.failed(peer)
+                self._failures.failed(peer_host(context.peer() or ""))
             raise
 
     async def _admitted(
@@ -297,7 +293,7 @@ async def _until_ended(call: Any, stream: OpenStream) -> AsyncIterator[bytes]:
             following = asyncio.ensure_future(messages.__anext__())
             await asyncio.wait((following, ended), return_when=asyncio.FIRST_COMPLETED)
             if stream.reason is not None:
-                raise stream.reason
+                raise stream.reason.with_traceback(None)  # may be shared: a re-raise would grow it
             try:
                 message = following.result()
             except StopAsyncIteration:

@@ -25,7 +25,7 @@ from collections import Counter
 
 import grpc
 
-from gateway.auth import KeyResolver
+from gateway.auth import KeyResolver, missing_scope
 from shared.errors import StrataError
 from shared.identity import Caller
 
@@ -67,11 +67,8 @@ class OpenStreams:
         self._open: set[OpenStream] = set()
         self._by_key: Counter[str] = Counter()
         self._by_tenant: Counter[str] = Counter()
-        self._interval_s = max(keys.ttl_s / 2, _MIN_CHECK_INTERVAL_S if keys.ttl_s == 0 else 0.0)
+        self._interval_s = keys.ttl_s / 2 if keys.ttl_s > 0 else _MIN_CHECK_INTERVAL_S
         self._task: asyncio.Task[None] | None = None
-
-    def __len__(self) -> int:
-        return len(self._open)
 
     def open(self, token: str, caller: Caller, scope: str) -> OpenStream:
         """Count a stream of a method needing ``scope`` in for ``caller``, or RESOURCE_EXHAUSTED."""
@@ -164,12 +161,4 @@ def _verdict(stream: OpenStream, answer: Caller | BaseException, now: float) -> 
             domain=_DOMAIN,
             metadata={"tenant": bound.tenant},
         )
-    if not answer.has_scope(stream.scope):
-        return StrataError(
-            grpc.StatusCode.PERMISSION_DENIED,
-            "MISSING_SCOPE",
-            f"this API key no longer has the {stream.scope!r} scope",
-            domain=_DOMAIN,
-            metadata={"scope": stream.scope},
-        )
-    return None
+    return missing_scope(answer, stream.scope)

@@ -67,8 +67,8 @@ class Upstream:
         addresses: tuple[str, ...],
         max_message_bytes: int,
         *,
-        max_streams: int = 1024,
-        streams_per_connection: int = 256,
+        max_streams: int,
+        streams_per_connection: int,
     ) -> None:
         """``max_streams``: the most streams the gateway holds; ``streams_per_connection``: the upstream's
         HTTP/2 limit per connection (both sizes of the stream connections)."""

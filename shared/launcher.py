@@ -133,12 +133,15 @@ class ServiceProcess:
         return code
 
 
-async def ensure_dev_api_key(settings: Settings, env: dict[str, str], processes: list[ServiceProcess]) -> str:
-    """The dev API key, made through the admin service on first start and kept in ``<data>/dev-api-key``."""
+async def ensure_dev_api_key(
+    settings: Settings, env: dict[str, str], processes: list[ServiceProcess]
+) -> tuple[str, bool]:
+    """The dev API key, made through the admin service on first start and kept in ``<data>/dev-api-key``;
+    and whether it was made just now."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     path = settings.data_dir / DEV_KEY_FILE
     if path.exists():
-        return path.read_text().strip()
+        return path.read_text().strip(), False
     address = {p.name: p.address for p in processes}
     launcher = signing_interceptors(
         env["STRATA_INTERNAL_SECRET"].encode(), Caller("dev", frozenset({OPERATOR_SCOPE}), "launcher")
@@ -162,7 +165,7 @@ async def ensure_dev_api_key(settings: Settings, env: dict[str, str], processes:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(made.api_key + "\n")
-    return str(made.api_key)
+    return str(made.api_key), True
 
 
 def _redacted(api_key: str) -> str:
@@ -264,8 +267,7 @@ async def run(settings: Settings) -> None:
                     service.env["STRATA_PITR_DIR"] = str(settings.data_dir / "pitr")
             await service.start()
             supervisors.append(asyncio.create_task(service.supervise()))
-        made_now = not (settings.data_dir / DEV_KEY_FILE).exists()
-        api_key = await ensure_dev_api_key(settings, env, processes)
+        api_key, made_now = await ensure_dev_api_key(settings, env, processes)
         print("Strata is running:", flush=True)
         for service in processes:
             print(f"  {service.label:<8} {service.address}", flush=True)

@@ -554,7 +554,7 @@ async def _create_restore_role(conn: asyncpg.Connection, restorer: _Owner, timeo
         f"NOBYPASSRLS CONNECTION LIMIT 2 PASSWORD '{restorer.password}'",
         timeout=timeout,
     )
-    if not await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"):
+    if not await _is_superuser(conn):
         await conn.execute(f"GRANT {role} TO CURRENT_USER", timeout=timeout)
 
 
@@ -597,7 +597,7 @@ async def _copy_database_settings(conn: asyncpg.Connection, owner: _Owner, datab
             await conn.execute(
                 f'GRANT {grant["privilege_type"]} ON DATABASE "{database}" TO {grantee}{option}'
             )
-    if not await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"):
+    if not await _is_superuser(conn):
         return
     leakproof = (
         "SELECT oid::regprocedure::text FROM pg_proc "
@@ -607,6 +607,10 @@ async def _copy_database_settings(conn: asyncpg.Connection, owner: _Owner, datab
     async with owner.connect(database) as copy:
         for function in sorted(wanted - {r[0] for r in await copy.fetch(leakproof)}):
             await copy.execute(f"ALTER FUNCTION pg_catalog.{function} LEAKPROOF")
+
+
+async def _is_superuser(conn: asyncpg.Connection) -> bool:
+    return bool(await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"))
 
 
 def _quote_ident(name: str) -> str:

@@ -67,14 +67,8 @@ class AdminServicer:
         if errors:
             raise invalid_argument(errors, domain=DOMAIN)
         _own_tenant(caller, request.tenant)
-        if OPERATOR_SCOPE in request.scopes and not caller.is_operator:
-            raise StrataError(
-                grpc.StatusCode.PERMISSION_DENIED,
-                "MISSING_SCOPE",
-                "only an operator may make an operator key",
-                domain=DOMAIN,
-                metadata={"scope": OPERATOR_SCOPE},
-            )
+        if OPERATOR_SCOPE in request.scopes:
+            require_scope(OPERATOR_SCOPE)  # only an operator makes an operator key
         if not await self._keys.tenant_exists(request.tenant, timeout=deadline_timeout(context)):
             raise StrataError(
                 grpc.StatusCode.FAILED_PRECONDITION,
