@@ -11,6 +11,7 @@ from gateway.upstreams import Upstream
 from shared.redisclient import open_redis
 from shared.server import StrataServer, run_service
 from shared.settings import Settings, require_internal_secret
+from shared.tls import internal_channel_credentials
 
 __all__ = ["build_gateway_server", "main"]
 
@@ -18,7 +19,8 @@ __all__ = ["build_gateway_server", "main"]
 async def build_gateway_server(settings: Settings) -> StrataServer:
     """The gateway's server, proxying every routed service to its upstreams."""
     secret = require_internal_secret(settings)
-    server = StrataServer(settings, "gateway", tls=True)
+    server = StrataServer(settings, "gateway", public=True)
+    credentials = internal_channel_credentials(settings)
     upstreams = {
         name: Upstream(
             name,
@@ -26,6 +28,7 @@ async def build_gateway_server(settings: Settings) -> StrataServer:
             settings.max_message_bytes,
             max_streams=settings.gateway_max_streams,
             streams_per_connection=settings.max_concurrent_streams,
+            credentials=credentials,
         )
         for name in ROUTED_SERVICES
     }

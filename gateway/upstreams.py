@@ -31,14 +31,30 @@ _log = logging.getLogger(__name__)
 _BAD_STATES = frozenset({grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN})
 
 
+def _channel(
+    address: str, options: list[tuple[str, int]], credentials: grpc.ChannelCredentials | None
+) -> grpc.aio.Channel:
+    if credentials is None:
+        return grpc.aio.insecure_channel(address, options=options)
+    return grpc.aio.secure_channel(address, credentials, options=options)
+
+
 class _Address:
-    def __init__(self, address: str, options: list[tuple[str, int]], stream_connections: int) -> None:
+    def __init__(
+        self,
+        address: str,
+        options: list[tuple[str, int]],
+        stream_connections: int,
+        credentials: grpc.ChannelCredentials | None,
+    ) -> None:
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=options)
+        self.channel = _channel(address, options, credentials)
         # A local subchannel pool gives each stream channel a connection of its own.
         self.stream_channels = [
-            grpc.aio.insecure_channel(
-                address, options=[*options, ("grpc.use_local_subchannel_pool", 1), ("strata.stream_pool", i)]
+            _channel(
+                address,
+                [*options, ("grpc.use_local_subchannel_pool", 1), ("strata.stream_pool", i)],
+                credentials,
             )
             for i in range(stream_connections)
         ]
@@ -69,9 +85,11 @@ class Upstream:
         *,
         max_streams: int,
         streams_per_connection: int,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         """``max_streams``: the most streams the gateway holds; ``streams_per_connection``: the upstream's
-        HTTP/2 limit per connection (both sizes of the stream connections)."""
+        HTTP/2 limit per connection (both sizes of the stream connections); ``credentials``: the
+        internal hop's TLS (:func:`shared.tls.internal_channel_credentials`), None for plaintext."""
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -79,7 +97,7 @@ class Upstream:
         ]
         self.name = name
         connections = max(1, math.ceil(max_streams / streams_per_connection))
-        self._addresses = [_Address(a, options, connections) for a in addresses]
+        self._addresses = [_Address(a, options, connections, credentials) for a in addresses]
         self._turn = itertools.cycle(range(len(self._addresses)))
         self._task: asyncio.Task[None] | None = None
 

@@ -1,6 +1,11 @@
-"""``python -m shared.healthcheck HOST:PORT [SERVICE]``: exit 0 when grpc.health.v1 says SERVING.
+"""``python -m shared.healthcheck [--gateway] HOST:PORT [SERVICE]``: exit 0 when grpc.health.v1 says SERVING.
 
-For container health checks, which have no grpcurl.
+For container health checks, which have no grpcurl. A service port is called
+as Strata's own processes call it: with the internal certificate when
+``STRATA_INTERNAL_TLS_*`` is set (:mod:`shared.tls`), else plaintext.
+``--gateway`` checks the gateway's public port instead, in plaintext (a
+gateway given ``STRATA_TLS_*`` is checked from where its clients call it,
+with their CA).
 """
 
 from __future__ import annotations
@@ -10,22 +15,36 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from shared.settings import ConfigError, load_settings
+from shared.tls import internal_sync_channel
+
+_USAGE = "usage: python -m shared.healthcheck [--gateway] HOST:PORT [SERVICE]"
+
 
 def main(argv: list[str]) -> int:
-    """Check ``argv[0]`` (and service ``argv[1]``, default the whole server); 0 if SERVING."""
-    if not argv:
-        print("usage: python -m shared.healthcheck HOST:PORT [SERVICE]", file=sys.stderr)
+    """Check ``HOST:PORT`` (and ``SERVICE``, default the whole server); 0 if SERVING, 1 if not, 2: misuse."""
+    gateway = bool(argv) and argv[0] == "--gateway"
+    args = argv[1:] if gateway else argv
+    if not 1 <= len(args) <= 2:
+        print(_USAGE, file=sys.stderr)
         return 2
-    with grpc.insecure_channel(argv[0]) as channel:
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"strata: {exc}", file=sys.stderr)
+        return 2
+    target = args[0]
+    channel = grpc.insecure_channel(target) if gateway else internal_sync_channel(settings, target)
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=argv[1] if len(argv) > 1 else ""), timeout=3
+                health_pb2.HealthCheckRequest(service=args[1] if len(args) > 1 else ""), timeout=3
             )
         except grpc.RpcError as exc:
-            print(f"{argv[0]}: {exc.code().name}", file=sys.stderr)
+            print(f"{target}: {exc.code().name}", file=sys.stderr)
             return 1
     serving = reply.status == health_pb2.HealthCheckResponse.SERVING
-    print(f"{argv[0]}: {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}")
+    print(f"{target}: {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}")
     return 0 if serving else 1
 
 

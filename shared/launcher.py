@@ -30,6 +30,7 @@ from shared.identity import OPERATOR_SCOPE, Caller, signing_interceptors
 from shared.secret_files import stored_secret
 from shared.settings import ConfigError, Settings, load_settings
 from shared.telemetry import configure_logging
+from shared.tls import internal_channel
 
 __all__ = ["SERVICES", "LaunchedStrata", "ServiceProcess", "launch", "main"]
 
@@ -146,7 +147,7 @@ async def ensure_dev_api_key(
     launcher = signing_interceptors(
         env["STRATA_INTERNAL_SECRET"].encode(), Caller("dev", frozenset({OPERATOR_SCOPE}), "launcher")
     )
-    async with grpc.aio.insecure_channel(address["tenants"], interceptors=launcher) as channel:
+    async with internal_channel(settings, address["tenants"], interceptors=launcher) as channel:
         try:
             await tenants_pb2_grpc.TenantServiceStub(channel).CreateTenant(
                 tenants_pb2.CreateTenantRequest(
@@ -157,7 +158,7 @@ async def ensure_dev_api_key(
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
                 raise
-    async with grpc.aio.insecure_channel(address["admin"], interceptors=launcher) as channel:
+    async with internal_channel(settings, address["admin"], interceptors=launcher) as channel:
         made = await admin_pb2_grpc.AdminServiceStub(channel).CreateApiKey(
             admin_pb2.CreateApiKeyRequest(tenant="dev", name="dev key (make run)", scopes=[OPERATOR_SCOPE]),
             timeout=10,

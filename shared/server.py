@@ -44,6 +44,7 @@ from shared.telemetry import (
     shutdown_telemetry,
     tracing_on,
 )
+from shared.tls import internal_server_credentials, public_server_credentials
 from shared.wireformat import invalid_utf8_field
 
 __all__ = ["CallGate", "ShutdownHook", "StrataServer", "run_service"]
@@ -68,10 +69,10 @@ class StrataServer:
         await server.serve(settings.kv_port)
     """
 
-    def __init__(self, settings: Settings, name: str, *, tls: bool = False) -> None:
+    def __init__(self, settings: Settings, name: str, *, public: bool = False) -> None:
         self._settings = settings
         self.name = name
-        self._tls = tls
+        self._public = public
         limit = settings.max_message_bytes
         # The process's own figures (pool, cache, calls in flight): published
         # to Redis for admin and exported to Prometheus when a port is set.
@@ -190,7 +191,11 @@ class StrataServer:
         """Bind ``host:port`` (0 picks a free port), start serving, return the port."""
         add_reflection(self._server, self._service_names)
         address = f"{self._settings.host}:{port}"
-        credentials = _server_credentials(self._settings) if self._tls else None
+        credentials = (
+            public_server_credentials(self._settings)
+            if self._public
+            else internal_server_credentials(self._settings)
+        )
         if credentials is None:
             self.port = self._server.add_insecure_port(address)
         else:
@@ -240,21 +245,6 @@ class StrataServer:
         await self._server.stop(0.5)
         await _run_hooks(self._closers)
         _log.info("stopped", extra={"service": self.name, "drained": drained})
-
-
-def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
-    """TLS from the STRATA_TLS_* files; mutual TLS when a client CA is given. None: plaintext."""
-    if not settings.tls_cert_file:
-        return None
-    with open(settings.tls_key_file, "rb") as key, open(settings.tls_cert_file, "rb") as cert:
-        pair = (key.read(), cert.read())
-    client_ca = None
-    if settings.tls_client_ca_file:
-        with open(settings.tls_client_ca_file, "rb") as ca:
-            client_ca = ca.read()
-    return grpc.ssl_server_credentials(
-        [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
-    )
 
 
 class _Admission:

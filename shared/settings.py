@@ -102,6 +102,10 @@ class Settings:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_client_ca_file: str = ""
+    # The internal hop's mutual TLS (shared.tls): all three, or none for plaintext.
+    internal_tls_ca_file: str = ""
+    internal_tls_cert_file: str = ""
+    internal_tls_key_file: str = ""
     restore_max_bytes: int = 10 * 1024**3
 
     @property
@@ -270,6 +274,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             tls_cert_file=reader.existing_file("STRATA_TLS_CERT_FILE"),
             tls_key_file=reader.existing_file("STRATA_TLS_KEY_FILE"),
             tls_client_ca_file=reader.existing_file("STRATA_TLS_CLIENT_CA_FILE"),
+            internal_tls_ca_file=reader.existing_file("STRATA_INTERNAL_TLS_CA_FILE"),
+            internal_tls_cert_file=reader.existing_file("STRATA_INTERNAL_TLS_CERT_FILE"),
+            internal_tls_key_file=reader.existing_file("STRATA_INTERNAL_TLS_KEY_FILE"),
             restore_max_bytes=reader.integer(
                 "STRATA_RESTORE_MAX_BYTES", defaults.restore_max_bytes, 1, 1 << 50
             ),
@@ -285,11 +292,20 @@ READ_STRATEGIES = ("round_robin", "least_in_flight", "lowest_latency")
 
 
 def _check_tls(settings: Settings) -> Settings:
-    """TLS needs both cert and key; a client CA needs TLS. Half a setting is an error, not plaintext."""
+    """TLS needs both cert and key; a client CA needs TLS; internal TLS needs its three files.
+    Half a setting is an error, not plaintext."""
     if bool(settings.tls_cert_file) != bool(settings.tls_key_file):
         raise ConfigError("set both STRATA_TLS_CERT_FILE and STRATA_TLS_KEY_FILE, or neither")
     if settings.tls_client_ca_file and not settings.tls_cert_file:
         raise ConfigError("STRATA_TLS_CLIENT_CA_FILE needs STRATA_TLS_CERT_FILE and STRATA_TLS_KEY_FILE")
+    internal = {
+        "STRATA_INTERNAL_TLS_CA_FILE": settings.internal_tls_ca_file,
+        "STRATA_INTERNAL_TLS_CERT_FILE": settings.internal_tls_cert_file,
+        "STRATA_INTERNAL_TLS_KEY_FILE": settings.internal_tls_key_file,
+    }
+    missing = [name for name, value in internal.items() if not value]
+    if missing and len(missing) < len(internal):
+        raise ConfigError(f"internal TLS needs all of {', '.join(internal)}: {', '.join(missing)} not set")
     return settings
 
 

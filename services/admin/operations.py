@@ -37,6 +37,7 @@ from shared.settings import Settings
 from shared.slowlog import read_slow_queries
 from shared.stats import ProcessSnapshot, read_process_stats
 from shared.timestamps import to_timestamp
+from shared.tls import internal_channel
 
 __all__ = ["COMPONENTS", "Operations"]
 
@@ -139,7 +140,14 @@ class Operations:
     async def _check_component(self, component: str, address: str) -> admin_pb2.ComponentHealth:
         health = admin_pb2.ComponentHealth(component=component, address=address)
         started = time.perf_counter()
-        async with grpc.aio.insecure_channel(address) as channel:
+        # A service is called over the internal hop; the gateway's port is its public face, and
+        # is checked as clients call it here (plaintext).
+        channel = (
+            grpc.aio.insecure_channel(address)
+            if component == "gateway"
+            else internal_channel(self._settings, address)
+        )
+        async with channel:
             try:
                 reply = await health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(), timeout=_CHECK_TIMEOUT_S

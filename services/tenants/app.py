@@ -10,7 +10,7 @@ from services.tenants.registry import TenantServicer
 from shared.cache import RevisionedCache
 from shared.db import Database
 from shared.server import StrataServer, run_service
-from shared.settings import Settings, require_internal_secret
+from shared.settings import Settings
 
 __all__ = ["build_tenants_server", "main"]
 
@@ -22,13 +22,7 @@ async def build_tenants_server(settings: Settings) -> StrataServer:
     """A ready-to-start tenants server on ``settings``' database."""
     db = await Database.for_service(settings, "tenants")
     cache = RevisionedCache.for_service(settings, "records")
-    purge = TenantPurge(
-        db,
-        cache,
-        settings.upstreams_of("kv")[0],
-        settings.upstreams_of("admin")[0],
-        require_internal_secret(settings),
-    )
+    purge = TenantPurge(db, cache, settings)
     server = StrataServer(settings, "tenants")
     server.report("pool", db.pool_stats)
     server.report("cache", cache.snapshot)

@@ -29,6 +29,8 @@ from services.tenants.names import record_cache_key
 from shared.cache import CacheEntry, RevisionedCache
 from shared.db import Database
 from shared.identity import INTERNAL_SCOPE, OPERATOR_SCOPE, Caller, signing_interceptors
+from shared.settings import Settings, require_internal_secret
+from shared.tls import internal_channel
 
 __all__ = ["PurgedRows", "TenantPurge"]
 
@@ -43,14 +45,18 @@ class PurgedRows(NamedTuple):
 class TenantPurge:
     """Counts and removes a tenant's records, KV keys and API keys."""
 
-    def __init__(
-        self, db: Database, cache: RevisionedCache, kv_address: str, admin_address: str, secret: bytes
-    ) -> None:
+    def __init__(self, db: Database, cache: RevisionedCache, settings: Settings) -> None:
+        """Calls kv and admin at their first upstream address, as ``settings`` say."""
         self._db = db
         self._cache = cache
+        secret = require_internal_secret(settings)
         # Each channel signs its calls for the request sent, with the one scope its calls need.
-        self._kv = grpc.aio.insecure_channel(kv_address, interceptors=_signing(secret, INTERNAL_SCOPE))
-        self._admin = grpc.aio.insecure_channel(admin_address, interceptors=_signing(secret, OPERATOR_SCOPE))
+        self._kv = internal_channel(
+            settings, settings.upstreams_of("kv")[0], interceptors=_signing(secret, INTERNAL_SCOPE)
+        )
+        self._admin = internal_channel(
+            settings, settings.upstreams_of("admin")[0], interceptors=_signing(secret, OPERATOR_SCOPE)
+        )
 
     async def close(self) -> None:
         await self._kv.close()

@@ -9,7 +9,6 @@ those files.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import ipaddress
 import subprocess
 import sys
@@ -21,9 +20,7 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 
@@ -31,6 +28,7 @@ from shared.ports import free_port
 from tests.conftest import PROJECT_ROOT
 from tests.e2e.conftest import bearer
 from tests.helpers import error_info
+from tests.pki import Authority, write_cert, write_key
 from tests.stack import Stack, start_gateway, stop_process
 
 pytestmark = pytest.mark.e2e
@@ -40,102 +38,6 @@ CALL_TIMEOUT_S = 10.0
 
 
 # -- certificates ------------------------------------------------------------------
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Strata tests"),
-            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-        ]
-    )
-
-
-def _key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _builder(
-    subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey
-) -> x509.CertificateBuilder:
-    now = datetime.datetime.now(datetime.UTC)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-    )
-
-
-@dataclass(frozen=True)
-class Authority:
-    """A CA: its key and self-signed certificate."""
-
-    key: ec.EllipticCurvePrivateKey
-    cert: x509.Certificate
-
-    @classmethod
-    def create(cls, common_name: str) -> Authority:
-        key = _key()
-        name = _name(common_name)
-        cert = (
-            _builder(name, name, key.public_key())
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .sign(key, hashes.SHA256())
-        )
-        return cls(key, cert)
-
-    def issue(
-        self, common_name: str, usage: x509.ObjectIdentifier, san: list[x509.GeneralName] | None = None
-    ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-        """A leaf key and certificate signed by this CA, for ``usage`` (server or client auth)."""
-        key = _key()
-        builder = (
-            _builder(_name(common_name), self.cert.subject, key.public_key())
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False
-            )
-        )
-        if san:
-            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
-        return key, builder.sign(self.key, hashes.SHA256())
-
-
-def _write_cert(path: Path, cert: x509.Certificate) -> Path:
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return path
-
-
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> Path:
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    path.chmod(0o600)
-    return path
 
 
 @dataclass(frozen=True)
@@ -165,14 +67,14 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     other = Authority.create("Unrelated CA")
     other_key, other_cert = other.issue("strata-test-client", ExtendedKeyUsageOID.CLIENT_AUTH)
     return Pki(
-        ca=_write_cert(folder / "ca.crt", ca.cert),
-        server_cert=_write_cert(folder / "server.crt", server_cert),
-        server_key=_write_key(folder / "server.key", server_key),
-        client_cert=_write_cert(folder / "client.crt", client_cert),
-        client_key=_write_key(folder / "client.key", client_key),
-        other_ca=_write_cert(folder / "other-ca.crt", other.cert),
-        other_client_cert=_write_cert(folder / "other-client.crt", other_cert),
-        other_client_key=_write_key(folder / "other-client.key", other_key),
+        ca=write_cert(folder / "ca.crt", ca.cert),
+        server_cert=write_cert(folder / "server.crt", server_cert),
+        server_key=write_key(folder / "server.key", server_key),
+        client_cert=write_cert(folder / "client.crt", client_cert),
+        client_key=write_key(folder / "client.key", client_key),
+        other_ca=write_cert(folder / "other-ca.crt", other.cert),
+        other_client_cert=write_cert(folder / "other-client.crt", other_cert),
+        other_client_key=write_key(folder / "other-client.key", other_key),
     )
 
 

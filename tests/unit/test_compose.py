@@ -159,3 +159,41 @@ def test_the_replica_streams_from_the_primary_and_the_services_read_from_it():
         assert "@postgres-replica:5432/strata" in reads
         # The replica is a copy: the same service role and password as the primary's URL.
         assert reads.replace("postgres-replica", "postgres") == env_of(name)["DATABASE_URL"]
+
+
+INTERNAL_TLS = {
+    "STRATA_INTERNAL_TLS_CA_FILE": "internal_ca",
+    "STRATA_INTERNAL_TLS_CERT_FILE": "internal_cert",
+    "STRATA_INTERNAL_TLS_KEY_FILE": "internal_key",
+}
+
+
+def test_every_strata_process_speaks_mutual_tls_on_the_internal_hop():
+    for name, spec in STRATA.items():
+        env = env_of(name)
+        for variable, secret in INTERNAL_TLS.items():
+            assert env[variable] == f"/run/secrets/{secret}", (name, variable)
+            assert secret in spec["secrets"], (name, secret)
+    # The files are made by the script, kept out of git; compose refuses to start without them.
+    for secret in INTERNAL_TLS.values():
+        path = COMPOSE["secrets"][secret]["file"]
+        assert path.startswith("./deploy/certs/"), path
+    assert "deploy/certs/" in (ROOT / ".gitignore").read_text().split()
+
+
+def test_the_internal_certificate_names_every_host_the_processes_call():
+    script = (ROOT / "deploy" / "internal-certs.sh").read_text()
+    names = set(re.findall(r"DNS:([a-z]+)", script))
+    for name in STRATA:
+        for variable, value in env_of(name).items():
+            if variable.endswith("_UPSTREAMS"):
+                for address in value.split(","):
+                    host = address.rsplit(":", 1)[0]
+                    assert host in names or host == "127.0.0.1", (name, variable, host)
+
+
+def test_health_checks_call_services_with_the_internal_certificate_and_the_gateway_as_clients_do():
+    for name in SERVICES:
+        test = STRATA[name]["healthcheck"]["test"]
+        assert test[:4] == ["CMD", "python", "-m", "shared.healthcheck"], name
+        assert ("--gateway" in test) == (name == "gateway"), name
