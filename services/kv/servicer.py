@@ -25,6 +25,7 @@ from services.kv.keyspace import (
 )
 from services.kv.revisions import FeedClosed, RevisionFeed
 from services.kv.store import Change, DeleteResult, KvStore, PutItem, WriteResult, entry_to_kv
+from shared.answers import answer_budget, too_large
 from shared.cache import CacheEntry, RevisionedCache
 from shared.db import deadline_timeout
 from shared.errors import FieldViolation, StrataError, not_found
@@ -122,12 +123,23 @@ class KvServicer:
         # The last key of the page before (page_cursor refuses anything else); None on the first page.
         after = page_cursor(request.page_token, query, "", domain=DOMAIN) if request.page_token else None
         timeout = deadline_timeout(context)
-        rows = await self._store.list_page(
-            tenant, namespace, keys, after, page_size + 1, keys_only=request.keys_only, timeout=timeout
+        budget = answer_budget(self._limits.max_message_bytes)
+        rows, cut = await self._store.list_page(
+            tenant,
+            namespace,
+            keys,
+            after,
+            page_size + 1,
+            keys_only=request.keys_only,
+            budget=budget,
+            timeout=timeout,
         )
+        if cut and not rows:
+            raise too_large(budget, "page_size", DOMAIN, "one value is larger than the message limit")
+        # A page ends at page_size entries, or earlier where its values would pass the message limit.
         kvs = [entry_to_kv(namespace, row) for row in rows[:page_size]]
         response = kv_pb2.ListResponse(kvs=kvs)
-        if len(rows) > page_size:
+        if cut or len(rows) > page_size:
             response.next_page_token = encode_page_token(query, kvs[-1].key)
         if request.include_count:
             response.total_count = await self._store.count(tenant, namespace, keys, timeout=timeout)

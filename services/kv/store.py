@@ -18,6 +18,7 @@ import asyncpg
 from strata.kv.v1 import kv_pb2
 
 from services.kv.keyspace import KeyRange
+from shared.answers import ROW_OVERHEAD_BYTES, cut_by_bytes, split_at_budget
 from shared.consistency import note_commit
 from shared.db import Database
 from shared.groupcommit import GroupCommit
@@ -276,11 +277,19 @@ class KvStore:
         limit: int,
         *,
         keys_only: bool,
+        budget: int,
         timeout: float,
-    ) -> list[asyncpg.Record]:
-        """Up to ``limit`` live entries of ``keys`` after the key ``after``, in key order."""
+    ) -> tuple[list[asyncpg.Record], bool]:
+        """Up to ``limit`` live entries of ``keys`` after the key ``after``, in key order, and whether
+        the page was cut short because its keys and values would pass ``budget`` bytes
+        (:func:`shared.answers.cut_by_bytes`: Postgres counts; what is past the budget is not sent)."""
         value = "NULL::bytea AS value" if keys_only else "value"
         columns = _ENTRY_COLUMNS.replace("value", value, 1)
+        # Each entry of the answer repeats the namespace; content types are short but unbounded in SQL.
+        overhead = ROW_OVERHEAD_BYTES + len(namespace.encode())
+        size = "octet_length(key) + octet_length(content_type)"
+        if not keys_only:
+            size += " + octet_length(value)"
         conditions = ["tenant = $1", "namespace = $2", "key >= $3", _LIVE]
         args: list[object] = [tenant, namespace, keys.start]
         if keys.end is not None:
@@ -289,12 +298,15 @@ class KvStore:
         if after is not None:
             args.append(after)
             conditions.append(f"key > ${len(args)}")
-        args.append(limit)
-        sql = (
-            f"SELECT {columns} FROM kv.entries WHERE {' AND '.join(conditions)} "
-            f"ORDER BY key LIMIT ${len(args)}"
+        args += [limit, budget]
+        page = (
+            f"SELECT {columns}, {size} + {overhead} AS answer_bytes FROM kv.entries "
+            f"WHERE {' AND '.join(conditions)} ORDER BY key LIMIT ${len(args) - 1}"
         )
-        return await self._db.read_replica(lambda db: db.fetch(sql, *args, timeout=timeout))
+        sql = cut_by_bytes(page, "key", f"${len(args)}")
+        rows = await self._db.read_replica(lambda db: db.fetch(sql, *args, timeout=timeout))
+        fit, past = split_at_budget(rows, budget)
+        return fit, past is not None
 
     async def count(self, tenant: str, namespace: str, keys: KeyRange, *, timeout: float) -> int:
         """How many live keys ``keys`` holds."""

@@ -27,7 +27,7 @@ async def build_tenants_server(settings: Settings) -> StrataServer:
     server.report("pool", db.pool_stats)
     server.report("cache", cache.snapshot)
     server.add_servicer(TenantServicer(db, purge), TENANT_SERVICE)
-    server.add_servicer(RecordServicer(db, cache), RECORD_SERVICE)
+    server.add_servicer(RecordServicer(db, cache, settings.max_message_bytes), RECORD_SERVICE)
     server.after_drain(purge.close)
     server.after_drain(cache.close)
     server.after_drain(db.close)

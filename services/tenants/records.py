@@ -20,6 +20,7 @@ from google.protobuf import json_format, struct_pb2
 from strata.tenants.v1 import tenants_pb2
 
 from services.tenants.names import COLLECTION_RE, DOMAIN, record_cache_key
+from shared.answers import ROW_OVERHEAD_BYTES, answer_budget, cut_by_bytes, split_at_budget, too_large
 from shared.cache import CacheEntry, RevisionedCache
 from shared.db import Database, deadline_timeout
 from shared.documents import document_json, holds_nul
@@ -37,6 +38,8 @@ _ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 _MAX_DATA = 1024 * 1024
 _MAX_BATCH = 1000
 _COLUMNS = "collection, id, data, revision, created_at, updated_at, cache_version"
+# The same, with the document as the text ListRecords also counts (see ListRecords).
+_LISTED_COLUMNS = "collection, id, doc.rendered AS data, revision, created_at, updated_at, cache_version"
 _TIME_ORDERS = {"create_time": "created_at", "update_time": "updated_at"}
 # An etag this API issues (see record_etag); before per-incarnation etags it was r<revision>.
 _ETAG_RE = re.compile(r"r(\d{1,18})(?:-(\d{1,18}))?")
@@ -84,9 +87,11 @@ class RecordServicer:
     never bring back an older record.
     """
 
-    def __init__(self, db: Database, cache: RevisionedCache) -> None:
+    def __init__(self, db: Database, cache: RevisionedCache, max_message_bytes: int) -> None:
+        """``max_message_bytes``: the largest answer sent (STRATA_MAX_MESSAGE_BYTES)."""
         self._db = db
         self._cache = cache
+        self._max_message_bytes = max_message_bytes
 
     async def CreateRecord(
         self, request: tenants_pb2.CreateRecordRequest, context: Context
@@ -305,17 +310,25 @@ class RecordServicer:
             conditions.append(_after(cursor, sort, kind, request.descending, params))
         direction = "DESC" if request.descending else "ASC"
         limit = params.add(size + 1)
+        budget = answer_budget(self._max_message_bytes)
+        budget_param = params.add(budget)
+        overhead = ROW_OVERHEAD_BYTES + len(request.collection.encode())
         timeout = deadline_timeout(context)
 
         async def page(db: Database) -> tuple[list[asyncpg.Record], int]:
             # A read a streaming replica may serve (see Database.read_replica).
             async with db.tenant_transaction(tenant, timeout=timeout, read_only=True) as conn:
-                rows = await conn.fetch(
-                    f"SELECT {_COLUMNS}, {sort} AS sort_key FROM tenants.records "
+                # The document is rendered once, as the text the answer carries and counts.
+                listed = (
+                    f"SELECT {_LISTED_COLUMNS}, {sort} AS sort_key, "
+                    f"octet_length(doc.rendered) + octet_length(id) + {overhead} AS answer_bytes "
+                    "FROM tenants.records, LATERAL (SELECT data::text AS rendered) doc "
                     f"WHERE {' AND '.join(conditions)} "
-                    f"ORDER BY {sort} {direction} NULLS LAST, id {direction} LIMIT {limit}",
-                    *params.values,
-                    timeout=timeout,
+                    f"ORDER BY {sort} {direction} NULLS LAST, id {direction} LIMIT {limit}"
+                )
+                order = f"sort_key {direction} NULLS LAST, id {direction}"
+                rows = await conn.fetch(
+                    cut_by_bytes(listed, order, budget_param), *params.values, timeout=timeout
                 )
                 total = 0
                 if request.include_total_size:
@@ -336,11 +349,16 @@ class RecordServicer:
             return rows, total
 
         rows, total = await self._db.read_replica(page)
+        rows, past = split_at_budget(rows, budget)
+        cut = past is not None
+        if cut and not rows:
+            raise too_large(budget, "page_size", DOMAIN, "one record is larger than the message limit")
+        # A page ends at page_size records, or earlier where they would pass the message limit.
         response = tenants_pb2.ListRecordsResponse(
             records=[row_to_record(r) for r in rows[:size]], total_size=int(total)
         )
-        if len(rows) > size:
-            last = rows[size - 1]
+        if cut or len(rows) > size:
+            last = rows[:size][-1]
             response.next_page_token = encode_page_token(
                 query, [_cursor_value(last["sort_key"], kind), last["id"]]
             )

@@ -20,9 +20,10 @@ import asyncpg
 import grpc
 from strata.vector.v1 import vector_pb2
 
+from shared.answers import ROW_OVERHEAD_BYTES, answer_budget, cut_by_bytes, split_at_budget, too_large
 from shared.db import Database, deadline_timeout
 from shared.documents import document_json
-from shared.errors import FieldViolation, StrataError, already_exists, invalid_argument, not_found
+from shared.errors import FieldViolation, already_exists, invalid_argument, not_found
 from shared.filters import SqlParams, compile_filter
 from shared.identity import require_scope
 from shared.pagetoken import encode_page_token, page_cursor, page_size
@@ -112,13 +113,18 @@ def _point(row: asyncpg.Record, with_vectors: bool, with_payload: bool) -> vecto
     return point
 
 
-def _columns(with_vectors: bool, with_payload: bool) -> str:
-    columns = ["id"]
+def _columns(with_vectors: bool, with_payload: bool, dimension: int, table: str = "") -> str:
+    """The columns a point read selects, and ``answer_bytes``: what the point adds to the answer
+    (:mod:`shared.answers`), with the payload counted as the JSON text it is sent as."""
+    columns = [f"{table}id"]
+    size = f"octet_length({table}id) + {ROW_OVERHEAD_BYTES}"
     if with_vectors:
-        columns.append("embedding::text AS embedding")
+        columns.append(f"{table}embedding::text AS embedding")
+        size += f" + {4 * dimension + 8}"
     if with_payload:
-        columns += ["payload", "text"]
-    return ", ".join(columns)
+        columns += [f"{table}payload", f"{table}text"]
+        size += f" + octet_length({table}payload::text) + octet_length({table}text)"
+    return ", ".join([*columns, f"{size} AS answer_bytes"])
 
 
 class VectorServicer:
@@ -316,13 +322,22 @@ class VectorServicer:
             collection = await self._collection(conn, request.collection, timeout)
             least = _least_bytes(len(set(request.ids)), collection.dimension, request.with_vectors)
             _refuse_over(least, self._max_response, "ids", "ask fewer ids, or leave with_vectors off")
+            columns = _columns(request.with_vectors, request.with_payload, collection.dimension)
+            budget = answer_budget(self._max_response)
             rows = await conn.fetch(
-                f"SELECT {_columns(request.with_vectors, request.with_payload)} FROM vector.points "
-                "WHERE collection_id = $1 AND id = ANY($2::text[])",
+                cut_by_bytes(
+                    f"SELECT {columns} FROM vector.points WHERE collection_id = $1 AND id = ANY($2::text[])",
+                    "id",
+                    "$3",
+                ),
                 collection.id,
                 list(request.ids),
+                budget,
                 timeout=timeout,
             )
+        rows, past = split_at_budget(rows, budget)
+        if past is not None:
+            raise too_large(budget, "ids", DOMAIN, "ask fewer ids, or leave with_payload off")
         found = {r["id"]: r for r in rows}
         ids = list(dict.fromkeys(request.ids))
         return vector_pb2.GetPointsResponse(
@@ -389,6 +404,7 @@ class VectorServicer:
         ]
         after = page_cursor(request.page_token, query, "", domain=DOMAIN)
         timeout = deadline_timeout(context)
+        budget = answer_budget(self._max_response)
 
         async def page(db: Database) -> list[asyncpg.Record]:
             async with db.tenant_transaction(tenant, timeout=timeout, read_only=True) as conn:
@@ -401,21 +417,26 @@ class VectorServicer:
                 collection_id = params.add(collection.id)
                 wanted = request.filter if request.HasField("filter") else None
                 where = compile_filter(wanted, "payload", params, domain=DOMAIN)
-                found: list[asyncpg.Record] = await conn.fetch(
-                    f"SELECT {_columns(request.with_vectors, request.with_payload)} FROM vector.points "
+                columns = _columns(request.with_vectors, request.with_payload, collection.dimension)
+                scrolled = (
+                    f"SELECT {columns} FROM vector.points "
                     f"WHERE collection_id = {collection_id} AND id > {params.add(str(after))} AND {where} "
-                    f"ORDER BY id LIMIT {params.add(size + 1)}",
-                    *params.values,
-                    timeout=timeout,
+                    f"ORDER BY id LIMIT {params.add(size + 1)}"
+                )
+                found: list[asyncpg.Record] = await conn.fetch(
+                    cut_by_bytes(scrolled, "id", params.add(budget)), *params.values, timeout=timeout
                 )
             return found
 
-        rows = await self._db.read_replica(page)
+        rows, past = split_at_budget(await self._db.read_replica(page), budget)
+        if past is not None and not rows:
+            raise too_large(budget, "page_size", DOMAIN, "one point is larger than the message limit")
+        # A page ends at page_size points, or earlier where they would pass the message limit.
         response = vector_pb2.ScrollPointsResponse(
             points=[_point(r, request.with_vectors, request.with_payload) for r in rows[:size]]
         )
-        if len(rows) > size:
-            response.next_page_token = encode_page_token(query, rows[size - 1]["id"])
+        if past is not None or len(rows) > size:
+            response.next_page_token = encode_page_token(query, rows[:size][-1]["id"])
         return response
 
     # -- search ------------------------------------------------------------
@@ -433,7 +454,9 @@ class VectorServicer:
         async def search(db: Database) -> vector_pb2.SearchResponse:
             transaction = db.tenant_transaction(tenant, timeout=timeout, settings=settings, read_only=True)
             async with transaction as conn:
-                return await self._search(conn, tenant, request, "", timeout, planned=known)
+                return await self._search(
+                    conn, tenant, request, "", timeout, answer_budget(self._max_response), planned=known
+                )
 
         return await self._db.read_replica(search)
 
@@ -451,14 +474,14 @@ class VectorServicer:
 
         async def searches(db: Database) -> list[vector_pb2.SearchResponse]:
             results: list[vector_pb2.SearchResponse] = []
-            size = 0
+            budget = answer_budget(self._max_response)
             async with db.tenant_transaction(tenant, timeout=timeout, read_only=True) as conn:
                 for i, search in enumerate(request.searches):
-                    results.append(await self._search(conn, tenant, search, f"searches[{i}].", timeout))
-                    # Payloads and texts are known only once read: stop at the first search past the limit.
-                    size += results[-1].ByteSize() + 8
-                    if size > self._max_response:
-                        raise _too_large(size, self._max_response, f"searches[{i}]")
+                    # Each search may take what the ones before it left of the answer.
+                    results.append(
+                        await self._search(conn, tenant, search, f"searches[{i}].", timeout, budget)
+                    )
+                    budget -= results[-1].ByteSize() + 8
             return results
 
         return vector_pb2.SearchBatchResponse(results=await self._db.read_replica(searches))
@@ -479,6 +502,7 @@ class VectorServicer:
             errors.append(FieldViolation("rrf_k", "must be between 1 and 10000"))
         _raise(errors)
         timeout = deadline_timeout(context)
+        budget = answer_budget(self._max_response)
 
         async def fused(db: Database) -> list[asyncpg.Record]:
             async with db.tenant_transaction(tenant, timeout=timeout, read_only=True) as conn:
@@ -492,7 +516,12 @@ class VectorServicer:
                 query = params.add(vector)
                 distance = collection.distance(query)
                 text = params.add(request.text)
-                columns = ", p.payload, p.text" if request.with_payload else ""
+                columns = _columns(False, request.with_payload, collection.dimension, "p.")
+                answer = (
+                    f"SELECT {columns}, f.score, coalesce(f.distance, 0) AS distance FROM fused f "
+                    f"JOIN vector.points p ON p.collection_id = {collection_id} AND p.id = f.id "
+                    f"ORDER BY f.score DESC, f.id LIMIT {params.add(limit)}"
+                )
                 plan = _planner(collection.index_kind == _NO_INDEX, max(candidates, 100), 10)
                 await _plan_search(conn, plan, timeout)
                 found: list[asyncpg.Record] = await conn.fetch(
@@ -515,16 +544,16 @@ class VectorServicer:
                         SELECT id, sum(1.0 / ({params.add(k)} + rank)) AS score, min(distance) AS distance
                         FROM ranked GROUP BY id
                     )
-                    SELECT f.id, f.score, coalesce(f.distance, 0) AS distance{columns}
-                    FROM fused f JOIN vector.points p ON p.collection_id = {collection_id} AND p.id = f.id
-                    ORDER BY f.score DESC, f.id LIMIT {params.add(limit)}
+                    {cut_by_bytes(answer, "score DESC, id", params.add(budget))}
                     """,
                     *params.values,
                     timeout=timeout,
                 )
             return found
 
-        rows = await self._db.read_replica(fused)
+        rows, past = split_at_budget(await self._db.read_replica(fused), budget)
+        if past is not None:
+            raise too_large(budget, "limit", DOMAIN, "ask fewer results or leave with_payload off")
         hits = []
         for row in rows:
             hit = vector_pb2.ScoredPoint(
@@ -543,9 +572,11 @@ class VectorServicer:
         request: vector_pb2.SearchRequest,
         prefix: str,
         timeout: float,
+        budget: int,
         planned: _Collection | None = None,
     ) -> vector_pb2.SearchResponse:
-        """One checked search in ``conn``'s tenant transaction.
+        """One checked search in ``conn``'s tenant transaction, whose hits may take ``budget`` bytes
+        (RESOURCE_EXHAUSTED ``RESPONSE_TOO_LARGE`` past them, before their payloads are read).
 
         ``planned``: the collection as remembered, whose plan settings the
         transaction already carries. The query itself confirms it still
@@ -556,18 +587,33 @@ class VectorServicer:
         if collection is None:
             collection = await self._remembered(conn, tenant, request.collection, timeout, prefix)
             await _plan_search(conn, _plan_settings(collection, request), timeout)
-        rows = await self._nearest(conn, request, collection, prefix, timeout)
+        rows = await self._nearest(conn, request, collection, prefix, timeout, budget)
         if not rows and planned is not None:
             current = await self._remembered(conn, tenant, request.collection, timeout, prefix)
             if current != planned:
                 await _plan_search(conn, _plan_settings(current, request), timeout)
                 collection = current
-                rows = await self._nearest(conn, request, collection, prefix, timeout)
+                rows = await self._nearest(conn, request, collection, prefix, timeout, budget)
+
+        def wanted(row: asyncpg.Record) -> bool:
+            score = collection.score(float(row["distance"]))
+            return not request.HasField("score_threshold") or score >= request.score_threshold
+
+        rows, past = split_at_budget(rows, budget)
+        # Hits come nearest first and a score falls with the distance: a point past the budget
+        # that misses the threshold means every later one does too, and the answer is whole.
+        if past is not None and wanted(past):
+            raise too_large(
+                budget,
+                f"{prefix}limit" if prefix else "limit",
+                DOMAIN,
+                "ask fewer results or leave with_payload off",
+            )
         hits = []
         for row in rows:
-            score = collection.score(float(row["distance"]))
-            if request.HasField("score_threshold") and score < request.score_threshold:
+            if not wanted(row):
                 continue
+            score = collection.score(float(row["distance"]))
             point = _point(row, request.with_vectors, request.with_payload)
             hits.append(
                 vector_pb2.ScoredPoint(
@@ -588,7 +634,9 @@ class VectorServicer:
         collection: _Collection,
         prefix: str,
         timeout: float,
+        budget: int,
     ) -> list[asyncpg.Record]:
+        """The nearest points, nearest first, cut where they would pass ``budget`` bytes (cut_by_bytes)."""
         errors: list[FieldViolation] = []
         vector = _vector_text(request.vector, collection, f"{prefix}vector", errors)
         _raise(errors)
@@ -606,7 +654,7 @@ class VectorServicer:
         # "+ 0" hides the distance from the planner's index matching: an exact
         # search scans the collection's rows (through the primary key) and sorts them.
         order = f"{distance} + 0" if exact else distance
-        columns = _columns(request.with_vectors, request.with_payload)
+        columns = _columns(request.with_vectors, request.with_payload, collection.dimension)
         # The EXISTS is evaluated once (an init plan): nothing is returned if the
         # collection was dropped or its index rebuilt as another kind meanwhile.
         # relaxed_order iterative scans may return near-ties out of order: sort the few hits again.
@@ -617,7 +665,7 @@ class VectorServicer:
             f"AND EXISTS (SELECT FROM vector.collections WHERE id = {collection_id} "
             f"AND index_kind = {params.add(collection.index_kind)}) "
             f"ORDER BY {order} LIMIT {params.add(_limit_of(request.limit))}"
-            f") SELECT * FROM hits ORDER BY distance, id",
+            f") {cut_by_bytes('SELECT * FROM hits', 'distance, id', params.add(budget))}",
             *params.values,
             timeout=timeout,
         )
@@ -738,17 +786,6 @@ def _refuse_over(least: int, budget: int, field: str, remedy: str) -> None:
             ],
             domain=DOMAIN,
         )
-
-
-def _too_large(size: int, budget: int, field: str) -> StrataError:
-    return StrataError(
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        "RESPONSE_TOO_LARGE",
-        f"the answer passed the {budget}-byte message limit at {field} ({size} bytes so far); "
-        "ask fewer results or leave with_payload off",
-        domain=DOMAIN,
-        metadata={"field": field, "limit": str(budget)},
-    )
 
 
 def _check_search(request: vector_pb2.SearchRequest, prefix: str) -> None:

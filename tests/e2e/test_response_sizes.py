@@ -18,6 +18,7 @@ import grpc
 import pytest
 from google.protobuf import struct_pb2
 from strata.kv.v1 import kv_pb2, kv_pb2_grpc
+from strata.tenants.v1 import tenants_pb2, tenants_pb2_grpc
 from strata.vector.v1 import vector_pb2, vector_pb2_grpc
 
 from tests.e2e.conftest import bearer
@@ -135,7 +136,7 @@ async def test_a_search_batch_stops_at_the_first_search_its_payloads_push_past_t
         assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         info = error_info(exc)
         assert info.reason == "RESPONSE_TOO_LARGE"
-        assert info.metadata["field"] == "searches[1]"  # stopped there, not after all ten
+        assert info.metadata["field"] == "searches[1].limit"  # stopped there, not after all ten
 
 
 async def test_watchers_get_values_larger_together_than_one_message_in_several(large_channel, admin_metadata):
@@ -204,3 +205,177 @@ async def test_point_reads_whose_vectors_cannot_fit_are_refused_from_the_request
     await gw_vector.ScrollPoints(
         vector_pb2.ScrollPointsRequest(collection="wide", page_size=1000), metadata=md
     )
+
+
+# -- pages cut by bytes, reads refused before their rows are sent --------------------
+
+MESSAGE_LIMIT = 8 * 1024 * 1024
+
+
+async def test_a_kv_page_of_large_values_ends_where_the_message_would_be_full(large_channel, admin_metadata):
+    gw_kv = kv_pb2_grpc.KvServiceStub(large_channel)
+    namespace = f"pages-{uuid.uuid4().hex[:8]}"
+    value = os.urandom(1_000_000)
+    keys = [f"k{i:02}" for i in range(12)]  # 12 MB: more than one answer holds
+    for key in keys:
+        await gw_kv.Put(kv_pb2.PutRequest(namespace=namespace, key=key, value=value), metadata=admin_metadata)
+    # Before: one page of 100 was read whole and refused by gRPC ("larger than max"), at every retry.
+    listed: list[str] = []
+    pages = []
+    token = ""
+    while True:
+        page = await gw_kv.List(
+            kv_pb2.ListRequest(namespace=namespace, prefix="", page_size=100, page_token=token),
+            metadata=admin_metadata,
+        )
+        pages.append(page)
+        listed += [kv.key for kv in page.kvs]
+        assert all(kv.value == value for kv in page.kvs)
+        token = page.next_page_token
+        if not token:
+            break
+    assert listed == keys  # in order, none twice, none lost
+    assert len(pages) == 2 and all(0 < p.ByteSize() <= MESSAGE_LIMIT for p in pages)
+    names = await gw_kv.List(
+        kv_pb2.ListRequest(namespace=namespace, prefix="", page_size=100, keys_only=True),
+        metadata=admin_metadata,
+    )
+    assert [kv.key for kv in names.kvs] == keys and not names.next_page_token
+
+
+async def test_a_records_page_of_large_documents_ends_where_the_message_would_be_full(
+    large_channel, make_key
+):
+    records = tenants_pb2_grpc.RecordServiceStub(large_channel)
+    api_key, _ = await make_key(f"docs-{uuid.uuid4().hex[:8]}", "tenants:read", "tenants:write")
+    md = bearer(api_key)
+    data = struct_pb2.Struct()
+    data.update({"blob": "y" * 900_000})
+    ids = [f"r{i:02}" for i in range(12)]
+    for record_id in ids:
+        await records.CreateRecord(
+            tenants_pb2.CreateRecordRequest(
+                record=tenants_pb2.Record(collection="big", id=record_id, data=data)
+            ),
+            metadata=md,
+        )
+    listed: list[str] = []
+    pages = 0
+    token = ""
+    while True:
+        page = await records.ListRecords(
+            tenants_pb2.ListRecordsRequest(collection="big", order_by="id", page_size=100, page_token=token),
+            metadata=md,
+        )
+        pages += 1
+        assert page.ByteSize() <= MESSAGE_LIMIT
+        listed += [r.id for r in page.records]
+        token = page.next_page_token
+        if not token:
+            break
+    assert listed == ids and pages == 2
+
+
+@pytest.fixture
+async def heavy_points(large_channel, make_key) -> tuple[vector_pb2_grpc.VectorServiceStub, tuple]:
+    """A collection of 70 points whose payload and text (60 kB each) make 8.4 MB together."""
+    stub = vector_pb2_grpc.VectorServiceStub(large_channel)
+    api_key, _ = await make_key(f"heavy-{uuid.uuid4().hex[:8]}", "vector:read", "vector:write")
+    md = bearer(api_key)
+    await stub.CreateCollection(
+        vector_pb2.CreateCollectionRequest(
+            collection=vector_pb2.Collection(name="heavy", dimension=2, metric=vector_pb2.METRIC_L2)
+        ),
+        metadata=md,
+    )
+    payload = struct_pb2.Struct()
+    payload.update({"blob": "p" * 60_000})
+    for batch in range(2):
+        points = [
+            vector_pb2.Point(
+                id=f"p{35 * batch + i:02}",
+                vector=vector_pb2.Vector(values=[1.0, float(35 * batch + i)]),
+                payload=payload,
+                text="word " * 12_000,
+            )
+            for i in range(35)
+        ]
+        await stub.UpsertPoints(
+            vector_pb2.UpsertPointsRequest(collection="heavy", points=points), metadata=md
+        )
+    return stub, md
+
+
+async def test_a_scroll_page_of_heavy_points_ends_where_the_message_would_be_full(heavy_points):
+    stub, md = heavy_points
+    seen: list[str] = []
+    pages = 0
+    token = ""
+    while True:
+        page = await stub.ScrollPoints(
+            vector_pb2.ScrollPointsRequest(
+                collection="heavy", page_size=100, with_payload=True, page_token=token
+            ),
+            metadata=md,
+        )
+        pages += 1
+        assert page.ByteSize() <= MESSAGE_LIMIT
+        seen += [p.id for p in page.points]
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == [f"p{i:02}" for i in range(70)] and pages == 2
+
+
+async def test_reads_that_cannot_be_paged_are_refused_before_their_payloads_are_sent(heavy_points):
+    stub, md = heavy_points
+    near = vector_pb2.Vector(values=[1.0, 0.0])
+    refused = {
+        "limit": stub.Search(
+            vector_pb2.SearchRequest(collection="heavy", vector=near, limit=100, with_payload=True),
+            metadata=md,
+        ),
+        "ids": stub.GetPoints(
+            vector_pb2.GetPointsRequest(
+                collection="heavy", ids=[f"p{i:02}" for i in range(70)], with_payload=True
+            ),
+            metadata=md,
+        ),
+        "hybrid limit": stub.HybridSearch(
+            vector_pb2.HybridSearchRequest(
+                collection="heavy", vector=near, text="word", limit=100, with_payload=True
+            ),
+            metadata=md,
+        ),
+        "searches[0].limit": stub.SearchBatch(
+            vector_pb2.SearchBatchRequest(
+                searches=[
+                    vector_pb2.SearchRequest(collection="heavy", vector=near, limit=100, with_payload=True)
+                ]
+            ),
+            metadata=md,
+        ),
+    }
+    for what, call in refused.items():
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, what
+        info = error_info(caught.value)
+        assert info.reason == "RESPONSE_TOO_LARGE", what
+        assert info.metadata["field"] == what.removeprefix("hybrid "), what
+    # What fits answers: fewer results, no payloads, or a threshold that leaves the far points out.
+    few = await stub.Search(
+        vector_pb2.SearchRequest(collection="heavy", vector=near, limit=20, with_payload=True), metadata=md
+    )
+    assert [h.id for h in few.hits] == [f"p{i:02}" for i in range(20)]
+    bare = await stub.GetPoints(
+        vector_pb2.GetPointsRequest(collection="heavy", ids=["p00", "p69"]), metadata=md
+    )
+    assert [p.id for p in bare.points] == ["p00", "p69"]
+    near_only = await stub.Search(
+        vector_pb2.SearchRequest(
+            collection="heavy", vector=near, limit=100, with_payload=True, score_threshold=-30.5
+        ),
+        metadata=md,
+    )
+    assert len(near_only.hits) == 31 and near_only.ByteSize() <= MESSAGE_LIMIT
