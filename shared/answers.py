@@ -12,7 +12,9 @@ the budget cost neither a read nor a transfer.
 
 A page cut this way ends early with a ``next_page_token`` (like a page ended
 by its size); a read that cannot be paged (a search, a batch get) answers
-RESOURCE_EXHAUSTED ``RESPONSE_TOO_LARGE`` (:func:`too_large`).
+RESOURCE_EXHAUSTED ``RESPONSE_TOO_LARGE`` (:func:`too_large`). Batch gets
+served from the cache count their hits as they come and give the database
+read of their misses what is left (``RevisionedCache.load_many``).
 """
 
 from __future__ import annotations
@@ -24,13 +26,24 @@ import grpc
 
 from shared.errors import StrataError
 
-__all__ = ["ROW_OVERHEAD_BYTES", "answer_budget", "cut_by_bytes", "split_at_budget", "too_large"]
+__all__ = [
+    "ROW_OVERHEAD_BYTES",
+    "OverBudget",
+    "answer_budget",
+    "cut_by_bytes",
+    "split_at_budget",
+    "too_large",
+]
 
 # What one row adds to an answer beyond its counted columns: ids, numbers,
 # timestamps and protobuf framing.
 ROW_OVERHEAD_BYTES = 64
 # Kept free under the message limit for the answer's header, page token and framing.
 _HEADROOM_BYTES = 64 * 1024
+
+
+class OverBudget(Exception):
+    """A read found more bytes than its answer may hold; raised as soon as that is known."""
 
 
 def answer_budget(max_message_bytes: int) -> int:

@@ -38,6 +38,7 @@ from typing import TypeVar, cast
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from shared.answers import OverBudget
 from shared.groupcommit import GroupCommit
 from shared.redisclient import Redis, is_cluster, open_redis, ready, slot_of
 from shared.settings import Settings
@@ -337,26 +338,36 @@ class RevisionedCache:
         self,
         ids: Sequence[Id],
         key_of: Callable[[Id], bytes],
-        loader: Callable[[list[Id]], Awaitable[dict[Id, CacheEntry]]],
+        loader: Callable[[list[Id], int | None], Awaitable[dict[Id, CacheEntry]]],
+        *,
+        budget: int | None = None,
     ) -> dict[Id, CacheEntry]:
-        """The cached entry of each of ``ids``, and ``loader(missed)``'s for the rest, stored.
+        """The cached entry of each of ``ids``, and ``loader(missed, left)``'s for the rest, stored.
 
         ``key_of`` gives an id's cache key. The loader returns what it found
         (ids absent from the database are left out, and from the result too).
         Misses are leased together, in one round trip, before the loader runs.
+        ``budget``: the bytes the entries' payloads may take together; hits are
+        counted as they come (:class:`shared.answers.OverBudget` as soon as
+        they pass it), and the loader is given what they left (None: no budget)
+        and raises OverBudget itself when its rows would pass that.
         """
         found: dict[Id, CacheEntry] = {}
         missed: list[Id] = []
+        spent = 0
         for item in ids:
             entry = await self.get(key_of(item))
             if entry is None:
                 missed.append(item)
-            else:
-                found[item] = entry
+                continue
+            found[item] = entry
+            spent += len(entry.payload or b"")
+            if budget is not None and spent > budget:
+                raise OverBudget
         if missed:
             self.stats.loads += 1
             lease = await self.lease([key_of(item) for item in missed])
-            for item, entry in (await loader(missed)).items():
+            for item, entry in (await loader(missed, None if budget is None else budget - spent)).items():
                 await self.fill(key_of(item), entry, lease)
                 found[item] = entry
         return found

@@ -25,7 +25,7 @@ from services.kv.keyspace import (
 )
 from services.kv.revisions import FeedClosed, RevisionFeed
 from services.kv.store import Change, DeleteResult, KvStore, PutItem, WriteResult, entry_to_kv
-from shared.answers import answer_budget, too_large
+from shared.answers import OverBudget, answer_budget, too_large
 from shared.cache import CacheEntry, RevisionedCache
 from shared.db import deadline_timeout
 from shared.errors import FieldViolation, StrataError, not_found
@@ -84,11 +84,19 @@ class KvServicer:
         namespace = request.namespace
         keys = list(dict.fromkeys(request.keys))
 
-        async def load(misses: list[str]) -> dict[str, CacheEntry]:
-            rows = await self._store.get_many(tenant, namespace, misses, timeout=deadline_timeout(context))
+        async def load(misses: list[str], left: int | None) -> dict[str, CacheEntry]:
+            rows = await self._store.get_many(
+                tenant, namespace, misses, budget=left, timeout=deadline_timeout(context)
+            )
             return {row["key"]: _cache_entry(namespace, row) for row in rows}
 
-        entries = await self._cache.load_many(keys, lambda key: cache_key(tenant, namespace, key), load)
+        budget = answer_budget(self._limits.max_message_bytes)
+        try:
+            entries = await self._cache.load_many(
+                keys, lambda key: cache_key(tenant, namespace, key), load, budget=budget
+            )
+        except OverBudget:
+            raise too_large(budget, "keys", DOMAIN, "ask for fewer keys") from None
         found = {
             key: kv_pb2.KeyValue.FromString(entry.payload)
             for key, entry in entries.items()

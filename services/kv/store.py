@@ -18,7 +18,7 @@ import asyncpg
 from strata.kv.v1 import kv_pb2
 
 from services.kv.keyspace import KeyRange
-from shared.answers import ROW_OVERHEAD_BYTES, cut_by_bytes, split_at_budget
+from shared.answers import ROW_OVERHEAD_BYTES, OverBudget, cut_by_bytes, split_at_budget
 from shared.consistency import note_commit
 from shared.db import Database
 from shared.groupcommit import GroupCommit
@@ -30,6 +30,13 @@ _log = logging.getLogger(__name__)
 
 _LIVE = "(expires_at IS NULL OR expires_at > clock_timestamp())"
 _ENTRY_COLUMNS = "key, value, content_type, create_revision, mod_revision, version, expires_at"
+
+
+def _entry_bytes(namespace: str, *, with_value: bool = True) -> str:
+    """SQL for what an entry adds to an answer (shared.answers): key, value, content type, and the
+    namespace each entry of the answer repeats."""
+    size = f"octet_length(key) + octet_length(content_type) + {ROW_OVERHEAD_BYTES + len(namespace.encode())}"
+    return f"{size} + octet_length(value)" if with_value else size
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,17 +179,33 @@ class KvStore:
         )
 
     async def get_many(
-        self, tenant: str, namespace: str, keys: Sequence[str], *, timeout: float
+        self, tenant: str, namespace: str, keys: Sequence[str], *, budget: int | None = None, timeout: float
     ) -> list[asyncpg.Record]:
-        """The live entry rows of ``keys`` (any order; absent keys left out)."""
-        return await self._db.fetch(
-            f"SELECT {_ENTRY_COLUMNS} FROM kv.entries "
-            f"WHERE tenant = $1 AND namespace = $2 AND key = ANY($3::text[]) AND {_LIVE}",
-            tenant,
-            namespace,
-            list(keys),
-            timeout=timeout,
+        """The live entry rows of ``keys`` (any order; absent keys left out).
+
+        ``budget``: the bytes the entries may take in an answer; past it,
+        :class:`shared.answers.OverBudget`, before the values are sent.
+        """
+        if budget is None:
+            return await self._db.fetch(
+                f"SELECT {_ENTRY_COLUMNS} FROM kv.entries "
+                f"WHERE tenant = $1 AND namespace = $2 AND key = ANY($3::text[]) AND {_LIVE}",
+                tenant,
+                namespace,
+                list(keys),
+                timeout=timeout,
+            )
+        read = (
+            f"SELECT {_ENTRY_COLUMNS}, {_entry_bytes(namespace)} AS answer_bytes FROM kv.entries "
+            f"WHERE tenant = $1 AND namespace = $2 AND key = ANY($3::text[]) AND {_LIVE}"
         )
+        rows = await self._db.fetch(
+            cut_by_bytes(read, "key", "$4"), tenant, namespace, list(keys), budget, timeout=timeout
+        )
+        fit, past = split_at_budget(rows, budget)
+        if past is not None:
+            raise OverBudget
+        return fit
 
     async def put_many(
         self, tenant: str, namespace: str, items: Sequence[PutItem], *, return_previous: bool, timeout: float
@@ -285,11 +308,7 @@ class KvStore:
         (:func:`shared.answers.cut_by_bytes`: Postgres counts; what is past the budget is not sent)."""
         value = "NULL::bytea AS value" if keys_only else "value"
         columns = _ENTRY_COLUMNS.replace("value", value, 1)
-        # Each entry of the answer repeats the namespace; content types are short but unbounded in SQL.
-        overhead = ROW_OVERHEAD_BYTES + len(namespace.encode())
-        size = "octet_length(key) + octet_length(content_type)"
-        if not keys_only:
-            size += " + octet_length(value)"
+        size = _entry_bytes(namespace, with_value=not keys_only)
         conditions = ["tenant = $1", "namespace = $2", "key >= $3", _LIVE]
         args: list[object] = [tenant, namespace, keys.start]
         if keys.end is not None:
@@ -300,7 +319,7 @@ class KvStore:
             conditions.append(f"key > ${len(args)}")
         args += [limit, budget]
         page = (
-            f"SELECT {columns}, {size} + {overhead} AS answer_bytes FROM kv.entries "
+            f"SELECT {columns}, {size} AS answer_bytes FROM kv.entries "
             f"WHERE {' AND '.join(conditions)} ORDER BY key LIMIT ${len(args) - 1}"
         )
         sql = cut_by_bytes(page, "key", f"${len(args)}")

@@ -20,7 +20,14 @@ from google.protobuf import json_format, struct_pb2
 from strata.tenants.v1 import tenants_pb2
 
 from services.tenants.names import COLLECTION_RE, DOMAIN, record_cache_key
-from shared.answers import ROW_OVERHEAD_BYTES, answer_budget, cut_by_bytes, split_at_budget, too_large
+from shared.answers import (
+    ROW_OVERHEAD_BYTES,
+    OverBudget,
+    answer_budget,
+    cut_by_bytes,
+    split_at_budget,
+    too_large,
+)
 from shared.cache import CacheEntry, RevisionedCache
 from shared.db import Database, deadline_timeout
 from shared.documents import document_json, holds_nul
@@ -38,8 +45,17 @@ _ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 _MAX_DATA = 1024 * 1024
 _MAX_BATCH = 1000
 _COLUMNS = "collection, id, data, revision, created_at, updated_at, cache_version"
-# The same, with the document as the text ListRecords also counts (see ListRecords).
+# The same, with the document rendered once: as the text the answer carries, and counts
+# (shared.answers); FROM tenants.records, _RENDERED.
 _LISTED_COLUMNS = "collection, id, doc.rendered AS data, revision, created_at, updated_at, cache_version"
+_RENDERED = "LATERAL (SELECT data::text AS rendered) doc"
+
+
+def _record_bytes(collection: str) -> str:
+    """SQL for what a record adds to an answer: its document, id and collection."""
+    return f"octet_length(doc.rendered) + octet_length(id) + {ROW_OVERHEAD_BYTES + len(collection.encode())}"
+
+
 _TIME_ORDERS = {"create_time": "created_at", "update_time": "updated_at"}
 # An etag this API issues (see record_etag); before per-incarnation etags it was r<revision>.
 _ETAG_RE = re.compile(r"r(\d{1,18})(?:-(\d{1,18}))?")
@@ -177,20 +193,32 @@ class RecordServicer:
         _raise(errors)
         ids = list(dict.fromkeys(request.ids))
 
-        async def load(misses: list[str]) -> dict[str, CacheEntry]:
+        async def load(misses: list[str], left: int | None) -> dict[str, CacheEntry]:
+            assert left is not None
             timeout = deadline_timeout(context)
+            read = (
+                f"SELECT {_LISTED_COLUMNS}, {_record_bytes(request.collection)} AS answer_bytes "
+                f"FROM tenants.records, {_RENDERED} WHERE collection = $1 AND id = ANY($2::text[])"
+            )
             async with self._db.tenant_transaction(tenant, timeout=timeout) as conn:
                 rows = await conn.fetch(
-                    f"SELECT {_COLUMNS} FROM tenants.records WHERE collection = $1 AND id = ANY($2::text[])",
-                    request.collection,
-                    misses,
-                    timeout=timeout,
+                    cut_by_bytes(read, "id", "$3"), request.collection, misses, left, timeout=timeout
                 )
+            rows, past = split_at_budget(rows, left)
+            if past is not None:
+                raise OverBudget
             return {row["id"]: cache_entry(row) for row in rows}
 
-        entries = await self._cache.load_many(
-            ids, lambda record_id: record_cache_key(tenant, request.collection, record_id), load
-        )
+        budget = answer_budget(self._max_message_bytes)
+        try:
+            entries = await self._cache.load_many(
+                ids,
+                lambda record_id: record_cache_key(tenant, request.collection, record_id),
+                load,
+                budget=budget,
+            )
+        except OverBudget:
+            raise too_large(budget, "ids", DOMAIN, "ask for fewer ids") from None
         found = {
             record_id: tenants_pb2.Record.FromString(entry.payload)
             for record_id, entry in entries.items()
@@ -312,7 +340,6 @@ class RecordServicer:
         limit = params.add(size + 1)
         budget = answer_budget(self._max_message_bytes)
         budget_param = params.add(budget)
-        overhead = ROW_OVERHEAD_BYTES + len(request.collection.encode())
         timeout = deadline_timeout(context)
 
         async def page(db: Database) -> tuple[list[asyncpg.Record], int]:
@@ -321,8 +348,7 @@ class RecordServicer:
                 # The document is rendered once, as the text the answer carries and counts.
                 listed = (
                     f"SELECT {_LISTED_COLUMNS}, {sort} AS sort_key, "
-                    f"octet_length(doc.rendered) + octet_length(id) + {overhead} AS answer_bytes "
-                    "FROM tenants.records, LATERAL (SELECT data::text AS rendered) doc "
+                    f"{_record_bytes(request.collection)} AS answer_bytes FROM tenants.records, {_RENDERED} "
                     f"WHERE {' AND '.join(conditions)} "
                     f"ORDER BY {sort} {direction} NULLS LAST, id {direction} LIMIT {limit}"
                 )

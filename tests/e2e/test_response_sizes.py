@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf import struct_pb2
+from strata.admin.v1 import admin_pb2
 from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 from strata.tenants.v1 import tenants_pb2, tenants_pb2_grpc
 from strata.vector.v1 import vector_pb2, vector_pb2_grpc
@@ -243,6 +244,34 @@ async def test_a_kv_page_of_large_values_ends_where_the_message_would_be_full(la
     assert [kv.key for kv in names.kvs] == keys and not names.next_page_token
 
 
+async def test_a_batch_get_that_cannot_fit_is_refused_from_the_cache_and_from_the_database(
+    large_channel, gw_admin, admin_metadata
+):
+    gw_kv = kv_pb2_grpc.KvServiceStub(large_channel)
+    namespace = f"batch-{uuid.uuid4().hex[:8]}"
+    value = os.urandom(1_000_000)
+    keys = [f"k{i:02}" for i in range(12)]
+    for key in keys:
+        await gw_kv.Put(kv_pb2.PutRequest(namespace=namespace, key=key, value=value), metadata=admin_metadata)
+    for cached in (True, False):  # written through to the cache; then read from Postgres
+        if not cached:
+            await gw_admin.InvalidateCache(
+                admin_pb2.InvalidateCacheRequest(service="kv", tenant="dev", group=namespace),
+                metadata=admin_metadata,
+            )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw_kv.BatchGet(
+                kv_pb2.BatchGetRequest(namespace=namespace, keys=keys), metadata=admin_metadata
+            )
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, cached
+        info = error_info(caught.value)
+        assert (info.reason, info.metadata["field"]) == ("RESPONSE_TOO_LARGE", "keys"), cached
+    some = await gw_kv.BatchGet(
+        kv_pb2.BatchGetRequest(namespace=namespace, keys=keys[:5]), metadata=admin_metadata
+    )
+    assert [kv.key for kv in some.kvs] == keys[:5] and all(kv.value == value for kv in some.kvs)
+
+
 async def test_a_records_page_of_large_documents_ends_where_the_message_would_be_full(
     large_channel, make_key
 ):
@@ -274,6 +303,17 @@ async def test_a_records_page_of_large_documents_ends_where_the_message_would_be
         if not token:
             break
     assert listed == ids and pages == 2
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await records.BatchGetRecords(
+            tenants_pb2.BatchGetRecordsRequest(collection="big", ids=ids), metadata=md
+        )
+    info = error_info(caught.value)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert (info.reason, info.metadata["field"]) == ("RESPONSE_TOO_LARGE", "ids")
+    some = await records.BatchGetRecords(
+        tenants_pb2.BatchGetRecordsRequest(collection="big", ids=ids[:5]), metadata=md
+    )
+    assert [r.id for r in some.records] == ids[:5]
 
 
 @pytest.fixture

@@ -100,7 +100,9 @@ async def test_rebuilding_an_ivfflat_index_after_loading_learns_the_data(gw_vect
         f"\nIVFFlat lists=40, probes=1, 4000 x 32 clustered: recall@10 {before:.3f} before, {after:.3f} after"
     )
     assert after > before
-    assert await recall(gw_vector, md, "ivf", vectors, queries, probes=10) >= 0.95
+    # pgvector seeds its k-means at random, so recall varies from build to build: 0.94 to 1.00
+    # at probes=10 over seven builds of this data (0.11 to 0.27 at probes=1 before the rebuild).
+    assert await recall(gw_vector, md, "ivf", vectors, queries, probes=10) >= 0.9
     # Same answers for exact searches, before and after: the rows are untouched.
     assert await recall(gw_vector, md, "ivf", vectors, queries, exact=True) == 1.0
 

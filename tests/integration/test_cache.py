@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from shared.answers import OverBudget
 from shared.cache import CacheEntry, RevisionedCache
 from shared.redisclient import open_redis
 
@@ -117,7 +118,8 @@ async def test_load_many_leases_its_misses_and_keeps_what_was_cached(make_cache)
     await cache.record_writes([(b"cached", CacheEntry(7, b"from-a-write"))])
     asked: list[list[str]] = []
 
-    async def loader(missed: list[str]) -> dict[str, CacheEntry]:
+    async def loader(missed: list[str], left: int | None) -> dict[str, CacheEntry]:
+        assert left is None  # no budget was given
         asked.append(missed)
         return {name: CacheEntry(1, name.encode()) for name in missed if name != "absent"}
 
@@ -132,6 +134,22 @@ async def test_load_many_leases_its_misses_and_keeps_what_was_cached(make_cache)
     cache.clear_local()
     again = await cache.load_many(names, str.encode, loader)
     assert asked[-1] == ["absent"] and again == found
+
+
+async def test_load_many_counts_its_hits_against_the_budget_and_gives_the_loader_what_is_left(make_cache):
+    cache = make_cache()
+    await cache.record_writes([(b"h1", CacheEntry(1, b"x" * 600)), (b"h2", CacheEntry(1, b"x" * 600))])
+    given: list[int | None] = []
+
+    async def loader(missed: list[str], left: int | None) -> dict[str, CacheEntry]:
+        given.append(left)
+        return {name: CacheEntry(1, b"m") for name in missed}
+
+    found = await cache.load_many(["h1", "m1"], str.encode, loader, budget=1000)
+    assert set(found) == {"h1", "m1"} and given == [400]
+    with pytest.raises(OverBudget):  # the second hit passes the budget: the loader never runs
+        await cache.load_many(["h1", "h2", "m2"], str.encode, loader, budget=1000)
+    assert given == [400]
 
 
 async def test_a_tombstone_refuses_older_fills(make_cache):
