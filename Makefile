@@ -23,13 +23,17 @@ export UV_PYTHON := $(PYTHON)
 export UV_PYTHON_DOWNLOADS := never
 export UV_NO_PROGRESS := 1
 
-.PHONY: run test lint gen bench chaos lock lock-check clean
+.PHONY: run test test-fast lint gen bench chaos lock lock-check clean
 
 run: lock-check $(RUN_SET) $(GEN)
 	$(PY) -m shared.launcher
 
 test: lock-check $(ALL_SET) $(GEN) $(APT) lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The inner loop (about a minute): unit and integration tests, no processes launched, no lint.
+test-fast: lock-check $(ALL_SET) $(GEN)
+	$(PY) -m pytest -q tests/unit tests/integration $(PYTEST_ARGS)
 
 # The benchmark suite (minutes): figures into bench/results/, summary in BENCHMARKS.md.
 bench: lock-check $(ALL_SET) $(GEN) $(APT)
@@ -45,6 +49,8 @@ lint: $(ALL_SET) $(GEN)
 	$(VENV)/bin/buf lint
 	$(VENV)/bin/mypy shared gateway services bench
 	$(VENV)/bin/hadolint Dockerfile
+	$(VENV)/bin/lint-imports --no-cache
+	.ci/check-file-lengths
 
 gen: $(GEN)
 

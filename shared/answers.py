@@ -51,14 +51,18 @@ def answer_budget(max_message_bytes: int) -> int:
     return max(1, max_message_bytes - _HEADROOM_BYTES)
 
 
-def cut_by_bytes(sql: str, order_by: str, budget: str) -> str:
+def cut_by_bytes(sql: str, order_by: str, budget: str | None) -> str:
     """``sql``, whose rows carry ``answer_bytes`` (what each adds to the answer), cut by bytes.
 
     The result keeps ``sql``'s rows in ``order_by`` (given in terms of its
     output columns) while their running total of ``answer_bytes`` stays within
     ``budget`` (a bind parameter, e.g. ``$4``), and the first row past it;
     each row gains ``answer_running``, that total up to and including it.
+    ``budget`` None: the rows are known to fit (their size follows from the
+    request), and come whole, in ``order_by``, without the window.
     """
+    if budget is None:
+        return f"SELECT * FROM ({sql}) answer_rows ORDER BY {order_by}"
     return (
         "SELECT * FROM (SELECT *, sum(answer_bytes) OVER "
         f"(ORDER BY {order_by} ROWS UNBOUNDED PRECEDING) AS answer_running FROM ({sql}) answer_rows) cut "
@@ -67,10 +71,12 @@ def cut_by_bytes(sql: str, order_by: str, budget: str) -> str:
 
 
 def split_at_budget(
-    rows: Sequence[asyncpg.Record], budget: int
+    rows: Sequence[asyncpg.Record], budget: int | None
 ) -> tuple[list[asyncpg.Record], asyncpg.Record | None]:
     """The rows of a :func:`cut_by_bytes` read that fit ``budget``, and the first that did not
-    (None: the answer is whole)."""
+    (None: the answer is whole). ``budget`` None: the read was not cut, and every row fits."""
+    if budget is None:
+        return list(rows), None
     fit = [row for row in rows if row["answer_running"] <= budget]
     return fit, rows[len(fit)] if len(fit) < len(rows) else None
 

@@ -44,7 +44,7 @@ from strata.tenants.v1 import tenants_pb2, tenants_pb2_grpc
 from shared.backends import Backends, open_backends
 from shared.launcher import SERVICES
 from shared.settings import load_settings
-from tests.stack import PROJECT_ROOT, Stack, free_port, start_stack
+from tests.support.stack import PROJECT_ROOT, Stack, free_port, start_stack
 
 __all__ = ["Faults", "Ledger", "Load", "RunFigures", "provision_tenant", "verify"]
 

@@ -26,7 +26,7 @@ from shared.launcher import SERVICES
 from shared.ports import free_port
 from shared.server import StrataServer
 from shared.settings import Settings, load_settings
-from tests.redis_cluster import RedisClusterProcesses
+from tests.support.redis_cluster import RedisClusterProcesses
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # One folder per pytest process, so concurrent sessions never share a server.

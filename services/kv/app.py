@@ -5,6 +5,7 @@ from __future__ import annotations
 from strata.kv.v1 import kv_pb2
 
 from services.kv.keyspace import Limits
+from services.kv.publisher import WritePublisher
 from services.kv.revisions import RevisionFeed
 from services.kv.servicer import KvServicer
 from services.kv.store import KvStore
@@ -25,7 +26,8 @@ async def build_kv_server(settings: Settings) -> StrataServer:
     cache = RevisionedCache.for_service(settings, "kv")
     feed = RevisionFeed(settings.database_url)
     feed.start()
-    store = KvStore(db)
+    publisher = WritePublisher(cache, feed)
+    store = KvStore(db, publisher)
     sweeper = Sweeper(
         store, feed, interval_s=settings.kv_sweep_interval_s, keep_revisions=settings.kv_history_revisions
     )
@@ -34,11 +36,7 @@ async def build_kv_server(settings: Settings) -> StrataServer:
     server.report("pool", db.pool_stats)
     server.report("cache", cache.snapshot)
     server.report("group_commit", store.group_commit_stats)
-    servicer = KvServicer(store, cache, feed, Limits(settings))
-    # Each put batch updates the cache itself: no caller giving up can skip it.
-    store.on_written = servicer.publish_batch
-    store.on_unknown = servicer.forget_keys
-    server.add_servicer(servicer, SERVICE)
+    server.add_servicer(KvServicer(store, cache, publisher, feed, Limits(settings)), SERVICE)
     # Watch streams end first (clients resume elsewhere), then in-flight calls drain.
     server.on_shutdown(feed.close)
     server.on_shutdown(sweeper.close)

@@ -23,8 +23,9 @@ from services.kv.keyspace import (
     raise_if,
     revision_mismatch,
 )
+from services.kv.publisher import WritePublisher
 from services.kv.revisions import FeedClosed, RevisionFeed
-from services.kv.store import Change, DeleteResult, KvStore, PutItem, WriteResult, entry_to_kv
+from services.kv.store import Change, DeleteResult, KvStore, PutItem, entry_to_kv
 from shared.answers import OverBudget, answer_budget, too_large
 from shared.cache import CacheEntry, RevisionedCache
 from shared.db import deadline_timeout
@@ -45,9 +46,19 @@ _RETURN_PREVIOUS_LIMIT = 1000
 class KvServicer:
     """Serves KvService from a :class:`KvStore`, a cache and a revision feed."""
 
-    def __init__(self, store: KvStore, cache: RevisionedCache, feed: RevisionFeed, limits: Limits) -> None:
+    def __init__(
+        self,
+        store: KvStore,
+        cache: RevisionedCache,
+        publisher: WritePublisher,
+        feed: RevisionFeed,
+        limits: Limits,
+    ) -> None:
+        """``publisher``: the one ``store`` was built with (it tells cache and feed of puts; deletes
+        are told here)."""
         self._store = store
         self._cache = cache
+        self._publisher = publisher
         self._feed = feed
         self._limits = limits
 
@@ -162,8 +173,8 @@ class KvServicer:
         self._limits.namespace(request.namespace, errors)
         item = self._put_item(request, errors, "")
         raise_if(errors)
-        # The batch that writes it tells the cache and the feed itself (publish_batch,
-        # forget_keys), before answering anyone and even if this caller gives up.
+        # The batch that writes it tells the cache and the feed itself (the store's
+        # WritePublisher), before answering anyone and even if this caller gives up.
         result = await self._store.put_many(
             tenant,
             request.namespace,
@@ -341,29 +352,6 @@ class KvServicer:
             self._limits.if_revision(if_revision, errors, f"{path}if_revision")
         return PutItem(item.key, item.value, item.content_type, ttl_ms, if_revision)
 
-    async def forget_keys(self, keys: list[tuple[str, str, str]]) -> None:
-        """Drop (tenant, namespace, key)s from the cache: a write to them may or may not have landed."""
-        for tenant, namespace, key in keys:
-            await self._cache.invalidate(cache_key(tenant, namespace, key))
-
-    async def publish_batch(self, written: list[tuple[str, WriteResult]]) -> None:
-        """Record a put batch's committed writes in the cache (one round trip) and the feed."""
-        entries = [
-            (
-                cache_key(tenant, kv.namespace, kv.key),
-                CacheEntry(
-                    result.revision,
-                    kv.SerializeToString(),
-                    kv.expire_time.ToNanoseconds() / 1e9 if kv.HasField("expire_time") else None,
-                ),
-            )
-            for tenant, result in written
-            for kv in result.kvs
-        ]
-        await self._cache.record_writes(entries)
-        if written:
-            self._feed.observe(max(result.revision for _, result in written))
-
     async def _delete_published(
         self,
         tenant: str,
@@ -388,27 +376,12 @@ class KvServicer:
                     timeout=timeout,
                 )
             except BaseException:
-                if keys == KeyRange.single(keys.start):
-                    await self._cache.invalidate(cache_key(tenant, namespace, keys.start))
-                else:
-                    await self._cache.invalidate_prefix(cache_key(tenant, namespace, ""))
+                await self._publisher.delete_unknown(tenant, namespace, keys)
                 raise
-            await self._publish_deletes(tenant, namespace, result)
+            await self._publisher.deleted(tenant, namespace, result)
             return result
 
         return await finish_despite_caller(delete())
-
-    async def _publish_deletes(self, tenant: str, namespace: str, result: DeleteResult) -> None:
-        # Before the answer: tombstones, so no cache serves a deleted key (nor a late fill revives it).
-        if not result.deleted:
-            return
-        await self._cache.record_writes(
-            [
-                (cache_key(tenant, namespace, kv.key), CacheEntry(result.revision, None))
-                for kv in result.deleted
-            ]
-        )
-        self._feed.observe(result.revision)
 
     def _header(self, at_least: int) -> kv_pb2.ResponseHeader:
         return kv_pb2.ResponseHeader(revision=max(self._feed.revision, at_least))

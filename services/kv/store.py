@@ -10,9 +10,9 @@ protobuf.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import asyncpg
 from strata.kv.v1 import kv_pb2
@@ -149,19 +149,26 @@ def entry_to_kv(
     )
 
 
+class WriteListener(Protocol):
+    """What a :class:`KvStore` tells of each put batch (see services.kv.publisher)."""
+
+    async def written(self, written: list[tuple[str, WriteResult]]) -> None:
+        """The batch's committed writes, (tenant, result) per entry: told before any caller hears
+        back, whether or not it still waits, the next batch's write already under way."""
+
+    async def unknown(self, keys: list[tuple[str, str, str]]) -> None:
+        """The batch's keys, (tenant, namespace, key), when it was sent but never answered
+        (a deadline, a lost connection): it may have committed."""
+
+
 class KvStore:
     """The KV tables of one database."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, listener: WriteListener) -> None:
+        """``listener`` hears of every put batch, once, before any of its callers is answered."""
         self._db = db
+        self._listener = listener
         self._group: GroupCommit[_PutEntry, WriteResult] = GroupCommit(self._put_batch, after=self._written)
-        # Told, once per batch (before any caller hears back, whether or not it still
-        # waits; the next batch's write already under way), of the writes it
-        # committed, (tenant, result) per entry ...
-        self.on_written: Callable[[list[tuple[str, WriteResult]]], Awaitable[None]] | None = None
-        # ... or of its keys, (tenant, namespace, key), when it was sent but never
-        # answered (a deadline, a lost connection): it may have committed.
-        self.on_unknown: Callable[[list[tuple[str, str, str]]], Awaitable[None]] | None = None
 
     def group_commit_stats(self) -> dict[str, int]:
         """Batches written and puts they carried, since start (entries / batches: puts per commit)."""
@@ -229,8 +236,7 @@ class KvStore:
         except asyncpg.PostgresError:
             raise  # the statement failed: nothing was written
         except Exception:
-            if self.on_unknown is not None:
-                await self.on_unknown([(e.tenant, e.namespace, i.key) for e in entries for i in e.items])
+            await self._listener.unknown([(e.tenant, e.namespace, i.key) for e in entries for i in e.items])
             raise
         by_entry: list[list[asyncpg.Record]] = [[] for _ in entries]
         for row in rows:
@@ -238,11 +244,10 @@ class KvStore:
         return [_write_result(e, r) for e, r in zip(entries, by_entry, strict=True)]
 
     async def _written(self, entries: Sequence[_PutEntry], results: list[WriteResult]) -> None:
-        if self.on_written is not None:
-            # An error here is logged by the group: committed is committed, the callers get their results.
-            await self.on_written(
-                [(e.tenant, r) for e, r in zip(entries, results, strict=True) if r.mismatch_key is None]
-            )
+        # An error here is logged by the group: committed is committed, the callers get their results.
+        await self._listener.written(
+            [(e.tenant, r) for e, r in zip(entries, results, strict=True) if r.mismatch_key is None]
+        )
 
     async def _put_rows(
         self, entries: Sequence[_PutEntry], starts: list[int], items: list[PutItem], timeout: float

@@ -5,6 +5,7 @@ from __future__ import annotations
 from strata.vector.v1 import vector_pb2
 
 from services.vector.servicer import VectorServicer
+from services.vector.store import VectorStore
 from shared.db import Database
 from shared.server import StrataServer, run_service
 from shared.settings import Settings
@@ -19,7 +20,7 @@ async def build_vector_server(settings: Settings) -> StrataServer:
     db = await Database.for_service(settings, "vector")
     server = StrataServer(settings, "vector")
     server.report("pool", db.pool_stats)
-    server.add_servicer(VectorServicer(db, settings.max_message_bytes), SERVICE)
+    server.add_servicer(VectorServicer(VectorStore(db), settings.max_message_bytes), SERVICE)
     server.after_drain(db.close)
     return server
 

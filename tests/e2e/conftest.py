@@ -12,8 +12,9 @@ from strata.kv.v1 import kv_pb2_grpc
 from strata.tenants.v1 import tenants_pb2, tenants_pb2_grpc
 from strata.vector.v1 import vector_pb2_grpc
 
-from tests.otlp import TraceReceiver, start_receiver
-from tests.stack import Stack, remove_data, start_stack
+from tests.support.calls import bearer
+from tests.support.otlp import TraceReceiver, start_receiver
+from tests.support.stack import Stack, remove_data, start_stack
 
 
 @pytest.fixture(scope="session")
@@ -38,10 +39,6 @@ async def gateway_channel(stack) -> AsyncIterator[grpc.aio.Channel]:
         yield channel
 
 
-def bearer(api_key: str) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {api_key}"),)
-
-
 @pytest.fixture(scope="session")
 def admin_metadata(stack) -> tuple[tuple[str, str], ...]:
     """Metadata carrying the stack's dev (admin) key."""
@@ -61,6 +58,11 @@ def gw_admin(gateway_channel) -> admin_pb2_grpc.AdminServiceStub:
 @pytest.fixture(scope="session")
 def gw_tenants(gateway_channel) -> tenants_pb2_grpc.TenantServiceStub:
     return tenants_pb2_grpc.TenantServiceStub(gateway_channel)
+
+
+@pytest.fixture(scope="session")
+def gw_records(gateway_channel) -> tenants_pb2_grpc.RecordServiceStub:
+    return tenants_pb2_grpc.RecordServiceStub(gateway_channel)
 
 
 @pytest.fixture

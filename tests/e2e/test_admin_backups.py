@@ -25,7 +25,7 @@ import pytest
 from google.protobuf import struct_pb2
 from strata.admin.v1 import admin_pb2
 from strata.kv.v1 import kv_pb2
-from strata.tenants.v1 import tenants_pb2, tenants_pb2_grpc
+from strata.tenants.v1 import tenants_pb2
 
 from services.admin.archives import ArchiveSigner
 from services.admin.backups import CHUNK_BYTES, DATABASE_PREFIX, Backups, pg_tool
@@ -33,8 +33,9 @@ from shared.db import Database
 from shared.errors import StrataError
 from shared.settings import Settings
 from tests.conftest import TEST_INTERNAL_SECRET
-from tests.e2e.conftest import bearer
-from tests.helpers import error_info, field_violations
+from tests.support.calls import bearer
+from tests.support.errors import error_info, field_violations
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -64,13 +65,6 @@ async def branch_names(gw_admin, metadata) -> list[str]:
         b.name
         for b in (await gw_admin.ListBranches(admin_pb2.ListBranchesRequest(), metadata=metadata)).branches
     ]
-
-
-async def eventually(check, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
 
 
 async def table_digests(conn: asyncpg.Connection) -> dict[str, str]:
@@ -120,11 +114,6 @@ class Backup:
     archive: bytes
     digests: dict[str, str]  # the live database's tables while the backup ran
     seconds: float
-
-
-@pytest.fixture(scope="module")
-def gw_records(gateway_channel) -> tenants_pb2_grpc.RecordServiceStub:
-    return tenants_pb2_grpc.RecordServiceStub(gateway_channel)
 
 
 @pytest.fixture(scope="module")

@@ -1,16 +1,14 @@
 """AdminService operations through the real gateway: health, statistics, caches, migrations, audit.
 
 The stack is the launcher's (real processes on real Postgres and Redis),
-publishing process figures every 0.3 s (tests/stack.py).
+publishing process figures every 0.3 s (tests/support/stack.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
-from collections.abc import Callable
 
 import asyncpg
 import grpc
@@ -22,8 +20,8 @@ from strata.tenants.v1 import tenants_pb2
 
 from shared.redisclient import open_redis
 from shared.slowlog import SlowLog
-from tests.e2e.conftest import bearer
-from tests.helpers import field_violations
+from tests.support.calls import assert_invalid, bearer, rpc_error
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -32,27 +30,6 @@ ADMIN = "/strata.admin.v1.AdminService/"
 
 def key_id_of(api_key: str) -> str:
     return api_key.split("_")[1]
-
-
-async def rpc_error(call) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    return caught.value
-
-
-def assert_invalid(error: grpc.aio.AioRpcError, field: str) -> None:
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
-    assert field in field_violations(error), field_violations(error)
-
-
-async def eventually(check: Callable[[], object], timeout: float = 10.0):
-    """Poll the coroutine function ``check`` until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check()
-        if result or time.monotonic() > deadline:
-            return result
-        await asyncio.sleep(0.1)
 
 
 # -- health -------------------------------------------------------------------

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import PROJECT_ROOT
+from tests.support.stack import run_to_exit
 
 pytestmark = pytest.mark.e2e
 
@@ -31,16 +30,7 @@ def start(module: str, data_dir: Path, **settings: str) -> subprocess.CompletedP
         if not k.startswith(("STRATA_", "OTEL_")) and k not in ("DATABASE_URL", "REDIS_URL")
     }
     env.update(GOOD, STRATA_DATA_DIR=str(data_dir), **settings)
-    return subprocess.run(
-        [sys.executable, "-m", module],
-        cwd=PROJECT_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        start_new_session=True,
-    )
+    return run_to_exit(module, env)
 
 
 def assert_refused(result: subprocess.CompletedProcess[str], variable: str) -> None:

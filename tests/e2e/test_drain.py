@@ -31,8 +31,8 @@ from shared.identity import Caller
 from shared.settings import Settings
 from tests.conftest import signed_channel
 from tests.e2e.test_metrics import sample, scrape
-from tests.helpers import error_info
-from tests.stack import Stack, remove_data, start_stack
+from tests.support.errors import error_info
+from tests.support.stack import Stack, remove_data, start_stack
 
 pytestmark = pytest.mark.e2e
 

@@ -13,7 +13,7 @@ import asyncio
 import pytest
 
 from tests.chaos import Faults, Load, RunFigures, provision_tenant, verify
-from tests.stack import remove_data, start_stack
+from tests.support.stack import remove_data, start_stack
 
 pytestmark = pytest.mark.e2e
 

@@ -18,9 +18,9 @@ from strata.admin.v1 import admin_pb2
 from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 
 from shared.identity import Caller, sign_caller
-from tests.e2e.conftest import bearer
-from tests.helpers import error_info
-from tests.stack import start_gateway, stop_process
+from tests.support.calls import bearer
+from tests.support.errors import error_info
+from tests.support.stack import start_gateway, stop_process
 
 pytestmark = pytest.mark.e2e
 
@@ -222,7 +222,7 @@ async def test_rate_limit_answers_resource_exhausted_with_retry_delay(stack, mak
             assert error_info(limited).reason == "RATE_LIMITED"
             from google.rpc import error_details_pb2
 
-            from tests.helpers import status_details
+            from tests.support.errors import status_details
 
             retry = error_details_pb2.RetryInfo()
             assert any(d.Unpack(retry) for d in status_details(limited).details)
@@ -279,8 +279,19 @@ async def test_gateway_health_follows_its_upstreams(stack):
 
 
 async def test_calls_succeed_when_one_of_two_upstream_addresses_is_dead(stack, admin_metadata, namespace):
+    # The dead address is a listener that hangs up on every connection, so the test sees the
+    # gateway try it (a closed port would pass even if it never were).
+    attempts = 0
+
+    async def hang_up(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal attempts
+        attempts += 1
+        writer.close()
+
+    dead = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    dead_port = dead.sockets[0].getsockname()[1]
     process, port = await start_gateway(
-        stack, STRATA_KV_UPSTREAMS=f"127.0.0.1:1,127.0.0.1:{stack.ports['kv']}"
+        stack, STRATA_KV_UPSTREAMS=f"127.0.0.1:{dead_port},127.0.0.1:{stack.ports['kv']}"
     )
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -289,8 +300,15 @@ async def test_calls_succeed_when_one_of_two_upstream_addresses_is_dead(stack, a
                 await stub.Put(
                     kv_pb2.PutRequest(namespace=namespace, key=f"k{i}", value=b"v"), metadata=admin_metadata
                 )
+            got = await stub.BatchGet(
+                kv_pb2.BatchGetRequest(namespace=namespace, keys=[f"k{i}" for i in range(10)]),
+                metadata=admin_metadata,
+            )
     finally:
         await stop_process(process)
+        dead.close()
+    assert len(got.kvs) == 10
+    assert attempts > 0, "the gateway never tried the dead address"
 
 
 async def test_a_key_lookup_on_a_cache_miss_is_part_of_the_callers_trace(

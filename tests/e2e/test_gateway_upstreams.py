@@ -31,9 +31,9 @@ from shared.apikeys import parse_api_key
 from shared.errors import StrataError
 from shared.identity import Caller, sign_caller, verify_caller
 from tests.conftest import TEST_INTERNAL_SECRET
-from tests.e2e.conftest import bearer
-from tests.helpers import DETAILS_KEY
-from tests.stack import Stack, start_gateway, stop_process
+from tests.support.calls import bearer
+from tests.support.errors import DETAILS_KEY
+from tests.support.stack import Stack, start_gateway, stop_process
 
 pytestmark = pytest.mark.e2e
 

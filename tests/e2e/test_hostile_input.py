@@ -65,9 +65,9 @@ from shared.identity import ADMIN_SCOPE, INTERNAL_SCOPE, OPERATOR_SCOPE, SCOPES,
 from shared.pagetoken import page_token_key
 from shared.settings import Settings
 from tests.conftest import TEST_INTERNAL_SECRET
-from tests.e2e.conftest import bearer
-from tests.protowire import length_delimited, parses, strings_as_bytes, varint
-from tests.stack import Stack
+from tests.support.calls import bearer
+from tests.support.protowire import length_delimited, parses, strings_as_bytes, varint
+from tests.support.stack import Stack
 
 pytestmark = pytest.mark.e2e
 

@@ -28,9 +28,9 @@ from strata.vector.v1 import vector_pb2, vector_pb2_grpc
 from shared.identity import Caller, signing_interceptors
 from shared.ports import free_port
 from tests.conftest import PROJECT_ROOT, TEST_INTERNAL_SECRET
-from tests.e2e.conftest import bearer
-from tests.pki import Authority, write_cert, write_key
-from tests.stack import Stack, remove_data, start_stack
+from tests.support.calls import bearer
+from tests.support.pki import Authority, write_cert, write_key
+from tests.support.stack import Stack, remove_data, run_to_exit, start_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -234,15 +234,7 @@ def test_half_the_internal_tls_settings_stop_a_service_at_start(tls_stack: Stack
         {f"STRATA_INTERNAL_TLS_{part}_FILE": files[f"STRATA_INTERNAL_TLS_{part}_FILE"] for part in given}
     )
     env["STRATA_KV_PORT"] = str(free_port())
-    result = subprocess.run(
-        [sys.executable, "-m", "services.kv"],
-        cwd=PROJECT_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_to_exit("services.kv", env)
     assert result.returncode == 2, result.stderr
     missing = {"CA", "CERT", "KEY"} - set(given)
     for part in missing:

@@ -6,7 +6,7 @@ deadline, recording the monotonic time of every call and answer. A write
 whose answer never came (DEADLINE_EXCEEDED, UNAVAILABLE, CANCELLED) may or
 may not have landed (the group commit does not cancel a batch a caller gave
 up on), so it is recorded as an unknown outcome. The history then goes
-through tests/linearizability.py, which must find an order consistent with
+through tests/support/linearizability.py, which must find an order consistent with
 real time and kv.proto's single-copy semantics for every key.
 
 Two faults this check found have tests of their own at the end: Delete's
@@ -33,9 +33,9 @@ import grpc
 import pytest
 from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 
-from tests.e2e.conftest import bearer
-from tests.helpers import error_info
-from tests.linearizability import (
+from tests.support.calls import bearer
+from tests.support.errors import error_info
+from tests.support.linearizability import (
     Aborted,
     Delete,
     Deleted,

@@ -33,7 +33,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 
-from tests.helpers import error_info, run_model_at_gateway
+from tests.support.errors import error_info
+from tests.support.models import run_model_at_gateway
 
 pytestmark = pytest.mark.e2e
 

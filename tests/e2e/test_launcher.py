@@ -37,7 +37,7 @@ from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 
 from shared.launcher import DEV_KEY_FILE
 from shared.ports import free_port
-from tests.helpers import DETAILS_KEY, error_info
+from tests.support.errors import DETAILS_KEY, error_info
 
 pytestmark = pytest.mark.e2e
 

@@ -28,9 +28,9 @@ from strata.vector.v1 import vector_pb2, vector_pb2_grpc
 
 from shared.backends import Backends
 from shared.consistency import TOKEN_KEY
-from tests.e2e.conftest import bearer
-from tests.replicas import pause_replay, replicated_backends, resume_replay, wait_replayed
-from tests.stack import Stack, grpcurl, remove_data, start_stack
+from tests.support.calls import bearer
+from tests.support.replicas import pause_replay, replicated_backends, resume_replay, wait_replayed
+from tests.support.stack import Stack, grpcurl, remove_data, start_stack
 
 SCOPES = ("kv:read", "kv:write", "tenants:read", "tenants:write", "vector:read", "vector:write")
 

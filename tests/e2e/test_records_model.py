@@ -37,8 +37,10 @@ from hypothesis.stateful import (
 from strata.common.v1 import filter_pb2
 from strata.tenants.v1 import tenants_pb2, tenants_pb2_grpc
 
-from tests.e2e.conftest import bearer
-from tests.helpers import error_info, run_model_at_gateway
+from tests.support.calls import bearer
+from tests.support.documents import struct
+from tests.support.errors import error_info
+from tests.support.models import run_model_at_gateway
 
 pytestmark = pytest.mark.e2e
 
@@ -73,12 +75,6 @@ Document = dict[str, Any]
 Value = Any  # a JSON value
 Cond = filter_pb2.Condition
 Op = filter_pb2.Operator
-
-
-def struct(value: Document) -> struct_pb2.Struct:
-    data = struct_pb2.Struct()
-    data.update(value)
-    return data
 
 
 def jsonish(value: Any) -> struct_pb2.Value:

@@ -9,19 +9,15 @@ from collections.abc import Callable
 
 import pytest
 from google.protobuf import json_format
-from strata.tenants.v1 import tenants_pb2, tenants_pb2_grpc
+from strata.tenants.v1 import tenants_pb2
 
-from tests.e2e.conftest import bearer
-from tests.e2e.test_tenants import create, struct
+from tests.e2e.test_tenants import create
+from tests.support.calls import bearer
+from tests.support.documents import struct
 
 pytestmark = pytest.mark.e2e
 
 Metadata = tuple[tuple[str, str], ...]
-
-
-@pytest.fixture(scope="session")
-def gw_records(gateway_channel) -> tenants_pb2_grpc.RecordServiceStub:
-    return tenants_pb2_grpc.RecordServiceStub(gateway_channel)
 
 
 @pytest.fixture

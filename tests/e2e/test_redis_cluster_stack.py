@@ -20,7 +20,8 @@ from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 from strata.tenants.v1 import tenants_pb2, tenants_pb2_grpc
 
 from tests.chaos import provision_tenant
-from tests.stack import Stack, remove_data, start_stack
+from tests.support.calls import bearer
+from tests.support.stack import Stack, remove_data, start_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -43,10 +44,6 @@ async def on_cluster(settings, redis_cluster) -> AsyncIterator[Stack]:
 async def channel(on_cluster) -> AsyncIterator[grpc.aio.Channel]:
     async with grpc.aio.insecure_channel(on_cluster.gateway) as opened:
         yield opened
-
-
-def _admin(stack: Stack) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {stack.api_key}"),)
 
 
 async def test_kv_reads_its_writes_through_both_processes_and_records_are_cached(on_cluster, channel):
@@ -84,14 +81,16 @@ async def test_rate_limits_hold_on_the_cluster(on_cluster, channel):
 async def test_admin_sees_the_cluster_the_processes_and_the_slow_queries(on_cluster, channel):
     admin = admin_pb2_grpc.AdminServiceStub(channel)
     for _ in range(10):
-        health = await admin.GetSystemHealth(admin_pb2.GetSystemHealthRequest(), metadata=_admin(on_cluster))
+        health = await admin.GetSystemHealth(
+            admin_pb2.GetSystemHealthRequest(), metadata=bearer(on_cluster.api_key)
+        )
         if len([p for p in health.processes if p.component == "kv"]) == 2:
             break
         await asyncio.sleep(0.5)
     assert health.redis.reachable and health.redis.version
     assert len([p for p in health.processes if p.component == "kv"]) == 2
     stats = await admin.GetDatabaseStats(
-        admin_pb2.GetDatabaseStatsRequest(limit=5), metadata=_admin(on_cluster)
+        admin_pb2.GetDatabaseStatsRequest(limit=5), metadata=bearer(on_cluster.api_key)
     )
     assert stats.slow_queries
 
@@ -109,14 +108,15 @@ async def test_a_tenant_delete_invalidates_its_cached_records(on_cluster, channe
     )  # cached
     tenants = tenants_pb2_grpc.TenantServiceStub(channel)
     await tenants.DeleteTenant(
-        tenants_pb2.DeleteTenantRequest(slug=slug, cascade=True), metadata=_admin(on_cluster)
+        tenants_pb2.DeleteTenantRequest(slug=slug, cascade=True), metadata=bearer(on_cluster.api_key)
     )
     await tenants.CreateTenant(
-        tenants_pb2.CreateTenantRequest(tenant=tenants_pb2.Tenant(slug=slug)), metadata=_admin(on_cluster)
+        tenants_pb2.CreateTenantRequest(tenant=tenants_pb2.Tenant(slug=slug)),
+        metadata=bearer(on_cluster.api_key),
     )
     made = await admin_pb2_grpc.AdminServiceStub(channel).CreateApiKey(
         admin_pb2.CreateApiKeyRequest(tenant=slug, name="again", scopes=["tenants:read"]),
-        metadata=_admin(on_cluster),
+        metadata=bearer(on_cluster.api_key),
     )
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await records.GetRecord(

@@ -22,9 +22,9 @@ from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 from strata.tenants.v1 import tenants_pb2, tenants_pb2_grpc
 from strata.vector.v1 import vector_pb2, vector_pb2_grpc
 
-from tests.e2e.conftest import bearer
-from tests.helpers import error_info, field_violations
-from tests.stack import start_gateway, start_process, stop_process
+from tests.support.calls import bearer
+from tests.support.errors import error_info, field_violations
+from tests.support.stack import start_gateway, start_process, stop_process
 
 DIMENSION = 2000
 

@@ -14,8 +14,8 @@ from strata.admin.v1 import admin_pb2
 from strata.kv.v1 import kv_pb2
 from strata.tenants.v1 import tenants_pb2
 
-from tests.e2e.conftest import bearer
-from tests.helpers import error_info
+from tests.support.calls import bearer
+from tests.support.errors import error_info
 
 
 @pytest.fixture

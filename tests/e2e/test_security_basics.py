@@ -28,9 +28,9 @@ from shared.apikeys import hash_secret, new_api_key, parse_api_key, secrets_matc
 from shared.identity import INTERNAL_SCOPE, Caller, sign_caller
 from shared.settings import Settings
 from tests.conftest import TEST_INTERNAL_SECRET
-from tests.e2e.conftest import bearer
-from tests.otlp import TraceReceiver
-from tests.stack import TEST_KEY_PEPPER, Stack
+from tests.support.calls import bearer
+from tests.support.otlp import TraceReceiver
+from tests.support.stack import TEST_KEY_PEPPER, Stack
 
 pytestmark = pytest.mark.e2e
 

@@ -23,7 +23,7 @@ from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 from shared.identity import Caller
 from tests.chaos import Load, provision_tenant
 from tests.conftest import signed_channel
-from tests.stack import Stack, remove_data, start_stack
+from tests.support.stack import Stack, remove_data, start_stack
 
 pytestmark = pytest.mark.e2e
 

@@ -19,9 +19,9 @@ from strata.admin.v1 import admin_pb2
 from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 from strata.tenants.v1 import tenants_pb2
 
-from tests.e2e.conftest import bearer
-from tests.helpers import error_info
-from tests.stack import start_gateway, start_process, stop_process
+from tests.support.calls import bearer
+from tests.support.errors import error_info
+from tests.support.stack import start_gateway, start_process, stop_process
 
 # The stack's key cache TTL is 1 s: a stream must end within it, plus a lookup and scheduling.
 ENDS_WITHIN_S = 2.5

@@ -15,18 +15,13 @@ from strata.tenants.v1 import tenants_pb2, tenants_pb2_grpc
 
 from shared.identity import Caller
 from tests.conftest import signed_channel
-from tests.e2e.conftest import bearer
-from tests.helpers import error_info, field_violations
+from tests.support.calls import bearer
+from tests.support.documents import struct
+from tests.support.errors import error_info, field_violations
 
 pytestmark = pytest.mark.e2e
 
 _SCOPES = frozenset({"tenants:read", "tenants:write", "kv:read", "kv:write"})
-
-
-def struct(value: dict) -> struct_pb2.Struct:
-    data = struct_pb2.Struct()
-    data.update(value)
-    return data
 
 
 def record(record_id: str, data: dict) -> tenants_pb2.Record:

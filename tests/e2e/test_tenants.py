@@ -11,7 +11,7 @@ from typing import TypeVar
 import asyncpg
 import grpc
 import pytest
-from google.protobuf import field_mask_pb2, json_format, struct_pb2
+from google.protobuf import field_mask_pb2, json_format
 from strata.common.v1 import filter_pb2
 from strata.kv.v1 import kv_pb2
 from strata.tenants.v1 import tenants_pb2, tenants_pb2_grpc
@@ -19,35 +19,16 @@ from strata.tenants.v1 import tenants_pb2, tenants_pb2_grpc
 from shared.identity import ADMIN_SCOPE, OPERATOR_SCOPE, SCOPES, Caller
 from tests.chaos import provision_tenant
 from tests.conftest import signed_channel
-from tests.e2e.conftest import bearer
-from tests.helpers import error_info, field_violations
-from tests.stack import Stack, remove_data, start_stack
+from tests.support.calls import bearer
+from tests.support.documents import all_of, any_of, cond, none_of, struct
+from tests.support.errors import error_info, field_violations
+from tests.support.stack import Stack, remove_data, start_stack
 
 pytestmark = pytest.mark.e2e
 
 T = TypeVar("T")
 
 Status = tenants_pb2.TenantStatus
-
-
-def struct(value: dict) -> struct_pb2.Struct:
-    data = struct_pb2.Struct()
-    data.update(value)
-    return data
-
-
-def cond(path: str, op: str, value=None, values=None) -> filter_pb2.Filter:
-    condition = filter_pb2.Condition(path=path, op=filter_pb2.Operator.Value(op))
-    if value is not None:
-        condition.value.CopyFrom(json_format.ParseDict(value, struct_pb2.Value()))
-    for v in values or ():
-        condition.values.append(json_format.ParseDict(v, struct_pb2.Value()))
-    return filter_pb2.Filter(condition=condition)
-
-
-@pytest.fixture(scope="session")
-def gw_records(gateway_channel) -> tenants_pb2_grpc.RecordServiceStub:
-    return tenants_pb2_grpc.RecordServiceStub(gateway_channel)
 
 
 @pytest.fixture
@@ -880,18 +861,6 @@ NESTED_DOCS: dict[str, dict] = {
 def has(doc: dict, key: str, value) -> bool:
     """What OPERATOR_EQ means: the key is there with that value (and that JSON type: True is not 1)."""
     return key in doc and type(doc[key]) is type(value) and doc[key] == value
-
-
-def all_of(*filters: filter_pb2.Filter) -> filter_pb2.Filter:
-    return filter_pb2.Filter(all_of=filter_pb2.FilterList(filters=filters))
-
-
-def any_of(*filters: filter_pb2.Filter) -> filter_pb2.Filter:
-    return filter_pb2.Filter(any_of=filter_pb2.FilterList(filters=filters))
-
-
-def none_of(*filters: filter_pb2.Filter) -> filter_pb2.Filter:
-    return filter_pb2.Filter(none_of=filter_pb2.FilterList(filters=filters))
 
 
 NESTED_CASES = {

@@ -26,10 +26,10 @@ from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 
 from shared.ports import free_port
 from tests.conftest import PROJECT_ROOT
-from tests.e2e.conftest import bearer
-from tests.helpers import error_info
-from tests.pki import Authority, write_cert, write_key
-from tests.stack import Stack, start_gateway, stop_process
+from tests.support.calls import bearer
+from tests.support.errors import error_info
+from tests.support.pki import Authority, write_cert, write_key
+from tests.support.stack import Stack, run_to_exit, start_gateway, stop_process
 
 pytestmark = pytest.mark.e2e
 
@@ -258,16 +258,7 @@ async def test_grpcurl_lists_and_calls_through_mutual_tls(mtls_port, pki, stack,
 
 def run_gateway(stack: Stack, **extra: str) -> subprocess.CompletedProcess[str]:
     """``python -m gateway`` with the stack's environment plus ``extra``, to its exit."""
-    env = {**stack.env, "STRATA_GATEWAY_PORT": str(free_port()), **extra}
-    return subprocess.run(
-        [sys.executable, "-m", "gateway"],
-        cwd=PROJECT_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_to_exit("gateway", {**stack.env, "STRATA_GATEWAY_PORT": str(free_port()), **extra})
 
 
 def test_a_missing_certificate_file_exits_with_code_2_naming_the_variable(stack, pki, tmp_path):

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from tests.stack import grpcurl, remove_data, start_stack
+from tests.support.stack import grpcurl, remove_data, start_stack
 
 pytestmark = pytest.mark.e2e
 

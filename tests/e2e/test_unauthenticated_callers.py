@@ -14,9 +14,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 
-from tests.e2e.conftest import bearer
-from tests.helpers import error_info
-from tests.stack import start_gateway, stop_process
+from tests.support.calls import bearer
+from tests.support.errors import error_info
+from tests.support.stack import start_gateway, stop_process
 
 
 def rss_mib(pid: int) -> float:

@@ -14,7 +14,7 @@ import string
 import struct
 import time
 import uuid
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 
 import asyncpg
 import grpc
@@ -25,9 +25,10 @@ from strata.common.v1 import filter_pb2
 from strata.tenants.v1 import tenants_pb2
 from strata.vector.v1 import vector_pb2, vector_pb2_grpc
 
-from tests.e2e.conftest import bearer
-from tests.helpers import error_info, field_violations
-from tests.minilm import MiniLM
+from tests.support.calls import assert_invalid, bearer, rpc_error
+from tests.support.documents import cond
+from tests.support.errors import error_info
+from tests.support.minilm import MiniLM
 
 pytestmark = pytest.mark.e2e
 
@@ -67,13 +68,6 @@ def point(
     if data is not None:
         made.payload.CopyFrom(payload(data))
     return made
-
-
-def cond(path: str, op: str, value=None) -> filter_pb2.Filter:
-    condition = filter_pb2.Condition(path=path, op=filter_pb2.Operator.Value(op))
-    if value is not None:
-        condition.value.CopyFrom(json_format.ParseDict(value, struct_pb2.Value()))
-    return filter_pb2.Filter(condition=condition)
 
 
 def random_vectors(rng: random.Random, n: int, dim: int, scaled: bool = False) -> list[list[float]]:
@@ -143,18 +137,6 @@ def assert_ranking(
         assert abs(hit.score - actual) <= TOLERANCE, (hit.id, hit.score, actual)
         assert abs(hit.distance - expected_distance(metric, actual)) <= TOLERANCE, (hit.id, hit.distance)
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
-
-
-async def rpc_error(call: Awaitable) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    return caught.value
-
-
-def assert_invalid(error: grpc.aio.AioRpcError, field: str) -> None:
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
-    violations = field_violations(error)
-    assert field in violations, violations
 
 
 def assert_not_found(error: grpc.aio.AioRpcError) -> None:

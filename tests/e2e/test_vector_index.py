@@ -14,7 +14,6 @@ import grpc
 import pytest
 from strata.vector.v1 import vector_pb2
 
-from tests.e2e.conftest import bearer
 from tests.e2e.test_vector import (
     COSINE,
     L2,
@@ -30,7 +29,8 @@ from tests.e2e.test_vector import (
     search,
     upsert,
 )
-from tests.helpers import error_info
+from tests.support.calls import bearer
+from tests.support.errors import error_info
 
 pytestmark = pytest.mark.e2e
 

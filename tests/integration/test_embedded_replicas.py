@@ -21,7 +21,7 @@ import pytest
 from shared.backends import Backends
 from shared.embedded import EmbeddedPostgres, EmbeddedReplica
 from shared.ports import free_port
-from tests.replicas import pause_replay, replicated_backends, resume_replay, wait_replayed
+from tests.support.replicas import pause_replay, replicated_backends, resume_replay, wait_replayed
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SLOTS = ["strata_replica_1", "strata_replica_2"]

@@ -15,11 +15,12 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import json_format
 from strata.common.v1 import filter_pb2
 
 from shared.errors import StrataError, from_exception
 from shared.filters import SqlParams, compile_filter, json_path_sql
+from tests.support.documents import all_of, any_of, cond, make, none_of, null_cond
 
 SQL_NULL = object()
 """A row whose data column is SQL NULL (not a JSON null)."""
@@ -159,44 +160,6 @@ def reference_ids(node: filter_pb2.Filter) -> list[int]:
 
 
 # -- filters -------------------------------------------------------------------
-
-
-def make(spec: dict[str, Any]) -> filter_pb2.Filter:
-    return json_format.ParseDict(spec, filter_pb2.Filter())
-
-
-def cond(path: str, op: str, value: Any = None, *, values: list[Any] | None = None) -> dict[str, Any]:
-    condition: dict[str, Any] = {"path": path, "op": f"OPERATOR_{op}"}
-    if value is not None:
-        condition["value"] = value
-    if values is not None:
-        condition["values"] = values
-    return {"condition": condition}
-
-
-def null_cond(path: str, op: str) -> filter_pb2.Filter:
-    """A condition whose value is JSON null (ParseDict reads null as no value)."""
-    node = filter_pb2.Filter()
-    node.condition.path = path
-    node.condition.op = filter_pb2.Operator.Value(f"OPERATOR_{op}")
-    node.condition.value.null_value = struct_pb2.NULL_VALUE
-    return node
-
-
-def all_of(*filters: Any) -> dict[str, Any]:
-    return {"all_of": {"filters": [_dict(f) for f in filters]}}
-
-
-def any_of(*filters: Any) -> dict[str, Any]:
-    return {"any_of": {"filters": [_dict(f) for f in filters]}}
-
-
-def none_of(*filters: Any) -> dict[str, Any]:
-    return {"none_of": {"filters": [_dict(f) for f in filters]}}
-
-
-def _dict(node: Any) -> dict[str, Any]:
-    return json_format.MessageToDict(node) if isinstance(node, filter_pb2.Filter) else node
 
 
 HOSTILE = ["'; DROP TABLE x; --", "$1", "\\", "\\\\'", '"', "'", "') OR TRUE --", "{a,b}", "%", "_"]
@@ -349,7 +312,7 @@ async def test_selects_what_the_reference_selects(docs, name):
 
 async def test_the_reference_cases_are_not_trivial():
     # Guard against a reference that agrees with the SQL by selecting nothing.
-    nonempty = [name for name, spec in CASES.items() if reference_ids(make(_dict(spec)))]
+    nonempty = [name for name, spec in CASES.items() if reference_ids(make(spec))]
     assert len(nonempty) > len(CASES) // 2
 
 

@@ -11,7 +11,8 @@ from google.protobuf import duration_pb2
 from strata.kv.v1 import kv_pb2
 
 from shared.settings import Settings
-from tests.helpers import error_info, field_violations
+from tests.support.calls import assert_invalid, rpc_error
+from tests.support.errors import error_info, field_violations
 
 HOSTILE_STRINGS = [
     "'; DROP TABLE kv.entries; --",
@@ -21,16 +22,6 @@ HOSTILE_STRINGS = [
     "\u202e\u200b",
     "../../etc/passwd",
 ]
-
-
-async def assert_invalid(call, request, *fields: str) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call(request)
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    violations = field_violations(caught.value)
-    for field in fields:
-        assert field in violations, f"{field} not in {violations}"
-    assert error_info(caught.value).reason == "INVALID_ARGUMENT"
 
 
 # -- the store, as its owner sees it --------------------------------------------------
@@ -110,16 +101,21 @@ async def assert_nothing_written(
 )
 async def test_bad_names_are_rejected_on_every_keyed_call(kv, settings, namespace, key, fields):
     before = await store_revision(settings)
-    await assert_invalid(kv.Get, kv_pb2.GetRequest(namespace=namespace, key=key), *fields)
-    await assert_invalid(kv.Put, kv_pb2.PutRequest(namespace=namespace, key=key, value=b"v"), *fields)
-    await assert_invalid(kv.Delete, kv_pb2.DeleteRequest(namespace=namespace, key=key), *fields)
+    assert_invalid(await rpc_error(kv.Get(kv_pb2.GetRequest(namespace=namespace, key=key))), *fields)
+    assert_invalid(
+        await rpc_error(kv.Put(kv_pb2.PutRequest(namespace=namespace, key=key, value=b"v"))), *fields
+    )
+    assert_invalid(await rpc_error(kv.Delete(kv_pb2.DeleteRequest(namespace=namespace, key=key))), *fields)
     await assert_nothing_written(settings, before, (namespace, key))
 
 
 async def test_value_over_the_limit_is_rejected_and_not_written(kv, settings, namespace):
     before = await store_revision(settings)
-    await assert_invalid(
-        kv.Put, kv_pb2.PutRequest(namespace=namespace, key="big", value=b"x" * (1024 * 1024 + 1)), "value"
+    assert_invalid(
+        await rpc_error(
+            kv.Put(kv_pb2.PutRequest(namespace=namespace, key="big", value=b"x" * (1024 * 1024 + 1)))
+        ),
+        "value",
     )
     listed = await kv.List(kv_pb2.ListRequest(namespace=namespace, include_count=True))
     assert listed.total_count == 0
@@ -137,14 +133,15 @@ async def test_negative_ttl_is_rejected(kv, settings, namespace):
     request = kv_pb2.PutRequest(
         namespace=namespace, key="k", value=b"v", ttl=duration_pb2.Duration(seconds=-1)
     )
-    await assert_invalid(kv.Put, request, "ttl")
+    assert_invalid(await rpc_error(kv.Put(request)), "ttl")
     await assert_nothing_written(settings, before, (namespace, "k"))
 
 
 async def test_negative_if_revision_is_rejected(kv, settings, namespace):
     before = await store_revision(settings)
-    await assert_invalid(
-        kv.Put, kv_pb2.PutRequest(namespace=namespace, key="k", if_revision=-5), "if_revision"
+    assert_invalid(
+        await rpc_error(kv.Put(kv_pb2.PutRequest(namespace=namespace, key="k", if_revision=-5))),
+        "if_revision",
     )
     await assert_nothing_written(settings, before, (namespace, "k"))
 
@@ -152,7 +149,7 @@ async def test_negative_if_revision_is_rejected(kv, settings, namespace):
 async def test_content_type_with_control_characters_is_rejected(kv, settings, namespace):
     before = await store_revision(settings)
     request = kv_pb2.PutRequest(namespace=namespace, key="k", value=b"v", content_type="text/plain\r\nX: y")
-    await assert_invalid(kv.Put, request, "content_type")
+    assert_invalid(await rpc_error(kv.Put(request)), "content_type")
     await assert_nothing_written(settings, before, (namespace, "k"))
 
 
@@ -165,9 +162,8 @@ async def test_batch_put_reports_every_bad_item_by_index_and_writes_nothing(kv, 
         kv_pb2.BatchPutItem(key="dup", value=b"v"),
         kv_pb2.BatchPutItem(key="neg", value=b"v", ttl=duration_pb2.Duration(seconds=-3)),
     ]
-    await assert_invalid(
-        kv.BatchPut,
-        kv_pb2.BatchPutRequest(namespace=namespace, items=items),
+    assert_invalid(
+        await rpc_error(kv.BatchPut(kv_pb2.BatchPutRequest(namespace=namespace, items=items))),
         "items[1].key",
         "items[3].key",
         "items[4].ttl",
@@ -179,21 +175,26 @@ async def test_batch_put_reports_every_bad_item_by_index_and_writes_nothing(kv, 
 
 async def test_empty_and_oversized_batches_are_rejected(kv, settings, namespace):
     before = await store_revision(settings)
-    await assert_invalid(kv.BatchPut, kv_pb2.BatchPutRequest(namespace=namespace), "items")
-    await assert_invalid(kv.BatchGet, kv_pb2.BatchGetRequest(namespace=namespace), "keys")
+    assert_invalid(await rpc_error(kv.BatchPut(kv_pb2.BatchPutRequest(namespace=namespace))), "items")
+    assert_invalid(await rpc_error(kv.BatchGet(kv_pb2.BatchGetRequest(namespace=namespace))), "keys")
     keys = [f"k{i}" for i in range(1001)]
-    await assert_invalid(kv.BatchGet, kv_pb2.BatchGetRequest(namespace=namespace, keys=keys), "keys")
+    assert_invalid(
+        await rpc_error(kv.BatchGet(kv_pb2.BatchGetRequest(namespace=namespace, keys=keys))), "keys"
+    )
     items = [kv_pb2.BatchPutItem(key=key, value=b"v") for key in keys]
-    await assert_invalid(kv.BatchPut, kv_pb2.BatchPutRequest(namespace=namespace, items=items), "items")
+    assert_invalid(
+        await rpc_error(kv.BatchPut(kv_pb2.BatchPutRequest(namespace=namespace, items=items))), "items"
+    )
     await assert_nothing_written(settings, before, *((namespace, key) for key in keys))
 
 
 async def test_delete_needs_a_target_and_prefix_cannot_compare(kv, settings, namespace):
     kept = await kv.Put(kv_pb2.PutRequest(namespace=namespace, key="a1", value=b"v"))
     before = await store_revision(settings)
-    await assert_invalid(kv.Delete, kv_pb2.DeleteRequest(namespace=namespace), "key")
-    await assert_invalid(
-        kv.Delete, kv_pb2.DeleteRequest(namespace=namespace, prefix="a", if_revision=1), "if_revision"
+    assert_invalid(await rpc_error(kv.Delete(kv_pb2.DeleteRequest(namespace=namespace))), "key")
+    assert_invalid(
+        await rpc_error(kv.Delete(kv_pb2.DeleteRequest(namespace=namespace, prefix="a", if_revision=1))),
+        "if_revision",
     )
     await assert_nothing_written(settings, before)
     got = await kv.Get(kv_pb2.GetRequest(namespace=namespace, key="a1"))

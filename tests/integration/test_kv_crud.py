@@ -10,8 +10,8 @@ import pytest
 from google.protobuf import duration_pb2
 from strata.kv.v1 import kv_pb2
 
-from tests.helpers import error_info
 from tests.integration.test_kv_bad_input import store_revision, writes_since
+from tests.support.errors import error_info
 
 
 async def put(kv, namespace: str, key: str, value: bytes = b"v", **fields) -> kv_pb2.PutResponse:

@@ -11,7 +11,7 @@ from strata.kv.v1 import kv_pb2
 
 from shared.embedded import EmbeddedRedis
 from shared.redisclient import open_redis
-from tests.helpers import error_info
+from tests.support.errors import error_info
 
 
 @pytest.fixture

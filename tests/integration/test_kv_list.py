@@ -8,7 +8,7 @@ import grpc
 import pytest
 from strata.kv.v1 import kv_pb2
 
-from tests.helpers import field_violations
+from tests.support.errors import field_violations
 
 
 async def fill(kv, namespace: str, keys: list[str]) -> None:

@@ -8,7 +8,7 @@ from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 
 from shared.identity import Caller, sign_caller
 from tests.conftest import TENANT, TEST_INTERNAL_SECRET, signed_channel
-from tests.helpers import error_info
+from tests.support.errors import error_info
 
 GET = "/strata.kv.v1.KvService/Get"
 GET_BODY = kv_pb2.GetRequest(namespace="n", key="k").SerializeToString()  # what call_get sends

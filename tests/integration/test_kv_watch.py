@@ -15,7 +15,7 @@ from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 from services.kv import sweeper
 from services.kv.app import build_kv_server
 from tests.conftest import TENANT, signed_channel
-from tests.helpers import error_info
+from tests.support.errors import error_info
 
 PUT, DELETE, EXPIRE = kv_pb2.EVENT_TYPE_PUT, kv_pb2.EVENT_TYPE_DELETE, kv_pb2.EVENT_TYPE_EXPIRE
 

@@ -34,7 +34,7 @@ from shared.ports import free_port
 from shared.server import StrataServer
 from shared.settings import Settings
 from tests.conftest import TEST_INTERNAL_SECRET, signed_channel
-from tests.helpers import error_info, field_violations
+from tests.support.errors import error_info, field_violations
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("kv", "tenants", "vector", "admin")

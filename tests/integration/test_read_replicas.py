@@ -22,7 +22,7 @@ from shared.consistency import begin_call, format_lsn, required_lsn
 from shared.db import Database
 from shared.replicas import ReplicaSet
 from shared.settings import Settings
-from tests.replicas import pause_replay, replicated_backends, resume_replay, wait_replayed
+from tests.support.replicas import pause_replay, replicated_backends, resume_replay, wait_replayed
 
 T = TypeVar("T")
 PORT = "SELECT inet_server_port()"

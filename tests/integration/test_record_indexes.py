@@ -7,17 +7,11 @@ import uuid
 
 import asyncpg
 import pytest
-from google.protobuf import json_format, struct_pb2
 from strata.common.v1 import filter_pb2
 
 from shared.db import Database
 from shared.filters import SqlParams, compile_filter
-
-
-def condition(path: str, op: str, value) -> filter_pb2.Filter:
-    c = filter_pb2.Condition(path=path, op=filter_pb2.Operator.Value(op))
-    c.value.CopyFrom(json_format.ParseDict(value, struct_pb2.Value()))
-    return filter_pb2.Filter(condition=c)
+from tests.support.documents import cond
 
 
 @pytest.fixture
@@ -64,12 +58,12 @@ async def test_a_declared_index_serves_filters_on_its_path(db, settings):
         await owner.close()
     cases = [
         # jsonb comparisons use the jsonb index; string ranges and prefixes its text twin.
-        (condition("score", "OPERATOR_EQ", 42), created["r_name"], "{score}"),
-        (condition("score", "OPERATOR_GT", 19990), created["r_name"], "{score}"),
-        (condition("name", "OPERATOR_EQ", "n00042"), named["r_name"], "{name}"),
-        (condition("name", "OPERATOR_LT", "n00010"), f"{named['r_name']}_text", "{name}"),
-        (condition("name", "OPERATOR_GTE", "n19990"), f"{named['r_name']}_text", "{name}"),
-        (condition("name", "OPERATOR_PREFIX", "n1999"), f"{named['r_name']}_text", "{name}"),
+        (cond("score", "OPERATOR_EQ", 42), created["r_name"], "{score}"),
+        (cond("score", "OPERATOR_GT", 19990), created["r_name"], "{score}"),
+        (cond("name", "OPERATOR_EQ", "n00042"), named["r_name"], "{name}"),
+        (cond("name", "OPERATOR_LT", "n00010"), f"{named['r_name']}_text", "{name}"),
+        (cond("name", "OPERATOR_GTE", "n19990"), f"{named['r_name']}_text", "{name}"),
+        (cond("name", "OPERATOR_PREFIX", "n1999"), f"{named['r_name']}_text", "{name}"),
     ]
     for filter_, index, path in cases:
         plan = await explain(db, tenant, collection, filter_)

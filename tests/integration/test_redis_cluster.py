@@ -21,7 +21,7 @@ from shared.cache import CacheEntry, RevisionedCache, invalidate_prefix, redis_k
 from shared.redisclient import open_redis, ready
 from shared.slowlog import SlowLog, read_slow_queries
 from shared.stats import ProcessReporter, read_process_stats
-from tests.redis_cluster import RedisClusterProcesses
+from tests.support.redis_cluster import RedisClusterProcesses
 
 KEYS = [f"key-{i}".encode() for i in range(60)]
 

@@ -20,7 +20,7 @@ from shared.db import Database
 from shared.errors import StrataError
 from shared.identity import signing_interceptors
 from tests.conftest import TENANT, TEST_INTERNAL_SECRET, signed_channel
-from tests.helpers import error_info
+from tests.support.errors import error_info
 
 
 async def test_an_exhausted_pool_answers_unavailable_at_once_and_recovers(settings):

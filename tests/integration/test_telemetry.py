@@ -18,7 +18,7 @@ from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 from shared.ports import free_port
 from shared.settings import Settings
 from tests.conftest import PROJECT_ROOT, TENANT, signed_channel
-from tests.otlp import TraceReceiver, start_receiver
+from tests.support.otlp import TraceReceiver, start_receiver
 
 SERVER, CLIENT = 2, 3  # OTLP span kinds
 

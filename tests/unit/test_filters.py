@@ -7,11 +7,12 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 from strata.common.v1 import filter_pb2
 
 from shared.errors import StrataError
 from shared.filters import SqlParams, compile_filter, json_path_sql, validate_path
+from tests.support.documents import cond, make
 
 HOSTILE_STRINGS = [
     "'; DROP TABLE x; --",
@@ -27,20 +28,6 @@ HOSTILE_STRINGS = [
     "\u202e\u200b",
     "%_",
 ]
-
-
-def make(spec: dict[str, Any]) -> filter_pb2.Filter:
-    """A Filter from its JSON form, as grpcurl would send it."""
-    return json_format.ParseDict(spec, filter_pb2.Filter())
-
-
-def cond(path: str, op: str, value: Any = None, *, values: list[Any] | None = None) -> dict[str, Any]:
-    condition: dict[str, Any] = {"path": path, "op": f"OPERATOR_{op}"}
-    if value is not None:
-        condition["value"] = value
-    if values is not None:
-        condition["values"] = values
-    return {"condition": condition}
 
 
 def compile_(spec: dict[str, Any] | filter_pb2.Filter | None, start: int = 1) -> tuple[str, list[Any]]:

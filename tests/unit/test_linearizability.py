@@ -1,4 +1,4 @@
-"""tests/linearizability.py: the checker accepts linearizable histories and names the key of a violation."""
+"""tests/support/linearizability.py: the checker accepts linearizable histories and names the key of a violation."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.linearizability import (
+from tests.support.linearizability import (
     Aborted,
     Delete,
     Deleted,

@@ -7,7 +7,7 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 from gateway.proxy import _never_reached
-from tests.helpers import DETAILS_KEY
+from tests.support.errors import DETAILS_KEY
 
 
 def _error(code: grpc.StatusCode, details: str, reason: str | None = None) -> grpc.aio.AioRpcError:

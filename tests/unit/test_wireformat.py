@@ -16,7 +16,7 @@ from strata.tenants.v1 import tenants_pb2
 
 from shared.errors import FieldViolation
 from shared.wireformat import MAX_DEPTH, MAX_FIELDS, invalid_utf8_field
-from tests.protowire import length_delimited, parses, strings_as_bytes, varint
+from tests.support.protowire import length_delimited, parses, strings_as_bytes, varint
 
 BAD = b"\xc3\x28"  # a lead byte followed by no continuation byte
 FD = descriptor_pb2.FieldDescriptorProto

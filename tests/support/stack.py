@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import shutil
+import subprocess
 import sys
 import uuid
 from dataclasses import dataclass
@@ -129,6 +130,20 @@ async def start_process(stack: Stack, name: str, **extra: str) -> tuple[asyncio.
         process.kill()
         raise AssertionError(f"{name} did not start: {line!r}")
     return process, port
+
+
+def run_to_exit(module: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``python -m module`` with ``env`` (in a session of its own), run to its exit; output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", module],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        start_new_session=True,
+    )
 
 
 async def stop_process(process: asyncio.subprocess.Process) -> None:
