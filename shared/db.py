@@ -25,8 +25,6 @@ import grpc
 
 from shared.consistency import note_commit, parse_lsn
 from shared.errors import StrataError, unavailable
-from shared.redisclient import open_redis
-from shared.settings import Settings
 from shared.slowlog import SlowLog
 
 if TYPE_CHECKING:
@@ -173,24 +171,6 @@ class Database:
                     raise
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
-
-    @classmethod
-    async def for_service(cls, settings: Settings, service: str) -> Database:
-        """The pool a service process uses: ``settings``' database URL, pool sizes, slow-query
-        threshold, and its streaming replicas when ``DATABASE_READ_URLS`` names some."""
-        from shared.replicas import ReplicaSet
-
-        db = await cls.open(
-            settings.database_url,
-            min_size=settings.pool_min_size,
-            max_size=settings.pool_max_size,
-            slow_query_ms=settings.slow_query_ms,
-            application_name=f"strata-{service}",
-            slow_log=SlowLog(open_redis(settings.redis_url), service) if settings.redis_url else None,
-            acquire_timeout=settings.pool_acquire_timeout_s,
-        )
-        db.replicas = await ReplicaSet.open(settings, db, service)
-        return db
 
     async def close(self) -> None:
         """Close every connection (the replicas' too), waiting at most 5 s for ones in use."""

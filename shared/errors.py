@@ -26,6 +26,7 @@ __all__ = [
     "from_exception",
     "invalid_argument",
     "not_found",
+    "raise_invalid",
     "unavailable",
 ]
 
@@ -90,6 +91,12 @@ class StrataError(Exception):
     def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
         """Trailing metadata that carries :meth:`to_status`."""
         return ((DETAILS_KEY, self.to_status().SerializeToString()),)
+
+
+def raise_invalid(violations: list[FieldViolation], *, domain: str) -> None:
+    """Raise :func:`invalid_argument` naming ``violations``, if there are any."""
+    if violations:
+        raise invalid_argument(violations, domain=domain)
 
 
 def invalid_argument(violations: Iterable[FieldViolation], *, domain: str = "strata") -> StrataError:

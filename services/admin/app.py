@@ -11,9 +11,9 @@ from services.admin.keys import ApiKeyStore
 from services.admin.operations import Operations
 from services.admin.pitr import PointInTime
 from services.admin.servicer import AdminServicer
-from shared.db import Database
 from shared.redisclient import open_redis
 from shared.server import StrataServer, run_service
+from shared.service_db import open_service_database
 from shared.settings import ConfigError, Settings, require_internal_secret
 
 __all__ = ["build_admin_server", "main"]
@@ -25,7 +25,7 @@ async def build_admin_server(settings: Settings) -> StrataServer:
     """A ready-to-start admin server on ``settings``' database."""
     if len(settings.key_pepper) < 16:
         raise ConfigError("STRATA_KEY_PEPPER must be set (16+ characters); API key hashes depend on it")
-    db = await Database.for_service(settings, "admin")
+    db = await open_service_database(settings, "admin")
     server = StrataServer(settings, "admin")
     server.report("pool", db.pool_stats)
     operations = Operations.for_settings(settings, db, open_redis(settings.redis_url))

@@ -11,8 +11,8 @@ from services.kv.servicer import KvServicer
 from services.kv.store import KvStore
 from services.kv.sweeper import Sweeper
 from shared.cache import RevisionedCache
-from shared.db import Database
 from shared.server import StrataServer, run_service
+from shared.service_db import open_service_database
 from shared.settings import Settings
 
 __all__ = ["build_kv_server", "main"]
@@ -22,7 +22,7 @@ SERVICE = kv_pb2.DESCRIPTOR.services_by_name["KvService"]
 
 async def build_kv_server(settings: Settings) -> StrataServer:
     """A ready-to-start KV server on ``settings``' database and Redis."""
-    db = await Database.for_service(settings, "kv")
+    db = await open_service_database(settings, "kv")
     cache = RevisionedCache.for_service(settings, "kv")
     feed = RevisionFeed(settings.database_url)
     feed.start()

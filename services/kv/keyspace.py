@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from google.protobuf import duration_pb2
 from strata.kv.v1 import kv_pb2
 
-from shared.errors import FieldViolation, StrataError, aborted, invalid_argument
+from shared.errors import FieldViolation, StrataError, aborted, raise_invalid
 from shared.pagetoken import page_size
 from shared.settings import Settings
 
@@ -161,8 +161,7 @@ class Limits:
 
 def raise_if(errors: list[FieldViolation]) -> None:
     """Raise INVALID_ARGUMENT listing ``errors``, if any."""
-    if errors:
-        raise invalid_argument(errors, domain=DOMAIN)
+    raise_invalid(errors, domain=DOMAIN)
 
 
 def revision_mismatch(key: str, expected: int, current: int, revision: int) -> StrataError:

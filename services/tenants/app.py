@@ -5,11 +5,12 @@ from __future__ import annotations
 from strata.tenants.v1 import tenants_pb2
 
 from services.tenants.purge import TenantPurge
-from services.tenants.records import RecordServicer
+from services.tenants.records.servicer import RecordServicer
+from services.tenants.records.store import RecordStore
 from services.tenants.registry import TenantServicer
 from shared.cache import RevisionedCache
-from shared.db import Database
 from shared.server import StrataServer, run_service
+from shared.service_db import open_service_database
 from shared.settings import Settings
 
 __all__ = ["build_tenants_server", "main"]
@@ -20,14 +21,14 @@ RECORD_SERVICE = tenants_pb2.DESCRIPTOR.services_by_name["RecordService"]
 
 async def build_tenants_server(settings: Settings) -> StrataServer:
     """A ready-to-start tenants server on ``settings``' database."""
-    db = await Database.for_service(settings, "tenants")
+    db = await open_service_database(settings, "tenants")
     cache = RevisionedCache.for_service(settings, "records")
     purge = TenantPurge(db, cache, settings)
     server = StrataServer(settings, "tenants")
     server.report("pool", db.pool_stats)
     server.report("cache", cache.snapshot)
     server.add_servicer(TenantServicer(db, purge), TENANT_SERVICE)
-    server.add_servicer(RecordServicer(db, cache, settings.max_message_bytes), RECORD_SERVICE)
+    server.add_servicer(RecordServicer(RecordStore(db), cache, settings.max_message_bytes), RECORD_SERVICE)
     server.after_drain(purge.close)
     server.after_drain(cache.close)
     server.after_drain(db.close)

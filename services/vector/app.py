@@ -6,8 +6,8 @@ from strata.vector.v1 import vector_pb2
 
 from services.vector.servicer import VectorServicer
 from services.vector.store import VectorStore
-from shared.db import Database
 from shared.server import StrataServer, run_service
+from shared.service_db import open_service_database
 from shared.settings import Settings
 
 __all__ = ["build_vector_server", "main"]
@@ -17,7 +17,7 @@ SERVICE = vector_pb2.DESCRIPTOR.services_by_name["VectorService"]
 
 async def build_vector_server(settings: Settings) -> StrataServer:
     """A ready-to-start vector server on ``settings``' database."""
-    db = await Database.for_service(settings, "vector")
+    db = await open_service_database(settings, "vector")
     server = StrataServer(settings, "vector")
     server.report("pool", db.pool_stats)
     server.add_servicer(VectorServicer(VectorStore(db), settings.max_message_bytes), SERVICE)

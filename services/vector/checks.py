@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from strata.vector.v1 import vector_pb2
 
 from services.vector.model import DOMAIN, HNSW, IVFFLAT, NO_INDEX, Collection, IndexSpec
-from shared.errors import FieldViolation, invalid_argument
+from shared.errors import FieldViolation, invalid_argument, raise_invalid
 
 __all__ = [
     "MAX_BATCH",
@@ -45,8 +45,7 @@ _HIT_OVERHEAD_BYTES = 32
 
 def raise_if(errors: list[FieldViolation]) -> None:
     """INVALID_ARGUMENT with ``errors``, if there are any."""
-    if errors:
-        raise invalid_argument(errors, domain=DOMAIN)
+    raise_invalid(errors, domain=DOMAIN)
 
 
 def check_name(name: str, field: str, errors: list[FieldViolation]) -> None:

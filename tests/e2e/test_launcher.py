@@ -38,6 +38,7 @@ from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 from shared.launcher import DEV_KEY_FILE
 from shared.ports import free_port
 from tests.support.errors import DETAILS_KEY, error_info
+from tests.support.stack import run_to_exit
 
 pytestmark = pytest.mark.e2e
 
@@ -660,16 +661,7 @@ def test_a_bad_port_setting_exits_with_code_2_naming_the_variable(variable):
     data_dir = new_data_dir()
     env = Launcher(data_dir, {variable: "abc"}).environment()
     try:
-        result = subprocess.run(
-            [str(PYTHON), "-m", "shared.launcher"],
-            cwd=PROJECT_ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-            start_new_session=True,
-        )
+        result = run_to_exit("shared.launcher", env)
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
     assert result.returncode == 2, result.stdout + result.stderr

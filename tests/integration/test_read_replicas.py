@@ -21,6 +21,7 @@ from shared.backends import Backends
 from shared.consistency import begin_call, format_lsn, required_lsn
 from shared.db import Database
 from shared.replicas import ReplicaSet
+from shared.service_db import open_service_database
 from shared.settings import Settings
 from tests.support.replicas import pause_replay, replicated_backends, resume_replay, wait_replayed
 
@@ -58,7 +59,7 @@ def _settings(cluster: Backends, **overrides: Any) -> Settings:
 @pytest.fixture
 async def db(cluster: Backends) -> AsyncIterator[Database]:
     """The primary's Database with the two replicas (round robin), as a service opens it."""
-    database = await Database.for_service(_settings(cluster, read_strategy="round_robin"), "test")
+    database = await open_service_database(_settings(cluster, read_strategy="round_robin"), "test")
     assert database.replicas is not None
     yield database
     await database.close()
@@ -91,7 +92,7 @@ async def test_reads_spread_over_the_replicas_and_never_reach_the_primary(cluste
 
 
 async def test_least_in_flight_sends_concurrent_reads_to_the_idler_replica(cluster):
-    database = await Database.for_service(_settings(cluster, read_strategy="least_in_flight"), "test")
+    database = await open_service_database(_settings(cluster, read_strategy="least_in_flight"), "test")
     try:
         _, replicas = _ports(cluster)
         slow = "SELECT inet_server_port() FROM pg_sleep(0.2)"
@@ -102,7 +103,7 @@ async def test_least_in_flight_sends_concurrent_reads_to_the_idler_replica(clust
 
 
 async def test_lowest_latency_prefers_the_replica_answering_faster(cluster):
-    database = await Database.for_service(_settings(cluster, read_strategy="lowest_latency"), "test")
+    database = await open_service_database(_settings(cluster, read_strategy="lowest_latency"), "test")
     try:
         _, replicas = _ports(cluster)
         assert database.replicas is not None
@@ -200,7 +201,7 @@ async def test_a_replica_stopped_under_load_fails_no_read_and_serves_again_once_
 
 
 async def test_replay_lag_past_the_bound_opens_the_breaker_until_it_catches_up(cluster):
-    database = await Database.for_service(_settings(cluster, replica_max_lag_bytes=4096), "test")
+    database = await open_service_database(_settings(cluster, replica_max_lag_bytes=4096), "test")
     try:
         assert database.replicas is not None
         _, replicas = _ports(cluster)
@@ -238,7 +239,7 @@ async def test_replay_lag_past_the_bound_opens_the_breaker_until_it_catches_up(c
 async def test_a_replica_that_is_not_in_recovery_is_never_read(cluster):
     # The primary named as a "replica": what a promoted replica looks like.
     settings = Settings(database_url=cluster.database_url, database_read_urls=(cluster.database_url,))
-    database = await Database.for_service(settings, "test")
+    database = await open_service_database(settings, "test")
     try:
         assert database.replicas is not None
         (state,) = database.replicas.status()

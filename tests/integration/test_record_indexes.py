@@ -14,13 +14,6 @@ from shared.filters import SqlParams, compile_filter
 from tests.support.documents import cond
 
 
-@pytest.fixture
-async def db(settings):
-    database = await Database.open(settings.database_url, min_size=1, max_size=2)
-    yield database
-    await database.close()
-
-
 async def explain(db: Database, tenant: str, collection: str, filter_: filter_pb2.Filter) -> str:
     """The plan of ListRecords' query (default order, first page) for ``filter_``; no planner settings."""
     params = SqlParams()

@@ -11,13 +11,6 @@ from shared.db import Database
 
 
 @pytest.fixture
-async def db(settings):
-    database = await Database.open(settings.database_url, min_size=1, max_size=1)
-    yield database
-    await database.close()
-
-
-@pytest.fixture
 def collection() -> str:
     return f"rls-{uuid.uuid4().hex[:8]}"
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator
 
 import pytest
 from strata.vector.v1 import vector_pb2
@@ -23,10 +22,8 @@ L2 = vector_pb2.METRIC_L2
 
 
 @pytest.fixture
-async def store(settings) -> AsyncIterator[VectorStore]:
-    db = await Database.open(settings.database_url, min_size=1, max_size=2)
-    yield VectorStore(db)
-    await db.close()
+def store(db: Database) -> VectorStore:
+    return VectorStore(db)
 
 
 @pytest.fixture

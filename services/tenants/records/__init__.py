@@ -1,0 +1,1 @@
+"""RecordService: the servicer (checks, cache, answers), its store (SQL), checks and mapping."""
