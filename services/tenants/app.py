@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from strata.tenants.v1 import tenants_pb2
 
-from services.tenants.purge import TenantPurge
 from services.tenants.records.servicer import RecordServicer
 from services.tenants.records.store import RecordStore
-from services.tenants.registry import TenantServicer
+from services.tenants.registry.purge import TenantPurge
+from services.tenants.registry.servicer import TenantServicer
+from services.tenants.registry.store import TenantStore
 from shared.cache import RevisionedCache
 from shared.server import StrataServer, run_service
 from shared.service_db import open_service_database
@@ -23,11 +24,11 @@ async def build_tenants_server(settings: Settings) -> StrataServer:
     """A ready-to-start tenants server on ``settings``' database."""
     db = await open_service_database(settings, "tenants")
     cache = RevisionedCache.for_service(settings, "records")
-    purge = TenantPurge(db, cache, settings)
+    purge = TenantPurge(cache, settings)
     server = StrataServer(settings, "tenants")
     server.report("pool", db.pool_stats)
     server.report("cache", cache.snapshot)
-    server.add_servicer(TenantServicer(db, purge), TENANT_SERVICE)
+    server.add_servicer(TenantServicer(TenantStore(db), purge), TENANT_SERVICE)
     server.add_servicer(RecordServicer(RecordStore(db), cache, settings.max_message_bytes), RECORD_SERVICE)
     server.after_drain(purge.close)
     server.after_drain(cache.close)

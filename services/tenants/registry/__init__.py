@@ -1,0 +1,1 @@
+"""TenantService: the servicer (checks, cascades, answers), its store (SQL), checks and mapping."""
