@@ -6,11 +6,12 @@ from another query (another namespace, filter or bound) answers
 INVALID_ARGUMENT on ``page_token`` instead of returning a wrong page.
 
 Tokens are signed with a key derived from the deployment's
-``STRATA_INTERNAL_SECRET`` (:func:`configure_page_tokens`, called when a
-:class:`shared.server.StrataServer` is built), so only Strata can mint one:
-a cursor a caller chose never reaches a query. Cursors are still checked for
-type (:func:`page_cursor`, :func:`invalid_page_token`), so that even a
-forged but correctly signed token answers INVALID_ARGUMENT, never INTERNAL.
+``STRATA_INTERNAL_SECRET`` (:class:`PageTokens`, which each service's ``app.py``
+builds from its settings and hands to the servicers that page), so only
+Strata can mint one: a cursor a caller chose never reaches a query. Cursors
+are still checked for type (:meth:`PageTokens.cursor`,
+:func:`invalid_page_token`), so that even a forged but correctly signed
+token answers INVALID_ARGUMENT, never INTERNAL.
 """
 
 from __future__ import annotations
@@ -27,11 +28,8 @@ from shared.errors import FieldViolation, StrataError, invalid_argument
 __all__ = [
     "DEFAULT_PAGE_SIZE",
     "MAX_PAGE_SIZE",
-    "configure_page_tokens",
-    "decode_page_token",
-    "encode_page_token",
+    "PageTokens",
     "invalid_page_token",
-    "page_cursor",
     "page_size",
     "page_token_key",
 ]
@@ -45,27 +43,11 @@ _SIGNATURE_BYTES = 12
 # Domain separation: the internal secret also signs caller identities.
 _KEY_LABEL = b"strata-page-token-v1"
 _INT64 = range(-(2**63), 2**63)
-# Set once per process by configure_page_tokens (every process of one
-# deployment shares the secret, so any replica verifies any replica's tokens).
-_key: bytes | None = None
 
 
 def page_token_key(secret: bytes) -> bytes:
     """The page-token signing key of the deployment whose internal secret is ``secret``."""
     return hmac.new(secret, _KEY_LABEL, hashlib.sha256).digest()
-
-
-def configure_page_tokens(secret: bytes) -> None:
-    """Sign and verify this process's page tokens with the key derived from ``secret``."""
-    global _key
-    _key = page_token_key(secret)
-
-
-def _signing_key() -> bytes:
-    # No silent fallback to a built-in key: that would let callers mint tokens again.
-    if _key is None:
-        raise RuntimeError("page tokens are not configured: call configure_page_tokens(secret) first")
-    return _key
 
 
 def invalid_page_token(domain: str = "strata") -> StrataError:
@@ -81,37 +63,6 @@ def _fingerprint(query: Sequence[Any]) -> str:
     return hashlib.sha256(raw).hexdigest()[:24]
 
 
-def encode_page_token(query: Sequence[Any], cursor: Any) -> str:
-    """A token for the page after ``cursor`` of ``query`` (JSON-serialisable values)."""
-    body = json.dumps(
-        {"v": _VERSION, "q": _fingerprint(query), "c": cursor}, separators=(",", ":"), ensure_ascii=False
-    ).encode()
-    signature = hmac.new(_signing_key(), body, hashlib.sha256).digest()[:_SIGNATURE_BYTES]
-    return base64.urlsafe_b64encode(signature + body).decode().rstrip("=")
-
-
-def decode_page_token(token: str, query: Sequence[Any], *, domain: str = "strata") -> Any:
-    """The cursor inside ``token``; INVALID_ARGUMENT unless it was made for ``query``."""
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        signature, body = raw[:_SIGNATURE_BYTES], raw[_SIGNATURE_BYTES:]
-        if not hmac.compare_digest(
-            signature, hmac.new(_signing_key(), body, hashlib.sha256).digest()[:_SIGNATURE_BYTES]
-        ):
-            raise ValueError("signature")
-        decoded = json.loads(body)
-        if not isinstance(decoded, dict) or decoded.get("v") != _VERSION:
-            raise ValueError("version")
-    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: JSON nested too deep
-        raise invalid_page_token(domain) from None
-    if decoded.get("q") != _fingerprint(query):
-        raise invalid_argument(
-            [FieldViolation("page_token", "belongs to a different query; keep every other field the same")],
-            domain=domain,
-        )
-    return decoded.get("c")
-
-
 def page_size(value: int, errors: list[FieldViolation]) -> int:
     """The page size for a request's ``page_size``: 0 means the default; out of range is a violation."""
     if not 0 <= value <= MAX_PAGE_SIZE:
@@ -119,20 +70,61 @@ def page_size(value: int, errors: list[FieldViolation]) -> int:
     return value or DEFAULT_PAGE_SIZE
 
 
-def page_cursor(token: str, query: Sequence[Any], first: _T, *, domain: str = "strata") -> _T:
-    """The cursor in ``token`` (see :func:`decode_page_token`), or ``first`` when there is no token.
+class PageTokens:
+    """Mints and reads the page tokens of one deployment (every process of it shares the secret,
+    so any replica reads any replica's tokens)."""
 
-    For single-value cursors (a name, an id): the cursor must be of ``first``'s
-    type (``str`` or ``int``), an ``int`` within 64 bits and a ``str`` without
-    NUL (nothing Postgres returns), or the token is INVALID_ARGUMENT.
-    """
-    if not token:
-        return first
-    cursor = decode_page_token(token, query, domain=domain)
-    # The exact type: a JSON true is no integer cursor.
-    if type(cursor) is not type(first) or not _storable(cursor):
-        raise invalid_page_token(domain)
-    return cursor
+    def __init__(self, secret: bytes) -> None:
+        """``secret``: the deployment's ``STRATA_INTERNAL_SECRET``."""
+        self._key = page_token_key(secret)
+
+    def encode(self, query: Sequence[Any], cursor: Any) -> str:
+        """A token for the page after ``cursor`` of ``query`` (JSON-serialisable values)."""
+        body = json.dumps(
+            {"v": _VERSION, "q": _fingerprint(query), "c": cursor}, separators=(",", ":"), ensure_ascii=False
+        ).encode()
+        signature = hmac.new(self._key, body, hashlib.sha256).digest()[:_SIGNATURE_BYTES]
+        return base64.urlsafe_b64encode(signature + body).decode().rstrip("=")
+
+    def decode(self, token: str, query: Sequence[Any], *, domain: str = "strata") -> Any:
+        """The cursor inside ``token``; INVALID_ARGUMENT unless it was made for ``query``."""
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+            signature, body = raw[:_SIGNATURE_BYTES], raw[_SIGNATURE_BYTES:]
+            if not hmac.compare_digest(
+                signature, hmac.new(self._key, body, hashlib.sha256).digest()[:_SIGNATURE_BYTES]
+            ):
+                raise ValueError("signature")
+            decoded = json.loads(body)
+            if not isinstance(decoded, dict) or decoded.get("v") != _VERSION:
+                raise ValueError("version")
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: JSON nested too deep
+            raise invalid_page_token(domain) from None
+        if decoded.get("q") != _fingerprint(query):
+            raise invalid_argument(
+                [
+                    FieldViolation(
+                        "page_token", "belongs to a different query; keep every other field the same"
+                    )
+                ],
+                domain=domain,
+            )
+        return decoded.get("c")
+
+    def cursor(self, token: str, query: Sequence[Any], first: _T, *, domain: str = "strata") -> _T:
+        """The cursor in ``token`` (see :meth:`decode`), or ``first`` when there is no token.
+
+        For single-value cursors (a name, an id): the cursor must be of ``first``'s
+        type (``str`` or ``int``), an ``int`` within 64 bits and a ``str`` without
+        NUL (nothing Postgres returns), or the token is INVALID_ARGUMENT.
+        """
+        if not token:
+            return first
+        cursor = self.decode(token, query, domain=domain)
+        # The exact type: a JSON true is no integer cursor.
+        if type(cursor) is not type(first) or not _storable(cursor):
+            raise invalid_page_token(domain)
+        return cursor
 
 
 def _storable(cursor: Any) -> bool:

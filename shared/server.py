@@ -31,7 +31,6 @@ from shared.consistency import TOKEN_KEY, begin_call, format_lsn
 from shared.errors import FieldViolation, StrataError, from_exception, invalid_argument
 from shared.identity import set_current_caller, verify_caller
 from shared.metrics import Metrics
-from shared.pagetoken import configure_page_tokens
 from shared.redisclient import open_redis
 from shared.reflection import add_reflection
 from shared.settings import ConfigError, Settings, load_settings, require_internal_secret
@@ -105,8 +104,6 @@ class StrataServer:
         self._stopping = asyncio.Event()
         self._gate = CallGate(settings.max_calls_in_flight)
         self._secret = require_internal_secret(settings)
-        # Page tokens are signed per deployment, so callers cannot mint cursors.
-        configure_page_tokens(self._secret)
         self.port = 0
         self.reporter: ProcessReporter | None = None
         if settings.redis_url:

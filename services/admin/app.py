@@ -11,6 +11,7 @@ from services.admin.keys import ApiKeyStore
 from services.admin.operations import Operations
 from services.admin.pitr import PointInTime
 from services.admin.servicer import AdminServicer
+from shared.pagetoken import PageTokens
 from shared.redisclient import open_redis
 from shared.server import StrataServer, run_service
 from shared.service_db import open_service_database
@@ -35,7 +36,11 @@ async def build_admin_server(settings: Settings) -> StrataServer:
     server.after_drain(pitr.close)  # stops the point-in-time branches' servers
     signer = ArchiveSigner(require_internal_secret(settings))
     backups = Backups(db, settings.migrate_database_url, settings.restore_max_bytes, signer, pitr)
-    servicer = AdminServicer(ApiKeyStore(db), settings.key_pepper.encode(), operations, backups, AuditLog(db))
+    tokens = PageTokens(require_internal_secret(settings))
+    keys = ApiKeyStore(db)
+    servicer = AdminServicer(
+        keys, settings.key_pepper.encode(), operations, backups, AuditLog(db, tokens), tokens
+    )
     server.add_servicer(servicer, SERVICE)
     server.after_drain(db.close)
     return server

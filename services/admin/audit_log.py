@@ -11,7 +11,7 @@ from strata.admin.v1 import admin_pb2
 from shared.db import Database
 from shared.errors import FieldViolation, invalid_argument
 from shared.filters import SqlParams
-from shared.pagetoken import encode_page_token, page_cursor, page_size
+from shared.pagetoken import PageTokens, page_size
 from shared.timestamps import to_timestamp
 
 __all__ = ["AuditLog"]
@@ -24,8 +24,9 @@ _ACTION_RE = re.compile(r"/[A-Za-z0-9_.]+/[A-Za-z0-9_]+")
 class AuditLog:
     """Pages through admin.audit_log, newest first."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, tokens: PageTokens) -> None:
         self._db = db
+        self._tokens = tokens
 
     async def page(
         self, request: admin_pb2.ListAuditEventsRequest, actor_tenant: str | None, timeout: float
@@ -54,8 +55,8 @@ class AuditLog:
             start.isoformat() if start else "",
             end.isoformat() if end else "",
         ]
-        # page_cursor refuses a cursor that is not a 64-bit integer (INVALID_ARGUMENT on page_token).
-        before = page_cursor(request.page_token, query, 0, domain=DOMAIN)
+        # PageTokens.cursor refuses a cursor that is not a 64-bit integer (INVALID_ARGUMENT on page_token).
+        before = self._tokens.cursor(request.page_token, query, 0, domain=DOMAIN)
         params = SqlParams()
         conditions = []
         if before:
@@ -93,7 +94,7 @@ class AuditLog:
             )
             event.details.update(json.loads(row["details"]))
         if len(rows) > size:
-            response.next_page_token = encode_page_token(query, rows[size - 1]["id"])
+            response.next_page_token = self._tokens.encode(query, rows[size - 1]["id"])
         return response
 
 

@@ -21,7 +21,7 @@ from shared.apikeys import new_api_key, parse_api_key, secrets_match
 from shared.db import deadline_timeout
 from shared.errors import FieldViolation, StrataError, invalid_argument, not_found
 from shared.identity import ADMIN_SCOPE, INTERNAL_SCOPE, OPERATOR_SCOPE, SCOPES, Caller, require_scope
-from shared.pagetoken import encode_page_token, page_cursor, page_size
+from shared.pagetoken import PageTokens, page_size
 
 __all__ = ["AdminServicer"]
 
@@ -36,9 +36,16 @@ class AdminServicer:
     """Serves AdminService from the admin schema."""
 
     def __init__(
-        self, keys: ApiKeyStore, pepper: bytes, operations: Operations, backups: Backups, audit: AuditLog
+        self,
+        keys: ApiKeyStore,
+        pepper: bytes,
+        operations: Operations,
+        backups: Backups,
+        audit: AuditLog,
+        tokens: PageTokens,
     ) -> None:
         self._keys = keys
+        self._tokens = tokens
         self._pepper = pepper
         self._operations = operations
         self._backups = backups
@@ -102,13 +109,13 @@ class AdminServicer:
         tenant = request.tenant if caller.is_operator else request.tenant or caller.tenant
         _own_tenant(caller, tenant)
         query = ["admin.ListApiKeys", tenant, request.include_revoked]
-        after = page_cursor(request.page_token, query, "", domain=DOMAIN)
+        after = self._tokens.cursor(request.page_token, query, "", domain=DOMAIN)
         rows = await self._keys.page(
             tenant, request.include_revoked, str(after), size + 1, timeout=deadline_timeout(context)
         )
         response = admin_pb2.ListApiKeysResponse(keys=[row_to_key(r) for r in rows[:size]])
         if len(rows) > size:
-            response.next_page_token = encode_page_token(query, rows[size - 1]["key_id"])
+            response.next_page_token = self._tokens.encode(query, rows[size - 1]["key_id"])
         return response
 
     async def RevokeApiKey(

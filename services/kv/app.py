@@ -11,9 +11,10 @@ from services.kv.servicer import KvServicer
 from services.kv.store import KvStore
 from services.kv.sweeper import Sweeper
 from shared.cache import RevisionedCache
+from shared.pagetoken import PageTokens
 from shared.server import StrataServer, run_service
 from shared.service_db import open_service_database
-from shared.settings import Settings
+from shared.settings import Settings, require_internal_secret
 
 __all__ = ["build_kv_server", "main"]
 
@@ -36,7 +37,12 @@ async def build_kv_server(settings: Settings) -> StrataServer:
     server.report("pool", db.pool_stats)
     server.report("cache", cache.snapshot)
     server.report("group_commit", store.group_commit_stats)
-    server.add_servicer(KvServicer(store, cache, publisher, feed, Limits(settings)), SERVICE)
+    server.add_servicer(
+        KvServicer(
+            store, cache, publisher, feed, Limits(settings), PageTokens(require_internal_secret(settings))
+        ),
+        SERVICE,
+    )
     # Watch streams end first (clients resume elsewhere), then in-flight calls drain.
     server.on_shutdown(feed.close)
     server.on_shutdown(sweeper.close)

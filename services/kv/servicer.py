@@ -32,7 +32,7 @@ from shared.db import deadline_timeout
 from shared.errors import FieldViolation, StrataError, not_found
 from shared.groupcommit import finish_despite_caller
 from shared.identity import INTERNAL_SCOPE, require_scope
-from shared.pagetoken import encode_page_token, page_cursor
+from shared.pagetoken import PageTokens
 
 __all__ = ["KvServicer"]
 
@@ -53,6 +53,7 @@ class KvServicer:
         publisher: WritePublisher,
         feed: RevisionFeed,
         limits: Limits,
+        tokens: PageTokens,
     ) -> None:
         """``publisher``: the one ``store`` was built with (it tells cache and feed of puts; deletes
         are told here)."""
@@ -61,6 +62,7 @@ class KvServicer:
         self._publisher = publisher
         self._feed = feed
         self._limits = limits
+        self._tokens = tokens
 
     # -- reads -------------------------------------------------------------
 
@@ -139,8 +141,10 @@ class KvServicer:
             request.end_key,
             request.keys_only,
         ]
-        # The last key of the page before (page_cursor refuses anything else); None on the first page.
-        after = page_cursor(request.page_token, query, "", domain=DOMAIN) if request.page_token else None
+        # The last key of the page before (PageTokens.cursor refuses anything else); None on the first page.
+        after = (
+            self._tokens.cursor(request.page_token, query, "", domain=DOMAIN) if request.page_token else None
+        )
         timeout = deadline_timeout(context)
         budget = answer_budget(self._limits.max_message_bytes)
         rows, cut = await self._store.list_page(
@@ -159,7 +163,7 @@ class KvServicer:
         kvs = [entry_to_kv(namespace, row) for row in rows[:page_size]]
         response = kv_pb2.ListResponse(kvs=kvs)
         if cut or len(rows) > page_size:
-            response.next_page_token = encode_page_token(query, kvs[-1].key)
+            response.next_page_token = self._tokens.encode(query, kvs[-1].key)
         if request.include_count:
             response.total_count = await self._store.count(tenant, namespace, keys, timeout=timeout)
         response.header.CopyFrom(self._header(max((kv.mod_revision for kv in kvs), default=0)))

@@ -10,9 +10,10 @@ from services.tenants.registry.purge import TenantPurge
 from services.tenants.registry.servicer import TenantServicer
 from services.tenants.registry.store import TenantStore
 from shared.cache import RevisionedCache
+from shared.pagetoken import PageTokens
 from shared.server import StrataServer, run_service
 from shared.service_db import open_service_database
-from shared.settings import Settings
+from shared.settings import Settings, require_internal_secret
 
 __all__ = ["build_tenants_server", "main"]
 
@@ -25,11 +26,16 @@ async def build_tenants_server(settings: Settings) -> StrataServer:
     db = await open_service_database(settings, "tenants")
     cache = RevisionedCache.for_service(settings, "records")
     purge = TenantPurge(cache, settings)
+    tokens = PageTokens(require_internal_secret(settings))
     server = StrataServer(settings, "tenants")
     server.report("pool", db.pool_stats)
     server.report("cache", cache.snapshot)
-    server.add_servicer(TenantServicer(TenantStore(db), purge), TENANT_SERVICE)
-    server.add_servicer(RecordServicer(RecordStore(db), cache, settings.max_message_bytes), RECORD_SERVICE)
+    server.add_servicer(
+        TenantServicer(TenantStore(db), purge, tokens, settings.max_message_bytes), TENANT_SERVICE
+    )
+    server.add_servicer(
+        RecordServicer(RecordStore(db), cache, tokens, settings.max_message_bytes), RECORD_SERVICE
+    )
     server.after_drain(purge.close)
     server.after_drain(cache.close)
     server.after_drain(db.close)

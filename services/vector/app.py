@@ -6,9 +6,10 @@ from strata.vector.v1 import vector_pb2
 
 from services.vector.servicer import VectorServicer
 from services.vector.store import VectorStore
+from shared.pagetoken import PageTokens
 from shared.server import StrataServer, run_service
 from shared.service_db import open_service_database
-from shared.settings import Settings
+from shared.settings import Settings, require_internal_secret
 
 __all__ = ["build_vector_server", "main"]
 
@@ -20,7 +21,12 @@ async def build_vector_server(settings: Settings) -> StrataServer:
     db = await open_service_database(settings, "vector")
     server = StrataServer(settings, "vector")
     server.report("pool", db.pool_stats)
-    server.add_servicer(VectorServicer(VectorStore(db), settings.max_message_bytes), SERVICE)
+    server.add_servicer(
+        VectorServicer(
+            VectorStore(db), PageTokens(require_internal_secret(settings)), settings.max_message_bytes
+        ),
+        SERVICE,
+    )
     server.after_drain(db.close)
     return server
 

@@ -44,7 +44,7 @@ from shared.db import deadline_timeout
 from shared.documents import document_json
 from shared.errors import FieldViolation, already_exists, not_found
 from shared.identity import require_scope
-from shared.pagetoken import encode_page_token, page_cursor, page_size
+from shared.pagetoken import PageTokens, page_size
 
 __all__ = ["VectorServicer"]
 
@@ -55,9 +55,10 @@ READ, WRITE = "vector:read", "vector:write"
 class VectorServicer:
     """Serves VectorService from a :class:`VectorStore`."""
 
-    def __init__(self, store: VectorStore, max_response_bytes: int = 8 * 1024 * 1024) -> None:
+    def __init__(self, store: VectorStore, tokens: PageTokens, max_response_bytes: int) -> None:
         """``max_response_bytes``: the largest answer sent (STRATA_MAX_MESSAGE_BYTES)."""
         self._store = store
+        self._tokens = tokens
         self._max_response = max_response_bytes
 
     # -- collections -------------------------------------------------------
@@ -102,12 +103,12 @@ class VectorServicer:
         size = page_size(request.page_size, errors)
         raise_if(errors)
         query = ["vector.ListCollections", tenant]
-        after = page_cursor(request.page_token, query, "", domain=DOMAIN)
+        after = self._tokens.cursor(request.page_token, query, "", domain=DOMAIN)
         async with self._store.transaction(tenant, timeout=deadline_timeout(context)) as tx:
             rows = await tx.list_collections(str(after), size + 1)
         response = vector_pb2.ListCollectionsResponse(collections=[describe(r, 0) for r in rows[:size]])
         if len(rows) > size:
-            response.next_page_token = encode_page_token(query, rows[size - 1].collection.name)
+            response.next_page_token = self._tokens.encode(query, rows[size - 1].collection.name)
         return response
 
     async def DeleteCollection(
@@ -230,7 +231,7 @@ class VectorServicer:
             request.collection,
             request.filter.SerializeToString(deterministic=True).hex(),
         ]
-        after = page_cursor(request.page_token, query, "", domain=DOMAIN)
+        after = self._tokens.cursor(request.page_token, query, "", domain=DOMAIN)
         budget = answer_budget(self._max_response)
 
         async def page(tx: VectorTx) -> tuple[list[PointRow], bool]:
@@ -255,7 +256,7 @@ class VectorServicer:
         # A page ends at page_size points, or earlier where they would pass the message limit.
         response = vector_pb2.ScrollPointsResponse(points=[point_message(r) for r in rows[:size]])
         if cut or len(rows) > size:
-            response.next_page_token = encode_page_token(query, rows[:size][-1].id)
+            response.next_page_token = self._tokens.encode(query, rows[:size][-1].id)
         return response
 
     # -- search ------------------------------------------------------------

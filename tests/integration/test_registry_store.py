@@ -40,8 +40,17 @@ async def test_a_tenant_is_made_once_found_by_id_or_slug_and_listed(store, slug)
         assert await tx.insert_tenant(slug, "", ACTIVE, "", "{}") is None
     assert await store.find("id", made.id, timeout=TIMEOUT_S) == made
     assert await store.find("slug", slug, timeout=TIMEOUT_S) == made
-    listed = await store.list_tenants(ACTIVE, slug[:-1], 1000, timeout=TIMEOUT_S)
-    assert made in listed and all(row.status == ACTIVE for row in listed)
+    listed, cut = await store.list_tenants(ACTIVE, slug[:-1], 1000, budget=1 << 30, timeout=TIMEOUT_S)
+    assert made in listed and all(row.status == ACTIVE for row in listed) and not cut
+    async with store.transaction(f"{slug}-b", timeout=TIMEOUT_S) as tx:
+        second = await tx.insert_tenant(f"{slug}-b", "Acme", ACTIVE, "pro", '{"tier": 2}')
+    # Each row counts about 160 bytes (metadata, names, plan, id, framing): 200 hold one.
+    both, cut = await store.list_tenants(ACTIVE, slug[:-1], 1000, budget=1 << 30, timeout=TIMEOUT_S)
+    assert both[:2] == [made, second] and not cut
+    few, cut = await store.list_tenants(ACTIVE, slug[:-1], 1000, budget=200, timeout=TIMEOUT_S)
+    assert cut and few == [made]
+    none, cut = await store.list_tenants(ACTIVE, slug[:-1], 1000, budget=1, timeout=TIMEOUT_S)
+    assert cut and none == []
 
 
 async def test_an_update_sets_the_named_fields_at_a_version_and_is_audited(store, slug, db):

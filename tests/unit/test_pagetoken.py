@@ -14,28 +14,20 @@ from google.rpc import error_details_pb2
 
 from shared import pagetoken
 from shared.errors import StrataError
-from shared.pagetoken import (
-    configure_page_tokens,
-    decode_page_token,
-    encode_page_token,
-    page_cursor,
-    page_token_key,
-)
+from shared.pagetoken import PageTokens, page_token_key
 
 QUERY = ["kv.List", "ns-1", "pre/", "", "", False]
 SECRET = b"unit-test-internal-secret"
+# What each service's app.py builds from STRATA_INTERNAL_SECRET.
+TOKENS = PageTokens(SECRET)
+encode_page_token = TOKENS.encode
+decode_page_token = TOKENS.decode
+page_cursor = TOKENS.cursor
 
 
-@pytest.fixture(autouse=True)
-def _deployment_key(monkeypatch):
-    # What StrataServer does at build time; restored after each test.
-    monkeypatch.setattr(pagetoken, "_key", None)
-    configure_page_tokens(SECRET)
-
-
-def _assert_rejected(token: str, query=QUERY) -> StrataError:
+def _assert_rejected(token: str, query=QUERY, tokens: PageTokens = TOKENS) -> StrataError:
     with pytest.raises(StrataError) as caught:
-        decode_page_token(token, query)
+        tokens.decode(token, query)
     error = caught.value
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT
     assert error.reason == "INVALID_ARGUMENT"
@@ -147,23 +139,13 @@ def test_tokens_are_signed_with_a_key_derived_from_the_internal_secret():
 
 def test_a_token_of_another_deployment_is_invalid_argument():
     token = encode_page_token(QUERY, "pre/b")
-    configure_page_tokens(b"another-deployment-secret")
-    _assert_rejected(token)
+    _assert_rejected(token, tokens=PageTokens(b"another-deployment-secret"))
 
 
 def test_a_token_signed_with_the_old_published_key_is_invalid_argument():
     body = json.dumps({"v": 1, "q": pagetoken._fingerprint(QUERY), "c": "pre/b"}).encode()
     signature = hmac.new(b"strata-page-token-v1", body, hashlib.sha256).digest()[:12]
     _assert_rejected(base64.urlsafe_b64encode(signature + body).decode())
-
-
-def test_without_a_configured_key_no_token_is_made_or_read(monkeypatch):
-    token = encode_page_token(QUERY, "pre/b")
-    monkeypatch.setattr(pagetoken, "_key", None)
-    with pytest.raises(RuntimeError):
-        encode_page_token(QUERY, "pre/b")
-    with pytest.raises(RuntimeError):
-        decode_page_token(token, QUERY)
 
 
 @pytest.mark.parametrize(

@@ -37,7 +37,7 @@ from shared.db import deadline_timeout
 from shared.documents import document_json
 from shared.errors import FieldViolation, StrataError, aborted, already_exists, not_found
 from shared.identity import require_scope
-from shared.pagetoken import decode_page_token, encode_page_token, page_size
+from shared.pagetoken import PageTokens, page_size
 
 __all__ = ["RecordServicer"]
 
@@ -48,9 +48,12 @@ READ, WRITE = "tenants:read", "tenants:write"
 class RecordServicer:
     """Serves RecordService from a :class:`RecordStore`, GetRecord and BatchGetRecords through a cache."""
 
-    def __init__(self, store: RecordStore, cache: RevisionedCache, max_message_bytes: int) -> None:
+    def __init__(
+        self, store: RecordStore, cache: RevisionedCache, tokens: PageTokens, max_message_bytes: int
+    ) -> None:
         """``max_message_bytes``: the largest answer sent (STRATA_MAX_MESSAGE_BYTES)."""
         self._store = store
+        self._tokens = tokens
         self._cache = cache
         self._max_message_bytes = max_message_bytes
 
@@ -203,7 +206,7 @@ class RecordServicer:
             request.order_by or "create_time",
             request.descending,
         ]
-        cursor = decode_page_token(request.page_token, query, domain=DOMAIN) if request.page_token else None
+        cursor = self._tokens.decode(request.page_token, query, domain=DOMAIN) if request.page_token else None
         budget = answer_budget(self._max_message_bytes)
         page = await self._store.list_page(
             tenant,
@@ -223,7 +226,7 @@ class RecordServicer:
             records=[record_message(r) for r in page.rows], total_size=page.total
         )
         if page.cursor is not None:
-            response.next_page_token = encode_page_token(query, page.cursor)
+            response.next_page_token = self._tokens.encode(query, page.cursor)
         return response
 
     async def _publish(self, tenant: str, row: RecordRow) -> None:

@@ -27,11 +27,12 @@ from services.tenants.registry.checks import (
 from services.tenants.registry.mapping import index_message, tenant_message
 from services.tenants.registry.purge import TenantPurge
 from services.tenants.registry.store import PurgedRows, TenantRow, TenantStore
+from shared.answers import answer_budget, too_large
 from shared.db import deadline_timeout
 from shared.errors import FieldViolation, StrataError, aborted, already_exists, invalid_argument, not_found
 from shared.filters import validate_path
 from shared.identity import OPERATOR_SCOPE, require_scope
-from shared.pagetoken import encode_page_token, page_cursor, page_size
+from shared.pagetoken import PageTokens, page_size
 
 __all__ = ["TenantServicer"]
 
@@ -42,8 +43,13 @@ _log = logging.getLogger("strata.tenants")
 class TenantServicer:
     """Serves TenantService from a :class:`TenantStore`; cascades through :class:`TenantPurge`."""
 
-    def __init__(self, store: TenantStore, purge: TenantPurge) -> None:
+    def __init__(
+        self, store: TenantStore, purge: TenantPurge, tokens: PageTokens, max_message_bytes: int
+    ) -> None:
+        """``max_message_bytes``: the largest answer sent (STRATA_MAX_MESSAGE_BYTES)."""
         self._store = store
+        self._tokens = tokens
+        self._max_message_bytes = max_message_bytes
         self._purge = purge
 
     async def CreateTenant(
@@ -108,13 +114,17 @@ class TenantServicer:
             errors.append(FieldViolation("status", "is not a TenantStatus"))
         raise_if(errors)
         query = ["tenants.ListTenants", request.status]
-        after = page_cursor(request.page_token, query, "", domain=DOMAIN)
-        rows = await self._store.list_tenants(
-            request.status, str(after), size + 1, timeout=deadline_timeout(context)
+        after = self._tokens.cursor(request.page_token, query, "", domain=DOMAIN)
+        budget = answer_budget(self._max_message_bytes)
+        rows, cut = await self._store.list_tenants(
+            request.status, str(after), size + 1, budget=budget, timeout=deadline_timeout(context)
         )
+        if cut and not rows:
+            raise too_large(budget, "page_size", DOMAIN, "one tenant is larger than the message limit")
+        # A page ends at page_size tenants, or earlier where they would pass the message limit.
         response = tenants_pb2.ListTenantsResponse(tenants=[tenant_message(r) for r in rows[:size]])
-        if len(rows) > size:
-            response.next_page_token = encode_page_token(query, rows[size - 1].slug)
+        if cut or len(rows) > size:
+            response.next_page_token = self._tokens.encode(query, rows[:size][-1].slug)
         return response
 
     async def UpdateTenant(

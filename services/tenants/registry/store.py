@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import asyncpg
 
+from shared.answers import ROW_OVERHEAD_BYTES, cut_by_bytes, split_at_budget
 from shared.audit import record_audit
 from shared.db import Database
 
@@ -161,17 +162,22 @@ class TenantStore:
         )
         return None if row is None else _tenant(row)
 
-    async def list_tenants(self, status: int, after: str, limit: int, *, timeout: float) -> list[TenantRow]:
-        """Up to ``limit`` tenants of ``status`` (0: any) with slugs after ``after``, by slug."""
-        rows = await self._db.fetch(
-            f"SELECT {_COLUMNS} FROM tenants.tenants WHERE ($1 = 0 OR status = $1) AND slug > $2 "
-            "ORDER BY slug LIMIT $3",
-            status,
-            after,
-            limit,
-            timeout=timeout,
+    async def list_tenants(
+        self, status: int, after: str, limit: int, *, budget: int, timeout: float
+    ) -> tuple[list[TenantRow], bool]:
+        """Up to ``limit`` tenants of ``status`` (0: any) with slugs after ``after``, by slug, and
+        whether they were cut where their metadata would pass ``budget`` bytes (shared.answers)."""
+        listed = (
+            f"SELECT {_COLUMNS}, octet_length(metadata::text) + octet_length(display_name) "
+            f"+ octet_length(slug) + octet_length(plan) + {ROW_OVERHEAD_BYTES + 64} AS answer_bytes "
+            "FROM tenants.tenants "
+            "WHERE ($1 = 0 OR status = $1) AND slug > $2 ORDER BY slug LIMIT $3"
         )
-        return [_tenant(r) for r in rows]
+        rows = await self._db.fetch(
+            cut_by_bytes(listed, "slug", "$4"), status, after, limit, budget, timeout=timeout
+        )
+        fit, past = split_at_budget(rows, budget)
+        return [_tenant(r) for r in fit], past is not None
 
     async def update(
         self,
