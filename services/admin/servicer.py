@@ -171,37 +171,37 @@ class AdminServicer:
         self, request: admin_pb2.GetSystemHealthRequest, context: Context
     ) -> admin_pb2.GetSystemHealthResponse:
         require_scope(OPERATOR_SCOPE)
-        return await self._operations.system_health(deadline_timeout(context))
+        return await self._operations.health.system_health(deadline_timeout(context))
 
     async def GetDatabaseStats(
         self, request: admin_pb2.GetDatabaseStatsRequest, context: Context
     ) -> admin_pb2.GetDatabaseStatsResponse:
         require_scope(OPERATOR_SCOPE)
-        return await self._operations.database_stats(request, deadline_timeout(context))
+        return await self._operations.database.database_stats(request, deadline_timeout(context))
 
     async def GetCacheStats(
         self, request: admin_pb2.GetCacheStatsRequest, context: Context
     ) -> admin_pb2.GetCacheStatsResponse:
         require_scope(OPERATOR_SCOPE)
-        return await self._operations.cache_stats()
+        return await self._operations.caches.cache_stats()
 
     async def InvalidateCache(
         self, request: admin_pb2.InvalidateCacheRequest, context: Context
     ) -> admin_pb2.InvalidateCacheResponse:
         require_scope(OPERATOR_SCOPE)
-        return await self._operations.invalidate_cache(request, deadline_timeout(context))
+        return await self._operations.caches.invalidate_cache(request, deadline_timeout(context))
 
     async def GetMigrationStatus(
         self, request: admin_pb2.GetMigrationStatusRequest, context: Context
     ) -> admin_pb2.GetMigrationStatusResponse:
         require_scope(OPERATOR_SCOPE)
-        return await self._operations.migration_status(deadline_timeout(context))
+        return await self._operations.migrations.migration_status(deadline_timeout(context))
 
     async def ApplyMigrations(
         self, request: admin_pb2.ApplyMigrationsRequest, context: Context
     ) -> admin_pb2.ApplyMigrationsResponse:
         require_scope(OPERATOR_SCOPE)
-        return await self._operations.apply_migrations(deadline_timeout(context))
+        return await self._operations.migrations.apply_migrations(deadline_timeout(context))
 
     def Backup(
         self, request: admin_pb2.BackupRequest, context: Context

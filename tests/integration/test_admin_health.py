@@ -6,7 +6,8 @@ from dataclasses import replace
 
 from strata.admin.v1 import admin_pb2
 
-from services.admin.operations import COMPONENTS, Operations
+from services.admin.operations import Operations
+from services.admin.operations.health import COMPONENTS
 from shared.db import Database
 from shared.ports import free_port
 from shared.redisclient import open_redis
@@ -24,7 +25,7 @@ async def test_health_is_not_serving_with_a_reason_for_each_missing_part(setting
         lonely, db, open_redis(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.2)
     )
     try:
-        health = await operations.system_health(timeout=10.0)
+        health = await operations.health.system_health(timeout=10.0)
     finally:
         await operations.close()
         await db.close()
@@ -49,7 +50,7 @@ async def test_health_answers_when_postgres_is_gone_too(settings):
     operations = Operations.for_settings(settings, db, open_redis(settings.redis_url))
     await db.pool.close()  # as if Postgres went away: every statement fails
     try:
-        health = await operations.system_health(timeout=10.0)
+        health = await operations.health.system_health(timeout=10.0)
     finally:
         await operations.close()
     assert health.status == admin_pb2.SERVING_NOT_SERVING
