@@ -22,7 +22,7 @@ from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 from strata.tenants.v1 import tenants_pb2, tenants_pb2_grpc
 from strata.vector.v1 import vector_pb2, vector_pb2_grpc
 
-from tests.support.calls import bearer
+from tests.support.calls import bearer, every_page
 from tests.support.errors import error_info, field_violations
 from tests.support.stack import start_gateway, start_process, stop_process
 
@@ -221,20 +221,14 @@ async def test_a_kv_page_of_large_values_ends_where_the_message_would_be_full(la
     for key in keys:
         await gw_kv.Put(kv_pb2.PutRequest(namespace=namespace, key=key, value=value), metadata=admin_metadata)
     # Before: one page of 100 was read whole and refused by gRPC ("larger than max"), at every retry.
-    listed: list[str] = []
-    pages = []
-    token = ""
-    while True:
-        page = await gw_kv.List(
+    pages = await every_page(
+        lambda token: gw_kv.List(
             kv_pb2.ListRequest(namespace=namespace, prefix="", page_size=100, page_token=token),
             metadata=admin_metadata,
         )
-        pages.append(page)
-        listed += [kv.key for kv in page.kvs]
-        assert all(kv.value == value for kv in page.kvs)
-        token = page.next_page_token
-        if not token:
-            break
+    )
+    listed = [kv.key for page in pages for kv in page.kvs]
+    assert all(kv.value == value for page in pages for kv in page.kvs)
     assert listed == keys  # in order, none twice, none lost
     assert len(pages) == 2 and all(0 < p.ByteSize() <= MESSAGE_LIMIT for p in pages)
     names = await gw_kv.List(
@@ -288,21 +282,14 @@ async def test_a_records_page_of_large_documents_ends_where_the_message_would_be
             ),
             metadata=md,
         )
-    listed: list[str] = []
-    pages = 0
-    token = ""
-    while True:
-        page = await records.ListRecords(
+    pages = await every_page(
+        lambda token: records.ListRecords(
             tenants_pb2.ListRecordsRequest(collection="big", order_by="id", page_size=100, page_token=token),
             metadata=md,
         )
-        pages += 1
-        assert page.ByteSize() <= MESSAGE_LIMIT
-        listed += [r.id for r in page.records]
-        token = page.next_page_token
-        if not token:
-            break
-    assert listed == ids and pages == 2
+    )
+    assert all(page.ByteSize() <= MESSAGE_LIMIT for page in pages)
+    assert [r.id for page in pages for r in page.records] == ids and len(pages) == 2
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await records.BatchGetRecords(
             tenants_pb2.BatchGetRecordsRequest(collection="big", ids=ids), metadata=md
@@ -348,23 +335,17 @@ async def heavy_points(large_channel, make_key) -> tuple[vector_pb2_grpc.VectorS
 
 async def test_a_scroll_page_of_heavy_points_ends_where_the_message_would_be_full(heavy_points):
     stub, md = heavy_points
-    seen: list[str] = []
-    pages = 0
-    token = ""
-    while True:
-        page = await stub.ScrollPoints(
+    pages = await every_page(
+        lambda token: stub.ScrollPoints(
             vector_pb2.ScrollPointsRequest(
                 collection="heavy", page_size=100, with_payload=True, page_token=token
             ),
             metadata=md,
         )
-        pages += 1
-        assert page.ByteSize() <= MESSAGE_LIMIT
-        seen += [p.id for p in page.points]
-        token = page.next_page_token
-        if not token:
-            break
-    assert seen == [f"p{i:02}" for i in range(70)] and pages == 2
+    )
+    assert all(page.ByteSize() <= MESSAGE_LIMIT for page in pages)
+    seen = [p.id for page in pages for p in page.points]
+    assert seen == [f"p{i:02}" for i in range(70)] and len(pages) == 2
 
 
 async def test_reads_that_cannot_be_paged_are_refused_before_their_payloads_are_sent(heavy_points):

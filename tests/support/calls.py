@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -10,7 +10,7 @@ import pytest
 
 from tests.support.errors import error_info, field_violations
 
-__all__ = ["assert_invalid", "bearer", "rpc_error"]
+__all__ = ["assert_invalid", "bearer", "every_page", "rpc_error"]
 
 
 def bearer(api_key: str) -> tuple[tuple[str, str], ...]:
@@ -32,3 +32,11 @@ def assert_invalid(error: grpc.aio.AioRpcError, *fields: str) -> None:
     for field in fields:
         assert field in violations, f"{field} not in {violations}"
     assert error_info(error).reason == "INVALID_ARGUMENT"
+
+
+async def every_page(fetch: Callable[[str], Awaitable[Any]]) -> list[Any]:
+    """Every page of a listing: ``fetch(page_token)`` from "" until a page has no next_page_token."""
+    pages = [await fetch("")]
+    while pages[-1].next_page_token:
+        pages.append(await fetch(pages[-1].next_page_token))
+    return pages
