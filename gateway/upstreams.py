@@ -25,18 +25,12 @@ from collections.abc import Awaitable, Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from shared.tls import open_channel
+
 __all__ = ["Upstream"]
 
 _log = logging.getLogger(__name__)
 _BAD_STATES = frozenset({grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN})
-
-
-def _channel(
-    address: str, options: list[tuple[str, int]], credentials: grpc.ChannelCredentials | None
-) -> grpc.aio.Channel:
-    if credentials is None:
-        return grpc.aio.insecure_channel(address, options=options)
-    return grpc.aio.secure_channel(address, credentials, options=options)
 
 
 class _Address:
@@ -48,13 +42,13 @@ class _Address:
         credentials: grpc.ChannelCredentials | None,
     ) -> None:
         self.address = address
-        self.channel = _channel(address, options, credentials)
+        self.channel = open_channel(address, credentials, options=options)
         # A local subchannel pool gives each stream channel a connection of its own.
         self.stream_channels = [
-            _channel(
+            open_channel(
                 address,
-                [*options, ("grpc.use_local_subchannel_pool", 1), ("strata.stream_pool", i)],
                 credentials,
+                options=[*options, ("grpc.use_local_subchannel_pool", 1), ("strata.stream_pool", i)],
             )
             for i in range(stream_connections)
         ]

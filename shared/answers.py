@@ -20,6 +20,7 @@ read of their misses what is left (``RevisionedCache.load_many``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
 
 import asyncpg
 import grpc
@@ -31,10 +32,12 @@ __all__ = [
     "OverBudget",
     "answer_budget",
     "cut_by_bytes",
+    "page_rows",
     "split_at_budget",
     "too_large",
 ]
 
+_Row = TypeVar("_Row")
 # What one row adds to an answer beyond its counted columns: ids, numbers,
 # timestamps and protobuf framing.
 ROW_OVERHEAD_BYTES = 64
@@ -79,6 +82,17 @@ def split_at_budget(
         return list(rows), None
     fit = [row for row in rows if row["answer_running"] <= budget]
     return fit, rows[len(fit)] if len(fit) < len(rows) else None
+
+
+def page_rows(
+    rows: Sequence[_Row], cut: bool, size: int, *, budget: int, domain: str, item: str
+) -> tuple[Sequence[_Row], bool]:
+    """A page of at most ``size`` of ``rows`` (read as ``size`` + 1, then cut by bytes: ``cut``), and
+    whether another page follows. A page ends at ``size`` items or where the next would pass the
+    message limit; when the first ``item`` alone would, RESOURCE_EXHAUSTED on ``page_size``."""
+    if cut and not rows:
+        raise too_large(budget, "page_size", domain, f"one {item} is larger than the message limit")
+    return rows[:size], cut or len(rows) > size
 
 
 def too_large(budget: int, field: str, domain: str, remedy: str) -> StrataError:

@@ -13,6 +13,7 @@ private network).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +26,7 @@ __all__ = [
     "internal_channel_credentials",
     "internal_server_credentials",
     "internal_sync_channel",
+    "open_channel",
     "public_server_credentials",
 ]
 
@@ -58,11 +60,30 @@ def internal_channel_credentials(settings: Settings) -> grpc.ChannelCredentials 
     """What a Strata process presents to a service: trust the internal CA, show its own certificate."""
     if not settings.internal_tls_ca_file:
         return None
-    return grpc.ssl_channel_credentials(
-        root_certificates=_read(settings.internal_tls_ca_file),
-        private_key=_read(settings.internal_tls_key_file),
-        certificate_chain=_read(settings.internal_tls_cert_file),
+    return _client_credentials(
+        settings.internal_tls_ca_file, settings.internal_tls_cert_file, settings.internal_tls_key_file
     )
+
+
+@functools.cache
+def _client_credentials(ca_file: str, cert_file: str, key_file: str) -> grpc.ChannelCredentials:
+    # Read once per process: admin opens a channel per component on every health check.
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(ca_file), private_key=_read(key_file), certificate_chain=_read(cert_file)
+    )
+
+
+def open_channel(
+    address: str,
+    credentials: grpc.ChannelCredentials | None,
+    *,
+    options: ChannelOptions | None = None,
+    interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
+) -> grpc.aio.Channel:
+    """An asyncio channel to ``address``: over TLS with ``credentials``, plaintext with None."""
+    if credentials is None:
+        return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+    return grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
 
 
 def internal_channel(
@@ -73,10 +94,9 @@ def internal_channel(
     interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
 ) -> grpc.aio.Channel:
     """An asyncio channel to a service at ``address``: mutual TLS when configured, else plaintext."""
-    credentials = internal_channel_credentials(settings)
-    if credentials is None:
-        return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
-    return grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
+    return open_channel(
+        address, internal_channel_credentials(settings), options=options, interceptors=interceptors
+    )
 
 
 def internal_sync_channel(settings: Settings, address: str) -> grpc.Channel:

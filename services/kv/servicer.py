@@ -26,7 +26,7 @@ from services.kv.keyspace import (
 from services.kv.publisher import WritePublisher
 from services.kv.revisions import FeedClosed, RevisionFeed
 from services.kv.store import Change, DeleteResult, KvStore, PutItem, entry_to_kv
-from shared.answers import OverBudget, answer_budget, too_large
+from shared.answers import OverBudget, answer_budget, page_rows, too_large
 from shared.cache import CacheEntry, RevisionedCache
 from shared.db import deadline_timeout
 from shared.errors import FieldViolation, StrataError, not_found
@@ -98,6 +98,7 @@ class KvServicer:
         keys = list(dict.fromkeys(request.keys))
 
         async def load(misses: list[str], left: int | None) -> dict[str, CacheEntry]:
+            assert left is not None  # load_many is given a budget below
             rows = await self._store.get_many(
                 tenant, namespace, misses, budget=left, timeout=deadline_timeout(context)
             )
@@ -157,12 +158,10 @@ class KvServicer:
             budget=budget,
             timeout=timeout,
         )
-        if cut and not rows:
-            raise too_large(budget, "page_size", DOMAIN, "one value is larger than the message limit")
-        # A page ends at page_size entries, or earlier where its values would pass the message limit.
-        kvs = [entry_to_kv(namespace, row) for row in rows[:page_size]]
+        kept, more = page_rows(rows, cut, page_size, budget=budget, domain=DOMAIN, item="value")
+        kvs = [entry_to_kv(namespace, row) for row in kept]
         response = kv_pb2.ListResponse(kvs=kvs)
-        if cut or len(rows) > page_size:
+        if more:
             response.next_page_token = self._tokens.encode(query, kvs[-1].key)
         if request.include_count:
             response.total_count = await self._store.count(tenant, namespace, keys, timeout=timeout)

@@ -186,22 +186,13 @@ class KvStore:
         )
 
     async def get_many(
-        self, tenant: str, namespace: str, keys: Sequence[str], *, budget: int | None = None, timeout: float
+        self, tenant: str, namespace: str, keys: Sequence[str], *, budget: int, timeout: float
     ) -> list[asyncpg.Record]:
         """The live entry rows of ``keys`` (any order; absent keys left out).
 
         ``budget``: the bytes the entries may take in an answer; past it,
         :class:`shared.answers.OverBudget`, before the values are sent.
         """
-        if budget is None:
-            return await self._db.fetch(
-                f"SELECT {_ENTRY_COLUMNS} FROM kv.entries "
-                f"WHERE tenant = $1 AND namespace = $2 AND key = ANY($3::text[]) AND {_LIVE}",
-                tenant,
-                namespace,
-                list(keys),
-                timeout=timeout,
-            )
         read = (
             f"SELECT {_ENTRY_COLUMNS}, {_entry_bytes(namespace)} AS answer_bytes FROM kv.entries "
             f"WHERE tenant = $1 AND namespace = $2 AND key = ANY($3::text[]) AND {_LIVE}"

@@ -39,7 +39,7 @@ from services.vector.model import (
     planner,
 )
 from services.vector.store import VectorStore, VectorTx
-from shared.answers import answer_budget, too_large
+from shared.answers import answer_budget, page_rows, too_large
 from shared.db import deadline_timeout
 from shared.documents import document_json
 from shared.errors import FieldViolation, already_exists, not_found
@@ -251,12 +251,10 @@ class VectorServicer:
             )
 
         rows, cut = await self._store.read(tenant, page, timeout=deadline_timeout(context))
-        if cut and not rows:
-            raise too_large(budget, "page_size", DOMAIN, "one point is larger than the message limit")
-        # A page ends at page_size points, or earlier where they would pass the message limit.
-        response = vector_pb2.ScrollPointsResponse(points=[point_message(r) for r in rows[:size]])
-        if cut or len(rows) > size:
-            response.next_page_token = self._tokens.encode(query, rows[:size][-1].id)
+        kept, more = page_rows(rows, cut, size, budget=budget, domain=DOMAIN, item="point")
+        response = vector_pb2.ScrollPointsResponse(points=[point_message(r) for r in kept])
+        if more:
+            response.next_page_token = self._tokens.encode(query, kept[-1].id)
         return response
 
     # -- search ------------------------------------------------------------

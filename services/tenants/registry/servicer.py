@@ -27,7 +27,7 @@ from services.tenants.registry.checks import (
 from services.tenants.registry.mapping import index_message, tenant_message
 from services.tenants.registry.purge import TenantPurge
 from services.tenants.registry.store import PurgedRows, TenantRow, TenantStore
-from shared.answers import answer_budget, too_large
+from shared.answers import answer_budget, page_rows
 from shared.db import deadline_timeout
 from shared.errors import FieldViolation, StrataError, aborted, already_exists, invalid_argument, not_found
 from shared.filters import validate_path
@@ -119,12 +119,10 @@ class TenantServicer:
         rows, cut = await self._store.list_tenants(
             request.status, str(after), size + 1, budget=budget, timeout=deadline_timeout(context)
         )
-        if cut and not rows:
-            raise too_large(budget, "page_size", DOMAIN, "one tenant is larger than the message limit")
-        # A page ends at page_size tenants, or earlier where they would pass the message limit.
-        response = tenants_pb2.ListTenantsResponse(tenants=[tenant_message(r) for r in rows[:size]])
-        if cut or len(rows) > size:
-            response.next_page_token = self._tokens.encode(query, rows[:size][-1].slug)
+        kept, more = page_rows(rows, cut, size, budget=budget, domain=DOMAIN, item="tenant")
+        response = tenants_pb2.ListTenantsResponse(tenants=[tenant_message(r) for r in kept])
+        if more:
+            response.next_page_token = self._tokens.encode(query, kept[-1].slug)
         return response
 
     async def UpdateTenant(
