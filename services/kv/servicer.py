@@ -38,7 +38,6 @@ __all__ = ["KvServicer"]
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 _WATCH_BATCH = 500
-_WATCH_HEADROOM_BYTES = 64 * 1024  # a watch message's header and framing, kept under the limit
 READ, WRITE = "kv:read", "kv:write"
 _RETURN_PREVIOUS_LIMIT = 1000
 
@@ -299,7 +298,7 @@ class KvServicer:
             if compacted > cursor[0] or (compacted == cursor[0] and cursor[1] is not None):
                 raise _compacted(_resume_revision(cursor), compacted)
             if changes:
-                events = _within_bytes(changes, self._limits.max_message_bytes - _WATCH_HEADROOM_BYTES)
+                events = _within_bytes(changes, answer_budget(self._limits.max_message_bytes))
                 if len(events) == len(changes) < _WATCH_BATCH:
                     # Not a full batch, all of it sent: everything up to the snapshot's revision was read.
                     cursor = (max(current, changes[-1].revision), None)

@@ -134,7 +134,7 @@ class VectorServicer:
                 errors: list[FieldViolation] = []
                 index = index_spec(request, row.collection.dimension, "", errors)
                 raise_if(errors)
-            row = await tx.rebuild_index(row.collection.id, index)
+            row = await tx.rebuild_index(row, index)
             count = await tx.count_points(row.collection)
         return vector_pb2.RebuildIndexResponse(collection=describe(row, count))
 

@@ -106,12 +106,14 @@ class VectorTx:
         )
         return _count(status)
 
-    async def rebuild_index(self, collection_id: int, index: IndexSpec | None) -> CollectionRow:
-        """Build the collection's index again, as ``index`` (None: as it is)."""
+    async def rebuild_index(self, row: CollectionRow, index: IndexSpec | None) -> CollectionRow:
+        """Build the collection's index again, as ``index`` (None: as it is); the row as it is now."""
+        collection_id = row.collection.id
         if index is not None:
-            await self._conn.execute(
+            updated = await self._conn.fetchrow(
                 "UPDATE vector.collections SET index_kind = $2, hnsw_m = $3, "
-                "hnsw_ef_construction = $4, ivfflat_lists = $5 WHERE id = $1",
+                "hnsw_ef_construction = $4, ivfflat_lists = $5 "
+                f"WHERE id = $1 RETURNING {_COLLECTION_COLUMNS}",
                 collection_id,
                 index.kind,
                 index.m,
@@ -119,13 +121,9 @@ class VectorTx:
                 index.lists,
                 timeout=self._timeout,
             )
+            row = _collection_row(updated)
         await self._conn.execute("SELECT vector.rebuild_index($1)", collection_id, timeout=self._timeout)
-        row = await self._conn.fetchrow(
-            f"SELECT {_COLLECTION_COLUMNS} FROM vector.collections WHERE id = $1",
-            collection_id,
-            timeout=self._timeout,
-        )
-        return _collection_row(row)
+        return row
 
     # -- points ------------------------------------------------------------
 

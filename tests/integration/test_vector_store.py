@@ -53,7 +53,7 @@ async def test_a_collection_is_created_once_listed_rebuilt_and_deleted_with_its_
     async with store.transaction(tenant, timeout=TIMEOUT_S) as tx:
         assert await tx.insert_collection(tenant, "c", 2, L2, IndexSpec(NO_INDEX, 16, 64, 100)) is None
         assert [r.collection.name for r in await tx.list_collections("", 10)] == ["c"]
-        rebuilt = await tx.rebuild_index(row.collection.id, IndexSpec(HNSW, 8, 32, 100))
+        rebuilt = await tx.rebuild_index(row, IndexSpec(HNSW, 8, 32, 100))
         assert (rebuilt.index.kind, rebuilt.index.m, rebuilt.index.ef_construction) == (HNSW, 8, 32)
         assert rebuilt.collection.id == row.collection.id and rebuilt.created_at == row.created_at
         assert await tx.count_points(rebuilt.collection) == 5
