@@ -34,9 +34,9 @@ from gateway.routes import Route
 from gateway.streams import OpenStream, OpenStreams
 from gateway.tracing import end_span, upstream_call_span
 from gateway.upstreams import Upstream
+from shared.callgate import CallGate
 from shared.errors import DETAILS_KEY, StrataError
 from shared.identity import INTERNAL_PREFIX, Caller, sign_caller
-from shared.server import CallGate
 from shared.telemetry import rpc_server_span, tracing_on
 
 __all__ = ["Proxy"]

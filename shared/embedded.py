@@ -214,7 +214,7 @@ class _PostgresServer:
         ensure_prefix_permissions(self.bin)
         ensure_folder_permissions(self.bin.parent, 0o055)
 
-    def _stop_leftover(self) -> None:
+    def stop_leftover(self) -> None:
         # A postmaster left by a killed launcher still owns the data folder.
         pid_file = self.pgdata / "postmaster.pid"
         if not pid_file.exists():
@@ -249,7 +249,7 @@ class EmbeddedPostgres(_PostgresServer):
         owner_password = self._owner_password()
         if not (self.pgdata / "PG_VERSION").exists():
             self._initdb(owner_password)
-        self._stop_leftover()
+        self.stop_leftover()
         # On the command line rather than in postgresql.conf, so that folders
         # initialised before archiving existed get it too, and a change here
         # needs no rewrite of anyone's conf. Only the primary archives: its
@@ -279,7 +279,7 @@ class EmbeddedPostgres(_PostgresServer):
         for folder in self.data_dir.glob("pg-replica-*"):
             suffix = folder.name.removeprefix("pg-replica-").removesuffix(".partial")
             if suffix.isdigit() and int(suffix) > keep:
-                EmbeddedReplica(self.data_dir, self.port, int(suffix))._stop_leftover()
+                EmbeddedReplica(self.data_dir, self.port, int(suffix)).stop_leftover()
                 shutil.rmtree(folder, ignore_errors=True)
                 retired.add(int(suffix))
         listed = self._sql(
@@ -375,7 +375,7 @@ class EmbeddedReplica(_PostgresServer):
         The primary must be running. A folder that cannot resume (its slot is
         gone, or the primary was initialised anew) is copied again.
         """
-        self._stop_leftover()  # a leftover standby would keep the slot busy
+        self.stop_leftover()  # a leftover standby would keep the slot busy
         owner_password = self._owner_password()
         identifier, slot_exists = self._primary_state()
         if self.pgdata.exists():

@@ -269,7 +269,7 @@ class PointInTimeServer(_PostgresServer):
         Raises RuntimeError if it exits meanwhile (e.g. the target is beyond
         the archive, or the port is taken): its log says why.
         """
-        self._stop_leftover()  # one left by a previous admin process still owns the folder
+        self.stop_leftover()  # one left by a previous admin process still owns the folder
         self._run(
             timeout,
             [
@@ -290,7 +290,7 @@ class PointInTimeServer(_PostgresServer):
     def stop(self) -> None:
         """Fast shutdown (SIGINT), SIGKILL after a few seconds; a leftover postmaster too."""
         if self._process is None:
-            self._stop_leftover()
+            self.stop_leftover()
         _stop_process(self._process, signal.SIGINT, _STOP_TIMEOUT_S)
         self._process = None
 

@@ -1,16 +1,24 @@
-"""Wires the admin service into the shared server bootstrap."""
+"""Wires the admin service into the shared server bootstrap.
+
+AdminService is served by one servicer a concern: API keys (:mod:`.keys`),
+operations (:mod:`.operations`), backups and branches (:mod:`.branches`)
+and the audit log (:mod:`.audit`), each with its own store.
+"""
 
 from __future__ import annotations
 
 from strata.admin.v1 import admin_pb2
 
-from services.admin.archives import ArchiveSigner
-from services.admin.audit_log import AuditLog
-from services.admin.backups import Backups
-from services.admin.keys import ApiKeyStore
+from services.admin.audit.servicer import AuditServicer
+from services.admin.audit.store import AuditStore
+from services.admin.branches.archives import ArchiveSigner
+from services.admin.branches.backups import Backups
+from services.admin.branches.pitr import PointInTime
+from services.admin.branches.servicer import BranchServicer
+from services.admin.keys.servicer import ApiKeyServicer
+from services.admin.keys.store import ApiKeyStore
 from services.admin.operations import Operations
-from services.admin.pitr import PointInTime
-from services.admin.servicer import AdminServicer
+from services.admin.operations.servicer import OperationsServicer
 from shared.pagetoken import PageTokens
 from shared.redisclient import open_redis
 from shared.server import StrataServer, run_service
@@ -37,11 +45,13 @@ async def build_admin_server(settings: Settings) -> StrataServer:
     signer = ArchiveSigner(require_internal_secret(settings))
     backups = Backups(db, settings.migrate_database_url, settings.restore_max_bytes, signer, pitr)
     tokens = PageTokens(require_internal_secret(settings))
-    keys = ApiKeyStore(db)
-    servicer = AdminServicer(
-        keys, settings.key_pepper.encode(), operations, backups, AuditLog(db, tokens), tokens
-    )
-    server.add_servicer(servicer, SERVICE)
+    servicers = [
+        ApiKeyServicer(ApiKeyStore(db), settings.key_pepper.encode(), tokens),
+        OperationsServicer(operations),
+        BranchServicer(backups),
+        AuditServicer(AuditStore(db), tokens),
+    ]
+    server.add_servicer(servicers, SERVICE)
     server.after_drain(db.close)
     return server
 

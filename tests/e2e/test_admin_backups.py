@@ -27,8 +27,10 @@ from strata.admin.v1 import admin_pb2
 from strata.kv.v1 import kv_pb2
 from strata.tenants.v1 import tenants_pb2
 
-from services.admin.archives import ArchiveSigner
-from services.admin.backups import CHUNK_BYTES, DATABASE_PREFIX, Backups, pg_tool
+from services.admin.branches.archives import ArchiveSigner
+from services.admin.branches.backups import Backups
+from services.admin.branches.names import DATABASE_PREFIX
+from services.admin.branches.tools import CHUNK_BYTES, pg_tool
 from shared.db import Database
 from shared.errors import StrataError
 from shared.settings import Settings
@@ -525,7 +527,7 @@ async def test_a_failing_pg_dump_answers_a_safe_error(settings, service_db, capl
         async for _ in backups.backup(admin_pb2.BackupRequest(), _Context()):
             pass
     assert (caught.value.code, caught.value.reason) == (code, "BACKUP_FAILED")
-    (logged,) = [r for r in caplog.records if r.name == "services.admin.backups"]
+    (logged,) = [r for r in caplog.records if r.name == "services.admin.branches.tools"]
     assert logged.stderr  # the tool's own words are logged for the operator …
     secret = urlsplit(url).password or ""
     assert secret not in logged.stderr  # … never with the password,

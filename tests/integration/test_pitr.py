@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2
 from strata.admin.v1 import admin_pb2, admin_pb2_grpc
 
 from services.admin.app import build_admin_server
-from services.admin.pitr import PointInTime
+from services.admin.branches.pitr import PointInTime
 from shared.backends import Backends, open_backends
 from shared.db import Database
 from shared.identity import Caller

@@ -15,7 +15,7 @@ runs even that with no privilege outside the new database:
   must be one the live database defines in Strata's schemas.
 - **Unprivileged.** The restore connects as a role of its own (no superuser,
   no BYPASSRLS, member of nothing, so no ``pg_execute_server_program``) that
-  owns the new database and nothing else (:mod:`services.admin.backups`).
+  owns the new database and nothing else (:mod:`.backups`).
 """
 
 from __future__ import annotations

@@ -1,29 +1,27 @@
-"""``strata.admin.v1.AdminService``: API keys here; operations delegated to their own modules.
+"""The API key calls of ``strata.admin.v1.AdminService``: validation and mapping; SQL in :mod:`.store`.
 
-Every call needs the ``admin`` scope (checked here, before any delegation),
-except AuthenticateApiKey, which is internal.
+CreateApiKey, ListApiKeys and RevokeApiKey need the ``admin`` scope, and a
+tenant's admin manages its own tenant's keys only; AuthenticateApiKey is the
+gateway's (``internal`` scope).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
 import grpc
 from strata.admin.v1 import admin_pb2
 
-from services.admin.audit_log import AuditLog
-from services.admin.backups import Backups
-from services.admin.keys import ApiKeyStore, row_to_key
-from services.admin.operations import Operations
+from services.admin.keys.mapping import key_message
+from services.admin.keys.store import ApiKeyStore
 from shared.apikeys import new_api_key, parse_api_key, secrets_match
 from shared.db import deadline_timeout
 from shared.errors import FieldViolation, StrataError, invalid_argument, not_found
 from shared.identity import ADMIN_SCOPE, INTERNAL_SCOPE, OPERATOR_SCOPE, SCOPES, Caller, require_scope
 from shared.pagetoken import PageTokens, page_size
 
-__all__ = ["AdminServicer"]
+__all__ = ["ApiKeyServicer"]
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 DOMAIN = "strata.admin.v1"
@@ -32,24 +30,14 @@ _KEY_ID_RE = re.compile(r"[0-9a-f]{16}")
 SUSPENDED = 2  # strata.tenants.v1.TenantStatus
 
 
-class AdminServicer:
-    """Serves AdminService from the admin schema."""
+class ApiKeyServicer:
+    """Serves the API key calls from admin.api_keys."""
 
-    def __init__(
-        self,
-        keys: ApiKeyStore,
-        pepper: bytes,
-        operations: Operations,
-        backups: Backups,
-        audit: AuditLog,
-        tokens: PageTokens,
-    ) -> None:
+    def __init__(self, keys: ApiKeyStore, pepper: bytes, tokens: PageTokens) -> None:
+        """``pepper``: mixed into every secret's hash (STRATA_KEY_PEPPER); ``tokens``: page tokens."""
         self._keys = keys
-        self._tokens = tokens
         self._pepper = pepper
-        self._operations = operations
-        self._backups = backups
-        self._audit = audit
+        self._tokens = tokens
 
     async def CreateApiKey(
         self, request: admin_pb2.CreateApiKeyRequest, context: Context
@@ -93,7 +81,7 @@ class AdminServicer:
             made.secret_hash,
             timeout=deadline_timeout(context),
         )
-        return admin_pb2.CreateApiKeyResponse(key=row_to_key(row), api_key=made.api_key)
+        return admin_pb2.CreateApiKeyResponse(key=key_message(row), api_key=made.api_key)
 
     async def ListApiKeys(
         self, request: admin_pb2.ListApiKeysRequest, context: Context
@@ -113,9 +101,9 @@ class AdminServicer:
         rows = await self._keys.page(
             tenant, request.include_revoked, str(after), size + 1, timeout=deadline_timeout(context)
         )
-        response = admin_pb2.ListApiKeysResponse(keys=[row_to_key(r) for r in rows[:size]])
+        response = admin_pb2.ListApiKeysResponse(keys=[key_message(r) for r in rows[:size]])
         if len(rows) > size:
-            response.next_page_token = self._tokens.encode(query, rows[size - 1]["key_id"])
+            response.next_page_token = self._tokens.encode(query, rows[size - 1].key_id)
         return response
 
     async def RevokeApiKey(
@@ -129,7 +117,7 @@ class AdminServicer:
         row = await self._keys.revoke(request.key_id, tenant, timeout=deadline_timeout(context))
         if row is None:
             raise not_found("API_KEY_NOT_FOUND", "no such API key", domain=DOMAIN, key_id=request.key_id)
-        return admin_pb2.RevokeApiKeyResponse(key=row_to_key(row))
+        return admin_pb2.RevokeApiKeyResponse(key=key_message(row))
 
     async def AuthenticateApiKey(
         self, request: admin_pb2.AuthenticateApiKeyRequest, context: Context
@@ -139,113 +127,31 @@ class AdminServicer:
         row = None
         if parsed is not None:
             row = await self._keys.find_for_authentication(parsed[0], timeout=deadline_timeout(context))
-        if row is None or parsed is None or not secrets_match(self._pepper, parsed[1], row["secret_hash"]):
+        if row is None or parsed is None or not secrets_match(self._pepper, parsed[1], row.secret_hash):
             raise StrataError(
                 grpc.StatusCode.UNAUTHENTICATED, "INVALID_API_KEY", "the API key is not valid", domain=DOMAIN
             )
-        if row["tenant_status"] is None:
+        if row.tenant_status is None:
             raise StrataError(
                 grpc.StatusCode.UNAUTHENTICATED,
                 "INVALID_API_KEY",
                 "the key's tenant no longer exists",
                 domain=DOMAIN,
             )
-        if row["tenant_status"] == SUSPENDED:
+        if row.tenant_status == SUSPENDED:
             raise StrataError(
                 grpc.StatusCode.PERMISSION_DENIED,
                 "TENANT_SUSPENDED",
-                f"tenant {row['tenant']!r} is suspended",
+                f"tenant {row.tenant!r} is suspended",
                 domain=DOMAIN,
-                metadata={"tenant": row["tenant"]},
+                metadata={"tenant": row.tenant},
             )
         return admin_pb2.AuthenticateApiKeyResponse(
-            key_id=row["key_id"],
-            tenant=row["tenant"],
-            scopes=row["scopes"],
-            tenant_uid=str(row["tenant_uid"]),
+            key_id=row.key_id,
+            tenant=row.tenant,
+            scopes=row.scopes,
+            tenant_uid=str(row.tenant_uid),
         )
-
-    # -- operations (each module documents its calls) -----------------------
-
-    async def GetSystemHealth(
-        self, request: admin_pb2.GetSystemHealthRequest, context: Context
-    ) -> admin_pb2.GetSystemHealthResponse:
-        require_scope(OPERATOR_SCOPE)
-        return await self._operations.health.system_health(deadline_timeout(context))
-
-    async def GetDatabaseStats(
-        self, request: admin_pb2.GetDatabaseStatsRequest, context: Context
-    ) -> admin_pb2.GetDatabaseStatsResponse:
-        require_scope(OPERATOR_SCOPE)
-        return await self._operations.database.database_stats(request, deadline_timeout(context))
-
-    async def GetCacheStats(
-        self, request: admin_pb2.GetCacheStatsRequest, context: Context
-    ) -> admin_pb2.GetCacheStatsResponse:
-        require_scope(OPERATOR_SCOPE)
-        return await self._operations.caches.cache_stats()
-
-    async def InvalidateCache(
-        self, request: admin_pb2.InvalidateCacheRequest, context: Context
-    ) -> admin_pb2.InvalidateCacheResponse:
-        require_scope(OPERATOR_SCOPE)
-        return await self._operations.caches.invalidate_cache(request, deadline_timeout(context))
-
-    async def GetMigrationStatus(
-        self, request: admin_pb2.GetMigrationStatusRequest, context: Context
-    ) -> admin_pb2.GetMigrationStatusResponse:
-        require_scope(OPERATOR_SCOPE)
-        return await self._operations.migrations.migration_status(deadline_timeout(context))
-
-    async def ApplyMigrations(
-        self, request: admin_pb2.ApplyMigrationsRequest, context: Context
-    ) -> admin_pb2.ApplyMigrationsResponse:
-        require_scope(OPERATOR_SCOPE)
-        return await self._operations.migrations.apply_migrations(deadline_timeout(context))
-
-    def Backup(
-        self, request: admin_pb2.BackupRequest, context: Context
-    ) -> AsyncIterator[admin_pb2.BackupResponse]:
-        require_scope(OPERATOR_SCOPE)
-        return self._backups.backup(request, context)
-
-    async def Restore(
-        self, requests: AsyncIterator[admin_pb2.RestoreRequest], context: Context
-    ) -> admin_pb2.RestoreResponse:
-        require_scope(OPERATOR_SCOPE)
-        return await self._backups.restore(requests, context)
-
-    async def CreateBranch(
-        self, request: admin_pb2.CreateBranchRequest, context: Context
-    ) -> admin_pb2.CreateBranchResponse:
-        require_scope(OPERATOR_SCOPE)
-        return await self._backups.create_branch(request, context)
-
-    async def ListBranches(
-        self, request: admin_pb2.ListBranchesRequest, context: Context
-    ) -> admin_pb2.ListBranchesResponse:
-        require_scope(OPERATOR_SCOPE)
-        return await self._backups.list_branches(request, context)
-
-    async def DeleteBranch(
-        self, request: admin_pb2.DeleteBranchRequest, context: Context
-    ) -> admin_pb2.DeleteBranchResponse:
-        require_scope(OPERATOR_SCOPE)
-        return await self._backups.delete_branch(request, context)
-
-    async def GetRecoveryWindow(
-        self, request: admin_pb2.GetRecoveryWindowRequest, context: Context
-    ) -> admin_pb2.GetRecoveryWindowResponse:
-        require_scope(OPERATOR_SCOPE)
-        return await self._backups.recovery_window(request, context)
-
-    async def ListAuditEvents(
-        self, request: admin_pb2.ListAuditEventsRequest, context: Context
-    ) -> admin_pb2.ListAuditEventsResponse:
-        caller = require_scope(ADMIN_SCOPE)
-        # A tenant's admin sees what its own tenant's keys did.
-        actor_tenant = None if caller.is_operator else caller.tenant
-        return await self._audit.page(request, actor_tenant, deadline_timeout(context))
 
 
 def _own_tenant(caller: Caller, tenant: str) -> None:

@@ -1,31 +1,42 @@
-"""API keys in Postgres: every statement the admin service runs on admin.api_keys."""
+"""API keys in Postgres: every statement the admin service runs on admin.api_keys, with typed rows."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-import asyncpg
-from strata.admin.v1 import admin_pb2
+from dataclasses import dataclass
+from datetime import datetime
+from uuid import UUID
 
 from shared.audit import record_audit
 from shared.db import Database
-from shared.timestamps import to_timestamp
 
-__all__ = ["ApiKeyStore", "row_to_key"]
+__all__ = ["ApiKeyRow", "ApiKeyStore", "KeyForAuthentication"]
 
 _COLUMNS = "key_id, tenant, name, scopes, created_at, revoked_at"
 
 
-def row_to_key(row: asyncpg.Record) -> admin_pb2.ApiKey:
-    """An ``ApiKey`` message from an admin.api_keys row."""
-    return admin_pb2.ApiKey(
-        key_id=row["key_id"],
-        tenant=row["tenant"],
-        name=row["name"],
-        scopes=sorted(row["scopes"]),
-        create_time=to_timestamp(row["created_at"]),
-        revoke_time=to_timestamp(row["revoked_at"]),
-    )
+@dataclass(frozen=True, slots=True)
+class ApiKeyRow:
+    """A key as callers see it (never its secret's hash)."""
+
+    key_id: str
+    tenant: str
+    name: str
+    scopes: list[str]
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyForAuthentication:
+    """A live key with what authenticating it needs: its secret's hash and its tenant's state."""
+
+    key_id: str
+    tenant: str
+    scopes: list[str]
+    secret_hash: bytes
+    tenant_status: int | None  # strata.tenants.v1.TenantStatus; None: the tenant no longer exists
+    tenant_uid: UUID | None
 
 
 class ApiKeyStore:
@@ -43,7 +54,7 @@ class ApiKeyStore:
         secret_hash: bytes,
         *,
         timeout: float,
-    ) -> asyncpg.Record:
+    ) -> ApiKeyRow:
         """Store a new key, audited; the row as stored."""
         async with self._db.transaction(timeout=timeout) as conn:
             row = await conn.fetchrow(
@@ -63,11 +74,12 @@ class ApiKeyStore:
                 {"tenant": tenant, "name": name, "scopes": row["scopes"]},
                 timeout=timeout,
             )
-        return row
+        return ApiKeyRow(**row)
 
-    async def find_for_authentication(self, key_id: str, *, timeout: float) -> asyncpg.Record | None:
-        """The live key ``key_id`` with its secret hash, its tenant's status and id (NULL: no tenant)."""
-        return await self._db.fetchrow(
+    async def find_for_authentication(self, key_id: str, *, timeout: float) -> KeyForAuthentication | None:
+        """The live key ``key_id`` with its secret hash, its tenant's status and id; None if unknown or
+        revoked."""
+        row = await self._db.fetchrow(
             "SELECT k.key_id, k.tenant, k.scopes, k.secret_hash, "
             "t.status AS tenant_status, t.id AS tenant_uid "
             "FROM admin.api_keys k LEFT JOIN tenants.tenants t ON t.slug = k.tenant "
@@ -75,6 +87,7 @@ class ApiKeyStore:
             key_id,
             timeout=timeout,
         )
+        return None if row is None else KeyForAuthentication(**row)
 
     async def tenant_exists(self, tenant: str, *, timeout: float) -> bool:
         """Whether the registry knows ``tenant``."""
@@ -84,9 +97,10 @@ class ApiKeyStore:
 
     async def page(
         self, tenant: str, include_revoked: bool, after: str, limit: int, *, timeout: float
-    ) -> list[asyncpg.Record]:
-        """Up to ``limit`` keys with key_id > ``after``, in key_id order."""
-        return await self._db.fetch(
+    ) -> list[ApiKeyRow]:
+        """Up to ``limit`` keys with key_id > ``after``, in key_id order; every tenant's when ``tenant``
+        is empty."""
+        rows = await self._db.fetch(
             f"SELECT {_COLUMNS} FROM admin.api_keys "
             "WHERE ($1 = '' OR tenant = $1) AND ($2 OR revoked_at IS NULL) AND key_id > $3 "
             "ORDER BY key_id LIMIT $4",
@@ -96,8 +110,9 @@ class ApiKeyStore:
             limit,
             timeout=timeout,
         )
+        return [ApiKeyRow(**row) for row in rows]
 
-    async def revoke(self, key_id: str, tenant: str | None, *, timeout: float) -> asyncpg.Record | None:
+    async def revoke(self, key_id: str, tenant: str | None, *, timeout: float) -> ApiKeyRow | None:
         """Revoke ``key_id`` (keeping the first revocation time), audited; None if unknown, or
         not ``tenant``'s when one is given."""
         async with self._db.transaction(timeout=timeout) as conn:
@@ -110,4 +125,4 @@ class ApiKeyStore:
             )
             if row is not None:
                 await record_audit(conn, f"api_key/{key_id}", {"tenant": row["tenant"]}, timeout=timeout)
-        return row
+        return None if row is None else ApiKeyRow(**row)
