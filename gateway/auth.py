@@ -28,7 +28,7 @@ from strata.admin.v1 import admin_pb2
 from gateway.tracing import end_span, upstream_call_span
 from gateway.upstreams import Upstream
 from shared.apikeys import parse_api_key
-from shared.errors import StrataError
+from shared.errors import Code, StrataError
 from shared.identity import INTERNAL_SCOPE, Caller, sign_caller
 
 __all__ = ["FailedAttempts", "KeyResolver", "bearer_token", "missing_scope", "peer_host"]
@@ -126,7 +126,7 @@ class KeyResolver:
             if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
                 # A valid key of a suspended tenant: an answer, cached like any other.
                 answer: Caller | StrataError = StrataError(
-                    grpc.StatusCode.PERMISSION_DENIED,
+                    Code.PERMISSION_DENIED,
                     "TENANT_SUSPENDED",
                     exc.details() or "the tenant is suspended",
                     domain="strata.gateway",
@@ -134,7 +134,7 @@ class KeyResolver:
             elif exc.code() != grpc.StatusCode.UNAUTHENTICATED:
                 # Not an answer about the key: do not cache, tell the caller to retry.
                 raise StrataError(
-                    grpc.StatusCode.UNAVAILABLE,
+                    Code.UNAVAILABLE,
                     "AUTH_UNAVAILABLE",
                     "API keys cannot be checked right now; retry",
                     retry_delay_s=1.0,
@@ -172,7 +172,7 @@ class FailedAttempts:
         """Refuse ``peer`` if it has failed too often lately."""
         if self._tokens(peer, time.monotonic()) < 1.0:
             raise StrataError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                Code.RESOURCE_EXHAUSTED,
                 "TOO_MANY_FAILED_ATTEMPTS",
                 "too many calls from this address failed to authenticate; wait before trying again",
                 domain="strata.gateway",
@@ -200,7 +200,7 @@ def missing_scope(caller: Caller, scope: str) -> StrataError | None:
     if caller.has_scope(scope):
         return None
     return StrataError(
-        grpc.StatusCode.PERMISSION_DENIED,
+        Code.PERMISSION_DENIED,
         "MISSING_SCOPE",
         f"this API key lacks the {scope!r} scope",
         domain="strata.gateway",
@@ -215,7 +215,7 @@ def peer_host(peer: str) -> str:
 
 
 def _unauthenticated(reason: str, message: str) -> StrataError:
-    return StrataError(grpc.StatusCode.UNAUTHENTICATED, reason, message, domain="strata.gateway")
+    return StrataError(Code.UNAUTHENTICATED, reason, message, domain="strata.gateway")
 
 
 # Shared by every refusal: a cached refusal costs its key and a tuple, not an error of its own.

@@ -35,7 +35,8 @@ from gateway.streams import OpenStream, OpenStreams
 from gateway.tracing import end_span, upstream_call_span
 from gateway.upstreams import Upstream
 from shared.callgate import CallGate
-from shared.errors import DETAILS_KEY, StrataError
+from shared.errors import DETAILS_KEY, Code, StrataError
+from shared.handlers import grpc_code
 from shared.identity import INTERNAL_PREFIX, Caller, sign_caller
 from shared.telemetry import rpc_server_span, tracing_on
 
@@ -142,7 +143,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
                 self._failures.check(peer_host(context.peer() or ""))
             return await self._keys.resolve(token), token
         except StrataError as exc:
-            if exc.code == grpc.StatusCode.UNAUTHENTICATED:
+            if exc.code == Code.UNAUTHENTICATED:
                 self._failures.failed(peer_host(context.peer() or ""))
             raise
 
@@ -307,8 +308,8 @@ async def _until_ended(call: Any, stream: OpenStream) -> AsyncIterator[bytes]:
 
 async def _refuse(exc: StrataError, context: Context, server_span: Any) -> None:
     """Answer the caller with the gateway's own refusal."""
-    end_span(server_span, exc.code)
-    await context.abort(exc.code, exc.message, trailing_metadata=exc.trailing_metadata())
+    end_span(server_span, grpc_code(exc.code))
+    await context.abort(grpc_code(exc.code), exc.message, trailing_metadata=exc.trailing_metadata())
 
 
 # One multicallable per upstream channel and method, made once: building one per call is

@@ -21,10 +21,9 @@ import logging
 import time
 from dataclasses import dataclass
 
-import grpc
 from redis.exceptions import RedisError
 
-from shared.errors import StrataError
+from shared.errors import Code, StrataError
 from shared.redisclient import Redis
 
 __all__ = ["RateLimiter"]
@@ -123,7 +122,7 @@ class RateLimiter:
             return
         if not taken:
             raise StrataError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                Code.RESOURCE_EXHAUSTED,
                 "RATE_LIMITED",
                 f"rate limit of {self._rate:g} calls/s (burst {self._burst}) exceeded",
                 domain="strata.gateway",

@@ -23,10 +23,8 @@ import logging
 import time
 from collections import Counter
 
-import grpc
-
 from gateway.auth import KeyResolver, missing_scope
-from shared.errors import StrataError
+from shared.errors import Code, StrataError
 from shared.identity import Caller
 
 __all__ = ["OpenStream", "OpenStreams"]
@@ -79,7 +77,7 @@ class OpenStreams:
         ):
             if held >= limit:
                 raise StrataError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    Code.RESOURCE_EXHAUSTED,
                     "TOO_MANY_STREAMS",
                     f"{what} already holds {limit} open streams; close one first",
                     domain=_DOMAIN,
@@ -140,13 +138,13 @@ class OpenStreams:
 
 def _verdict(stream: OpenStream, answer: Caller | BaseException, now: float) -> StrataError | None:
     """Why ``stream`` must end given its key's new ``answer``, or None while it may go on."""
-    if isinstance(answer, StrataError) and answer.code != grpc.StatusCode.UNAVAILABLE:
+    if isinstance(answer, StrataError) and answer.code != Code.UNAVAILABLE:
         return answer  # revoked, unknown, suspended: what a new call would be told
     if isinstance(answer, BaseException):  # admin unreachable: no answer about the key
         if now - stream.checked_at < _UNCHECKED_GRACE_S:
             return None
         return StrataError(
-            grpc.StatusCode.UNAVAILABLE,
+            Code.UNAVAILABLE,
             "AUTH_UNAVAILABLE",
             "the API key could not be checked again; open the stream again later",
             domain=_DOMAIN,
@@ -155,7 +153,7 @@ def _verdict(stream: OpenStream, answer: Caller | BaseException, now: float) -> 
     bound = stream.caller
     if (answer.key_id, answer.tenant, answer.tenant_uid) != (bound.key_id, bound.tenant, bound.tenant_uid):
         return StrataError(
-            grpc.StatusCode.PERMISSION_DENIED,
+            Code.PERMISSION_DENIED,
             "TENANT_REPLACED",
             f"tenant {bound.tenant!r} of this stream was deleted and created again; open it again",
             domain=_DOMAIN,

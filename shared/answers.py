@@ -23,9 +23,8 @@ from collections.abc import Sequence
 from typing import TypeVar
 
 import asyncpg
-import grpc
 
-from shared.errors import StrataError
+from shared.errors import Code, StrataError
 
 __all__ = [
     "ROW_OVERHEAD_BYTES",
@@ -98,7 +97,7 @@ def page_rows(
 def too_large(budget: int, field: str, domain: str, remedy: str) -> StrataError:
     """RESOURCE_EXHAUSTED ``RESPONSE_TOO_LARGE``: the answer would pass ``budget`` at ``field``."""
     return StrataError(
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        Code.RESOURCE_EXHAUSTED,
         "RESPONSE_TOO_LARGE",
         f"the answer would pass the message limit ({budget} bytes for its items) at {field}: {remedy}",
         domain=domain,

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-import grpc
-
-from shared.errors import StrataError
+from shared.errors import Code, StrataError
 
 __all__ = ["CallGate"]
 
@@ -31,7 +29,7 @@ class CallGate:
         """Count a call in, or raise: UNAVAILABLE while draining, RESOURCE_EXHAUSTED when full."""
         if self.closed:
             raise StrataError(
-                grpc.StatusCode.UNAVAILABLE,
+                Code.UNAVAILABLE,
                 "SHUTTING_DOWN",
                 "the server is shutting down; retry on another instance",
                 retry_delay_s=0.1,
@@ -39,7 +37,7 @@ class CallGate:
         if self.inflight >= self.limit:
             self.refused += 1
             raise StrataError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                Code.RESOURCE_EXHAUSTED,
                 "OVERLOADED",
                 f"this process is already serving {self.limit} calls; retry shortly",
                 retry_delay_s=0.1,

@@ -18,19 +18,18 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import asyncpg
-import grpc
 
 from shared.consistency import note_commit, parse_lsn
-from shared.errors import StrataError, unavailable
+from shared.errors import Code, StrataError, unavailable
 from shared.slowlog import SlowLog
 
 if TYPE_CHECKING:
     from shared.replicas import ReplicaSet
 
-__all__ = ["CircuitBreaker", "Database", "deadline_timeout"]
+__all__ = ["CircuitBreaker", "Database", "Deadline", "deadline_timeout"]
 
 T = TypeVar("T")
 _log = logging.getLogger(__name__)
@@ -52,7 +51,13 @@ _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def deadline_timeout(context: grpc.aio.ServicerContext[Any, Any] | None, cap: float = 30.0) -> float:
+class Deadline(Protocol):
+    """What a call's context tells of its deadline (``grpc.aio.ServicerContext`` is one)."""
+
+    def time_remaining(self) -> float | None: ...
+
+
+def deadline_timeout(context: Deadline | None, cap: float = 30.0) -> float:
     """Seconds left before the call's deadline (at most ``cap``), for statement timeouts.
 
     Raises DEADLINE_EXCEEDED when the deadline has already passed, so no
@@ -62,7 +67,7 @@ def deadline_timeout(context: grpc.aio.ServicerContext[Any, Any] | None, cap: fl
     if remaining is None:
         return cap
     if remaining <= 0.001:
-        raise StrataError(grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", "the deadline passed")
+        raise StrataError(Code.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", "the deadline passed")
     return min(cap, remaining)
 
 

@@ -9,16 +9,17 @@ process.
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import asyncpg
-import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 __all__ = [
+    "Code",
     "FieldViolation",
     "StrataError",
     "aborted",
@@ -34,6 +35,33 @@ DETAILS_KEY = "grpc-status-details-bin"
 _log = logging.getLogger(__name__)
 
 
+class Code(enum.IntEnum):
+    """The canonical status codes (``google.rpc.Code``), numbered as on the wire.
+
+    Errors are made with these, so the layers below the RPC layer (storage,
+    cache, documents) need no gRPC; the server bootstrap and the gateway
+    answer with the ``grpc.StatusCode`` of the same name.
+    """
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
+
+
 @dataclass(frozen=True, slots=True)
 class FieldViolation:
     """One bad request field: its path (``items[3].key``) and what is wrong."""
@@ -43,7 +71,7 @@ class FieldViolation:
 
 
 class StrataError(Exception):
-    """A failure with a gRPC code, a stable reason and optional details.
+    """A failure with a status code, a stable reason and optional details.
 
     ``reason`` is an UPPER_SNAKE identifier callers may switch on; ``metadata``
     goes into the ErrorInfo; ``violations`` into a BadRequest detail.
@@ -51,7 +79,7 @@ class StrataError(Exception):
 
     def __init__(
         self,
-        code: grpc.StatusCode,
+        code: Code,
         reason: str,
         message: str,
         *,
@@ -71,7 +99,7 @@ class StrataError(Exception):
 
     def to_status(self) -> status_pb2.Status:
         """The ``google.rpc.Status`` carried in ``grpc-status-details-bin``."""
-        status = status_pb2.Status(code=self.code.value[0], message=self.message)
+        status = status_pb2.Status(code=self.code.value, message=self.message)
         info = error_details_pb2.ErrorInfo(reason=self.reason, domain=self.domain, metadata=self.metadata)
         _pack(status, info)
         if self.violations:
@@ -103,47 +131,45 @@ def invalid_argument(violations: Iterable[FieldViolation], *, domain: str = "str
     """INVALID_ARGUMENT with a BadRequest naming every violated field."""
     items = tuple(violations)
     message = "; ".join(f"{v.field}: {v.description}" for v in items) or "invalid request"
-    return StrataError(
-        grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", message, domain=domain, violations=items
-    )
+    return StrataError(Code.INVALID_ARGUMENT, "INVALID_ARGUMENT", message, domain=domain, violations=items)
 
 
 def not_found(reason: str, message: str, *, domain: str = "strata", **metadata: str) -> StrataError:
     """NOT_FOUND with ``reason`` (e.g. KEY_NOT_FOUND) and metadata naming the thing."""
-    return StrataError(grpc.StatusCode.NOT_FOUND, reason, message, domain=domain, metadata=metadata)
+    return StrataError(Code.NOT_FOUND, reason, message, domain=domain, metadata=metadata)
 
 
 def aborted(reason: str, message: str, *, domain: str = "strata", **metadata: str) -> StrataError:
     """ABORTED: an optimistic-concurrency check (revision, etag) failed."""
-    return StrataError(grpc.StatusCode.ABORTED, reason, message, domain=domain, metadata=metadata)
+    return StrataError(Code.ABORTED, reason, message, domain=domain, metadata=metadata)
 
 
 def already_exists(reason: str, message: str, *, domain: str = "strata", **metadata: str) -> StrataError:
     """ALREADY_EXISTS for a create whose identity is taken."""
-    return StrataError(grpc.StatusCode.ALREADY_EXISTS, reason, message, domain=domain, metadata=metadata)
+    return StrataError(Code.ALREADY_EXISTS, reason, message, domain=domain, metadata=metadata)
 
 
 def unavailable(reason: str, message: str, *, retry_delay_s: float | None = None) -> StrataError:
     """UNAVAILABLE: a dependency is down; the caller may retry."""
-    return StrataError(grpc.StatusCode.UNAVAILABLE, reason, message, retry_delay_s=retry_delay_s)
+    return StrataError(Code.UNAVAILABLE, reason, message, retry_delay_s=retry_delay_s)
 
 
 # SQLSTATE classes and codes → (gRPC code, reason). Checked most specific first.
-_SQLSTATE_MAP: dict[str, tuple[grpc.StatusCode, str]] = {
-    "23505": (grpc.StatusCode.ALREADY_EXISTS, "UNIQUE_VIOLATION"),
-    "23503": (grpc.StatusCode.FAILED_PRECONDITION, "FOREIGN_KEY_VIOLATION"),
-    "23502": (grpc.StatusCode.INVALID_ARGUMENT, "NOT_NULL_VIOLATION"),
-    "23514": (grpc.StatusCode.INVALID_ARGUMENT, "CHECK_VIOLATION"),
-    "22": (grpc.StatusCode.INVALID_ARGUMENT, "DATA_EXCEPTION"),
-    "40001": (grpc.StatusCode.ABORTED, "SERIALIZATION_FAILURE"),
-    "40P01": (grpc.StatusCode.ABORTED, "DEADLOCK_DETECTED"),
-    "42501": (grpc.StatusCode.PERMISSION_DENIED, "INSUFFICIENT_PRIVILEGE"),
-    "57014": (grpc.StatusCode.DEADLINE_EXCEEDED, "QUERY_CANCELED"),
+_SQLSTATE_MAP: dict[str, tuple[Code, str]] = {
+    "23505": (Code.ALREADY_EXISTS, "UNIQUE_VIOLATION"),
+    "23503": (Code.FAILED_PRECONDITION, "FOREIGN_KEY_VIOLATION"),
+    "23502": (Code.INVALID_ARGUMENT, "NOT_NULL_VIOLATION"),
+    "23514": (Code.INVALID_ARGUMENT, "CHECK_VIOLATION"),
+    "22": (Code.INVALID_ARGUMENT, "DATA_EXCEPTION"),
+    "40001": (Code.ABORTED, "SERIALIZATION_FAILURE"),
+    "40P01": (Code.ABORTED, "DEADLOCK_DETECTED"),
+    "42501": (Code.PERMISSION_DENIED, "INSUFFICIENT_PRIVILEGE"),
+    "57014": (Code.DEADLINE_EXCEEDED, "QUERY_CANCELED"),
     # lock_timeout: the statement (and its transaction) was rolled back; safe to retry.
-    "55P03": (grpc.StatusCode.UNAVAILABLE, "LOCK_NOT_AVAILABLE"),
-    "53": (grpc.StatusCode.RESOURCE_EXHAUSTED, "DATABASE_RESOURCES_EXHAUSTED"),
-    "57P": (grpc.StatusCode.UNAVAILABLE, "DATABASE_SHUTTING_DOWN"),
-    "08": (grpc.StatusCode.UNAVAILABLE, "DATABASE_CONNECTION_FAILED"),
+    "55P03": (Code.UNAVAILABLE, "LOCK_NOT_AVAILABLE"),
+    "53": (Code.RESOURCE_EXHAUSTED, "DATABASE_RESOURCES_EXHAUSTED"),
+    "57P": (Code.UNAVAILABLE, "DATABASE_SHUTTING_DOWN"),
+    "08": (Code.UNAVAILABLE, "DATABASE_CONNECTION_FAILED"),
 }
 
 
@@ -164,13 +190,11 @@ def from_exception(exc: BaseException) -> StrataError:
                 return StrataError(code, reason, _database_message(code), metadata={"sqlstate": sqlstate})
     # Before OSError: TimeoutError is one. A client-side statement timeout lands here.
     if isinstance(exc, TimeoutError):
-        return StrataError(grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", "the deadline passed")
+        return StrataError(Code.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", "the deadline passed")
     if isinstance(exc, _CONNECTION_LOST):
-        return StrataError(
-            grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE", "the database cannot be reached; retry"
-        )
+        return StrataError(Code.UNAVAILABLE, "DATABASE_UNAVAILABLE", "the database cannot be reached; retry")
     _log.exception("unexpected error in handler", exc_info=exc)
-    return StrataError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error")
+    return StrataError(Code.INTERNAL, "INTERNAL", "internal error")
 
 
 # A connection that failed under the call (an unusable client protocol state included).
@@ -182,13 +206,13 @@ _CONNECTION_LOST = (
 )
 
 
-def _database_message(code: grpc.StatusCode) -> str:
+def _database_message(code: Code) -> str:
     # Never echo the server's message: it can contain other rows' values.
     return {
-        grpc.StatusCode.ALREADY_EXISTS: "a row with this identity already exists",
-        grpc.StatusCode.ABORTED: "the transaction conflicted with another; retry",
-        grpc.StatusCode.DEADLINE_EXCEEDED: "the statement was cancelled at the deadline",
-        grpc.StatusCode.UNAVAILABLE: "the database is unavailable; retry",
+        Code.ALREADY_EXISTS: "a row with this identity already exists",
+        Code.ABORTED: "the transaction conflicted with another; retry",
+        Code.DEADLINE_EXCEEDED: "the statement was cancelled at the deadline",
+        Code.UNAVAILABLE: "the database is unavailable; retry",
     }.get(code, "the database rejected the request")
 
 

@@ -19,16 +19,17 @@ from google.protobuf import message_factory
 
 from shared.callgate import CallGate
 from shared.consistency import TOKEN_KEY, begin_call, format_lsn
-from shared.errors import FieldViolation, StrataError, from_exception, invalid_argument
+from shared.errors import Code, FieldViolation, StrataError, from_exception, invalid_argument
 from shared.identity import set_current_caller, verify_caller
 from shared.telemetry import end_rpc_span, rpc_server_span, tracing_on
 from shared.wireformat import invalid_utf8_field
 
-__all__ = ["Admission", "abort_with", "decode_request", "service_handler"]
+__all__ = ["Admission", "abort_with", "decode_request", "grpc_code", "service_handler"]
 
 _M = TypeVar("_M", bound=_message.Message)
 UnaryHandler = Callable[[Any, "grpc.aio.ServicerContext[Any, Any]"], Awaitable[bytes]]
 StreamHandler = Callable[[bytes, "grpc.aio.ServicerContext[Any, Any]"], AsyncIterator[bytes]]
+_GRPC_CODES = {Code[status.name]: status for status in grpc.StatusCode}
 
 
 def service_handler(
@@ -102,9 +103,15 @@ def decode_request(request_type: type[_M], raw: bytes) -> _M:
     return request
 
 
+def grpc_code(code: Code) -> grpc.StatusCode:
+    """The ``grpc.StatusCode`` of ``code``."""
+    return _GRPC_CODES[code]
+
+
 async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
+    """End the call with the status :func:`shared.errors.from_exception` maps ``exc`` to."""
     error = from_exception(exc)
-    await context.abort(error.code, error.message, trailing_metadata=error.trailing_metadata())
+    await context.abort(grpc_code(error.code), error.message, trailing_metadata=error.trailing_metadata())
 
 
 def implementation(servicer: object | Sequence[object], method: _descriptor.MethodDescriptor) -> Any:

@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2
 
-from shared.errors import StrataError
+from shared.errors import Code, StrataError
 from shared.handlers import abort_with, decode_request
 
 __all__ = ["HealthService"]
@@ -79,7 +79,7 @@ class HealthService:
             await abort_with(
                 context,
                 StrataError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    Code.RESOURCE_EXHAUSTED,
                     "TOO_MANY_HEALTH_WATCHES",
                     f"this process already serves {_MAX_HEALTH_WATCHES} health watches; use Check",
                     retry_delay_s=1.0,

@@ -26,7 +26,7 @@ from typing import Any
 
 import grpc
 
-from shared.errors import StrataError
+from shared.errors import Code, StrataError
 
 __all__ = [
     "ADMIN_SCOPE",
@@ -216,7 +216,7 @@ def require_scope(scope: str) -> Caller:
     caller = current_caller()
     if not caller.has_scope(scope):
         raise StrataError(
-            grpc.StatusCode.PERMISSION_DENIED,
+            Code.PERMISSION_DENIED,
             "MISSING_SCOPE",
             f"this call needs the {scope!r} scope",
             metadata={"scope": scope},
@@ -225,4 +225,4 @@ def require_scope(scope: str) -> Caller:
 
 
 def _unauthenticated(message: str) -> StrataError:
-    return StrataError(grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED", message)
+    return StrataError(Code.UNAUTHENTICATED, "UNAUTHENTICATED", message)

@@ -29,7 +29,7 @@ from services.kv.store import Change, DeleteResult, KvStore, PutItem, entry_to_k
 from shared.answers import OverBudget, answer_budget, page_rows, too_large
 from shared.cache import CacheEntry, RevisionedCache
 from shared.db import deadline_timeout
-from shared.errors import FieldViolation, StrataError, not_found
+from shared.errors import Code, FieldViolation, StrataError, not_found
 from shared.groupcommit import finish_despite_caller
 from shared.identity import INTERNAL_SCOPE, require_scope
 from shared.pagetoken import PageTokens
@@ -276,7 +276,7 @@ class KvServicer:
         while True:
             if time.monotonic() >= ends_at:
                 raise StrataError(
-                    grpc.StatusCode.UNAVAILABLE,
+                    Code.UNAVAILABLE,
                     "STREAM_MAX_AGE",
                     f"a watch stays open at most {self._limits.stream_max_age_s:g} s; "
                     "watch again from resume_revision",
@@ -316,7 +316,7 @@ class KvServicer:
                 )
             except FeedClosed:
                 raise StrataError(
-                    grpc.StatusCode.UNAVAILABLE,
+                    Code.UNAVAILABLE,
                     "SHUTTING_DOWN",
                     "the server is shutting down; watch again from resume_revision",
                     domain=DOMAIN,
@@ -422,7 +422,7 @@ def _within_bytes(changes: list[Change], budget: int) -> list[kv_pb2.Event]:
 
 def _tenant_gone(tenant: str) -> StrataError:
     return StrataError(
-        grpc.StatusCode.PERMISSION_DENIED,
+        Code.PERMISSION_DENIED,
         "TENANT_DELETED",
         f"tenant {tenant!r} of this watch was deleted",
         domain=DOMAIN,
@@ -437,7 +437,7 @@ def _resume_revision(cursor: tuple[int, str | None]) -> int:
 
 def _compacted(wanted: int, compacted: int) -> StrataError:
     return StrataError(
-        grpc.StatusCode.OUT_OF_RANGE,
+        Code.OUT_OF_RANGE,
         "REVISION_COMPACTED",
         f"revision {wanted} has been compacted; the oldest available is {compacted + 1}",
         domain=DOMAIN,

@@ -32,7 +32,7 @@ from services.admin.branches.backups import Backups
 from services.admin.branches.names import DATABASE_PREFIX
 from services.admin.branches.tools import CHUNK_BYTES, pg_tool
 from shared.db import Database
-from shared.errors import StrataError
+from shared.errors import Code, StrataError
 from shared.settings import Settings
 from tests.conftest import TEST_INTERNAL_SECRET
 from tests.support.calls import bearer
@@ -516,8 +516,8 @@ def with_netloc(url: str, **parts: Any) -> str:
 @pytest.mark.parametrize(
     ("broken", "code"),
     [
-        ({"password": "not-the-password-4711"}, grpc.StatusCode.INTERNAL),
-        ({"port": "1"}, grpc.StatusCode.UNAVAILABLE),  # nothing listens there: retry later
+        ({"password": "not-the-password-4711"}, Code.INTERNAL),
+        ({"port": "1"}, Code.UNAVAILABLE),  # nothing listens there: retry later
     ],
 )
 async def test_a_failing_pg_dump_answers_a_safe_error(settings, service_db, caplog, broken, code):
@@ -540,7 +540,7 @@ async def test_restores_over_the_size_limit_are_refused_and_keep_nothing(setting
     with pytest.raises(StrataError) as caught:
         await backups.restore(upload(name, backup.archive), _Context())
     assert (caught.value.code, caught.value.reason) == (
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        Code.RESOURCE_EXHAUSTED,
         "RESTORE_TOO_LARGE",
     )
     assert not await database_exists(settings, DATABASE_PREFIX + name)
@@ -560,7 +560,7 @@ async def test_without_the_owner_role_calls_fail_with_a_precondition(service_db,
         with pytest.raises(StrataError) as caught:
             await call
         assert (caught.value.code, caught.value.reason) == (
-            grpc.StatusCode.FAILED_PRECONDITION,
+            Code.FAILED_PRECONDITION,
             "OWNER_ROLE_NOT_CONFIGURED",
         )
 

@@ -11,6 +11,7 @@ import pytest
 
 from shared.backends import migration_plan
 from shared.db import Database
+from shared.errors import Code
 from shared.launcher import SERVICES
 from shared.migrations import Migration, MigrationError, apply_migrations, discover, status
 
@@ -114,7 +115,6 @@ async def test_nothing_leaks_to_the_next_user_of_a_pooled_connection(settings):
 
 
 async def test_a_statement_past_its_timeout_is_cancelled_in_postgres(settings):
-    import grpc
 
     from shared.errors import from_exception
 
@@ -122,7 +122,7 @@ async def test_a_statement_past_its_timeout_is_cancelled_in_postgres(settings):
     try:
         with pytest.raises(TimeoutError) as caught:
             await db.fetchval("SELECT pg_sleep(10) /* strata-timeout-probe */", timeout=0.3)
-        assert from_exception(caught.value).code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert from_exception(caught.value).code == Code.DEADLINE_EXCEEDED
         assert db.breaker.failures == 0, "a timeout is not a connection fault"
         await asyncio.sleep(0.2)
         running = await db.fetchval(
@@ -134,7 +134,6 @@ async def test_a_statement_past_its_timeout_is_cancelled_in_postgres(settings):
 
 
 def test_deadline_timeout_follows_the_call_and_refuses_a_passed_deadline():
-    import grpc
 
     from shared.db import deadline_timeout
     from shared.errors import StrataError
@@ -151,7 +150,7 @@ def test_deadline_timeout_follows_the_call_and_refuses_a_passed_deadline():
     assert deadline_timeout(Call(100.0), cap=30.0) == 30.0
     with pytest.raises(StrataError) as caught:
         deadline_timeout(Call(0.0))
-    assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert caught.value.code == Code.DEADLINE_EXCEEDED
 
 
 def test_migrate_command_brings_an_external_database_up_to_date(settings):

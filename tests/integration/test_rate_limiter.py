@@ -7,11 +7,10 @@ import logging
 import time
 import uuid
 
-import grpc
 import pytest
 
 from gateway.ratelimit import RateLimiter
-from shared.errors import StrataError
+from shared.errors import Code, StrataError
 from shared.redisclient import open_redis
 
 
@@ -39,7 +38,7 @@ async def test_a_slow_limit_is_exact_one_token_per_round_trip(redis_url):
     finally:
         await limiter.close()
     assert allowed == 5 and len(refused) == 3
-    assert all(r.code == grpc.StatusCode.RESOURCE_EXHAUSTED and r.reason == "RATE_LIMITED" for r in refused)
+    assert all(r.code == Code.RESOURCE_EXHAUSTED and r.reason == "RATE_LIMITED" for r in refused)
     assert limiter.trips >= 6  # every call asked Redis (the refusals share a trip or not)
 
 

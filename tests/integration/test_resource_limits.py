@@ -17,7 +17,7 @@ from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 
 from services.kv.app import build_kv_server
 from shared.db import Database
-from shared.errors import StrataError
+from shared.errors import Code, StrataError
 from shared.identity import signing_interceptors
 from tests.conftest import TENANT, TEST_INTERNAL_SECRET, signed_channel
 from tests.support.errors import error_info
@@ -35,7 +35,7 @@ async def test_an_exhausted_pool_answers_unavailable_at_once_and_recovers(settin
             waited = time.monotonic() - started
         assert all(isinstance(o, StrataError) for o in outcomes), outcomes
         assert {(o.code, o.reason) for o in outcomes} == {  # type: ignore[union-attr]
-            (grpc.StatusCode.UNAVAILABLE, "DATABASE_POOL_EXHAUSTED")
+            (Code.UNAVAILABLE, "DATABASE_POOL_EXHAUSTED")
         }
         # Twenty callers with 10 s deadlines were all answered within the acquire bound, together.
         assert waited < 2.0, waited

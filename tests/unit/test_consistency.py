@@ -6,7 +6,6 @@ import asyncio
 import contextvars
 import time
 
-import grpc
 import pytest
 
 from gateway.consistency import CallerTokens
@@ -20,7 +19,7 @@ from shared.consistency import (
     token_from_metadata,
 )
 from shared.db import CircuitBreaker
-from shared.errors import StrataError
+from shared.errors import Code, StrataError
 
 
 @pytest.mark.parametrize(
@@ -64,7 +63,7 @@ def test_anything_else_is_not_an_lsn(text):
 def test_a_malformed_token_is_invalid_argument_naming_the_key():
     with pytest.raises(StrataError) as caught:
         token_from_metadata([(TOKEN_KEY, "'; DROP TABLE kv.entries; --")])
-    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.code == Code.INVALID_ARGUMENT
     assert caught.value.violations[0].field == TOKEN_KEY
 
 

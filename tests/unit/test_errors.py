@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 
 import asyncpg
-import grpc
 import pytest
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from shared.errors import (
     DETAILS_KEY,
+    Code,
     FieldViolation,
     StrataError,
     aborted,
@@ -41,14 +41,14 @@ def _has_detail(status: status_pb2.Status, message_type) -> bool:
 
 
 def test_to_status_carries_the_code_number_and_message():
-    status = StrataError(grpc.StatusCode.NOT_FOUND, "KEY_NOT_FOUND", "key 'k' not found").to_status()
+    status = StrataError(Code.NOT_FOUND, "KEY_NOT_FOUND", "key 'k' not found").to_status()
     assert status.code == 5
     assert status.message == "key 'k' not found"
 
 
 def test_to_status_has_error_info_with_reason_domain_and_metadata():
     error = StrataError(
-        grpc.StatusCode.ABORTED,
+        Code.ABORTED,
         "REVISION_MISMATCH",
         "conflict",
         domain="strata.kv.v1",
@@ -61,13 +61,13 @@ def test_to_status_has_error_info_with_reason_domain_and_metadata():
 
 
 def test_the_default_domain_is_strata():
-    info = _detail(StrataError(grpc.StatusCode.INTERNAL, "X", "m").to_status(), error_details_pb2.ErrorInfo)
+    info = _detail(StrataError(Code.INTERNAL, "X", "m").to_status(), error_details_pb2.ErrorInfo)
     assert info.domain == "strata"
 
 
 def test_to_status_has_a_bad_request_listing_every_violation():
     error = StrataError(
-        grpc.StatusCode.INVALID_ARGUMENT,
+        Code.INVALID_ARGUMENT,
         "INVALID_ARGUMENT",
         "bad",
         violations=[FieldViolation("items[0].key", "required"), FieldViolation("value", "too big")],
@@ -80,7 +80,7 @@ def test_to_status_has_a_bad_request_listing_every_violation():
 
 
 def test_to_status_without_violations_has_no_bad_request():
-    status = StrataError(grpc.StatusCode.NOT_FOUND, "KEY_NOT_FOUND", "m").to_status()
+    status = StrataError(Code.NOT_FOUND, "KEY_NOT_FOUND", "m").to_status()
     assert not _has_detail(status, error_details_pb2.BadRequest)
 
 
@@ -104,7 +104,7 @@ def test_trailing_metadata_carries_the_serialized_status():
 
 def test_metadata_is_copied_not_shared():
     metadata = {"a": "1"}
-    error = StrataError(grpc.StatusCode.INTERNAL, "X", "m", metadata=metadata)
+    error = StrataError(Code.INTERNAL, "X", "m", metadata=metadata)
     metadata["b"] = "2"
     assert error.metadata == {"a": "1"}
 
@@ -114,7 +114,7 @@ def test_metadata_is_copied_not_shared():
 
 def test_invalid_argument_joins_the_violations_into_the_message():
     error = invalid_argument([FieldViolation("key", "required"), FieldViolation("value", "too big")])
-    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.code == Code.INVALID_ARGUMENT
     assert error.reason == "INVALID_ARGUMENT"
     assert error.message == "key: required; value: too big"
     assert str(error) == error.message
@@ -127,9 +127,9 @@ def test_invalid_argument_without_violations_has_a_generic_message():
 @pytest.mark.parametrize(
     ("factory", "code"),
     [
-        (not_found, grpc.StatusCode.NOT_FOUND),
-        (aborted, grpc.StatusCode.ABORTED),
-        (already_exists, grpc.StatusCode.ALREADY_EXISTS),
+        (not_found, Code.NOT_FOUND),
+        (aborted, Code.ABORTED),
+        (already_exists, Code.ALREADY_EXISTS),
     ],
 )
 def test_constructors_set_code_reason_domain_and_metadata(factory, code):
@@ -154,38 +154,38 @@ def test_a_strata_error_is_returned_unchanged():
 @pytest.mark.parametrize(
     ("exception", "code", "reason"),
     [
-        (asyncpg.exceptions.UniqueViolationError, grpc.StatusCode.ALREADY_EXISTS, "UNIQUE_VIOLATION"),
+        (asyncpg.exceptions.UniqueViolationError, Code.ALREADY_EXISTS, "UNIQUE_VIOLATION"),
         (
             asyncpg.exceptions.ForeignKeyViolationError,
-            grpc.StatusCode.FAILED_PRECONDITION,
+            Code.FAILED_PRECONDITION,
             "FOREIGN_KEY_VIOLATION",
         ),
-        (asyncpg.exceptions.NotNullViolationError, grpc.StatusCode.INVALID_ARGUMENT, "NOT_NULL_VIOLATION"),
-        (asyncpg.exceptions.CheckViolationError, grpc.StatusCode.INVALID_ARGUMENT, "CHECK_VIOLATION"),
+        (asyncpg.exceptions.NotNullViolationError, Code.INVALID_ARGUMENT, "NOT_NULL_VIOLATION"),
+        (asyncpg.exceptions.CheckViolationError, Code.INVALID_ARGUMENT, "CHECK_VIOLATION"),
         (
             asyncpg.exceptions.InvalidTextRepresentationError,
-            grpc.StatusCode.INVALID_ARGUMENT,
+            Code.INVALID_ARGUMENT,
             "DATA_EXCEPTION",
         ),
-        (asyncpg.exceptions.DivisionByZeroError, grpc.StatusCode.INVALID_ARGUMENT, "DATA_EXCEPTION"),
-        (asyncpg.exceptions.SerializationError, grpc.StatusCode.ABORTED, "SERIALIZATION_FAILURE"),
-        (asyncpg.exceptions.DeadlockDetectedError, grpc.StatusCode.ABORTED, "DEADLOCK_DETECTED"),
+        (asyncpg.exceptions.DivisionByZeroError, Code.INVALID_ARGUMENT, "DATA_EXCEPTION"),
+        (asyncpg.exceptions.SerializationError, Code.ABORTED, "SERIALIZATION_FAILURE"),
+        (asyncpg.exceptions.DeadlockDetectedError, Code.ABORTED, "DEADLOCK_DETECTED"),
         (
             asyncpg.exceptions.InsufficientPrivilegeError,
-            grpc.StatusCode.PERMISSION_DENIED,
+            Code.PERMISSION_DENIED,
             "INSUFFICIENT_PRIVILEGE",
         ),
-        (asyncpg.exceptions.QueryCanceledError, grpc.StatusCode.DEADLINE_EXCEEDED, "QUERY_CANCELED"),
+        (asyncpg.exceptions.QueryCanceledError, Code.DEADLINE_EXCEEDED, "QUERY_CANCELED"),
         (
             asyncpg.exceptions.TooManyConnectionsError,
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            Code.RESOURCE_EXHAUSTED,
             "DATABASE_RESOURCES_EXHAUSTED",
         ),
-        (asyncpg.exceptions.AdminShutdownError, grpc.StatusCode.UNAVAILABLE, "DATABASE_SHUTTING_DOWN"),
-        (asyncpg.exceptions.CannotConnectNowError, grpc.StatusCode.UNAVAILABLE, "DATABASE_SHUTTING_DOWN"),
+        (asyncpg.exceptions.AdminShutdownError, Code.UNAVAILABLE, "DATABASE_SHUTTING_DOWN"),
+        (asyncpg.exceptions.CannotConnectNowError, Code.UNAVAILABLE, "DATABASE_SHUTTING_DOWN"),
         (
             asyncpg.exceptions.ConnectionFailureError,
-            grpc.StatusCode.UNAVAILABLE,
+            Code.UNAVAILABLE,
             "DATABASE_CONNECTION_FAILED",
         ),
     ],
@@ -199,7 +199,7 @@ def test_database_errors_map_by_sqlstate(exception, code, reason):
 def test_a_database_error_message_is_not_echoed():
     secret = "Key (email)=(alice@example.com) already exists."
     error = from_exception(asyncpg.exceptions.UniqueViolationError(secret))
-    assert error.code == grpc.StatusCode.ALREADY_EXISTS
+    assert error.code == Code.ALREADY_EXISTS
     assert "alice" not in error.message
     assert "alice" not in error.to_status().SerializeToString().decode(errors="replace")
 
@@ -208,7 +208,7 @@ def test_an_unmapped_database_error_is_internal(caplog):
     with caplog.at_level(logging.ERROR, logger="shared.errors"):
         error = from_exception(asyncpg.exceptions.UndefinedTableError('relation "kv.secret" does not exist'))
     assert (error.code, error.reason, error.message) == (
-        grpc.StatusCode.INTERNAL,
+        Code.INTERNAL,
         "INTERNAL",
         "internal error",
     )
@@ -229,20 +229,20 @@ def test_an_unmapped_database_error_is_internal(caplog):
 )
 def test_connection_failures_are_unavailable(exception):
     error = from_exception(exception)
-    assert error.code == grpc.StatusCode.UNAVAILABLE
+    assert error.code == Code.UNAVAILABLE
     assert error.reason in {"DATABASE_UNAVAILABLE", "DATABASE_CONNECTION_FAILED"}
 
 
 def test_a_timeout_is_deadline_exceeded():
     # asyncpg raises TimeoutError (asyncio.TimeoutError) when a statement timeout passes.
     error = from_exception(TimeoutError())
-    assert (error.code, error.reason) == (grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED")
+    assert (error.code, error.reason) == (Code.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED")
 
 
 def test_an_unexpected_exception_is_internal_with_a_generic_message(caplog):
     with caplog.at_level(logging.ERROR, logger="shared.errors"):
         error = from_exception(ValueError("password=hunter2 in row 17"))
-    assert (error.code, error.reason) == (grpc.StatusCode.INTERNAL, "INTERNAL")
+    assert (error.code, error.reason) == (Code.INTERNAL, "INTERNAL")
     assert error.message == "internal error"
     serialized = error.to_status().SerializeToString()
     assert b"hunter2" not in serialized

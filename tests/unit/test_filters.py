@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import grpc
 import pytest
 from google.protobuf import struct_pb2
 from strata.common.v1 import filter_pb2
 
-from shared.errors import StrataError
+from shared.errors import Code, StrataError
 from shared.filters import SqlParams, compile_filter, json_path_sql, validate_path
 from tests.support.documents import cond, make
 
@@ -40,7 +39,7 @@ def violations(spec: dict[str, Any] | filter_pb2.Filter, **kwargs: Any) -> dict[
     node = make(spec) if isinstance(spec, dict) else spec
     with pytest.raises(StrataError) as caught:
         compile_filter(node, "data", SqlParams(), **kwargs)
-    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.code == Code.INVALID_ARGUMENT
     assert caught.value.reason == "INVALID_ARGUMENT"
     return {v.field: v.description for v in caught.value.violations}
 
@@ -307,7 +306,7 @@ def test_validate_path_returns_the_segments():
 def test_json_path_sql_refuses_a_bad_path_as_invalid_argument():
     with pytest.raises(StrataError) as caught:
         json_path_sql("data", "a b", field="order_by")
-    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.code == Code.INVALID_ARGUMENT
     assert [v.field for v in caught.value.violations] == ["order_by"]
 
 

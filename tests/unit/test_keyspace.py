@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import grpc
 import pytest
 from google.protobuf import duration_pb2
 
@@ -15,7 +14,7 @@ from services.kv.keyspace import (
     raise_if,
     revision_mismatch,
 )
-from shared.errors import FieldViolation, StrataError
+from shared.errors import Code, FieldViolation, StrataError
 from shared.pagetoken import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from shared.settings import Settings
 
@@ -383,7 +382,7 @@ def test_raise_if_lists_every_violation_in_one_invalid_argument():
     violations = [FieldViolation("namespace", "required"), FieldViolation("key", "required")]
     with pytest.raises(StrataError) as caught:
         raise_if(violations)
-    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.code == Code.INVALID_ARGUMENT
     assert caught.value.domain == DOMAIN
     assert caught.value.violations == tuple(violations)
     assert caught.value.message == "namespace: required; key: required"
@@ -391,7 +390,7 @@ def test_raise_if_lists_every_violation_in_one_invalid_argument():
 
 def test_revision_mismatch_is_aborted_with_the_revisions():
     error = revision_mismatch("k", 3, 5, 9)
-    assert error.code == grpc.StatusCode.ABORTED
+    assert error.code == Code.ABORTED
     assert error.reason == "REVISION_MISMATCH"
     assert error.domain == DOMAIN
     assert error.metadata == {

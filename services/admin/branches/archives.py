@@ -26,9 +26,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import grpc
-
-from shared.errors import StrataError
+from shared.errors import Code, StrataError
 
 __all__ = ["ALLOWED_EXTENSIONS", "STRATA_SCHEMAS", "ArchiveSigner", "TocEntry", "parse_toc", "vet"]
 
@@ -132,7 +130,7 @@ class ArchiveSigner:
         """INVALID_ARGUMENT unless ``signature`` is the one ``signing`` computed."""
         if not signature:
             raise StrataError(
-                grpc.StatusCode.INVALID_ARGUMENT,
+                Code.INVALID_ARGUMENT,
                 "BACKUP_NOT_SIGNED",
                 "Restore takes only archives this deployment's Backup made: send the signature "
                 "its last message carried",
@@ -140,7 +138,7 @@ class ArchiveSigner:
             )
         if not hmac.compare_digest(signing.hexdigest(), signature):
             raise StrataError(
-                grpc.StatusCode.INVALID_ARGUMENT,
+                Code.INVALID_ARGUMENT,
                 "BACKUP_SIGNATURE_INVALID",
                 "the archive's signature does not match: it was not made by this deployment's Backup, "
                 "or it was changed since; nothing was restored",
@@ -214,7 +212,7 @@ def vet(entries: Iterable[TocEntry], live_functions: set[tuple[str, str]]) -> tu
         shown = "; ".join(refused[:_MAX_REFUSED_NAMED])
         more = f" and {len(refused) - _MAX_REFUSED_NAMED} more" if len(refused) > _MAX_REFUSED_NAMED else ""
         raise StrataError(
-            grpc.StatusCode.INVALID_ARGUMENT,
+            Code.INVALID_ARGUMENT,
             "ARCHIVE_NOT_ALLOWED",
             f"the archive holds what Strata's backups never contain: {shown}{more}; nothing was restored",
             domain=DOMAIN,

@@ -65,7 +65,7 @@ from services.admin.branches.tools import (
 )
 from services.admin.branches.upload import RestoreUpload
 from shared.db import Database, deadline_timeout
-from shared.errors import FieldViolation, StrataError, invalid_argument
+from shared.errors import Code, FieldViolation, StrataError, invalid_argument
 
 __all__ = ["Backups"]
 
@@ -96,7 +96,7 @@ class Backups:
     def _owner_role(self) -> OwnerRole:
         if self._owner is None:
             raise StrataError(
-                grpc.StatusCode.FAILED_PRECONDITION,
+                Code.FAILED_PRECONDITION,
                 "OWNER_ROLE_NOT_CONFIGURED",
                 "backups and branches run as the database owner role, and this admin process has none: "
                 "set STRATA_MIGRATE_DATABASE_URL",
@@ -191,7 +191,7 @@ class Backups:
                         await tool.wait()
                 except ToolFailed as exc:
                     raise tool_error(
-                        exc, "RESTORE_FAILED", "restoring the archive", grpc.StatusCode.INVALID_ARGUMENT
+                        exc, "RESTORE_FAILED", "restoring the archive", Code.INVALID_ARGUMENT
                     ) from None
                 async with owner.connect() as conn:
                     # It keeps owning what it restored, and can log in no more.
@@ -246,9 +246,7 @@ class Backups:
         database = row.database
         # The registry's CHECKs make these impossible (a copy has its database, never the live one).
         if database is None or database == owner.database:
-            raise StrataError(
-                grpc.StatusCode.FAILED_PRECONDITION, "LIVE_DATABASE", "refusing to drop the live database"
-            )
+            raise StrataError(Code.FAILED_PRECONDITION, "LIVE_DATABASE", "refusing to drop the live database")
         async with owner.connect() as conn:
             await drop_database(conn, database, deadline_timeout(context))
             if row.origin == "restore":
@@ -309,7 +307,7 @@ class Backups:
         row = await self._registry.mark_ready(branch_id, name, details, deadline_timeout(context))
         if row is None:
             raise StrataError(
-                grpc.StatusCode.ABORTED,
+                Code.ABORTED,
                 "BRANCH_DELETED",
                 f"branch {name!r} was deleted while it was being made",
                 domain=DOMAIN,

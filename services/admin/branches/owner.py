@@ -13,11 +13,10 @@ from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import asyncpg
-import grpc
 
 from services.admin.branches.archives import STRATA_SCHEMAS
 from services.admin.branches.names import DOMAIN, name_taken
-from shared.errors import StrataError
+from shared.errors import Code, StrataError
 
 __all__ = [
     "OwnerRole",
@@ -108,7 +107,7 @@ async def create_database(
         raise name_taken(name) from None
     except asyncpg.InsufficientPrivilegeError:
         raise StrataError(
-            grpc.StatusCode.FAILED_PRECONDITION,
+            Code.FAILED_PRECONDITION,
             "OWNER_CANNOT_CREATE_DATABASE",
             "the owner role (STRATA_MIGRATE_DATABASE_URL) may not create databases; grant it CREATEDB",
             domain=DOMAIN,

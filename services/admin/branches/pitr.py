@@ -32,7 +32,7 @@ from services.admin.branches.registry import BranchRegistry, BranchRow
 from services.admin.branches.tools import to_the_end
 from services.admin.branches.wal_archive import WalArchive
 from shared.db import Database, deadline_timeout
-from shared.errors import FieldViolation, StrataError, invalid_argument
+from shared.errors import Code, FieldViolation, StrataError, invalid_argument
 from shared.pitr import BaseBackup, PitrFolder, PointInTimeServer, service_url
 from shared.ports import free_port, port_is_free
 from shared.settings import Settings
@@ -162,7 +162,7 @@ class PointInTime:
             backups = await asyncio.to_thread(folder.base_backups)
             if not backups:
                 raise StrataError(
-                    grpc.StatusCode.UNAVAILABLE,
+                    Code.UNAVAILABLE,
                     "NO_BASE_BACKUP",
                     "the first base backup is not complete yet; retry shortly",
                     domain=DOMAIN,
@@ -254,7 +254,7 @@ class PointInTime:
     def _managed(self) -> WalArchive:
         if self._archive is None:
             raise StrataError(
-                grpc.StatusCode.FAILED_PRECONDITION,
+                Code.FAILED_PRECONDITION,
                 "PITR_NOT_MANAGED",
                 "point-in-time recovery belongs to the provider of the Postgres server (DATABASE_URL): "
                 "Strata archives WAL and branches at a time only the server it runs (embedded mode)",
@@ -267,7 +267,7 @@ class PointInTime:
             await asyncio.wait_for(self._started.wait(), deadline_timeout(context))
         except TimeoutError:
             raise StrataError(
-                grpc.StatusCode.UNAVAILABLE,
+                Code.UNAVAILABLE,
                 "PITR_STARTING",
                 "point-in-time recovery is still starting (its branches are being started again); retry",
                 domain=DOMAIN,
@@ -313,13 +313,13 @@ def _restore_error(exc: RuntimeError, server: PointInTimeServer, archiving: bool
     _log.warning("a point-in-time restore failed", extra={"error": str(exc), "log": log})
     if _NOT_REACHED in log and not archiving:
         return StrataError(
-            grpc.StatusCode.FAILED_PRECONDITION,
+            Code.FAILED_PRECONDITION,
             "AS_OF_NOT_ARCHIVED",
             "the archive ends before as_of, and the live server could not be asked to archive more",
             domain=DOMAIN,
         )
     return StrataError(
-        grpc.StatusCode.INTERNAL,
+        Code.INTERNAL,
         "BRANCH_FAILED",
         "restoring the point-in-time branch failed; the admin service's log says why",
         domain=DOMAIN,

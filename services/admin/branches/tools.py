@@ -19,11 +19,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import IO
 
-import grpc
-
 from services.admin.branches.names import DOMAIN
 from services.admin.branches.owner import OwnerRole
-from shared.errors import StrataError
+from shared.errors import Code, StrataError
 
 __all__ = [
     "CHUNK_BYTES",
@@ -74,7 +72,7 @@ async def pg_tool(name: str) -> str:
                 best = (major, path)
         if best is None:
             raise StrataError(
-                grpc.StatusCode.FAILED_PRECONDITION,
+                Code.FAILED_PRECONDITION,
                 "PG_TOOL_NOT_FOUND",
                 f"{name} was not found: install the PostgreSQL client (version >= the server's) on PATH",
                 domain=DOMAIN,
@@ -137,7 +135,7 @@ async def archive_listing(pg_restore: str, archive: Path, owner: OwnerRole) -> s
             await tool.wait()
     except ToolFailed as exc:
         raise tool_error(
-            exc, "NOT_A_BACKUP", "reading the archive's contents", grpc.StatusCode.INVALID_ARGUMENT
+            exc, "NOT_A_BACKUP", "reading the archive's contents", Code.INVALID_ARGUMENT
         ) from None
     return listing.decode(errors="replace")
 
@@ -304,16 +302,14 @@ async def _tail(stream: asyncio.StreamReader) -> str:
     return tail.decode(errors="replace")
 
 
-def tool_error(
-    exc: ToolFailed, reason: str, what: str, code: grpc.StatusCode = grpc.StatusCode.INTERNAL
-) -> StrataError:
+def tool_error(exc: ToolFailed, reason: str, what: str, code: Code = Code.INTERNAL) -> StrataError:
     """The caller's error for a failed tool: a safe message; the tool's own words go to the log."""
     _log.warning(
         "%s failed", exc.tool, extra={"returncode": exc.returncode, "stderr": exc.stderr, "reason": reason}
     )
     if exc.transient:
         return StrataError(
-            grpc.StatusCode.UNAVAILABLE,
+            Code.UNAVAILABLE,
             reason,
             f"{what} failed: the database was unreachable or busy; retry",
             domain=DOMAIN,

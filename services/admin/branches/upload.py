@@ -10,11 +10,10 @@ import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import grpc
 from strata.admin.v1 import admin_pb2
 
 from services.admin.branches.names import DOMAIN, checked_name
-from shared.errors import FieldViolation, StrataError, invalid_argument
+from shared.errors import Code, FieldViolation, StrataError, invalid_argument
 
 __all__ = ["RestoreUpload"]
 
@@ -62,7 +61,7 @@ class RestoreUpload:
             self._head += self._take(message)
         if not self._head.startswith(_ARCHIVE_MAGIC):
             raise StrataError(
-                grpc.StatusCode.INVALID_ARGUMENT,
+                Code.INVALID_ARGUMENT,
                 "NOT_A_BACKUP",
                 "the stream is not a pg_dump custom-format archive (as Backup makes)",
                 domain=DOMAIN,
@@ -96,7 +95,7 @@ class RestoreUpload:
         """INVALID_ARGUMENT when the caller gave a SHA-256 the bytes do not have."""
         if self._expected and self._expected != self.sha256:
             raise StrataError(
-                grpc.StatusCode.INVALID_ARGUMENT,
+                Code.INVALID_ARGUMENT,
                 "CHECKSUM_MISMATCH",
                 "the archive's SHA-256 is not the one given; nothing was kept",
                 domain=DOMAIN,
@@ -114,7 +113,7 @@ class RestoreUpload:
         self.total += len(message.data)
         if self.total > self._limit:
             raise StrataError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                Code.RESOURCE_EXHAUSTED,
                 "RESTORE_TOO_LARGE",
                 f"the archive is larger than {self._limit} bytes (STRATA_RESTORE_MAX_BYTES)",
                 domain=DOMAIN,

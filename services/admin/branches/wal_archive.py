@@ -36,7 +36,7 @@ from services.admin.branches.owner import OwnerRole
 from services.admin.branches.tools import ToolFailed, running, to_the_end
 from shared.db import deadline_timeout
 from shared.embedded import archive_command
-from shared.errors import StrataError
+from shared.errors import Code, StrataError
 from shared.pitr import BaseBackup, PitrFolder, folder_bytes
 from shared.timestamps import to_timestamp
 
@@ -64,7 +64,7 @@ class WalArchive:
         """The owner role; FAILED_PRECONDITION when this process has none."""
         if self._owner is None:
             raise StrataError(
-                grpc.StatusCode.FAILED_PRECONDITION,
+                Code.FAILED_PRECONDITION,
                 "OWNER_ROLE_NOT_CONFIGURED",
                 "base backups run as the database owner role, and this admin process has none: "
                 "set STRATA_MIGRATE_DATABASE_URL",
@@ -196,7 +196,7 @@ class WalArchive:
         if row is not None:
             if row["mode"] != "on" or row["command"] != archive_command(self.folder.wal):
                 raise StrataError(
-                    grpc.StatusCode.FAILED_PRECONDITION,
+                    Code.FAILED_PRECONDITION,
                     "WAL_NOT_ARCHIVED",
                     "the Postgres server does not archive its WAL into this admin process's folder "
                     "(STRATA_PITR_DIR): it was started without archiving; restart Strata",
@@ -222,7 +222,7 @@ class WalArchive:
         while not await asyncio.to_thread(self.folder.archived, segment):
             if time.monotonic() > deadline:
                 raise StrataError(
-                    grpc.StatusCode.UNAVAILABLE,
+                    Code.UNAVAILABLE,
                     "ARCHIVE_BEHIND",
                     f"WAL segment {segment} was not archived in time; retry (Postgres's log says why)",
                     domain=DOMAIN,

@@ -17,7 +17,7 @@ from services.admin.keys.mapping import key_message
 from services.admin.keys.store import ApiKeyStore
 from shared.apikeys import new_api_key, parse_api_key, secrets_match
 from shared.db import deadline_timeout
-from shared.errors import FieldViolation, StrataError, invalid_argument, not_found
+from shared.errors import Code, FieldViolation, StrataError, invalid_argument, not_found
 from shared.identity import ADMIN_SCOPE, INTERNAL_SCOPE, OPERATOR_SCOPE, SCOPES, Caller, require_scope
 from shared.pagetoken import PageTokens, page_size
 
@@ -66,7 +66,7 @@ class ApiKeyServicer:
             require_scope(OPERATOR_SCOPE)  # only an operator makes an operator key
         if not await self._keys.tenant_exists(request.tenant, timeout=deadline_timeout(context)):
             raise StrataError(
-                grpc.StatusCode.FAILED_PRECONDITION,
+                Code.FAILED_PRECONDITION,
                 "TENANT_NOT_FOUND",
                 f"tenant {request.tenant!r} is not registered; create it with TenantService first",
                 domain=DOMAIN,
@@ -129,18 +129,18 @@ class ApiKeyServicer:
             row = await self._keys.find_for_authentication(parsed[0], timeout=deadline_timeout(context))
         if row is None or parsed is None or not secrets_match(self._pepper, parsed[1], row.secret_hash):
             raise StrataError(
-                grpc.StatusCode.UNAUTHENTICATED, "INVALID_API_KEY", "the API key is not valid", domain=DOMAIN
+                Code.UNAUTHENTICATED, "INVALID_API_KEY", "the API key is not valid", domain=DOMAIN
             )
         if row.tenant_status is None:
             raise StrataError(
-                grpc.StatusCode.UNAUTHENTICATED,
+                Code.UNAUTHENTICATED,
                 "INVALID_API_KEY",
                 "the key's tenant no longer exists",
                 domain=DOMAIN,
             )
         if row.tenant_status == SUSPENDED:
             raise StrataError(
-                grpc.StatusCode.PERMISSION_DENIED,
+                Code.PERMISSION_DENIED,
                 "TENANT_SUSPENDED",
                 f"tenant {row.tenant!r} is suspended",
                 domain=DOMAIN,
@@ -158,7 +158,7 @@ def _own_tenant(caller: Caller, tenant: str) -> None:
     """PERMISSION_DENIED unless ``caller`` may manage ``tenant``: an operator any, an admin its own."""
     if not caller.is_operator and tenant != caller.tenant:
         raise StrataError(
-            grpc.StatusCode.PERMISSION_DENIED,
+            Code.PERMISSION_DENIED,
             "OTHER_TENANT",
             "an admin key manages its own tenant only; another tenant needs an operator key",
             domain=DOMAIN,

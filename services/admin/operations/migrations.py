@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncpg
-import grpc
 from strata.admin.v1 import admin_pb2
 
 from shared.audit import record_audit
 from shared.db import Database
-from shared.errors import StrataError
+from shared.errors import Code, StrataError
 from shared.migrations import Migration, MigrationError, apply_migrations
 from shared.migrations import status as migration_versions
 from shared.settings import Settings
@@ -52,7 +51,7 @@ class MigrationControl:
         owner_url = self._settings.migrate_database_url
         if not owner_url:
             raise StrataError(
-                grpc.StatusCode.FAILED_PRECONDITION,
+                Code.FAILED_PRECONDITION,
                 "OWNER_ROLE_NOT_CONFIGURED",
                 "STRATA_MIGRATE_DATABASE_URL is not set for the admin service",
                 domain=DOMAIN,
@@ -62,7 +61,7 @@ class MigrationControl:
             applied = await apply_migrations(conn, self._plan)
         except MigrationError as exc:
             raise StrataError(
-                grpc.StatusCode.FAILED_PRECONDITION, "MIGRATION_HISTORY_CONFLICT", str(exc), domain=DOMAIN
+                Code.FAILED_PRECONDITION, "MIGRATION_HISTORY_CONFLICT", str(exc), domain=DOMAIN
             ) from exc
         finally:
             await conn.close()

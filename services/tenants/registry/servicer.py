@@ -29,7 +29,15 @@ from services.tenants.registry.purge import TenantPurge
 from services.tenants.registry.store import PurgedRows, TenantRow, TenantStore
 from shared.answers import answer_budget, page_rows
 from shared.db import deadline_timeout
-from shared.errors import FieldViolation, StrataError, aborted, already_exists, invalid_argument, not_found
+from shared.errors import (
+    Code,
+    FieldViolation,
+    StrataError,
+    aborted,
+    already_exists,
+    invalid_argument,
+    not_found,
+)
 from shared.filters import validate_path
 from shared.identity import OPERATOR_SCOPE, require_scope
 from shared.pagetoken import PageTokens, page_size
@@ -240,7 +248,7 @@ def _not_empty(remaining: dict[str, int]) -> StrataError:
     """FAILED_PRECONDITION naming what the tenant still owns (kinds with none left out of the message)."""
     owned = ", ".join(f"{kind.replace('_', ' ')}: {count}" for kind, count in remaining.items() if count)
     return StrataError(
-        grpc.StatusCode.FAILED_PRECONDITION,
+        Code.FAILED_PRECONDITION,
         "TENANT_NOT_EMPTY",
         f"the tenant still owns {owned}; delete them first or set cascade",
         domain=DOMAIN,
