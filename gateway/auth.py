@@ -17,7 +17,6 @@ lookup at all.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -30,6 +29,7 @@ from gateway.upstreams import Upstream
 from shared.apikeys import parse_api_key
 from shared.errors import Code, StrataError
 from shared.identity import INTERNAL_SCOPE, Caller, sign_caller
+from shared.singleflight import SingleFlight
 
 __all__ = ["FailedAttempts", "KeyResolver", "bearer_token", "missing_scope", "peer_host"]
 
@@ -63,7 +63,7 @@ class KeyResolver:
         # token -> (when fetched, the answer); refusals apart, so that junk cannot evict good keys
         self._cache: dict[str, tuple[float, Caller | StrataError]] = {}
         self._refusals: dict[str, tuple[float, Caller | StrataError]] = {}
-        self._inflight: dict[str, asyncio.Future[Caller | StrataError]] = {}
+        self._lookups: SingleFlight[str, Caller | StrataError] = SingleFlight()
 
     @property
     def ttl_s(self) -> float:
@@ -83,12 +83,7 @@ class KeyResolver:
             # Only well-shaped tokens are ever cached, so a hit needs no shape check.
             if parse_api_key(token) is None:
                 raise _MALFORMED.with_traceback(None)
-            waiting = self._inflight.get(token)
-            if waiting is None:
-                waiting = asyncio.ensure_future(self._lookup(token))
-                self._inflight[token] = waiting
-                waiting.add_done_callback(lambda _: self._inflight.pop(token, None))
-            answer = await asyncio.shield(waiting)
+            answer = await self._lookups.do(token, lambda: self._lookup(token))
         if isinstance(answer, StrataError):
             raise answer.with_traceback(None)  # shared: a re-raise would grow its traceback
         return answer

@@ -16,7 +16,6 @@ bucket, and at most one grant per replica goes unused. For slow limits
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from redis.exceptions import RedisError
 
 from shared.errors import Code, StrataError
 from shared.redisclient import Redis
+from shared.singleflight import SingleFlight
 
 __all__ = ["RateLimiter"]
 
@@ -83,7 +83,7 @@ class RateLimiter:
         self._grant_size = max(1, min(burst, int(rate * grant_s)))
         self._grant_ttl_s = 2 * grant_s
         self._grants: dict[str, _Grant] = {}
-        self._refills: dict[str, asyncio.Future[None]] = {}
+        self._refills: SingleFlight[str, None] = SingleFlight()
 
     async def take(self, key_id: str) -> None:
         """Spend one token of ``key_id``; RESOURCE_EXHAUSTED (with RetryInfo) when none is left."""
@@ -94,21 +94,7 @@ class RateLimiter:
             if grant is not None and grant.tokens > 0 and grant.expires_at > time.monotonic():
                 grant.tokens -= 1
                 return
-            refill = self._refills.get(key_id)
-            if refill is None:
-                refill = asyncio.get_running_loop().create_future()
-                self._refills[key_id] = refill
-                try:
-                    await self._refill(key_id)
-                    refill.set_result(None)
-                except BaseException as exc:
-                    refill.set_exception(exc)
-                    refill.exception()  # read here: waiters may be none
-                    raise
-                finally:
-                    del self._refills[key_id]
-            else:
-                await asyncio.shield(refill)
+            await self._refills.do(key_id, lambda: self._refill(key_id))
 
     async def _refill(self, key_id: str) -> None:
         try:

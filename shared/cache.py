@@ -42,6 +42,7 @@ from shared.answers import OverBudget
 from shared.groupcommit import GroupCommit
 from shared.redisclient import Redis, is_cluster, open_redis, ready, slot_of
 from shared.settings import Settings
+from shared.singleflight import SingleFlight
 
 __all__ = [
     "CACHE_COUNTERS",
@@ -227,7 +228,7 @@ class RevisionedCache:
         self._redis_retry_s = redis_retry_s
         self._redis_down_until = 0.0
         self._pending: dict[bytes, bytes] = {}  # key → encoded entry not yet in Redis
-        self._inflight: dict[bytes, asyncio.Future[CacheEntry | None]] = {}
+        self._fills: SingleFlight[bytes, CacheEntry | None] = SingleFlight()
         self._set_script = redis.register_script(_GUARDED_SET) if redis is not None else None
         self._lease_script = redis.register_script(_LEASE) if redis is not None else None
         # Concurrent writers share one pipeline per round trip (see record_writes).
@@ -313,26 +314,17 @@ class RevisionedCache:
         entry = await self.get(key)
         if entry is not None:
             return entry
-        waiting = self._inflight.get(key)
-        if waiting is not None:
+        if self._fills.running(key):
             self.stats.coalesced += 1
-            return await asyncio.shield(waiting)
-        future: asyncio.Future[CacheEntry | None] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
-        try:
-            self.stats.loads += 1
-            lease = await self.lease([key])
-            loaded = await loader()
-            if loaded is not None:
-                await self.fill(key, loaded, lease)
-            future.set_result(loaded)
-            return loaded
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved: waiters re-raise it themselves
-            raise
-        finally:
-            del self._inflight[key]
+        return await self._fills.do(key, lambda: self._fill_one(key, loader))
+
+    async def _fill_one(self, key: bytes, loader: Loader) -> CacheEntry | None:
+        self.stats.loads += 1
+        lease = await self.lease([key])
+        loaded = await loader()
+        if loaded is not None:
+            await self.fill(key, loaded, lease)
+        return loaded
 
     async def load_many(
         self,
