@@ -38,11 +38,6 @@ class SingleFlight(Generic[K, V]):
         if flight is None:
             flight = asyncio.ensure_future(work())
             self._flights[key] = flight
-            flight.add_done_callback(lambda done: self._land(key, done))
+            flight.add_done_callback(lambda _: self._flights.pop(key, None))
+        # shield: a cancelled waiter leaves the work running (and marks its exception read).
         return await asyncio.shield(flight)
-
-    def _land(self, key: K, flight: asyncio.Future[V]) -> None:
-        if self._flights.get(key) is flight:
-            del self._flights[key]
-        if not flight.cancelled():
-            flight.exception()  # retrieved: when every waiter has gone, no one else reads it
