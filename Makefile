@@ -26,7 +26,7 @@ export UV_NO_PROGRESS := 1
 .PHONY: run test test-fast lint gen bench chaos lock lock-check clean
 
 run: lock-check $(RUN_SET) $(GEN)
-	$(PY) -m shared.launcher
+	$(PY) -m devstack.launcher
 
 test: lock-check $(ALL_SET) $(GEN) $(APT) lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -47,7 +47,7 @@ chaos: lock-check $(ALL_SET) $(GEN)
 lint: $(ALL_SET) $(GEN)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/buf lint
-	$(VENV)/bin/mypy shared gateway services bench
+	$(VENV)/bin/mypy shared gateway services devstack bench
 	$(VENV)/bin/hadolint Dockerfile
 	$(VENV)/bin/lint-imports --no-cache
 	.ci/check-file-lengths

@@ -16,7 +16,7 @@ from bench.report import write_results
 from bench.scaling import scaling_rounds
 from bench.stack import ROOT, bench_backends, running_strata
 from bench.suite import Config, Suite
-from shared.backends import Backends
+from devstack.backends import Backends
 
 
 async def tracing_rounds(backends: Backends, data_dir: Path, config: Config) -> list[dict[str, float]]:

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from collections.abc import AsyncIterator
 
-from shared.ports import free_port
+from devstack.ports import free_port
 
 __all__ = ["PUT", "RANGE", "etcd_available", "etcd_server", "put_request", "range_request"]
 

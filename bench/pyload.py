@@ -40,7 +40,7 @@ async def _operation(job: Job, worker: int) -> tuple[Any, Any]:
         import grpc
 
         from bench.target import bench_caller
-        from shared.identity import signing_interceptors
+        from shared.rpc.identity import signing_interceptors
 
         # Direct calls are signed each for its own body, as the gateway signs them; through the
         # gateway, ``metadata`` carries the API key.

@@ -18,7 +18,7 @@ from typing import Any
 
 from bench.stack import running_strata
 from bench.suite import Config, Suite
-from shared.backends import Backends
+from devstack.backends import Backends
 
 __all__ = ["SHAPES", "scaling_rounds"]
 

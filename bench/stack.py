@@ -15,10 +15,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from bench.target import Target
-from shared.backends import Backends, open_backends
-from shared.launcher import SERVICES, launch
-from shared.ports import free_port
-from shared.settings import load_settings
+from devstack.backends import Backends, open_backends
+from devstack.launcher import SERVICES, launch
+from devstack.ports import free_port
+from shared.config.settings import load_settings
 
 __all__ = ["bench_backends", "running_strata"]
 

@@ -41,10 +41,10 @@ from bench.vectors import (
     recall_at_10,
     search_bodies,
 )
-from shared.cache import invalidate_prefix
-from shared.ports import free_port
-from shared.redisclient import open_redis
-from shared.stats import read_process_stats
+from devstack.ports import free_port
+from shared.cache.invalidations import invalidate_prefix
+from shared.cache.redisclient import open_redis
+from shared.observability.stats import read_process_stats
 
 __all__ = ["Config", "Suite"]
 

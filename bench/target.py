@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from shared.identity import OPERATOR_SCOPE, Caller, sign_caller, signing_interceptors
+from shared.api.callers import OPERATOR_SCOPE, Caller
+from shared.rpc.identity import sign_caller, signing_interceptors
 
 __all__ = ["Target", "bench_caller"]
 

@@ -8,10 +8,10 @@ from gateway.ratelimit import RateLimiter
 from gateway.routes import ROUTED_SERVICES, build_routes
 from gateway.streams import OpenStreams
 from gateway.upstreams import Upstream
-from shared.redisclient import open_redis
-from shared.server import StrataServer, run_service
-from shared.settings import Settings, require_internal_secret
-from shared.tls import internal_channel_credentials
+from shared.cache.redisclient import open_redis
+from shared.config.settings import Settings, require_internal_secret
+from shared.rpc.server import StrataServer, run_service
+from shared.rpc.tls import internal_channel_credentials
 
 __all__ = ["build_gateway_server", "main"]
 

@@ -26,10 +26,11 @@ from strata.admin.v1 import admin_pb2
 
 from gateway.tracing import end_span, upstream_call_span
 from gateway.upstreams import Upstream
-from shared.apikeys import parse_api_key
-from shared.errors import Code, StrataError
-from shared.identity import INTERNAL_SCOPE, Caller, sign_caller
-from shared.singleflight import SingleFlight
+from shared.api.apikeys import parse_api_key
+from shared.api.callers import INTERNAL_SCOPE, Caller
+from shared.api.errors import Code, StrataError
+from shared.cache.singleflight import SingleFlight
+from shared.rpc.identity import sign_caller
 
 __all__ = ["FailedAttempts", "KeyResolver", "bearer_token", "missing_scope", "peer_host"]
 

@@ -1,7 +1,7 @@
 """The newest consistency token of each caller, added to that caller's next calls.
 
 A write's answer carries ``strata-consistency-token`` (the WAL position it
-reached, see :mod:`shared.consistency`). The gateway remembers the newest one
+reached, see :mod:`shared.storage.consistency`). The gateway remembers the newest one
 per API key and sends it along with every later call of that key, so reads
 that a replica may serve see the caller's own writes, with nothing for the
 caller to do. A token the caller sends itself travels too; the service uses
@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
-from shared.consistency import TOKEN_KEY, format_lsn, parse_lsn
+from shared.storage.consistency import TOKEN_KEY, format_lsn, parse_lsn
 
 __all__ = ["CallerTokens"]
 

@@ -34,11 +34,13 @@ from gateway.routes import Route
 from gateway.streams import OpenStream, OpenStreams
 from gateway.tracing import end_span, upstream_call_span
 from gateway.upstreams import Upstream
-from shared.callgate import CallGate
-from shared.errors import DETAILS_KEY, Code, StrataError
-from shared.handlers import grpc_code
-from shared.identity import INTERNAL_PREFIX, Caller, sign_caller
-from shared.telemetry import rpc_server_span, tracing_on
+from shared.api.callers import Caller
+from shared.api.errors import DETAILS_KEY, Code, StrataError
+from shared.observability.telemetry import tracing_on
+from shared.rpc.callgate import CallGate
+from shared.rpc.handlers import grpc_code
+from shared.rpc.identity import INTERNAL_PREFIX, sign_caller
+from shared.rpc.spans import rpc_server_span
 
 __all__ = ["Proxy"]
 
@@ -341,7 +343,7 @@ async def _call_unary(
             call.cancel()
             raise
         except grpc.aio.AioRpcError as exc:
-            if attempt == 2 or not _never_reached(exc):
+            if attempt == 2 or not never_reached(exc):
                 raise
             channel = upstream.pick(exclude=channel)
     raise AssertionError("unreachable")
@@ -376,7 +378,7 @@ async def _pass_back(exc: grpc.aio.AioRpcError, context: Context, server_span: A
 _NOT_CONNECTED = ("failed to connect to all addresses", "Connection refused")
 
 
-def _never_reached(exc: grpc.aio.AioRpcError) -> bool:
+def never_reached(exc: grpc.aio.AioRpcError) -> bool:
     """Whether the upstream certainly did not run the call (so another address may)."""
     if exc.code() != grpc.StatusCode.UNAVAILABLE:
         return False

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
-from shared.errors import Code, StrataError
-from shared.redisclient import Redis
-from shared.singleflight import SingleFlight
+from shared.api.errors import Code, StrataError
+from shared.cache.redisclient import Redis
+from shared.cache.singleflight import SingleFlight
 
 __all__ = ["RateLimiter"]
 

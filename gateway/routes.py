@@ -14,7 +14,7 @@ from strata.kv.v1 import kv_pb2
 from strata.tenants.v1 import tenants_pb2
 from strata.vector.v1 import vector_pb2
 
-from shared.identity import ADMIN_SCOPE, INTERNAL_SCOPE, OPERATOR_SCOPE
+from shared.api.callers import ADMIN_SCOPE, INTERNAL_SCOPE, OPERATOR_SCOPE
 
 __all__ = ["ROUTED_SERVICES", "Route", "build_routes"]
 

@@ -24,8 +24,8 @@ import time
 from collections import Counter
 
 from gateway.auth import KeyResolver, missing_scope
-from shared.errors import Code, StrataError
-from shared.identity import Caller
+from shared.api.callers import Caller
+from shared.api.errors import Code, StrataError
 
 __all__ = ["OpenStream", "OpenStreams"]
 

@@ -8,7 +8,8 @@ from typing import Any
 import grpc
 from opentelemetry import trace
 
-from shared.telemetry import end_rpc_span, rpc_client_span, tracing_on
+from shared.observability.telemetry import tracing_on
+from shared.rpc.spans import end_rpc_span, rpc_client_span
 
 __all__ = ["end_span", "upstream_call_span"]
 

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shared.tls import open_channel
+from shared.rpc.tls import open_channel
 
 __all__ = ["Upstream"]
 
@@ -83,7 +83,7 @@ class Upstream:
     ) -> None:
         """``max_streams``: the most streams the gateway holds; ``streams_per_connection``: the upstream's
         HTTP/2 limit per connection (both sizes of the stream connections); ``credentials``: the
-        internal hop's TLS (:func:`shared.tls.internal_channel_credentials`), None for plaintext."""
+        internal hop's TLS (:func:`shared.rpc.tls.internal_channel_credentials`), None for plaintext."""
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),

@@ -41,9 +41,9 @@ from strata.admin.v1 import admin_pb2, admin_pb2_grpc
 from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 from strata.tenants.v1 import tenants_pb2, tenants_pb2_grpc
 
-from shared.backends import Backends, open_backends
-from shared.launcher import SERVICES
-from shared.settings import load_settings
+from devstack.backends import Backends, open_backends
+from devstack.launcher import SERVICES
+from shared.config.settings import load_settings
 from tests.support.stack import PROJECT_ROOT, Stack, free_port, start_stack
 
 __all__ = ["Faults", "Ledger", "Load", "RunFigures", "provision_tenant", "verify"]

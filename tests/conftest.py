@@ -19,13 +19,14 @@ import grpc
 import pytest
 from strata.kv.v1 import kv_pb2_grpc
 
+from devstack.backends import Backends, open_backends
+from devstack.launcher import SERVICES
+from devstack.ports import free_port
 from services.kv.app import build_kv_server
-from shared.backends import Backends, open_backends
-from shared.identity import Caller, signing_interceptors
-from shared.launcher import SERVICES
-from shared.ports import free_port
-from shared.server import StrataServer
-from shared.settings import Settings, load_settings
+from shared.api.callers import Caller
+from shared.config.settings import Settings, load_settings
+from shared.rpc.identity import signing_interceptors
+from shared.rpc.server import StrataServer
 from tests.support.redis_cluster import RedisClusterProcesses
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent

@@ -12,18 +12,18 @@ from strata.admin.v1 import admin_pb2
 from services.admin.audit.servicer import AuditServicer
 from services.admin.audit.store import AuditStore
 from services.admin.branches.archives import ArchiveSigner
-from services.admin.branches.backups import Backups
-from services.admin.branches.pitr import PointInTime
+from services.admin.branches.backups import Backups, PointInTimeBranches
 from services.admin.branches.servicer import BranchServicer
+from services.admin.branches.unmanaged import NoPointInTime
 from services.admin.keys.servicer import ApiKeyServicer
 from services.admin.keys.store import ApiKeyStore
 from services.admin.operations import Operations
 from services.admin.operations.servicer import OperationsServicer
-from shared.pagetoken import PageTokens
-from shared.redisclient import open_redis
-from shared.server import StrataServer, run_service
-from shared.service_db import open_service_database
-from shared.settings import ConfigError, Settings, require_internal_secret
+from shared.api.pagetoken import PageTokens
+from shared.cache.redisclient import open_redis
+from shared.config.settings import ConfigError, Settings, require_internal_secret
+from shared.rpc.server import StrataServer, run_service
+from shared.storage.service_db import open_service_database
 
 __all__ = ["build_admin_server", "main"]
 
@@ -39,9 +39,15 @@ async def build_admin_server(settings: Settings) -> StrataServer:
     server.report("pool", db.pool_stats)
     operations = Operations.for_settings(settings, db, open_redis(settings.redis_url))
     server.after_drain(operations.close)
-    pitr = PointInTime.for_settings(settings, db)
-    pitr.start()
-    server.after_drain(pitr.close)  # stops the point-in-time branches' servers
+    pitr: PointInTimeBranches = NoPointInTime()
+    if settings.pitr_dir:
+        # Embedded mode only: the point-in-time servers are the dev stack's (never a deployment's).
+        from services.admin.branches.pitr import PointInTime
+
+        managed = PointInTime.for_settings(settings, db)
+        managed.start()
+        server.after_drain(managed.close)  # stops the point-in-time branches' servers
+        pitr = managed
     signer = ArchiveSigner(require_internal_secret(settings))
     backups = Backups(db, settings.migrate_database_url, settings.restore_max_bytes, signer, pitr)
     tokens = PageTokens(require_internal_secret(settings))

@@ -10,11 +10,11 @@ from services.kv.revisions import RevisionFeed
 from services.kv.servicer import KvServicer
 from services.kv.store import KvStore
 from services.kv.sweeper import Sweeper
-from shared.cache import RevisionedCache
-from shared.pagetoken import PageTokens
-from shared.server import StrataServer, run_service
-from shared.service_db import open_service_database
-from shared.settings import Settings, require_internal_secret
+from shared.api.pagetoken import PageTokens
+from shared.cache.revisioned import RevisionedCache
+from shared.config.settings import Settings, require_internal_secret
+from shared.rpc.server import StrataServer, run_service
+from shared.storage.service_db import open_service_database
 
 __all__ = ["build_kv_server", "main"]
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from google.protobuf import duration_pb2
 from strata.kv.v1 import kv_pb2
 
-from shared.errors import FieldViolation, StrataError, aborted, raise_invalid
-from shared.pagetoken import page_size
-from shared.settings import Settings
+from shared.api.errors import FieldViolation, StrataError, aborted, raise_invalid
+from shared.api.pagetoken import page_size
+from shared.config.settings import Settings
 
 __all__ = ["DOMAIN", "KeyRange", "Limits", "cache_key", "prefix_end", "raise_if", "revision_mismatch"]
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 from services.kv.keyspace import KeyRange, cache_key
 from services.kv.revisions import RevisionFeed
 from services.kv.store import DeleteResult, WriteResult
-from shared.cache import CacheEntry, RevisionedCache
+from shared.cache.entries import CacheEntry
+from shared.cache.revisioned import RevisionedCache
 
 __all__ = ["WritePublisher"]
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from shared.telemetry import untraced
+from shared.observability.telemetry import untraced
 
 __all__ = ["FeedClosed", "RevisionFeed"]
 

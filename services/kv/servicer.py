@@ -1,6 +1,6 @@
 """``strata.kv.v1.KvService``: validation, cache and store, per RPC.
 
-Reads go cache first (revision-guarded, see shared.cache); writes go to
+Reads go cache first (revision-guarded, see shared.cache.revisioned); writes go to
 Postgres and, after commit and before the answer, through the cache, so a
 caller that saw a write acknowledged never reads an older value afterwards.
 """
@@ -26,13 +26,14 @@ from services.kv.keyspace import (
 from services.kv.publisher import WritePublisher
 from services.kv.revisions import FeedClosed, RevisionFeed
 from services.kv.store import Change, DeleteResult, KvStore, PutItem, entry_to_kv
-from shared.answers import OverBudget, answer_budget, page_rows, too_large
-from shared.cache import CacheEntry, RevisionedCache
-from shared.db import deadline_timeout
-from shared.errors import Code, FieldViolation, StrataError, not_found
-from shared.groupcommit import finish_despite_caller
-from shared.identity import INTERNAL_SCOPE, require_scope
-from shared.pagetoken import PageTokens
+from shared.api.answers import OverBudget, answer_budget, page_rows, too_large
+from shared.api.callers import INTERNAL_SCOPE, require_scope
+from shared.api.errors import Code, FieldViolation, StrataError, not_found
+from shared.api.pagetoken import PageTokens
+from shared.cache.entries import CacheEntry
+from shared.cache.groupcommit import finish_despite_caller
+from shared.cache.revisioned import RevisionedCache
+from shared.storage.db import deadline_timeout
 
 __all__ = ["KvServicer"]
 

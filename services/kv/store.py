@@ -1,7 +1,7 @@
 """The KV store's SQL: every statement the service runs, in one place.
 
 Writes are single calls of the plpgsql functions in migrations/ (one round
-trip, autocommit; puts go through a group commit, see shared/groupcommit.py);
+trip, autocommit; puts go through a group commit, see shared/cache/groupcommit.py);
 reads are plain SELECTs that never return an expired key.
 Rows are turned into ``KeyValue`` messages here so the servicer deals only in
 protobuf.
@@ -18,11 +18,11 @@ import asyncpg
 from strata.kv.v1 import kv_pb2
 
 from services.kv.keyspace import KeyRange
-from shared.answers import ROW_OVERHEAD_BYTES, OverBudget, cut_by_bytes, split_at_budget
-from shared.consistency import note_commit
-from shared.db import Database
-from shared.groupcommit import GroupCommit
-from shared.timestamps import to_timestamp
+from shared.api.answers import ROW_OVERHEAD_BYTES, OverBudget, cut_by_bytes, split_at_budget
+from shared.api.timestamps import to_timestamp
+from shared.cache.groupcommit import GroupCommit
+from shared.storage.consistency import note_commit
+from shared.storage.db import Database
 
 __all__ = ["Change", "ChangesPage", "DeleteResult", "KvStore", "PutItem", "WriteResult"]
 
@@ -33,7 +33,7 @@ _ENTRY_COLUMNS = "key, value, content_type, create_revision, mod_revision, versi
 
 
 def _entry_bytes(namespace: str, *, with_value: bool = True) -> str:
-    """SQL for what an entry adds to an answer (shared.answers): key, value, content type, and the
+    """SQL for what an entry adds to an answer (shared.api.answers): key, value, content type, and the
     namespace each entry of the answer repeats."""
     size = f"octet_length(key) + octet_length(content_type) + {ROW_OVERHEAD_BYTES + len(namespace.encode())}"
     return f"{size} + octet_length(value)" if with_value else size
@@ -191,7 +191,7 @@ class KvStore:
         """The live entry rows of ``keys`` (any order; absent keys left out).
 
         ``budget``: the bytes the entries may take in an answer; past it,
-        :class:`shared.answers.OverBudget`, before the values are sent.
+        :class:`shared.api.answers.OverBudget`, before the values are sent.
         """
         read = (
             f"SELECT {_ENTRY_COLUMNS}, {_entry_bytes(namespace)} AS answer_bytes FROM kv.entries "
@@ -301,7 +301,7 @@ class KvStore:
     ) -> tuple[list[asyncpg.Record], bool]:
         """Up to ``limit`` live entries of ``keys`` after the key ``after``, in key order, and whether
         the page was cut short because its keys and values would pass ``budget`` bytes
-        (:func:`shared.answers.cut_by_bytes`: Postgres counts; what is past the budget is not sent)."""
+        (:func:`shared.api.answers.cut_by_bytes`: Postgres counts; what is past the budget is not sent)."""
         value = "NULL::bytea AS value" if keys_only else "value"
         columns = _ENTRY_COLUMNS.replace("value", value, 1)
         size = _entry_bytes(namespace, with_value=not keys_only)

@@ -14,7 +14,7 @@ import logging
 
 from services.kv.revisions import RevisionFeed
 from services.kv.store import KvStore
-from shared.telemetry import untraced
+from shared.observability.telemetry import untraced
 
 __all__ = ["Sweeper"]
 

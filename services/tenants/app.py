@@ -9,11 +9,11 @@ from services.tenants.records.store import RecordStore
 from services.tenants.registry.purge import TenantPurge
 from services.tenants.registry.servicer import TenantServicer
 from services.tenants.registry.store import TenantStore
-from shared.cache import RevisionedCache
-from shared.pagetoken import PageTokens
-from shared.server import StrataServer, run_service
-from shared.service_db import open_service_database
-from shared.settings import Settings, require_internal_secret
+from shared.api.pagetoken import PageTokens
+from shared.cache.revisioned import RevisionedCache
+from shared.config.settings import Settings, require_internal_secret
+from shared.rpc.server import StrataServer, run_service
+from shared.storage.service_db import open_service_database
 
 __all__ = ["build_tenants_server", "main"]
 

@@ -6,10 +6,10 @@ from strata.vector.v1 import vector_pb2
 
 from services.vector.servicer import VectorServicer
 from services.vector.store import VectorStore
-from shared.pagetoken import PageTokens
-from shared.server import StrataServer, run_service
-from shared.service_db import open_service_database
-from shared.settings import Settings, require_internal_secret
+from shared.api.pagetoken import PageTokens
+from shared.config.settings import Settings, require_internal_secret
+from shared.rpc.server import StrataServer, run_service
+from shared.storage.service_db import open_service_database
 
 __all__ = ["build_vector_server", "main"]
 

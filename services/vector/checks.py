@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from strata.vector.v1 import vector_pb2
 
 from services.vector.model import DOMAIN, HNSW, IVFFLAT, NO_INDEX, Collection, IndexSpec
-from shared.errors import FieldViolation, invalid_argument, raise_invalid
+from shared.api.errors import FieldViolation, invalid_argument, raise_invalid
 
 __all__ = [
     "MAX_BATCH",

@@ -7,7 +7,7 @@ import json
 from strata.vector.v1 import vector_pb2
 
 from services.vector.model import HNSW, IVFFLAT, CollectionRow, Hit, PointRow
-from shared.timestamps import to_timestamp
+from shared.api.timestamps import to_timestamp
 
 __all__ = ["describe", "point_message", "scored_message"]
 

@@ -39,12 +39,12 @@ from services.vector.model import (
     planner,
 )
 from services.vector.store import VectorStore, VectorTx
-from shared.answers import answer_budget, page_rows, too_large
-from shared.db import deadline_timeout
-from shared.documents import document_json
-from shared.errors import FieldViolation, already_exists, not_found
-from shared.identity import require_scope
-from shared.pagetoken import PageTokens, page_size
+from shared.api.answers import answer_budget, page_rows, too_large
+from shared.api.callers import require_scope
+from shared.api.documents import document_json
+from shared.api.errors import FieldViolation, already_exists, not_found
+from shared.api.pagetoken import PageTokens, page_size
+from shared.storage.db import deadline_timeout
 
 __all__ = ["VectorServicer"]
 

@@ -6,7 +6,7 @@ statements of one RPC share one transaction through a :class:`VectorTx`.
 Distances use the collection's operator on ``embedding::vector(<dimension>)``,
 the expression its partial index is built on, so the planner can use the index.
 Reads that may return large payloads are cut by bytes in Postgres
-(:mod:`shared.answers`): each returns the rows that fit and whether one did not.
+(:mod:`shared.api.answers`): each returns the rows that fit and whether one did not.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from services.vector.model import (
     PointRow,
     planner,
 )
-from shared.answers import ROW_OVERHEAD_BYTES, cut_by_bytes, split_at_budget
-from shared.db import Database
-from shared.filters import SqlParams, compile_filter
+from shared.api.answers import ROW_OVERHEAD_BYTES, cut_by_bytes, split_at_budget
+from shared.storage.db import Database
+from shared.storage.filters import SqlParams, compile_filter
 
 __all__ = ["VectorStore", "VectorTx"]
 
@@ -406,7 +406,7 @@ def _collection_row(row: asyncpg.Record) -> CollectionRow:
 
 def _point_columns(with_vectors: bool, with_payload: bool, dimension: int, table: str = "") -> str:
     """The columns a point read selects, and ``answer_bytes``: what the point adds to the answer
-    (:mod:`shared.answers`), with the payload counted as the JSON text it is sent as."""
+    (:mod:`shared.api.answers`), with the payload counted as the JSON text it is sent as."""
     columns = [f"{table}id"]
     size = f"octet_length({table}id) + {ROW_OVERHEAD_BYTES}"
     columns.append(f"{table}embedding::text AS embedding" if with_vectors else "NULL::text AS embedding")

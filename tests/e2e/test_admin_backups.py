@@ -31,9 +31,9 @@ from services.admin.branches.archives import ArchiveSigner
 from services.admin.branches.backups import Backups
 from services.admin.branches.names import DATABASE_PREFIX
 from services.admin.branches.tools import CHUNK_BYTES, pg_tool
-from shared.db import Database
-from shared.errors import Code, StrataError
-from shared.settings import Settings
+from shared.api.errors import Code, StrataError
+from shared.config.settings import Settings
+from shared.storage.db import Database
 from tests.conftest import TEST_INTERNAL_SECRET
 from tests.support.calls import bearer
 from tests.support.errors import error_info, field_violations

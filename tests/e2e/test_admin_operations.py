@@ -18,8 +18,8 @@ from strata.admin.v1 import admin_pb2
 from strata.kv.v1 import kv_pb2
 from strata.tenants.v1 import tenants_pb2
 
-from shared.redisclient import open_redis
-from shared.slowlog import SlowLog
+from shared.cache.redisclient import open_redis
+from shared.storage.slowlog import SlowLog
 from tests.support.calls import assert_invalid, bearer, rpc_error
 from tests.support.waiting import eventually
 
@@ -98,7 +98,7 @@ async def test_database_stats_report_sizes_connections_and_index_health(gw_admin
 
 
 async def test_slow_statements_reach_the_slow_query_log_with_their_trace(gw_admin, admin_metadata, settings):
-    from shared.db import Database
+    from shared.storage.db import Database
 
     marker = f"slow-{uuid.uuid4().hex[:8]}"
     db = await Database.open(

@@ -57,7 +57,7 @@ def assert_refused(result: subprocess.CompletedProcess[str], variable: str) -> N
 )
 def test_the_launcher_exits_with_code_2_naming_the_variable(tmp_path, variable, value):
     extra = {"OTEL_TRACES_SAMPLER": "traceidratio"} if variable == "OTEL_TRACES_SAMPLER_ARG" else {}
-    result = start("shared.launcher", tmp_path, **{variable: value}, **extra)
+    result = start("devstack.launcher", tmp_path, **{variable: value}, **extra)
     assert_refused(result, variable)
     assert "Strata: starting" not in result.stdout
     assert not any(tmp_path.iterdir()), "the launcher wrote to its data folder before refusing"

@@ -27,8 +27,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 
-from shared.identity import Caller
-from shared.settings import Settings
+from shared.api.callers import Caller
+from shared.config.settings import Settings
 from tests.conftest import signed_channel
 from tests.e2e.test_metrics import sample, scrape
 from tests.support.errors import error_info

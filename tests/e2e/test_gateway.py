@@ -17,7 +17,8 @@ import pytest
 from strata.admin.v1 import admin_pb2
 from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 
-from shared.identity import Caller, sign_caller
+from shared.api.callers import Caller
+from shared.rpc.identity import sign_caller
 from tests.support.calls import bearer
 from tests.support.errors import error_info
 from tests.support.stack import start_gateway, stop_process

@@ -27,9 +27,10 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from shared.apikeys import parse_api_key
-from shared.errors import StrataError
-from shared.identity import Caller, sign_caller, verify_caller
+from shared.api.apikeys import parse_api_key
+from shared.api.callers import Caller
+from shared.api.errors import StrataError
+from shared.rpc.identity import sign_caller, verify_caller
 from tests.conftest import TEST_INTERNAL_SECRET
 from tests.support.calls import bearer
 from tests.support.errors import DETAILS_KEY

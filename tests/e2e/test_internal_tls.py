@@ -25,8 +25,9 @@ from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 from strata.tenants.v1 import tenants_pb2, tenants_pb2_grpc
 from strata.vector.v1 import vector_pb2, vector_pb2_grpc
 
-from shared.identity import Caller, signing_interceptors
-from shared.ports import free_port
+from devstack.ports import free_port
+from shared.api.callers import Caller
+from shared.rpc.identity import signing_interceptors
 from tests.conftest import PROJECT_ROOT, TEST_INTERNAL_SECRET
 from tests.support.calls import bearer
 from tests.support.pki import Authority, write_cert, write_key
@@ -207,7 +208,7 @@ async def test_a_service_port_answers_only_a_client_holding_an_internal_certific
 
 def _healthcheck(env: dict[str, str], *args: str) -> int:
     return subprocess.run(
-        [sys.executable, "-m", "shared.healthcheck", *args],
+        [sys.executable, "-m", "shared.rpc.healthcheck", *args],
         cwd=PROJECT_ROOT,
         env=env,
         capture_output=True,

@@ -35,8 +35,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from strata.admin.v1 import admin_pb2, admin_pb2_grpc
 from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 
-from shared.launcher import DEV_KEY_FILE
-from shared.ports import free_port
+from devstack.launcher import DEV_KEY_FILE
+from devstack.ports import free_port
 from tests.support.errors import DETAILS_KEY, error_info
 from tests.support.stack import run_to_exit
 
@@ -52,7 +52,7 @@ SERVICE_PORTS = ("gateway", "kv", "admin", "tenants", "vector")  # the STRATA_<N
 
 
 class Launcher:
-    """``python -m shared.launcher`` in its own session, its output collected by a thread."""
+    """``python -m devstack.launcher`` in its own session, its output collected by a thread."""
 
     def __init__(self, data_dir: Path, env_overrides: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
@@ -125,7 +125,7 @@ class Launcher:
         self._lines.clear()
         self._ready.clear()
         self.process = subprocess.Popen(
-            [str(PYTHON), "-m", "shared.launcher"],
+            [str(PYTHON), "-m", "devstack.launcher"],
             cwd=PROJECT_ROOT,
             env=self.environment(),
             stdin=subprocess.DEVNULL,
@@ -661,7 +661,7 @@ def test_a_bad_port_setting_exits_with_code_2_naming_the_variable(variable):
     data_dir = new_data_dir()
     env = Launcher(data_dir, {variable: "abc"}).environment()
     try:
-        result = run_to_exit("shared.launcher", env)
+        result = run_to_exit("devstack.launcher", env)
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
     assert result.returncode == 2, result.stdout + result.stderr

@@ -26,8 +26,8 @@ from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 from strata.tenants.v1 import tenants_pb2, tenants_pb2_grpc
 from strata.vector.v1 import vector_pb2, vector_pb2_grpc
 
-from shared.backends import Backends
-from shared.consistency import TOKEN_KEY
+from devstack.backends import Backends
+from shared.storage.consistency import TOKEN_KEY
 from tests.support.calls import bearer
 from tests.support.replicas import pause_replay, replicated_backends, resume_replay, wait_replayed
 from tests.support.stack import Stack, grpcurl, remove_data, start_stack

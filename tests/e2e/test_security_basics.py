@@ -24,9 +24,10 @@ from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 from strata.tenants.v1 import tenants_pb2, tenants_pb2_grpc
 from strata.vector.v1 import vector_pb2, vector_pb2_grpc
 
-from shared.apikeys import hash_secret, new_api_key, parse_api_key, secrets_match
-from shared.identity import INTERNAL_SCOPE, Caller, sign_caller
-from shared.settings import Settings
+from shared.api.apikeys import hash_secret, new_api_key, parse_api_key, secrets_match
+from shared.api.callers import INTERNAL_SCOPE, Caller
+from shared.config.settings import Settings
+from shared.rpc.identity import sign_caller
 from tests.conftest import TEST_INTERNAL_SECRET
 from tests.support.calls import bearer
 from tests.support.otlp import TraceReceiver
@@ -35,7 +36,7 @@ from tests.support.stack import TEST_KEY_PEPPER, Stack
 pytestmark = pytest.mark.e2e
 
 AUTHENTICATE = "/strata.admin.v1.AdminService/AuthenticateApiKey"
-# Applications of the services' own pools (shared/db.py: "strata-<service>").
+# Applications of the services' own pools (shared/storage/db.py: "strata-<service>").
 SERVICE_APPLICATIONS = {"strata-kv", "strata-tenants", "strata-vector", "strata-admin"}
 # Postgres' predefined roles that reach files, programs, all data or other sessions.
 POWERFUL_ROLES = (

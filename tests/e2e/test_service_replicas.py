@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from strata.admin.v1 import admin_pb2, admin_pb2_grpc
 from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 
-from shared.identity import Caller
+from shared.api.callers import Caller
 from tests.chaos import Load, provision_tenant
 from tests.conftest import signed_channel
 from tests.support.stack import Stack, remove_data, start_stack

@@ -13,7 +13,7 @@ from strata.admin.v1 import admin_pb2
 from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 from strata.tenants.v1 import tenants_pb2, tenants_pb2_grpc
 
-from shared.identity import Caller
+from shared.api.callers import Caller
 from tests.conftest import signed_channel
 from tests.support.calls import bearer
 from tests.support.documents import struct

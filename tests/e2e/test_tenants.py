@@ -16,7 +16,7 @@ from strata.common.v1 import filter_pb2
 from strata.kv.v1 import kv_pb2
 from strata.tenants.v1 import tenants_pb2, tenants_pb2_grpc
 
-from shared.identity import ADMIN_SCOPE, OPERATOR_SCOPE, SCOPES, Caller
+from shared.api.callers import ADMIN_SCOPE, OPERATOR_SCOPE, SCOPES, Caller
 from tests.chaos import provision_tenant
 from tests.conftest import signed_channel
 from tests.support.calls import bearer

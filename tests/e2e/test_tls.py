@@ -24,7 +24,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 
-from shared.ports import free_port
+from devstack.ports import free_port
 from tests.conftest import PROJECT_ROOT
 from tests.support.calls import bearer
 from tests.support.errors import error_info

@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from shared.db import Database
-from shared.settings import Settings
+from shared.config.settings import Settings
+from shared.storage.db import Database
 
 
 @pytest.fixture(params=["server", "cluster"])

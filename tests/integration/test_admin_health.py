@@ -6,11 +6,11 @@ from dataclasses import replace
 
 from strata.admin.v1 import admin_pb2
 
+from devstack.ports import free_port
 from services.admin.operations import Operations
 from services.admin.operations.health import COMPONENTS
-from shared.db import Database
-from shared.ports import free_port
-from shared.redisclient import open_redis
+from shared.cache.redisclient import open_redis
+from shared.storage.db import Database
 
 
 async def test_health_is_not_serving_with_a_reason_for_each_missing_part(settings):

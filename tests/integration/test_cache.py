@@ -10,9 +10,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from shared.answers import OverBudget
-from shared.cache import CacheEntry, RevisionedCache
-from shared.redisclient import open_redis
+from shared.api.answers import OverBudget
+from shared.cache.entries import CacheEntry
+from shared.cache.redisclient import open_redis
+from shared.cache.revisioned import RevisionedCache
 
 
 @pytest.fixture

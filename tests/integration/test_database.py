@@ -9,11 +9,11 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from shared.backends import migration_plan
-from shared.db import Database
-from shared.errors import Code
-from shared.launcher import SERVICES
-from shared.migrations import Migration, MigrationError, apply_migrations, discover, status
+from devstack.backends import migration_plan
+from devstack.launcher import SERVICES
+from shared.api.errors import Code
+from shared.storage.db import Database
+from shared.storage.migrations import Migration, MigrationError, apply_migrations, discover, status
 
 
 async def test_applying_migrations_twice_is_a_no_op(settings):
@@ -116,7 +116,7 @@ async def test_nothing_leaks_to_the_next_user_of_a_pooled_connection(settings):
 
 async def test_a_statement_past_its_timeout_is_cancelled_in_postgres(settings):
 
-    from shared.errors import from_exception
+    from shared.api.errors import from_exception
 
     db = await Database.open(settings.database_url, min_size=1, max_size=2)
     try:
@@ -135,8 +135,8 @@ async def test_a_statement_past_its_timeout_is_cancelled_in_postgres(settings):
 
 def test_deadline_timeout_follows_the_call_and_refuses_a_passed_deadline():
 
-    from shared.db import deadline_timeout
-    from shared.errors import StrataError
+    from shared.api.errors import StrataError
+    from shared.storage.db import deadline_timeout
 
     class Call:
         def __init__(self, remaining):
@@ -161,7 +161,7 @@ def test_migrate_command_brings_an_external_database_up_to_date(settings):
     env = dict(os.environ, DATABASE_URL=settings.database_url, REDIS_URL=settings.redis_url)
     env["STRATA_MIGRATE_DATABASE_URL"] = settings.migrate_database_url
     done = subprocess.run(
-        [sys.executable, "-m", "shared.migrate"], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "shared.storage.migrate"], env=env, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
     assert "up to date" in done.stdout
@@ -174,7 +174,7 @@ def test_migrate_command_refuses_embedded_mode():
 
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
     done = subprocess.run(
-        [sys.executable, "-m", "shared.migrate"], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "shared.storage.migrate"], env=env, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 2
     assert "DATABASE_URL" in done.stderr

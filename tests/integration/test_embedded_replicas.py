@@ -18,9 +18,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from shared.backends import Backends
-from shared.embedded import EmbeddedPostgres, EmbeddedReplica
-from shared.ports import free_port
+from devstack.backends import Backends
+from devstack.embedded import EmbeddedPostgres, EmbeddedReplica
+from devstack.ports import free_port
 from tests.support.replicas import pause_replay, replicated_backends, resume_replay, wait_replayed
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]

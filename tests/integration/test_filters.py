@@ -1,4 +1,4 @@
-"""shared.filters against the real Postgres: every operator and combinator selects
+"""shared.storage.filters against the real Postgres: every operator and combinator selects
 exactly the documents an independent Python reading of the Filter spec selects.
 """
 
@@ -17,8 +17,8 @@ import pytest
 from google.protobuf import json_format
 from strata.common.v1 import filter_pb2
 
-from shared.errors import Code, StrataError, from_exception
-from shared.filters import SqlParams, compile_filter, json_path_sql
+from shared.api.errors import Code, StrataError, from_exception
+from shared.storage.filters import SqlParams, compile_filter, json_path_sql
 from tests.support.documents import all_of, any_of, cond, make, none_of, null_cond
 
 SQL_NULL = object()

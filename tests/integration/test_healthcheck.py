@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from shared.healthcheck import main
-from shared.ports import free_port
+from devstack.ports import free_port
+from shared.rpc.healthcheck import main
 
 
 async def test_a_serving_server_passes(kv_server):

@@ -10,7 +10,7 @@ import pytest
 from google.protobuf import duration_pb2
 from strata.kv.v1 import kv_pb2
 
-from shared.settings import Settings
+from shared.config.settings import Settings
 from tests.support.calls import assert_invalid, rpc_error
 from tests.support.errors import error_info, field_violations
 

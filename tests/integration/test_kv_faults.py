@@ -9,8 +9,8 @@ import grpc
 import pytest
 from strata.kv.v1 import kv_pb2
 
-from shared.embedded import EmbeddedRedis
-from shared.redisclient import open_redis
+from devstack.redis import EmbeddedRedis
+from shared.cache.redisclient import open_redis
 from tests.support.errors import error_info
 
 

@@ -6,7 +6,8 @@ import grpc
 import pytest
 from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 
-from shared.identity import Caller, sign_caller
+from shared.api.callers import Caller
+from shared.rpc.identity import sign_caller
 from tests.conftest import TENANT, TEST_INTERNAL_SECRET, signed_channel
 from tests.support.errors import error_info
 

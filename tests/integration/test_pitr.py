@@ -25,14 +25,14 @@ import pytest
 from google.protobuf import timestamp_pb2
 from strata.admin.v1 import admin_pb2, admin_pb2_grpc
 
+from devstack.backends import Backends, open_backends
+from devstack.ports import free_port
 from services.admin.app import build_admin_server
 from services.admin.branches.pitr import PointInTime
-from shared.backends import Backends, open_backends
-from shared.db import Database
-from shared.identity import Caller
-from shared.ports import free_port
-from shared.server import StrataServer
-from shared.settings import Settings
+from shared.api.callers import Caller
+from shared.config.settings import Settings
+from shared.rpc.server import StrataServer
+from shared.storage.db import Database
 from tests.conftest import TEST_INTERNAL_SECRET, signed_channel
 from tests.support.errors import error_info, field_violations
 

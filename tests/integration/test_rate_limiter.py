@@ -10,8 +10,8 @@ import uuid
 import pytest
 
 from gateway.ratelimit import RateLimiter
-from shared.errors import Code, StrataError
-from shared.redisclient import open_redis
+from shared.api.errors import Code, StrataError
+from shared.cache.redisclient import open_redis
 
 
 class CountingLimiter(RateLimiter):

@@ -17,12 +17,12 @@ from typing import Any, TypeVar
 import asyncpg
 import pytest
 
-from shared.backends import Backends
-from shared.consistency import begin_call, format_lsn, required_lsn
-from shared.db import Database
-from shared.replicas import ReplicaSet
-from shared.service_db import open_service_database
-from shared.settings import Settings
+from devstack.backends import Backends
+from shared.config.settings import Settings
+from shared.storage.consistency import begin_call, format_lsn, required_lsn
+from shared.storage.db import Database
+from shared.storage.replicas import ReplicaSet
+from shared.storage.service_db import open_service_database
 from tests.support.replicas import pause_replay, replicated_backends, resume_replay, wait_replayed
 
 T = TypeVar("T")

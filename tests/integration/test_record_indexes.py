@@ -9,8 +9,8 @@ import asyncpg
 import pytest
 from strata.common.v1 import filter_pb2
 
-from shared.db import Database
-from shared.filters import SqlParams, compile_filter
+from shared.storage.db import Database
+from shared.storage.filters import SqlParams, compile_filter
 from tests.support.documents import cond
 
 

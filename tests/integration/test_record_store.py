@@ -9,8 +9,8 @@ import pytest
 
 from services.tenants.records.checks import OrderBy
 from services.tenants.records.store import EtagMismatch, RecordNotFound, RecordStore
-from shared.answers import OverBudget
-from shared.db import Database
+from shared.api.answers import OverBudget
+from shared.storage.db import Database
 from tests.support.documents import cond, make
 
 TIMEOUT_S = 10.0

@@ -17,10 +17,12 @@ import pytest
 from redis.asyncio.cluster import RedisCluster
 
 from gateway.ratelimit import RateLimiter
-from shared.cache import CacheEntry, RevisionedCache, invalidate_prefix, redis_key_prefix
-from shared.redisclient import open_redis, ready
-from shared.slowlog import SlowLog, read_slow_queries
-from shared.stats import ProcessReporter, read_process_stats
+from shared.cache.entries import CacheEntry, redis_key_prefix
+from shared.cache.invalidations import invalidate_prefix
+from shared.cache.redisclient import open_redis, ready
+from shared.cache.revisioned import RevisionedCache
+from shared.observability.stats import ProcessReporter, read_process_stats
+from shared.storage.slowlog import SlowLog, read_slow_queries
 from tests.support.redis_cluster import RedisClusterProcesses
 
 KEYS = [f"key-{i}".encode() for i in range(60)]

@@ -10,8 +10,8 @@ from strata.tenants.v1 import tenants_pb2
 
 from services.tenants.records.store import RecordStore
 from services.tenants.registry.store import TenantStore
-from shared.db import Database
-from shared.identity import OPERATOR_SCOPE, Caller, set_current_caller
+from shared.api.callers import OPERATOR_SCOPE, Caller, set_current_caller
+from shared.storage.db import Database
 
 TIMEOUT_S = 10.0
 ACTIVE, SUSPENDED = tenants_pb2.TENANT_STATUS_ACTIVE, tenants_pb2.TENANT_STATUS_SUSPENDED

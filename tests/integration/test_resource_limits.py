@@ -16,9 +16,9 @@ import pytest
 from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 
 from services.kv.app import build_kv_server
-from shared.db import Database
-from shared.errors import Code, StrataError
-from shared.identity import signing_interceptors
+from shared.api.errors import Code, StrataError
+from shared.rpc.identity import signing_interceptors
+from shared.storage.db import Database
 from tests.conftest import TENANT, TEST_INTERNAL_SECRET, signed_channel
 from tests.support.errors import error_info
 

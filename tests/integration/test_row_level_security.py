@@ -7,7 +7,7 @@ import uuid
 import asyncpg
 import pytest
 
-from shared.db import Database
+from shared.storage.db import Database
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ import grpc
 import pytest
 from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 
-from shared.ports import free_port
-from shared.settings import Settings
+from devstack.ports import free_port
+from shared.config.settings import Settings
 from tests.conftest import PROJECT_ROOT, TENANT, signed_channel
 from tests.support.otlp import TraceReceiver, start_receiver
 
@@ -192,14 +192,15 @@ async def test_server_span_continues_the_callers_w3c_trace(traced_kv, namespace)
     assert server_span.parent_span_id == parent_id
 
 
-# -- sampling by the standard variables, through shared.telemetry.setup_telemetry ----
+# -- sampling by the standard variables, through shared.observability.telemetry.setup_telemetry ----
 
 # One process start as run_service does it (settings, then telemetry), one SERVER
 # span continuing the traceparent in argv[1] if any, then the exit-time flush.
 PROBE = """
 import sys
-from shared.settings import load_settings
-from shared.telemetry import end_rpc_span, rpc_server_span, setup_telemetry, shutdown_telemetry
+from shared.config.settings import load_settings
+from shared.observability.telemetry import setup_telemetry, shutdown_telemetry
+from shared.rpc.spans import end_rpc_span, rpc_server_span
 
 settings = load_settings()
 assert setup_telemetry("strata-sampling-probe", settings.otlp_protocol)

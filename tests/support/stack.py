@@ -1,6 +1,6 @@
 """Real Strata processes for end-to-end tests: the launcher in external mode, and lone gateways.
 
-:func:`start_stack` runs ``python -m shared.launcher`` exactly as ``make run``
+:func:`start_stack` runs ``python -m devstack.launcher`` exactly as ``make run``
 does, but against the session's test Postgres and Redis (external mode), on
 free ports, exporting traces to a given OTLP receiver. :func:`start_gateway`
 starts one more gateway process in front of a stack, with its own settings
@@ -19,9 +19,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.launcher import LaunchedStrata, launch
-from shared.ports import free_port
-from shared.settings import Settings
+from devstack.launcher import LaunchedStrata, launch
+from devstack.ports import free_port
+from shared.config.settings import Settings
 from tests.conftest import PROJECT_ROOT, TEST_INTERNAL_SECRET
 
 TEST_KEY_PEPPER = "test-key-pepper-not-for-production"

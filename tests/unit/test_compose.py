@@ -8,12 +8,12 @@ from pathlib import Path
 
 import yaml
 
+from devstack.launcher import SERVICES
 from gateway.routes import ROUTED_SERVICES
-from shared.launcher import SERVICES
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-SETTINGS_SOURCE = (ROOT / "shared" / "settings.py").read_text()
+SETTINGS_SOURCE = (ROOT / "shared" / "config" / "settings.py").read_text()
 CONTAINERS = COMPOSE["services"]
 STRATA = {name: spec for name, spec in CONTAINERS.items() if "build" in spec}
 
@@ -48,7 +48,7 @@ def test_every_environment_variable_is_a_setting_the_code_reads():
                 assert process in (*ROUTED_SERVICES, "gateway"), variable
             else:
                 assert f'"{variable}"' in SETTINGS_SOURCE, (
-                    f"{name}: {variable} is not read by shared/settings.py"
+                    f"{name}: {variable} is not read by shared/config/settings.py"
                 )
 
 
@@ -135,6 +135,10 @@ def test_the_image_copies_every_package_the_commands_import():
     dockerfile = (ROOT / "Dockerfile").read_text()
     for folder in ("protos", "shared", "services", "gateway"):
         assert f"COPY {folder} ./{folder}" in dockerfile
+    # The dev stack (launcher, embedded servers) is never part of a deployment.
+    assert "devstack" not in [
+        word for line in dockerfile.splitlines() if line.startswith("COPY") for word in line.split()
+    ]
 
 
 def test_admin_checks_every_process_where_it_runs():
@@ -195,5 +199,5 @@ def test_the_internal_certificate_names_every_host_the_processes_call():
 def test_health_checks_call_services_with_the_internal_certificate_and_the_gateway_as_clients_do():
     for name in SERVICES:
         test = STRATA[name]["healthcheck"]["test"]
-        assert test[:4] == ["CMD", "python", "-m", "shared.healthcheck"], name
+        assert test[:4] == ["CMD", "python", "-m", "shared.rpc.healthcheck"], name
         assert ("--gateway" in test) == (name == "gateway"), name

@@ -9,7 +9,9 @@ import time
 import pytest
 
 from gateway.consistency import CallerTokens
-from shared.consistency import (
+from shared.api.errors import Code, StrataError
+from shared.storage.breaker import CircuitBreaker
+from shared.storage.consistency import (
     TOKEN_KEY,
     begin_call,
     format_lsn,
@@ -18,8 +20,6 @@ from shared.consistency import (
     required_lsn,
     token_from_metadata,
 )
-from shared.db import CircuitBreaker
-from shared.errors import Code, StrataError
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""shared.dbspans: the operation and function of a Postgres span, from its statement."""
+"""shared.observability.dbspans: the operation and function of a Postgres span, from its statement."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from shared.dbspans import DatabaseOperations, statement_attributes
+from shared.observability.dbspans import DatabaseOperations, statement_attributes
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import json
 
 from google.protobuf import struct_pb2
 
-from shared.documents import document_json
+from shared.api.documents import document_json
 
 
 def check(document, max_bytes=1000):

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.embedded import EmbeddedPostgres, EmbeddedReplica, _conf_string, _conninfo_value
+from devstack.embedded import EmbeddedPostgres, EmbeddedReplica
+from devstack.postgres import conf_string, conninfo_value
 
 
 def test_replica_n_has_its_folder_port_slot_and_log_name(tmp_path: Path) -> None:
@@ -33,8 +34,8 @@ def test_the_urls_name_the_replica_port_and_the_primary_passwords(tmp_path: Path
 
 
 def test_quoting_for_conninfo_and_postgresql_conf() -> None:
-    assert _conninfo_value("a b'c\\d") == "'a b\\'c\\\\d'"
-    assert _conf_string("x='y' \\") == "'x=''y'' \\\\'"
+    assert conninfo_value("a b'c\\d") == "'a b\\'c\\\\d'"
+    assert conf_string("x='y' \\") == "'x=''y'' \\\\'"
 
 
 def test_standby_settings_replace_what_pg_basebackup_wrote(tmp_path: Path) -> None:

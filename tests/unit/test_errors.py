@@ -1,4 +1,4 @@
-"""shared.errors: StrataError's google.rpc.Status and the one exception mapping."""
+"""shared.api.errors: StrataError's google.rpc.Status and the one exception mapping."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from shared.errors import (
+from shared.api.errors import (
     DETAILS_KEY,
     Code,
     FieldViolation,
@@ -205,7 +205,7 @@ def test_a_database_error_message_is_not_echoed():
 
 
 def test_an_unmapped_database_error_is_internal(caplog):
-    with caplog.at_level(logging.ERROR, logger="shared.errors"):
+    with caplog.at_level(logging.ERROR, logger="shared.api.errors"):
         error = from_exception(asyncpg.exceptions.UndefinedTableError('relation "kv.secret" does not exist'))
     assert (error.code, error.reason, error.message) == (
         Code.INTERNAL,
@@ -240,7 +240,7 @@ def test_a_timeout_is_deadline_exceeded():
 
 
 def test_an_unexpected_exception_is_internal_with_a_generic_message(caplog):
-    with caplog.at_level(logging.ERROR, logger="shared.errors"):
+    with caplog.at_level(logging.ERROR, logger="shared.api.errors"):
         error = from_exception(ValueError("password=hunter2 in row 17"))
     assert (error.code, error.reason) == (Code.INTERNAL, "INTERNAL")
     assert error.message == "internal error"
@@ -250,8 +250,8 @@ def test_an_unexpected_exception_is_internal_with_a_generic_message(caplog):
 
 
 def test_an_unexpected_exception_is_logged_with_its_traceback(caplog):
-    with caplog.at_level(logging.ERROR, logger="shared.errors"):
+    with caplog.at_level(logging.ERROR, logger="shared.api.errors"):
         from_exception(KeyError("boom-marker"))
-    (record,) = [r for r in caplog.records if r.name == "shared.errors"]
+    (record,) = [r for r in caplog.records if r.name == "shared.api.errors"]
     assert record.exc_info is not None
     assert "boom-marker" in str(record.exc_info[1])

@@ -1,4 +1,4 @@
-"""shared.filters: the SQL each Filter compiles to, its bind values, and every limit."""
+"""shared.storage.filters: the SQL each Filter compiles to, its bind values, and every limit."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from google.protobuf import struct_pb2
 from strata.common.v1 import filter_pb2
 
-from shared.errors import Code, StrataError
-from shared.filters import SqlParams, compile_filter, json_path_sql, validate_path
+from shared.api.errors import Code, StrataError
+from shared.storage.filters import SqlParams, compile_filter, json_path_sql, validate_path
 from tests.support.documents import cond, make
 
 HOSTILE_STRINGS = [

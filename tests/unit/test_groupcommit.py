@@ -8,7 +8,7 @@ import contextvars
 import asyncpg
 import pytest
 
-from shared.groupcommit import GroupCommit
+from shared.cache.groupcommit import GroupCommit
 
 CALLER = contextvars.ContextVar("caller", default="")
 

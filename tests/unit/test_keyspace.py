@@ -14,9 +14,9 @@ from services.kv.keyspace import (
     raise_if,
     revision_mismatch,
 )
-from shared.errors import Code, FieldViolation, StrataError
-from shared.pagetoken import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
-from shared.settings import Settings
+from shared.api.errors import Code, FieldViolation, StrataError
+from shared.api.pagetoken import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
+from shared.config.settings import Settings
 
 TEN_YEARS_S = 10 * 365 * 86400
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from shared.launcher import service_processes
-from shared.settings import load_settings
+from devstack.launcher import service_processes
+from shared.config.settings import load_settings
 
 
 def plan(**env: str) -> dict[str, dict[str, str]]:

@@ -1,4 +1,4 @@
-"""shared.pagetoken: tokens round-trip for their own query and nothing else."""
+"""shared.api.pagetoken: tokens round-trip for their own query and nothing else."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import random
 import pytest
 from google.rpc import error_details_pb2
 
-from shared import pagetoken
-from shared.errors import Code, StrataError
-from shared.pagetoken import PageTokens, page_token_key
+from shared.api import pagetoken
+from shared.api.errors import Code, StrataError
+from shared.api.pagetoken import PageTokens, page_token_key
 
 QUERY = ["kv.List", "ns-1", "pre/", "", "", False]
 SECRET = b"unit-test-internal-secret"

@@ -6,8 +6,8 @@ import subprocess
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
-from shared.embedded import archive_command
-from shared.pitr import PitrFolder, recovery_time
+from devstack.pitr import PitrFolder, recovery_time
+from devstack.postgres import archive_command
 
 SEGMENT = "000000010000000000000003"
 

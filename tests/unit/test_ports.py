@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from shared.ports import free_port, port_is_free
+from devstack.ports import free_port, port_is_free
 
 
 def test_free_ports_are_distinct_bindable_and_below_the_ephemeral_range():

@@ -6,7 +6,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
-from gateway.proxy import _never_reached
+from gateway.proxy import never_reached
 from tests.support.errors import DETAILS_KEY
 
 
@@ -27,16 +27,16 @@ def _error(code: grpc.StatusCode, details: str, reason: str | None = None) -> gr
     ],
 )
 def test_a_connection_never_made_may_be_retried(details):
-    assert _never_reached(_error(grpc.StatusCode.UNAVAILABLE, details))
+    assert never_reached(_error(grpc.StatusCode.UNAVAILABLE, details))
 
 
 @pytest.mark.parametrize("details", ["Socket closed", "Connection reset by peer", ""])
 def test_a_connection_lost_mid_call_is_not_retried(details):
     # The handler may have run: sending the call again could apply a write twice.
-    assert not _never_reached(_error(grpc.StatusCode.UNAVAILABLE, details))
+    assert not never_reached(_error(grpc.StatusCode.UNAVAILABLE, details))
 
 
 def test_a_draining_service_may_be_retried_other_answers_not():
-    assert _never_reached(_error(grpc.StatusCode.UNAVAILABLE, "draining", reason="SHUTTING_DOWN"))
-    assert not _never_reached(_error(grpc.StatusCode.UNAVAILABLE, "db down", reason="DATABASE_UNAVAILABLE"))
-    assert not _never_reached(_error(grpc.StatusCode.INTERNAL, "failed to connect to all addresses"))
+    assert never_reached(_error(grpc.StatusCode.UNAVAILABLE, "draining", reason="SHUTTING_DOWN"))
+    assert not never_reached(_error(grpc.StatusCode.UNAVAILABLE, "db down", reason="DATABASE_UNAVAILABLE"))
+    assert not never_reached(_error(grpc.StatusCode.INTERNAL, "failed to connect to all addresses"))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from strata.admin.v1 import admin_pb2
 
-from shared.server import StrataServer
-from shared.settings import Settings
+from shared.config.settings import Settings
+from shared.rpc.server import StrataServer
 from tests.conftest import TEST_INTERNAL_SECRET
 
 SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"]

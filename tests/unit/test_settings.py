@@ -1,4 +1,4 @@
-"""shared.settings: defaults, every override, and a ConfigError naming each bad variable."""
+"""shared.config.settings: defaults, every override, and a ConfigError naming each bad variable."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.settings import ConfigError, Settings, load_settings
+from shared.config.settings import ConfigError, Settings, load_settings
 
 PG = "postgresql://u:p@db.example:5432/strata"
 REDIS = "redis://cache.example:6379/0"

@@ -49,6 +49,9 @@ LAZY_RUNTIME_MODULES = [
     "prometheus_client",
 ]
 
+# Admin's point-in-time modules drive the dev stack's servers: loaded in embedded mode only.
+EMBEDDED_ONLY = ["services.admin.branches.pitr", "services.admin.branches.wal_archive"]
+
 pytestmark = pytest.mark.skipif(not UV.exists(), reason="the Makefile's uv is not installed (run make test)")
 
 
@@ -188,22 +191,36 @@ def test_the_images_runtime_set_is_the_locked_runtime_and_runs_every_service(tmp
     assert frozen == locked("--no-default-groups")
     assert not NOT_IN_RUNTIME & set(frozen), "a build or test tool reached the runtime set"
 
-    # Every module of the code, imported by the runtime set alone, as the image runs it.
+    # Every module of the code, imported by the runtime set alone from what the image copies
+    # (no devstack/), as the image runs it; the embedded-only modules cannot be imported there.
+    app = tmp_path / "app"
+    app.mkdir()
+    for folder in ("shared", "services", "gateway", "protos"):
+        (app / folder).symlink_to(ROOT / folder)
     walk = (
         "import importlib, pkgutil, sys\n"
+        f"embedded_only = {EMBEDDED_ONLY!r}\n"
         "for package in ('shared', 'services', 'gateway'):\n"
         "    root = importlib.import_module(package)\n"
         "    for info in pkgutil.walk_packages(root.__path__, package + '.'):\n"
-        "        if not info.name.endswith('__main__'):\n"
+        "        if not info.name.endswith('__main__') and info.name not in embedded_only:\n"
         "            importlib.import_module(info.name)\n"
         "for name in sys.argv[1:]:\n"
         "    importlib.import_module(name)\n"
+        "assert not any(m.split('.')[0] == 'devstack' for m in sys.modules), 'the dev stack was imported'\n"
+        "for name in embedded_only:\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "    except ModuleNotFoundError as exc:\n"
+        "        assert exc.name.split('.')[0] == 'devstack', exc\n"
+        "    else:\n"
+        "        raise AssertionError(name + ' imported without the dev stack')\n"
         "print('imported', len(sys.modules))\n"
     )
     done = subprocess.run(
         [str(python), "-c", walk, *LAZY_RUNTIME_MODULES],
         cwd=tmp_path,
-        env={"PATH": os.environ["PATH"], "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'protos'}"},
+        env={"PATH": os.environ["PATH"], "PYTHONPATH": f"{app}{os.pathsep}{app / 'protos'}"},
         capture_output=True,
         text=True,
         timeout=120,

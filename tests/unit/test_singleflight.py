@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from shared.singleflight import SingleFlight
+from shared.cache.singleflight import SingleFlight
 
 
 class Work:

@@ -1,4 +1,4 @@
-"""shared.wireformat: the string field that is not valid UTF-8, named as a BadRequest names it."""
+"""shared.rpc.wireformat: the string field that is not valid UTF-8, named as a BadRequest names it."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from google.protobuf.message import Message
 from strata.kv.v1 import kv_pb2
 from strata.tenants.v1 import tenants_pb2
 
-from shared.errors import FieldViolation
-from shared.wireformat import MAX_DEPTH, MAX_FIELDS, invalid_utf8_field
+from shared.api.errors import FieldViolation
+from shared.rpc.wireformat import MAX_DEPTH, MAX_FIELDS, invalid_utf8_field
 from tests.support.protowire import length_delimited, parses, strings_as_bytes, varint
 
 BAD = b"\xc3\x28"  # a lead byte followed by no continuation byte

@@ -1,2 +1,2 @@
-"""The audit log: read by ListAuditEvents; written by :func:`shared.audit.record_audit` wherever a
+"""The audit log: read by ListAuditEvents; written by :func:`shared.storage.audit.record_audit` wherever a
 change is made."""

@@ -13,11 +13,11 @@ import grpc
 from strata.admin.v1 import admin_pb2
 
 from services.admin.audit.store import AuditQuery, AuditStore
-from shared.db import deadline_timeout
-from shared.errors import FieldViolation, invalid_argument
-from shared.identity import ADMIN_SCOPE, require_scope
-from shared.pagetoken import PageTokens, page_size
-from shared.timestamps import to_timestamp
+from shared.api.callers import ADMIN_SCOPE, require_scope
+from shared.api.errors import FieldViolation, invalid_argument
+from shared.api.pagetoken import PageTokens, page_size
+from shared.api.timestamps import to_timestamp
+from shared.storage.db import deadline_timeout
 
 __all__ = ["AuditServicer"]
 

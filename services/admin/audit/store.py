@@ -1,5 +1,5 @@
 """Reading admin.audit_log, newest first, with typed rows; events are written by
-:func:`shared.audit.record_audit`."""
+:func:`shared.storage.audit.record_audit`."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from shared.db import Database
-from shared.filters import SqlParams
+from shared.storage.db import Database
+from shared.storage.filters import SqlParams
 
 __all__ = ["AuditEventRow", "AuditQuery", "AuditStore"]
 

@@ -26,7 +26,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from shared.errors import Code, StrataError
+from shared.api.errors import Code, StrataError
 
 __all__ = ["ALLOWED_EXTENSIONS", "STRATA_SCHEMAS", "ArchiveSigner", "TocEntry", "parse_toc", "vet"]
 

@@ -30,7 +30,7 @@ import tempfile
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 import grpc
 from strata.admin.v1 import admin_pb2
@@ -48,8 +48,7 @@ from services.admin.branches.owner import (
     live_functions,
     quote_ident,
 )
-from services.admin.branches.pitr import PointInTime
-from services.admin.branches.registry import BranchRegistry
+from services.admin.branches.registry import BranchRegistry, BranchRow
 from services.admin.branches.tools import (
     CHUNK_BYTES,
     ToolFailed,
@@ -63,15 +62,30 @@ from services.admin.branches.tools import (
     to_the_end,
     tool_error,
 )
+from services.admin.branches.unmanaged import NoPointInTime
 from services.admin.branches.upload import RestoreUpload
-from shared.db import Database, deadline_timeout
-from shared.errors import Code, FieldViolation, StrataError, invalid_argument
+from shared.api.errors import Code, FieldViolation, StrataError, invalid_argument
+from shared.storage.db import Database, deadline_timeout
 
 __all__ = ["Backups"]
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 _CLEANUP_TIMEOUT_S = 30.0
 _log = logging.getLogger(__name__)
+
+
+class PointInTimeBranches(Protocol):
+    """Branches at a time: :class:`.pitr.PointInTime` in embedded mode, else :class:`NoPointInTime`."""
+
+    async def recovery_window(self, context: Context) -> admin_pb2.GetRecoveryWindowResponse: ...
+
+    async def create_branch(
+        self, request: admin_pb2.CreateBranchRequest, context: Context
+    ) -> admin_pb2.CreateBranchResponse: ...
+
+    async def delete_branch(self, row: BranchRow, context: Context) -> None: ...
+
+    async def describe(self, rows: list[BranchRow]) -> list[admin_pb2.Branch]: ...
 
 
 class Backups:
@@ -83,7 +97,7 @@ class Backups:
         owner_url: str,
         restore_max_bytes: int,
         signer: ArchiveSigner,
-        pitr: PointInTime | None = None,
+        pitr: PointInTimeBranches | None = None,
     ) -> None:
         """``signer``: signs backups and checks restores; ``pitr``: point-in-time branches and the
         recovery window (None: not managed here)."""
@@ -91,7 +105,7 @@ class Backups:
         self._registry = BranchRegistry(db)
         self._owner = OwnerRole.parse(owner_url) if owner_url else None
         self._restore_max_bytes = restore_max_bytes
-        self._pitr = pitr if pitr is not None else PointInTime(db)
+        self._pitr = pitr if pitr is not None else NoPointInTime()
 
     def _owner_role(self) -> OwnerRole:
         if self._owner is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from shared.errors import FieldViolation, StrataError, already_exists, invalid_argument, not_found
+from shared.api.errors import FieldViolation, StrataError, already_exists, invalid_argument, not_found
 
 __all__ = ["DATABASE_PREFIX", "DOMAIN", "checked_name", "name_taken", "no_branch"]
 

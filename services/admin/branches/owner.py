@@ -16,7 +16,7 @@ import asyncpg
 
 from services.admin.branches.archives import STRATA_SCHEMAS
 from services.admin.branches.names import DOMAIN, name_taken
-from shared.errors import Code, StrataError
+from shared.api.errors import Code, StrataError
 
 __all__ = [
     "OwnerRole",

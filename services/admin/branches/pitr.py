@@ -3,7 +3,7 @@
 Only in embedded mode (see :mod:`.wal_archive`, which keeps the base backups
 and says what window a branch can be made in). A branch is restored from the
 newest backup finished by ``as_of`` and run by this process
-(``shared.pitr.PointInTimeServer``): stopped when it stops; on start, ready
+(``devstack.pitr.PointInTimeServer``): stopped when it stops; on start, ready
 ones are started again (any postmaster a killed predecessor left is stopped
 first) and unfinished ones removed. They are listed in ``admin.branches``
 (origin ``point_in_time``) with their port, and audited like the other
@@ -25,17 +25,17 @@ import grpc
 from google.protobuf import timestamp_pb2
 from strata.admin.v1 import admin_pb2
 
+from devstack.pitr import BaseBackup, PitrFolder, PointInTimeServer, service_url
+from devstack.ports import free_port, port_is_free
 from services.admin.branches.mapping import branch_message
 from services.admin.branches.names import DOMAIN, checked_name, no_branch
 from services.admin.branches.owner import OwnerRole
 from services.admin.branches.registry import BranchRegistry, BranchRow
 from services.admin.branches.tools import to_the_end
 from services.admin.branches.wal_archive import WalArchive
-from shared.db import Database, deadline_timeout
-from shared.errors import Code, FieldViolation, StrataError, invalid_argument
-from shared.pitr import BaseBackup, PitrFolder, PointInTimeServer, service_url
-from shared.ports import free_port, port_is_free
-from shared.settings import Settings
+from shared.api.errors import Code, FieldViolation, StrataError, invalid_argument
+from shared.config.settings import Settings
+from shared.storage.db import Database, deadline_timeout
 
 __all__ = ["PointInTime"]
 
@@ -52,11 +52,11 @@ class PointInTime:
     """The point-in-time branches' servers, and the WAL archive they are restored from."""
 
     def __init__(
-        self, db: Database, pitr_dir: str = "", owner_url: str = "", interval_s: float = 3600.0, keep: int = 2
+        self, db: Database, pitr_dir: str, owner_url: str = "", interval_s: float = 3600.0, keep: int = 2
     ) -> None:
-        """``pitr_dir`` empty: not managed here (every call but listing is FAILED_PRECONDITION)."""
+        """``pitr_dir``: the PITR folder the launcher gives admin in embedded mode."""
         owner = OwnerRole.parse(owner_url) if owner_url else None
-        self._archive = WalArchive(PitrFolder(Path(pitr_dir)), owner, interval_s, keep) if pitr_dir else None
+        self._archive = WalArchive(PitrFolder(Path(pitr_dir)), owner, interval_s, keep)
         self._registry = BranchRegistry(db)
         self._servers: dict[str, PointInTimeServer] = {}
         self._started = asyncio.Event()  # folders ready and branches started again
@@ -64,7 +64,7 @@ class PointInTime:
 
     @classmethod
     def for_settings(cls, settings: Settings, db: Database) -> PointInTime:
-        """Managed when ``settings.pitr_dir`` is set (the launcher sets it in embedded mode)."""
+        """On ``settings.pitr_dir`` (set by the launcher in embedded mode only)."""
         return cls(
             db,
             settings.pitr_dir,
@@ -76,8 +76,8 @@ class PointInTime:
     # -- life cycle ------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the background work (folders, branches from before, base backups) when PITR is managed."""
-        if self._archive is not None and self._task is None:
+        """Start the background work (folders, branches from before, base backups)."""
+        if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._maintain(self._archive))
 
     async def close(self) -> None:
@@ -91,7 +91,7 @@ class PointInTime:
 
     async def take_base_backup(self) -> BaseBackup:
         """Take a base backup now (see :meth:`WalArchive.take_base_backup`)."""
-        return await self._managed().take_base_backup()
+        return await self._archive.take_base_backup()
 
     async def _maintain(self, archive: WalArchive) -> None:
         while not self._started.is_set():
@@ -144,7 +144,7 @@ class PointInTime:
 
     async def recovery_window(self, context: Context) -> admin_pb2.GetRecoveryWindowResponse:
         """The window CreateBranch's ``as_of`` must fall in, the kept base backups and the archive's state."""
-        archive = self._managed()
+        archive = self._archive
         await self._wait_started(context)
         return await archive.window(context)
 
@@ -154,7 +154,7 @@ class PointInTime:
         """A new server restored to ``request.as_of``, started, promoted and registered (audited)."""
         name = checked_name(request.name, "name")
         as_of = _checked_time(request.as_of, "as_of")
-        archive = self._managed()
+        archive = self._archive
         folder = archive.folder
         archive.owner_role()  # FAILED_PRECONDITION before anything is reserved
         await self._wait_started(context)
@@ -218,7 +218,7 @@ class PointInTime:
 
     async def delete_branch(self, row: BranchRow, context: Context) -> None:
         """Stop a point-in-time branch's server, remove its folder, and forget it (audited)."""
-        archive = self._managed()
+        archive = self._archive
         await self._wait_started(context)
         name = row.name
         async with archive.lock:
@@ -232,12 +232,11 @@ class PointInTime:
     async def describe(self, rows: list[BranchRow]) -> list[admin_pb2.Branch]:
         """Registry rows as Branch messages, point-in-time ones with their server's figures."""
         branches = [self._message(row) for row in rows]
-        if self._archive is not None:
-            folder = self._archive.folder
-            servers = [b for b in branches if b.origin == "point_in_time"]
-            sizes = await asyncio.to_thread(lambda: [folder.branch_bytes(b.name) for b in servers])
-            for branch, size in zip(servers, sizes, strict=True):
-                branch.bytes = size
+        folder = self._archive.folder
+        servers = [b for b in branches if b.origin == "point_in_time"]
+        sizes = await asyncio.to_thread(lambda: [folder.branch_bytes(b.name) for b in servers])
+        for branch, size in zip(servers, sizes, strict=True):
+            branch.bytes = size
         return branches
 
     # -- helpers ---------------------------------------------------------------------
@@ -250,17 +249,6 @@ class PointInTime:
             branch.connection_string = service_url(row.port)
             branch.running = server is not None and server.running
         return branch
-
-    def _managed(self) -> WalArchive:
-        if self._archive is None:
-            raise StrataError(
-                Code.FAILED_PRECONDITION,
-                "PITR_NOT_MANAGED",
-                "point-in-time recovery belongs to the provider of the Postgres server (DATABASE_URL): "
-                "Strata archives WAL and branches at a time only the server it runs (embedded mode)",
-                domain=DOMAIN,
-            )
-        return self._archive
 
     async def _wait_started(self, context: Context) -> None:
         try:

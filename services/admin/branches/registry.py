@@ -10,8 +10,8 @@ from typing import Any
 import asyncpg
 
 from services.admin.branches.names import name_taken
-from shared.audit import record_audit
-from shared.db import Database
+from shared.storage.audit import record_audit
+from shared.storage.db import Database
 
 __all__ = ["BranchRegistry", "BranchRow"]
 

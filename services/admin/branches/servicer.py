@@ -10,7 +10,7 @@ import grpc
 from strata.admin.v1 import admin_pb2
 
 from services.admin.branches.backups import Backups
-from shared.identity import OPERATOR_SCOPE, require_scope
+from shared.api.callers import OPERATOR_SCOPE, require_scope
 
 __all__ = ["BranchServicer"]
 

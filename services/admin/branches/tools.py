@@ -21,7 +21,7 @@ from typing import IO
 
 from services.admin.branches.names import DOMAIN
 from services.admin.branches.owner import OwnerRole
-from shared.errors import Code, StrataError
+from shared.api.errors import Code, StrataError
 
 __all__ = [
     "CHUNK_BYTES",

@@ -13,7 +13,7 @@ from pathlib import Path
 from strata.admin.v1 import admin_pb2
 
 from services.admin.branches.names import DOMAIN, checked_name
-from shared.errors import Code, FieldViolation, StrataError, invalid_argument
+from shared.api.errors import Code, FieldViolation, StrataError, invalid_argument
 
 __all__ = ["RestoreUpload"]
 

@@ -2,7 +2,7 @@
 
 Only in embedded mode, where the launcher gives the admin process the PITR
 folder (``STRATA_PITR_DIR``) and the primary archives its WAL there
-(``shared.embedded``):
+(``devstack.embedded``):
 
 - **Base backups.** One at start when there is none, then every
   ``STRATA_PITR_BASE_BACKUP_INTERVAL_S`` after the newest (a restart does not
@@ -31,14 +31,14 @@ import asyncpg
 import grpc
 from strata.admin.v1 import admin_pb2
 
+from devstack.pitr import BaseBackup, PitrFolder, folder_bytes
+from devstack.postgres import archive_command
 from services.admin.branches.names import DOMAIN
 from services.admin.branches.owner import OwnerRole
 from services.admin.branches.tools import ToolFailed, running, to_the_end
-from shared.db import deadline_timeout
-from shared.embedded import archive_command
-from shared.errors import Code, StrataError
-from shared.pitr import BaseBackup, PitrFolder, folder_bytes
-from shared.timestamps import to_timestamp
+from shared.api.errors import Code, StrataError
+from shared.api.timestamps import to_timestamp
+from shared.storage.db import deadline_timeout
 
 __all__ = ["WalArchive"]
 

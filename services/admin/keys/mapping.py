@@ -5,7 +5,7 @@ from __future__ import annotations
 from strata.admin.v1 import admin_pb2
 
 from services.admin.keys.store import ApiKeyRow
-from shared.timestamps import to_timestamp
+from shared.api.timestamps import to_timestamp
 
 __all__ = ["key_message"]
 

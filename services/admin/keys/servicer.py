@@ -15,11 +15,11 @@ from strata.admin.v1 import admin_pb2
 
 from services.admin.keys.mapping import key_message
 from services.admin.keys.store import ApiKeyStore
-from shared.apikeys import new_api_key, parse_api_key, secrets_match
-from shared.db import deadline_timeout
-from shared.errors import Code, FieldViolation, StrataError, invalid_argument, not_found
-from shared.identity import ADMIN_SCOPE, INTERNAL_SCOPE, OPERATOR_SCOPE, SCOPES, Caller, require_scope
-from shared.pagetoken import PageTokens, page_size
+from shared.api.apikeys import new_api_key, parse_api_key, secrets_match
+from shared.api.callers import ADMIN_SCOPE, INTERNAL_SCOPE, OPERATOR_SCOPE, SCOPES, Caller, require_scope
+from shared.api.errors import Code, FieldViolation, StrataError, invalid_argument, not_found
+from shared.api.pagetoken import PageTokens, page_size
+from shared.storage.db import deadline_timeout
 
 __all__ = ["ApiKeyServicer"]
 

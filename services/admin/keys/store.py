@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
 
-from shared.audit import record_audit
-from shared.db import Database
+from shared.storage.audit import record_audit
+from shared.storage.db import Database
 
 __all__ = ["ApiKeyRow", "ApiKeyStore", "KeyForAuthentication"]
 

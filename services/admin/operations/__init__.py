@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from services.admin.operations.caches import CacheControl
 from services.admin.operations.database import DatabaseStats
 from services.admin.operations.health import SystemHealth
-from services.admin.operations.migrations import SCHEMAS, MigrationControl
-from shared.backends import migration_plan
-from shared.db import Database
-from shared.redisclient import Redis
-from shared.settings import Settings
+from services.admin.operations.migrations import MigrationControl
+from shared.cache.redisclient import Redis
+from shared.config.settings import Settings
+from shared.storage.db import Database
+from shared.storage.migrations import migration_plan
 
 __all__ = ["Operations"]
 
@@ -42,7 +42,7 @@ class Operations:
     @classmethod
     def for_settings(cls, settings: Settings, db: Database, redis: Redis) -> Operations:
         """Operations on ``settings``' deployment, knowing this build's migrations."""
-        migrations = MigrationControl(settings, db, migration_plan(SCHEMAS))
+        migrations = MigrationControl(settings, db, migration_plan())
         return cls(
             SystemHealth(settings, db, redis, migrations),
             DatabaseStats(db, redis),

@@ -8,12 +8,12 @@ from redis.exceptions import RedisError
 from strata.admin.v1 import admin_pb2
 
 from services.admin.operations.figures import process_stats
-from shared.audit import record_audit
-from shared.cache import invalidate_prefix
-from shared.db import Database
-from shared.errors import FieldViolation, invalid_argument, unavailable
-from shared.redisclient import Redis
-from shared.stats import read_process_stats
+from shared.api.errors import FieldViolation, invalid_argument, unavailable
+from shared.cache.invalidations import invalidate_prefix
+from shared.cache.redisclient import Redis
+from shared.observability.stats import read_process_stats
+from shared.storage.audit import record_audit
+from shared.storage.db import Database
 
 __all__ = ["CacheControl"]
 

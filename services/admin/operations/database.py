@@ -9,12 +9,12 @@ from redis.exceptions import RedisError
 from strata.admin.v1 import admin_pb2
 
 from services.admin.operations.figures import duration
-from services.admin.operations.migrations import SCHEMAS
-from shared.db import Database
-from shared.errors import FieldViolation, invalid_argument
-from shared.redisclient import Redis
-from shared.slowlog import read_slow_queries
-from shared.timestamps import to_timestamp
+from shared.api.errors import FieldViolation, invalid_argument
+from shared.api.timestamps import to_timestamp
+from shared.cache.redisclient import Redis
+from shared.storage.db import Database
+from shared.storage.migrations import SCHEMAS
+from shared.storage.slowlog import read_slow_queries
 
 __all__ = ["DatabaseStats"]
 

@@ -11,12 +11,12 @@ import asyncpg
 from google.protobuf import duration_pb2
 from strata.admin.v1 import admin_pb2
 
-from shared.cache import CACHE_COUNTERS
-from shared.consistency import format_lsn
-from shared.errors import StrataError
-from shared.replicas import ReplicaStatus
-from shared.stats import ProcessSnapshot
-from shared.timestamps import to_timestamp
+from shared.api.errors import StrataError
+from shared.api.timestamps import to_timestamp
+from shared.cache.local import CACHE_COUNTERS
+from shared.observability.stats import ProcessSnapshot
+from shared.storage.consistency import format_lsn
+from shared.storage.replicas import ReplicaStatus
 
 __all__ = ["duration", "error_text", "process_stats", "replica_health", "timed"]
 

@@ -13,12 +13,12 @@ from strata.admin.v1 import admin_pb2
 
 from services.admin.operations.figures import duration, error_text, process_stats, replica_health, timed
 from services.admin.operations.migrations import MigrationControl
-from shared.db import Database
-from shared.errors import StrataError
-from shared.redisclient import Redis
-from shared.settings import Settings
-from shared.stats import read_process_stats
-from shared.tls import internal_channel
+from shared.api.errors import StrataError
+from shared.cache.redisclient import Redis
+from shared.config.settings import Settings
+from shared.observability.stats import read_process_stats
+from shared.rpc.tls import internal_channel
+from shared.storage.db import Database
 
 __all__ = ["COMPONENTS", "SystemHealth"]
 

@@ -5,18 +5,17 @@ from __future__ import annotations
 import asyncpg
 from strata.admin.v1 import admin_pb2
 
-from shared.audit import record_audit
-from shared.db import Database
-from shared.errors import Code, StrataError
-from shared.migrations import Migration, MigrationError, apply_migrations
-from shared.migrations import status as migration_versions
-from shared.settings import Settings
-from shared.timestamps import to_timestamp
+from shared.api.errors import Code, StrataError
+from shared.api.timestamps import to_timestamp
+from shared.config.settings import Settings
+from shared.storage.audit import record_audit
+from shared.storage.db import Database
+from shared.storage.migrations import SCHEMAS, Migration, MigrationError, apply_migrations
+from shared.storage.migrations import status as migration_versions
 
-__all__ = ["SCHEMAS", "MigrationControl"]
+__all__ = ["MigrationControl"]
 
 DOMAIN = "strata.admin.v1"
-SCHEMAS = ("kv", "tenants", "vector", "admin")
 
 
 class MigrationControl:

@@ -9,8 +9,8 @@ import grpc
 from strata.admin.v1 import admin_pb2
 
 from services.admin.operations import Operations
-from shared.db import deadline_timeout
-from shared.identity import OPERATOR_SCOPE, require_scope
+from shared.api.callers import OPERATOR_SCOPE, require_scope
+from shared.storage.db import deadline_timeout
 
 __all__ = ["OperationsServicer"]
 

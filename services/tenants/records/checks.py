@@ -13,8 +13,8 @@ from typing import Any
 from strata.tenants.v1 import tenants_pb2
 
 from services.tenants.names import COLLECTION_RE, DOMAIN
-from shared.errors import FieldViolation, raise_invalid
-from shared.filters import validate_path
+from shared.api.errors import FieldViolation, raise_invalid
+from shared.storage.filters import validate_path
 
 __all__ = [
     "ID_RE",

@@ -8,8 +8,8 @@ from google.protobuf import struct_pb2
 from strata.tenants.v1 import tenants_pb2
 
 from services.tenants.records.store import RecordRow
-from shared.cache import CacheEntry
-from shared.timestamps import to_timestamp
+from shared.api.timestamps import to_timestamp
+from shared.cache.entries import CacheEntry
 
 __all__ = ["cache_entry", "record_etag", "record_message"]
 

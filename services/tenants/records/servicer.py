@@ -31,13 +31,14 @@ from services.tenants.records.checks import (
 )
 from services.tenants.records.mapping import cache_entry, record_message
 from services.tenants.records.store import EtagMismatch, RecordNotFound, RecordRow, RecordStore
-from shared.answers import OverBudget, answer_budget, too_large
-from shared.cache import CacheEntry, RevisionedCache
-from shared.db import deadline_timeout
-from shared.documents import document_json
-from shared.errors import FieldViolation, StrataError, aborted, already_exists, not_found
-from shared.identity import require_scope
-from shared.pagetoken import PageTokens, page_size
+from shared.api.answers import OverBudget, answer_budget, too_large
+from shared.api.callers import require_scope
+from shared.api.documents import document_json
+from shared.api.errors import FieldViolation, StrataError, aborted, already_exists, not_found
+from shared.api.pagetoken import PageTokens, page_size
+from shared.cache.entries import CacheEntry
+from shared.cache.revisioned import RevisionedCache
+from shared.storage.db import deadline_timeout
 
 __all__ = ["RecordServicer"]
 

@@ -4,7 +4,7 @@ Every statement runs inside :meth:`Database.tenant_transaction` for the
 caller's tenant, so Postgres itself filters rows; the SQL below never names
 the tenant in a WHERE clause (only when inserting, where the policy's WITH
 CHECK verifies it). Reads that may be large are cut by bytes in Postgres
-(:mod:`shared.answers`), each document rendered once, as the text both
+(:mod:`shared.api.answers`), each document rendered once, as the text both
 counted and sent.
 """
 
@@ -21,11 +21,11 @@ from strata.common.v1 import filter_pb2
 
 from services.tenants.names import DOMAIN
 from services.tenants.records.checks import ID_RE, OrderBy
-from shared.answers import ROW_OVERHEAD_BYTES, OverBudget, cut_by_bytes, page_rows, split_at_budget
-from shared.db import Database
-from shared.documents import holds_nul
-from shared.filters import SqlParams, compile_filter, json_path_sql
-from shared.pagetoken import invalid_page_token
+from shared.api.answers import ROW_OVERHEAD_BYTES, OverBudget, cut_by_bytes, page_rows, split_at_budget
+from shared.api.documents import holds_nul
+from shared.api.pagetoken import invalid_page_token
+from shared.storage.db import Database
+from shared.storage.filters import SqlParams, compile_filter, json_path_sql
 
 __all__ = ["EtagMismatch", "ListedPage", "RecordNotFound", "RecordRow", "RecordStore"]
 
@@ -209,7 +209,7 @@ class RecordStore:
     ) -> ListedPage:
         """Up to ``limit`` records after ``cursor`` (a page token's, or None) in ``order`` (NULLS LAST,
         then id), cut where they would pass ``budget`` bytes (RESOURCE_EXHAUSTED when the first
-        record alone would: :func:`shared.answers.page_rows`); a replica may serve it."""
+        record alone would: :func:`shared.api.answers.page_rows`); a replica may serve it."""
         sort = _sort_sql(order)
         direction = "DESC" if order.descending else "ASC"
         params = SqlParams()

@@ -10,8 +10,8 @@ from strata.tenants.v1 import tenants_pb2
 from services.tenants.names import DOMAIN, TENANT_SLUG_RE
 from services.tenants.registry.mapping import tenant_etag
 from services.tenants.registry.store import TenantRow
-from shared.documents import document_json
-from shared.errors import FieldViolation, aborted, invalid_argument, raise_invalid
+from shared.api.documents import document_json
+from shared.api.errors import FieldViolation, aborted, invalid_argument, raise_invalid
 
 __all__ = [
     "MUTABLE",

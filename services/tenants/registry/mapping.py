@@ -8,7 +8,7 @@ from google.protobuf import struct_pb2
 from strata.tenants.v1 import tenants_pb2
 
 from services.tenants.registry.store import IndexRow, TenantRow
-from shared.timestamps import to_timestamp
+from shared.api.timestamps import to_timestamp
 
 __all__ = ["index_message", "tenant_etag", "tenant_message"]
 

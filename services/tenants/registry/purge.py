@@ -23,10 +23,12 @@ from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 
 from services.tenants.names import record_cache_key
 from services.tenants.registry.store import PurgedRows
-from shared.cache import CacheEntry, RevisionedCache
-from shared.identity import INTERNAL_SCOPE, OPERATOR_SCOPE, Caller, signing_interceptors
-from shared.settings import Settings, require_internal_secret
-from shared.tls import internal_channel
+from shared.api.callers import INTERNAL_SCOPE, OPERATOR_SCOPE, Caller
+from shared.cache.entries import CacheEntry
+from shared.cache.revisioned import RevisionedCache
+from shared.config.settings import Settings, require_internal_secret
+from shared.rpc.identity import signing_interceptors
+from shared.rpc.tls import internal_channel
 
 __all__ = ["TenantPurge"]
 

@@ -27,9 +27,9 @@ from services.tenants.registry.checks import (
 from services.tenants.registry.mapping import index_message, tenant_message
 from services.tenants.registry.purge import TenantPurge
 from services.tenants.registry.store import PurgedRows, TenantRow, TenantStore
-from shared.answers import answer_budget, page_rows
-from shared.db import deadline_timeout
-from shared.errors import (
+from shared.api.answers import answer_budget, page_rows
+from shared.api.callers import OPERATOR_SCOPE, require_scope
+from shared.api.errors import (
     Code,
     FieldViolation,
     StrataError,
@@ -38,9 +38,9 @@ from shared.errors import (
     invalid_argument,
     not_found,
 )
-from shared.filters import validate_path
-from shared.identity import OPERATOR_SCOPE, require_scope
-from shared.pagetoken import PageTokens, page_size
+from shared.api.pagetoken import PageTokens, page_size
+from shared.storage.db import deadline_timeout
+from shared.storage.filters import validate_path
 
 __all__ = ["TenantServicer"]
 

@@ -18,9 +18,9 @@ from typing import Any, NamedTuple
 
 import asyncpg
 
-from shared.answers import ROW_OVERHEAD_BYTES, cut_by_bytes, split_at_budget
-from shared.audit import record_audit
-from shared.db import Database
+from shared.api.answers import ROW_OVERHEAD_BYTES, cut_by_bytes, split_at_budget
+from shared.storage.audit import record_audit
+from shared.storage.db import Database
 
 __all__ = ["IndexRow", "PurgedRows", "RegistryTx", "TenantRow", "TenantStore"]
 
@@ -166,7 +166,7 @@ class TenantStore:
         self, status: int, after: str, limit: int, *, budget: int, timeout: float
     ) -> tuple[list[TenantRow], bool]:
         """Up to ``limit`` tenants of ``status`` (0: any) with slugs after ``after``, by slug, and
-        whether they were cut where their metadata would pass ``budget`` bytes (shared.answers)."""
+        whether they were cut where their metadata would pass ``budget`` bytes (shared.api.answers)."""
         listed = (
             f"SELECT {_COLUMNS}, octet_length(metadata::text) + octet_length(display_name) "
             f"+ octet_length(slug) + octet_length(plan) + {ROW_OVERHEAD_BYTES + 64} AS answer_bytes "

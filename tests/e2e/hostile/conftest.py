@@ -15,8 +15,8 @@ from strata.kv.v1 import kv_pb2
 from strata.tenants.v1 import tenants_pb2
 from strata.vector.v1 import vector_pb2
 
-from shared.identity import OPERATOR_SCOPE
-from shared.settings import Settings
+from shared.api.callers import OPERATOR_SCOPE
+from shared.config.settings import Settings
 from tests.e2e.hostile.database import changed_rows, kv_revision
 from tests.e2e.hostile.names import ATTACKER_MARK, DIMENSION, NAME, THROWAWAY, VICTIM, VICTIM_MARK
 from tests.e2e.hostile.rpcs import BY_ID, HOSTILE_STRINGS, RPCS

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import asyncpg
 
-from shared.settings import Settings
+from shared.config.settings import Settings
 from tests.e2e.hostile.rpcs import HOSTILE_STRINGS
 
 _SCHEMAS = ["kv", "tenants", "vector", "admin", "public"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from shared.identity import INTERNAL_SCOPE, SCOPES, Caller
+from shared.api.callers import INTERNAL_SCOPE, SCOPES, Caller
 
 # The attacker tenant's slug is also the name of everything it owns (namespace,
 # collection, record and point id, branch name): valid for each of them.

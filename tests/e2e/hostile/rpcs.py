@@ -16,7 +16,7 @@ from google.protobuf import descriptor, duration_pb2, message, message_factory, 
 from google.protobuf.descriptor import FieldDescriptor
 
 from gateway.routes import build_routes
-from shared.identity import ADMIN_SCOPE, INTERNAL_SCOPE, OPERATOR_SCOPE
+from shared.api.callers import ADMIN_SCOPE, INTERNAL_SCOPE, OPERATOR_SCOPE
 from tests.e2e.hostile.names import ATTACKER_MARK, DIMENSION, NAME
 
 # What goes into every string slot (map and JSON keys, JSON values, field masks included).

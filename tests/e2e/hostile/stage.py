@@ -16,8 +16,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from strata.admin.v1 import admin_pb2
 from strata.tenants.v1 import tenants_pb2
 
-from shared.identity import Caller, sign_caller
-from shared.settings import Settings
+from shared.api.callers import Caller
+from shared.config.settings import Settings
+from shared.rpc.identity import sign_caller
 from tests.conftest import TEST_INTERNAL_SECRET
 from tests.e2e.hostile.database import database_snapshot
 from tests.e2e.hostile.names import ATTACKER, THROWAWAY

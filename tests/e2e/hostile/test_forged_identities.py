@@ -8,7 +8,8 @@ import time
 import grpc
 import pytest
 
-from shared.identity import Caller, sign_caller
+from shared.api.callers import Caller
+from shared.rpc.identity import sign_caller
 from tests.e2e.hostile.database import changed_rows, kv_revision
 from tests.e2e.hostile.names import ATTACKER, NAME, VICTIM
 from tests.e2e.hostile.rpcs import RPCS, Rpc, request_for

@@ -12,7 +12,7 @@ import pytest
 from strata.admin.v1 import admin_pb2
 from strata.tenants.v1 import tenants_pb2
 
-from shared.identity import OPERATOR_SCOPE
+from shared.api.callers import OPERATOR_SCOPE
 from tests.e2e.hostile.names import REVOKED, SUSPENDED
 from tests.e2e.hostile.rpcs import BY_ID, PROBES, request_for
 from tests.e2e.hostile.stage import OK, Hostile, Metadata, Outcome, make_tenant, report

@@ -14,8 +14,8 @@ import grpc
 import pytest
 from google.protobuf import message
 
-from shared.identity import SCOPES, Caller
-from shared.pagetoken import page_token_key
+from shared.api.callers import SCOPES, Caller
+from shared.api.pagetoken import page_token_key
 from tests.e2e.hostile.names import ATTACKER, ATTACKER_MARK, VICTIM, VICTIM_MARK
 from tests.e2e.hostile.rpcs import LIST_RPCS, Rpc, params, request_for
 from tests.e2e.hostile.stage import OK, SECRET, Hostile, report
@@ -24,7 +24,7 @@ from tests.support.calls import bearer
 pytestmark = pytest.mark.e2e
 
 
-# shared/pagetoken.py signs tokens with a key derived from the deployment's
+# shared/api/pagetoken.py signs tokens with a key derived from the deployment's
 # internal secret, which the suite knows (a caller does not): with it, the suite
 # mints tokens with any cursor, as an insider or a leaked secret could.
 PAGE_TOKEN_KEY = page_token_key(SECRET)

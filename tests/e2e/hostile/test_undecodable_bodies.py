@@ -11,7 +11,7 @@ import pytest
 from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shared.identity import INTERNAL_SCOPE
+from shared.api.callers import INTERNAL_SCOPE
 from tests.e2e.hostile.rpcs import ROUTES, RPCS, Rpc, Slot, params, request_for, slots, with_value
 from tests.e2e.hostile.stage import Hostile, outcome_of, report
 from tests.support.protowire import parses, strings_as_bytes
