@@ -9,7 +9,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from devstack.backends import migration_plan
+from shared.storage.migrations import migration_plan
 from devstack.launcher import SERVICES
 from shared.api.errors import Code
 from shared.storage.db import Database
