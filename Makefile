@@ -23,7 +23,7 @@ export UV_PYTHON := $(PYTHON)
 export UV_PYTHON_DOWNLOADS := never
 export UV_NO_PROGRESS := 1
 
-.PHONY: run test test-fast lint gen bench chaos lock lock-check clean
+.PHONY: run test test-fast lint gen proto-baseline bench chaos lock lock-check clean
 
 run: lock-check $(RUN_SET) $(GEN)
 	$(PY) -m devstack.launcher
@@ -47,12 +47,18 @@ chaos: lock-check $(ALL_SET) $(GEN)
 lint: $(ALL_SET) $(GEN)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/buf lint
+	$(VENV)/bin/buf breaking --against protos/v1.binpb
 	$(VENV)/bin/mypy shared gateway services devstack bench
 	$(VENV)/bin/hadolint Dockerfile
 	$(VENV)/bin/lint-imports --no-cache
 	.ci/check-file-lengths
 
 gen: $(GEN)
+
+# The released v1 contract that `make lint` holds every change to (buf breaking). Rewrite it
+# only when the contract is released anew: v1 changes only compatibly.
+proto-baseline: $(ALL_SET)
+	$(VENV)/bin/buf build --exclude-source-info -o protos/v1.binpb
 
 # Re-resolve every dependency to the newest release its range allows and rewrite
 # uv.lock and uv's own pin. Commit the result only once `make test` passes on it.

@@ -160,7 +160,7 @@ async def ensure_dev_api_key(
             if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
                 raise
     async with internal_channel(settings, address["admin"], interceptors=launcher) as channel:
-        made = await admin_pb2_grpc.AdminServiceStub(channel).CreateApiKey(
+        made = await admin_pb2_grpc.ApiKeyServiceStub(channel).CreateApiKey(
             admin_pb2.CreateApiKeyRequest(tenant="dev", name="dev key (make run)", scopes=[OPERATOR_SCOPE]),
             timeout=10,
         )

@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 import grpc
-from strata.admin.v1 import admin_pb2
+from strata.internal.v1 import internal_pb2
 
 from gateway.tracing import end_span, upstream_call_span
 from gateway.upstreams import Upstream
@@ -34,9 +34,9 @@ from shared.rpc.identity import sign_caller
 
 __all__ = ["FailedAttempts", "KeyResolver", "bearer_token", "missing_scope", "peer_host"]
 
-_ADMIN_SERVICE = "strata.admin.v1.AdminService"
+_AUTH_SERVICE = internal_pb2.DESCRIPTOR.services_by_name["ApiKeyAuthService"].full_name
 _AUTHENTICATE_METHOD = "AuthenticateApiKey"
-_AUTHENTICATE = f"/{_ADMIN_SERVICE}/{_AUTHENTICATE_METHOD}"
+_AUTHENTICATE = f"/{_AUTH_SERVICE}/{_AUTHENTICATE_METHOD}"
 GATEWAY_CALLER = Caller("strata-system", frozenset({INTERNAL_SCOPE}), "gateway")
 _MAX_CACHED = 100_000  # good answers
 _MAX_REFUSALS_CACHED = 10_000  # bad ones: anyone can make those
@@ -94,18 +94,18 @@ class KeyResolver:
         cached = self._cache.get(token)
         return cached is not None and time.monotonic() - cached[0] < self._ttl_s
 
-    async def _authenticate(self, token: str) -> admin_pb2.AuthenticateApiKeyResponse:
+    async def _authenticate(self, token: str) -> internal_pb2.AuthenticateApiKeyResponse:
         """Ask admin who ``token`` is, in a client span of the current request (when tracing)."""
         call = self._admin.pick().unary_unary(
             _AUTHENTICATE,
             request_serializer=None,  # the bytes the identity is signed for are the bytes sent
-            response_deserializer=admin_pb2.AuthenticateApiKeyResponse.FromString,
+            response_deserializer=internal_pb2.AuthenticateApiKeyResponse.FromString,
         )
-        request = admin_pb2.AuthenticateApiKeyRequest(api_key=token).SerializeToString()
+        request = internal_pb2.AuthenticateApiKeyRequest(api_key=token).SerializeToString()
         metadata = sign_caller(self._secret, _AUTHENTICATE, GATEWAY_CALLER, body=request)
-        with upstream_call_span(_ADMIN_SERVICE, _AUTHENTICATE_METHOD, metadata) as span:
+        with upstream_call_span(_AUTH_SERVICE, _AUTHENTICATE_METHOD, metadata) as span:
             try:
-                reply: admin_pb2.AuthenticateApiKeyResponse = await call(
+                reply: internal_pb2.AuthenticateApiKeyResponse = await call(
                     request, metadata=metadata, timeout=2.0
                 )
             except grpc.aio.AioRpcError as exc:
@@ -125,7 +125,6 @@ class KeyResolver:
                     Code.PERMISSION_DENIED,
                     "TENANT_SUSPENDED",
                     exc.details() or "the tenant is suspended",
-                    domain="strata.gateway",
                 )
             elif exc.code() != grpc.StatusCode.UNAUTHENTICATED:
                 # Not an answer about the key: do not cache, tell the caller to retry.
@@ -171,7 +170,6 @@ class FailedAttempts:
                 Code.RESOURCE_EXHAUSTED,
                 "TOO_MANY_FAILED_ATTEMPTS",
                 "too many calls from this address failed to authenticate; wait before trying again",
-                domain="strata.gateway",
                 retry_delay_s=1.0 / self._rate,
             )
 
@@ -199,7 +197,6 @@ def missing_scope(caller: Caller, scope: str) -> StrataError | None:
         Code.PERMISSION_DENIED,
         "MISSING_SCOPE",
         f"this API key lacks the {scope!r} scope",
-        domain="strata.gateway",
         metadata={"scope": scope},
     )
 
@@ -211,7 +208,7 @@ def peer_host(peer: str) -> str:
 
 
 def _unauthenticated(reason: str, message: str) -> StrataError:
-    return StrataError(Code.UNAUTHENTICATED, reason, message, domain="strata.gateway")
+    return StrataError(Code.UNAUTHENTICATED, reason, message)
 
 
 # Shared by every refusal: a cached refusal costs its key and a tuple, not an error of its own.

@@ -166,7 +166,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
         except StrataError as exc:
             if requests is not None:
                 await _discard(requests)
-            await _refuse(exc, context, server_span)
+            await _refuse(exc, route, context, server_span)
             raise AssertionError("unreachable") from None
 
     def _server_span(self, route: Route, context: Context) -> AbstractContextManager[Any]:
@@ -228,7 +228,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
                             raise
                         except StrataError as exc:
                             end_span(client_span, grpc.StatusCode.CANCELLED, client=True)
-                            await _refuse(exc, context, server_span)
+                            await _refuse(exc, route, context, server_span)
                         end_span(client_span, grpc.StatusCode.OK, client=True)
                 except grpc.aio.AioRpcError as exc:
                     await _pass_back(exc, context, server_span)
@@ -308,10 +308,12 @@ async def _until_ended(call: Any, stream: OpenStream) -> AsyncIterator[bytes]:
             following.cancel()
 
 
-async def _refuse(exc: StrataError, context: Context, server_span: Any) -> None:
-    """Answer the caller with the gateway's own refusal."""
+async def _refuse(exc: StrataError, route: Route, context: Context, server_span: Any) -> None:
+    """Answer the caller with the gateway's own refusal, in the domain of the service it called."""
     end_span(server_span, grpc_code(exc.code))
-    await context.abort(grpc_code(exc.code), exc.message, trailing_metadata=exc.trailing_metadata())
+    await context.abort(
+        grpc_code(exc.code), exc.message, trailing_metadata=exc.trailing_metadata(route.domain)
+    )
 
 
 # One multicallable per upstream channel and method, made once: building one per call is
@@ -354,7 +356,7 @@ async def _discard(requests: AsyncIterator[bytes]) -> None:
 
     A grpc-python asyncio client still writing when the answer comes can
     report INTERNAL ("Internal error from Core") instead of the answer
-    (grpc/grpc#36066). AdminService/Restore does the same before refusing
+    (grpc/grpc#36066). BackupService/Restore does the same before refusing
     an upload, so its answer comes back after the caller's last message.
     """
     read = 0

@@ -111,7 +111,6 @@ class RateLimiter:
                 Code.RESOURCE_EXHAUSTED,
                 "RATE_LIMITED",
                 f"rate limit of {self._rate:g} calls/s (burst {self._burst}) exceeded",
-                domain="strata.gateway",
                 metadata={"key_id": key_id},
                 retry_delay_s=int(wait_ms) / 1000,
             )

@@ -30,7 +30,6 @@ from shared.api.errors import Code, StrataError
 __all__ = ["OpenStream", "OpenStreams"]
 
 _log = logging.getLogger(__name__)
-_DOMAIN = "strata.gateway"
 # With no key cache (TTL 0) every check is a lookup: this often, then.
 _MIN_CHECK_INTERVAL_S = 0.25
 # How long admin may be unreachable before an open stream is ended (UNAVAILABLE: resume later).
@@ -80,7 +79,6 @@ class OpenStreams:
                     Code.RESOURCE_EXHAUSTED,
                     "TOO_MANY_STREAMS",
                     f"{what} already holds {limit} open streams; close one first",
-                    domain=_DOMAIN,
                     metadata={"limit": str(limit), "per": per},
                 )
         stream = OpenStream(token, caller, scope)
@@ -147,7 +145,6 @@ def _verdict(stream: OpenStream, answer: Caller | BaseException, now: float) -> 
             Code.UNAVAILABLE,
             "AUTH_UNAVAILABLE",
             "the API key could not be checked again; open the stream again later",
-            domain=_DOMAIN,
             retry_delay_s=1.0,
         )
     bound = stream.caller
@@ -156,7 +153,6 @@ def _verdict(stream: OpenStream, answer: Caller | BaseException, now: float) -> 
             Code.PERMISSION_DENIED,
             "TENANT_REPLACED",
             f"tenant {bound.tenant!r} of this stream was deleted and created again; open it again",
-            domain=_DOMAIN,
             metadata={"tenant": bound.tenant},
         )
     return missing_scope(answer, stream.scope)

@@ -37,13 +37,14 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
-from strata.admin.v1 import admin_pb2, admin_pb2_grpc
+from strata.admin.v1 import admin_pb2
 from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 from strata.tenants.v1 import tenants_pb2, tenants_pb2_grpc
 
 from devstack.backends import Backends, open_backends
 from devstack.launcher import SERVICES
 from shared.config.settings import load_settings
+from tests.support.calls import AdminStubs
 from tests.support.stack import PROJECT_ROOT, Stack, free_port, start_stack
 
 __all__ = ["Faults", "Ledger", "Load", "RunFigures", "provision_tenant", "verify"]
@@ -269,7 +270,7 @@ async def provision_tenant(stack: Stack, tenant: str) -> tuple[tuple[str, str], 
             await tenants_pb2_grpc.TenantServiceStub(channel).CreateTenant(
                 tenants_pb2.CreateTenantRequest(tenant=tenants_pb2.Tenant(slug=tenant)), metadata=admin_md
             )
-        made = await admin_pb2_grpc.AdminServiceStub(channel).CreateApiKey(
+        made = await AdminStubs(channel).CreateApiKey(
             admin_pb2.CreateApiKeyRequest(
                 tenant=tenant,
                 name="chaos load",

@@ -1,13 +1,15 @@
 """Wires the admin service into the shared server bootstrap.
 
-AdminService is served by one servicer a concern: API keys (:mod:`.keys`),
-operations (:mod:`.operations`), backups and branches (:mod:`.branches`)
-and the audit log (:mod:`.audit`), each with its own store.
+Admin serves four public services, one a concern, each a package with its
+servicer and store: ApiKeyService (:mod:`.keys`), OperationsService
+(:mod:`.operations`), BackupService (:mod:`.branches`) and AuditService
+(:mod:`.audit`); and the internal ApiKeyAuthService, which the gateway asks.
 """
 
 from __future__ import annotations
 
 from strata.admin.v1 import admin_pb2
+from strata.internal.v1 import internal_pb2
 
 from services.admin.audit.servicer import AuditServicer
 from services.admin.audit.store import AuditStore
@@ -15,6 +17,7 @@ from services.admin.branches.archives import ArchiveSigner
 from services.admin.branches.backups import Backups, PointInTimeBranches
 from services.admin.branches.servicer import BranchServicer
 from services.admin.branches.unmanaged import NoPointInTime
+from services.admin.keys.authenticator import ApiKeyAuthServicer
 from services.admin.keys.servicer import ApiKeyServicer
 from services.admin.keys.store import ApiKeyStore
 from services.admin.operations import Operations
@@ -27,7 +30,8 @@ from shared.storage.service_db import open_service_database
 
 __all__ = ["build_admin_server", "main"]
 
-SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"]
+SERVICES = admin_pb2.DESCRIPTOR.services_by_name
+AUTH_SERVICE = internal_pb2.DESCRIPTOR.services_by_name["ApiKeyAuthService"]
 
 
 async def build_admin_server(settings: Settings) -> StrataServer:
@@ -51,13 +55,12 @@ async def build_admin_server(settings: Settings) -> StrataServer:
     signer = ArchiveSigner(require_internal_secret(settings))
     backups = Backups(db, settings.migrate_database_url, settings.restore_max_bytes, signer, pitr)
     tokens = PageTokens(require_internal_secret(settings))
-    servicers = [
-        ApiKeyServicer(ApiKeyStore(db), settings.key_pepper.encode(), tokens),
-        OperationsServicer(operations),
-        BranchServicer(backups),
-        AuditServicer(AuditStore(db), tokens),
-    ]
-    server.add_servicer(servicers, SERVICE)
+    keys = ApiKeyStore(db)
+    server.add_servicer(ApiKeyServicer(keys, settings.key_pepper.encode(), tokens), SERVICES["ApiKeyService"])
+    server.add_servicer(ApiKeyAuthServicer(keys, settings.key_pepper.encode()), AUTH_SERVICE)
+    server.add_servicer(OperationsServicer(operations), SERVICES["OperationsService"])
+    server.add_servicer(BranchServicer(backups), SERVICES["BackupService"])
+    server.add_servicer(AuditServicer(AuditStore(db), tokens), SERVICES["AuditService"])
     server.after_drain(db.close)
     return server
 

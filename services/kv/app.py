@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from strata.internal.v1 import internal_pb2
 from strata.kv.v1 import kv_pb2
 
 from services.kv.keyspace import Limits
@@ -19,6 +20,7 @@ from shared.storage.service_db import open_service_database
 __all__ = ["build_kv_server", "main"]
 
 SERVICE = kv_pb2.DESCRIPTOR.services_by_name["KvService"]
+PURGE_SERVICE = internal_pb2.DESCRIPTOR.services_by_name["TenantPurgeService"]
 
 
 async def build_kv_server(settings: Settings) -> StrataServer:
@@ -37,12 +39,11 @@ async def build_kv_server(settings: Settings) -> StrataServer:
     server.report("pool", db.pool_stats)
     server.report("cache", cache.snapshot)
     server.report("group_commit", store.group_commit_stats)
-    server.add_servicer(
-        KvServicer(
-            store, cache, publisher, feed, Limits(settings), PageTokens(require_internal_secret(settings))
-        ),
-        SERVICE,
+    servicer = KvServicer(
+        store, cache, publisher, feed, Limits(settings), PageTokens(require_internal_secret(settings))
     )
+    server.add_servicer(servicer, SERVICE)
+    server.add_servicer(servicer, PURGE_SERVICE)  # a purge deletes keys as Delete does, published alike
     # Watch streams end first (clients resume elsewhere), then in-flight calls drain.
     server.on_shutdown(feed.close)
     server.on_shutdown(sweeper.close)

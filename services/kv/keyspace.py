@@ -16,9 +16,8 @@ from shared.api.errors import FieldViolation, StrataError, aborted, raise_invali
 from shared.api.pagetoken import page_size
 from shared.config.settings import Settings
 
-__all__ = ["DOMAIN", "KeyRange", "Limits", "cache_key", "prefix_end", "raise_if", "revision_mismatch"]
+__all__ = ["KeyRange", "Limits", "cache_key", "prefix_end", "raise_if", "revision_mismatch"]
 
-DOMAIN = "strata.kv.v1"
 _NAMESPACE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
 _CONTENT_TYPE_RE = re.compile(r"[\x20-\x7e]{0,255}")
 _MAX_CODE_POINT = 0x10FFFF
@@ -161,7 +160,7 @@ class Limits:
 
 def raise_if(errors: list[FieldViolation]) -> None:
     """Raise INVALID_ARGUMENT listing ``errors``, if any."""
-    raise_invalid(errors, domain=DOMAIN)
+    raise_invalid(errors)
 
 
 def revision_mismatch(key: str, expected: int, current: int, revision: int) -> StrataError:
@@ -169,7 +168,6 @@ def revision_mismatch(key: str, expected: int, current: int, revision: int) -> S
     return aborted(
         "REVISION_MISMATCH",
         f"key {key!r} is at revision {current}, not {expected}",
-        domain=DOMAIN,
         key=key,
         expected_revision=str(expected),
         current_revision=str(current),

@@ -13,10 +13,10 @@ from typing import Any, TypeAlias
 
 import asyncpg
 import grpc
+from strata.internal.v1 import internal_pb2
 from strata.kv.v1 import kv_pb2
 
 from services.kv.keyspace import (
-    DOMAIN,
     KeyRange,
     Limits,
     cache_key,
@@ -27,7 +27,7 @@ from services.kv.publisher import WritePublisher
 from services.kv.revisions import FeedClosed, RevisionFeed
 from services.kv.store import Change, DeleteResult, KvStore, PutItem, entry_to_kv
 from shared.api.answers import OverBudget, answer_budget, page_rows, too_large
-from shared.api.callers import INTERNAL_SCOPE, require_scope
+from shared.api.callers import current_caller
 from shared.api.errors import Code, FieldViolation, StrataError, not_found
 from shared.api.pagetoken import PageTokens
 from shared.cache.entries import CacheEntry
@@ -39,7 +39,6 @@ __all__ = ["KvServicer"]
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 _WATCH_BATCH = 500
-READ, WRITE = "kv:read", "kv:write"
 _RETURN_PREVIOUS_LIMIT = 1000
 
 
@@ -67,7 +66,7 @@ class KvServicer:
     # -- reads -------------------------------------------------------------
 
     async def Get(self, request: kv_pb2.GetRequest, context: Context) -> kv_pb2.GetResponse:
-        tenant = require_scope(READ).tenant
+        tenant = current_caller().tenant
         errors: list[FieldViolation] = []
         self._limits.namespace(request.namespace, errors)
         self._limits.key(request.key, errors)
@@ -80,14 +79,12 @@ class KvServicer:
 
         entry = await self._cache.load(cache_key(tenant, namespace, key), load)
         if entry is None or entry.payload is None or _expired(entry):
-            raise not_found(
-                "KEY_NOT_FOUND", f"key {key!r} not found", domain=DOMAIN, namespace=namespace, key=key
-            )
+            raise not_found("KEY_NOT_FOUND", f"key {key!r} not found", namespace=namespace, key=key)
         kv = kv_pb2.KeyValue.FromString(entry.payload)
         return kv_pb2.GetResponse(header=self._header(kv.mod_revision), kv=kv)
 
     async def BatchGet(self, request: kv_pb2.BatchGetRequest, context: Context) -> kv_pb2.BatchGetResponse:
-        tenant = require_scope(READ).tenant
+        tenant = current_caller().tenant
         errors: list[FieldViolation] = []
         self._limits.namespace(request.namespace, errors)
         self._limits.batch_size(len(request.keys), errors, "keys")
@@ -110,7 +107,7 @@ class KvServicer:
                 keys, lambda key: cache_key(tenant, namespace, key), load, budget=budget
             )
         except OverBudget:
-            raise too_large(budget, "keys", DOMAIN, "ask for fewer keys") from None
+            raise too_large(budget, "keys", "ask for fewer keys") from None
         found = {
             key: kv_pb2.KeyValue.FromString(entry.payload)
             for key, entry in entries.items()
@@ -122,7 +119,7 @@ class KvServicer:
         return kv_pb2.BatchGetResponse(header=self._header(newest), kvs=kvs, missing_keys=missing)
 
     async def List(self, request: kv_pb2.ListRequest, context: Context) -> kv_pb2.ListResponse:
-        tenant = require_scope(READ).tenant
+        tenant = current_caller().tenant
         errors: list[FieldViolation] = []
         self._limits.namespace(request.namespace, errors)
         self._limits.key(request.prefix, errors, "prefix", allow_empty=True)
@@ -143,9 +140,7 @@ class KvServicer:
             request.keys_only,
         ]
         # The last key of the page before (PageTokens.cursor refuses anything else); None on the first page.
-        after = (
-            self._tokens.cursor(request.page_token, query, "", domain=DOMAIN) if request.page_token else None
-        )
+        after = self._tokens.cursor(request.page_token, query, "") if request.page_token else None
         timeout = deadline_timeout(context)
         budget = answer_budget(self._limits.max_message_bytes)
         rows, cut = await self._store.list_page(
@@ -158,20 +153,20 @@ class KvServicer:
             budget=budget,
             timeout=timeout,
         )
-        kept, more = page_rows(rows, cut, page_size, budget=budget, domain=DOMAIN, item="value")
+        kept, more = page_rows(rows, cut, page_size, budget=budget, item="value")
         kvs = [entry_to_kv(namespace, row) for row in kept]
         response = kv_pb2.ListResponse(kvs=kvs)
         if more:
             response.next_page_token = self._tokens.encode(query, kvs[-1].key)
-        if request.include_count:
-            response.total_count = await self._store.count(tenant, namespace, keys, timeout=timeout)
+        if request.include_total_size:
+            response.total_size = await self._store.count(tenant, namespace, keys, timeout=timeout)
         response.header.CopyFrom(self._header(max((kv.mod_revision for kv in kvs), default=0)))
         return response
 
     # -- writes ------------------------------------------------------------
 
     async def Put(self, request: kv_pb2.PutRequest, context: Context) -> kv_pb2.PutResponse:
-        tenant = require_scope(WRITE).tenant
+        tenant = current_caller().tenant
         errors: list[FieldViolation] = []
         self._limits.namespace(request.namespace, errors)
         item = self._put_item(request, errors, "")
@@ -197,7 +192,7 @@ class KvServicer:
         return response
 
     async def BatchPut(self, request: kv_pb2.BatchPutRequest, context: Context) -> kv_pb2.BatchPutResponse:
-        tenant = require_scope(WRITE).tenant
+        tenant = current_caller().tenant
         errors: list[FieldViolation] = []
         self._limits.namespace(request.namespace, errors)
         self._limits.batch_size(len(request.items), errors, "items")
@@ -221,7 +216,7 @@ class KvServicer:
         return kv_pb2.BatchPutResponse(header=kv_pb2.ResponseHeader(revision=result.revision), kvs=result.kvs)
 
     async def Delete(self, request: kv_pb2.DeleteRequest, context: Context) -> kv_pb2.DeleteResponse:
-        tenant = require_scope(WRITE).tenant
+        tenant = current_caller().tenant
         errors: list[FieldViolation] = []
         self._limits.namespace(request.namespace, errors)
         keys = self._limits.target(request, errors)
@@ -254,7 +249,7 @@ class KvServicer:
     async def Watch(
         self, request: kv_pb2.WatchRequest, context: Context
     ) -> AsyncIterator[kv_pb2.WatchResponse]:
-        caller = require_scope(READ)
+        caller = current_caller()
         tenant = caller.tenant
         errors: list[FieldViolation] = []
         self._limits.namespace(request.namespace, errors)
@@ -281,7 +276,6 @@ class KvServicer:
                     "STREAM_MAX_AGE",
                     f"a watch stays open at most {self._limits.stream_max_age_s:g} s; "
                     "watch again from resume_revision",
-                    domain=DOMAIN,
                     metadata={"resume_revision": str(_resume_revision(cursor))},
                 )
             try:
@@ -320,16 +314,15 @@ class KvServicer:
                     Code.UNAVAILABLE,
                     "SHUTTING_DOWN",
                     "the server is shutting down; watch again from resume_revision",
-                    domain=DOMAIN,
                     metadata={"resume_revision": str(cursor[0] + 1)},
                 ) from None
 
     # -- tenant lifecycle --------------------------------------------------
 
     async def PurgeTenant(
-        self, request: kv_pb2.PurgeTenantRequest, context: Context
-    ) -> kv_pb2.PurgeTenantResponse:
-        require_scope(INTERNAL_SCOPE)
+        self, request: internal_pb2.PurgeTenantRequest, context: Context
+    ) -> internal_pb2.PurgeTenantResponse:
+        """strata.internal.v1.TenantPurgeService: every key of a deleted tenant, as Delete removes keys."""
         if not request.tenant:
             raise_if([FieldViolation("tenant", "required")])
         deleted = 0
@@ -339,7 +332,7 @@ class KvServicer:
                 request.tenant, namespace, KeyRange("", None), None, False, timeout
             )
             deleted += len(result.deleted)
-        return kv_pb2.PurgeTenantResponse(deleted=deleted)
+        return internal_pb2.PurgeTenantResponse(deleted=deleted)
 
     # -- helpers -----------------------------------------------------------
 
@@ -426,7 +419,6 @@ def _tenant_gone(tenant: str) -> StrataError:
         Code.PERMISSION_DENIED,
         "TENANT_DELETED",
         f"tenant {tenant!r} of this watch was deleted",
-        domain=DOMAIN,
         metadata={"tenant": tenant},
     )
 
@@ -441,6 +433,5 @@ def _compacted(wanted: int, compacted: int) -> StrataError:
         Code.OUT_OF_RANGE,
         "REVISION_COMPACTED",
         f"revision {wanted} has been compacted; the oldest available is {compacted + 1}",
-        domain=DOMAIN,
         metadata={"compact_revision": str(compacted)},
     )

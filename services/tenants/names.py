@@ -1,12 +1,11 @@
-"""Names in the tenants service: its error domain, the shapes of slugs and collections, cache keys."""
+"""Names in the tenants service: the shapes of slugs and collections, cache keys."""
 
 from __future__ import annotations
 
 import re
 
-__all__ = ["COLLECTION_RE", "DOMAIN", "TENANT_SLUG_RE", "record_cache_key"]
+__all__ = ["COLLECTION_RE", "TENANT_SLUG_RE", "record_cache_key"]
 
-DOMAIN = "strata.tenants.v1"
 TENANT_SLUG_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 COLLECTION_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from strata.vector.v1 import vector_pb2
 
-from services.vector.model import DOMAIN, HNSW, IVFFLAT, NO_INDEX, Collection, IndexSpec
+from services.vector.model import HNSW, IVFFLAT, NO_INDEX, Collection, IndexSpec
 from shared.api.errors import FieldViolation, invalid_argument, raise_invalid
 
 __all__ = [
@@ -45,7 +45,7 @@ _HIT_OVERHEAD_BYTES = 32
 
 def raise_if(errors: list[FieldViolation]) -> None:
     """INVALID_ARGUMENT with ``errors``, if there are any."""
-    raise_invalid(errors, domain=DOMAIN)
+    raise_invalid(errors)
 
 
 def check_name(name: str, field: str, errors: list[FieldViolation]) -> None:
@@ -169,5 +169,4 @@ def refuse_over(least: int, budget: int, field: str, remedy: str) -> None:
                     f"over the {budget}-byte message limit: {remedy}",
                 )
             ],
-            domain=DOMAIN,
         )

@@ -9,7 +9,6 @@ from typing import NamedTuple
 from strata.vector.v1 import vector_pb2
 
 __all__ = [
-    "DOMAIN",
     "HNSW",
     "IVFFLAT",
     "NO_INDEX",
@@ -21,7 +20,6 @@ __all__ = [
     "planner",
 ]
 
-DOMAIN = "strata.vector.v1"
 NO_INDEX, HNSW, IVFFLAT = 0, 1, 2
 _OPERATOR: dict[int, str] = {
     vector_pb2.METRIC_COSINE: "<=>",

@@ -30,7 +30,6 @@ from services.vector.checks import (
 )
 from services.vector.mapping import describe, point_message, scored_message
 from services.vector.model import (
-    DOMAIN,
     NO_INDEX,
     Collection,
     CollectionRow,
@@ -40,7 +39,7 @@ from services.vector.model import (
 )
 from services.vector.store import VectorStore, VectorTx
 from shared.api.answers import answer_budget, page_rows, too_large
-from shared.api.callers import require_scope
+from shared.api.callers import current_caller
 from shared.api.documents import document_json
 from shared.api.errors import FieldViolation, already_exists, not_found
 from shared.api.pagetoken import PageTokens, page_size
@@ -49,7 +48,6 @@ from shared.storage.db import deadline_timeout
 __all__ = ["VectorServicer"]
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
-READ, WRITE = "vector:read", "vector:write"
 
 
 class VectorServicer:
@@ -66,7 +64,7 @@ class VectorServicer:
     async def CreateCollection(
         self, request: vector_pb2.CreateCollectionRequest, context: Context
     ) -> vector_pb2.CreateCollectionResponse:
-        tenant = require_scope(WRITE).tenant
+        tenant = current_caller().tenant
         spec = request.collection
         errors: list[FieldViolation] = []
         check_name(spec.name, "collection.name", errors)
@@ -82,14 +80,14 @@ class VectorServicer:
             row = await tx.insert_collection(tenant, spec.name, spec.dimension, spec.metric, index)
         if row is None:
             raise already_exists(
-                "COLLECTION_ALREADY_EXISTS", f"collection {spec.name!r} exists", domain=DOMAIN, name=spec.name
+                "COLLECTION_ALREADY_EXISTS", f"collection {spec.name!r} exists", name=spec.name
             )
         return vector_pb2.CreateCollectionResponse(collection=describe(row, 0))
 
     async def GetCollection(
         self, request: vector_pb2.GetCollectionRequest, context: Context
     ) -> vector_pb2.GetCollectionResponse:
-        tenant = require_scope(READ).tenant
+        tenant = current_caller().tenant
         async with self._store.transaction(tenant, timeout=deadline_timeout(context)) as tx:
             row = await _collection_row(tx, request.name, "name")
             count = await tx.count_points(row.collection)
@@ -98,12 +96,12 @@ class VectorServicer:
     async def ListCollections(
         self, request: vector_pb2.ListCollectionsRequest, context: Context
     ) -> vector_pb2.ListCollectionsResponse:
-        tenant = require_scope(READ).tenant
+        tenant = current_caller().tenant
         errors: list[FieldViolation] = []
         size = page_size(request.page_size, errors)
         raise_if(errors)
         query = ["vector.ListCollections", tenant]
-        after = self._tokens.cursor(request.page_token, query, "", domain=DOMAIN)
+        after = self._tokens.cursor(request.page_token, query, "")
         async with self._store.transaction(tenant, timeout=deadline_timeout(context)) as tx:
             rows = await tx.list_collections(str(after), size + 1)
         response = vector_pb2.ListCollectionsResponse(collections=[describe(r, 0) for r in rows[:size]])
@@ -114,7 +112,7 @@ class VectorServicer:
     async def DeleteCollection(
         self, request: vector_pb2.DeleteCollectionRequest, context: Context
     ) -> vector_pb2.DeleteCollectionResponse:
-        tenant = require_scope(WRITE).tenant
+        tenant = current_caller().tenant
         self._store.forget(tenant, request.name)
         async with self._store.transaction(tenant, timeout=max(deadline_timeout(context), 5.0)) as tx:
             row = await _collection_row(tx, request.name, "name")
@@ -124,7 +122,7 @@ class VectorServicer:
     async def RebuildIndex(
         self, request: vector_pb2.RebuildIndexRequest, context: Context
     ) -> vector_pb2.RebuildIndexResponse:
-        tenant = require_scope(WRITE).tenant
+        tenant = current_caller().tenant
         self._store.forget(tenant, request.name)
         # Building takes a while on a large collection: not less than a minute unless the caller says so.
         async with self._store.transaction(tenant, timeout=max(deadline_timeout(context), 60.0)) as tx:
@@ -143,7 +141,7 @@ class VectorServicer:
     async def UpsertPoints(
         self, request: vector_pb2.UpsertPointsRequest, context: Context
     ) -> vector_pb2.UpsertPointsResponse:
-        tenant = require_scope(WRITE).tenant
+        tenant = current_caller().tenant
         errors: list[FieldViolation] = []
         if not 0 < len(request.points) <= MAX_BATCH:
             errors.append(FieldViolation("points", f"must hold 1 to {MAX_BATCH} points"))
@@ -170,7 +168,7 @@ class VectorServicer:
     async def GetPoints(
         self, request: vector_pb2.GetPointsRequest, context: Context
     ) -> vector_pb2.GetPointsResponse:
-        tenant = require_scope(READ).tenant
+        tenant = current_caller().tenant
         if not 0 < len(request.ids) <= MAX_BATCH:
             raise_if([FieldViolation("ids", f"must hold 1 to {MAX_BATCH} ids")])
         ids = list(dict.fromkeys(request.ids))
@@ -187,7 +185,7 @@ class VectorServicer:
                 budget=budget,
             )
         if cut:
-            raise too_large(budget, "ids", DOMAIN, "ask fewer ids, or leave with_payload off")
+            raise too_large(budget, "ids", "ask fewer ids, or leave with_payload off")
         found = {row.id: row for row in rows}
         return vector_pb2.GetPointsResponse(
             points=[point_message(found[i]) for i in ids if i in found],
@@ -197,7 +195,7 @@ class VectorServicer:
     async def DeletePoints(
         self, request: vector_pb2.DeletePointsRequest, context: Context
     ) -> vector_pb2.DeletePointsResponse:
-        tenant = require_scope(WRITE).tenant
+        tenant = current_caller().tenant
         which = request.WhichOneof("selector")
         if which is None:
             raise_if([FieldViolation("ids", "set ids or filter")])
@@ -209,19 +207,10 @@ class VectorServicer:
             deleted = await tx.delete_points(collection, ids, request.filter)
         return vector_pb2.DeletePointsResponse(deleted=deleted)
 
-    async def CountPoints(
-        self, request: vector_pb2.CountPointsRequest, context: Context
-    ) -> vector_pb2.CountPointsResponse:
-        tenant = require_scope(READ).tenant
-        async with self._store.transaction(tenant, timeout=deadline_timeout(context)) as tx:
-            collection = (await _collection_row(tx, request.collection, "collection")).collection
-            count = await tx.count_points(collection, request.filter if request.HasField("filter") else None)
-        return vector_pb2.CountPointsResponse(count=count)
-
     async def ScrollPoints(
         self, request: vector_pb2.ScrollPointsRequest, context: Context
     ) -> vector_pb2.ScrollPointsResponse:
-        tenant = require_scope(READ).tenant
+        tenant = current_caller().tenant
         errors: list[FieldViolation] = []
         size = page_size(request.page_size, errors)
         raise_if(errors)
@@ -231,28 +220,33 @@ class VectorServicer:
             request.collection,
             request.filter.SerializeToString(deterministic=True).hex(),
         ]
-        after = self._tokens.cursor(request.page_token, query, "", domain=DOMAIN)
+        after = self._tokens.cursor(request.page_token, query, "")
         budget = answer_budget(self._max_response)
 
-        async def page(tx: VectorTx) -> tuple[list[PointRow], bool]:
+        selected = request.filter if request.HasField("filter") else None
+
+        async def page(tx: VectorTx) -> tuple[list[PointRow], bool, int]:
             collection = (await _collection_row(tx, request.collection, "collection")).collection
             least = least_bytes(size, collection.dimension, request.with_vectors)
             refuse_over(
                 least, self._max_response, "page_size", "ask a smaller page, or leave with_vectors off"
             )
-            return await tx.scroll(
+            rows, cut = await tx.scroll(
                 collection,
                 str(after),
                 size + 1,
-                request.filter if request.HasField("filter") else None,
+                selected,
                 with_vectors=request.with_vectors,
                 with_payload=request.with_payload,
                 budget=budget,
             )
+            # Counted in the page's transaction (on the same server, primary or replica).
+            total = await tx.count_points(collection, selected) if request.include_total_size else 0
+            return rows, cut, total
 
-        rows, cut = await self._store.read(tenant, page, timeout=deadline_timeout(context))
-        kept, more = page_rows(rows, cut, size, budget=budget, domain=DOMAIN, item="point")
-        response = vector_pb2.ScrollPointsResponse(points=[point_message(r) for r in kept])
+        rows, cut, total = await self._store.read(tenant, page, timeout=deadline_timeout(context))
+        kept, more = page_rows(rows, cut, size, budget=budget, item="point")
+        response = vector_pb2.ScrollPointsResponse(points=[point_message(r) for r in kept], total_size=total)
         if more:
             response.next_page_token = self._tokens.encode(query, kept[-1].id)
         return response
@@ -260,7 +254,7 @@ class VectorServicer:
     # -- search ------------------------------------------------------------
 
     async def Search(self, request: vector_pb2.SearchRequest, context: Context) -> vector_pb2.SearchResponse:
-        tenant = require_scope(READ).tenant
+        tenant = current_caller().tenant
         check_search(request, "")
         check_answer_size([request], "", self._max_response)
         known = self._store.known(tenant, request.collection)
@@ -277,7 +271,7 @@ class VectorServicer:
     async def SearchBatch(
         self, request: vector_pb2.SearchBatchRequest, context: Context
     ) -> vector_pb2.SearchBatchResponse:
-        tenant = require_scope(READ).tenant
+        tenant = current_caller().tenant
         if not 0 < len(request.searches) <= MAX_SEARCHES:
             raise_if([FieldViolation("searches", f"must hold 1 to {MAX_SEARCHES} searches")])
         for i, search in enumerate(request.searches):
@@ -300,7 +294,7 @@ class VectorServicer:
     async def HybridSearch(
         self, request: vector_pb2.HybridSearchRequest, context: Context
     ) -> vector_pb2.HybridSearchResponse:
-        tenant = require_scope(READ).tenant
+        tenant = current_caller().tenant
         errors: list[FieldViolation] = []
         most = limit(request.limit, "limit", errors)
         if not request.text.strip() or len(request.text) > 1000 or "\x00" in request.text:
@@ -333,7 +327,7 @@ class VectorServicer:
 
         hits, cut = await self._store.read(tenant, fused, timeout=deadline_timeout(context))
         if cut:
-            raise too_large(budget, "limit", DOMAIN, "ask fewer results or leave with_payload off")
+            raise too_large(budget, "limit", "ask fewer results or leave with_payload off")
         return vector_pb2.HybridSearchResponse(
             hits=[scored_message(hit, hit.fused_score, with_vectors=False) for hit in hits]
         )
@@ -377,7 +371,6 @@ class VectorServicer:
             raise too_large(
                 budget,
                 f"{prefix}limit" if prefix else "limit",
-                DOMAIN,
                 "ask fewer results or leave with_payload off",
             )
         return vector_pb2.SearchResponse(
@@ -426,7 +419,7 @@ async def _collection_row(tx: VectorTx, name: str, field: str) -> CollectionRow:
     raise_if(errors)
     row = await tx.collection_row(name)
     if row is None:
-        raise not_found("COLLECTION_NOT_FOUND", f"collection {name!r} not found", domain=DOMAIN, name=name)
+        raise not_found("COLLECTION_NOT_FOUND", f"collection {name!r} not found", name=name)
     return row
 
 

@@ -20,7 +20,6 @@ import asyncpg
 from strata.common.v1 import filter_pb2
 
 from services.vector.model import (
-    DOMAIN,
     NO_INDEX,
     Collection,
     CollectionRow,
@@ -179,7 +178,7 @@ class VectorTx:
         if ids is not None:
             condition = f"id = ANY({params.add(list(ids))}::text[])"
         else:
-            condition = compile_filter(matching, "payload", params, domain=DOMAIN)
+            condition = compile_filter(matching, "payload", params)
         status = await self._conn.execute(
             f"DELETE FROM vector.points WHERE collection_id = {collection_id} AND {condition}",
             *params.values,
@@ -190,7 +189,7 @@ class VectorTx:
     async def count_points(self, collection: Collection, matching: filter_pb2.Filter | None = None) -> int:
         params = SqlParams()
         collection_id = params.add(collection.id)
-        where = compile_filter(matching, "payload", params, domain=DOMAIN)
+        where = compile_filter(matching, "payload", params)
         count = await self._conn.fetchval(
             f"SELECT count(*) FROM vector.points WHERE collection_id = {collection_id} AND {where}",
             *params.values,
@@ -212,7 +211,7 @@ class VectorTx:
         """Up to ``limit`` points with ids after ``after``, by id, and whether they were cut at ``budget``."""
         params = SqlParams()
         collection_id = params.add(collection.id)
-        where = compile_filter(matching, "payload", params, domain=DOMAIN)
+        where = compile_filter(matching, "payload", params)
         scrolled = (
             f"SELECT {_point_columns(with_vectors, with_payload, collection.dimension)} FROM vector.points "
             f"WHERE collection_id = {collection_id} AND id > {params.add(after)} AND {where} "
@@ -257,7 +256,7 @@ class VectorTx:
         """
         params = SqlParams()
         collection_id = params.add(collection.id)
-        where = compile_filter(matching, "payload", params, field=filter_field, domain=DOMAIN)
+        where = compile_filter(matching, "payload", params, field=filter_field)
         distance = collection.distance(params.add(vector))
         # "+ 0" hides the distance from the planner's index matching: an exact
         # search scans the collection's rows (through the primary key) and sorts them.
@@ -298,7 +297,7 @@ class VectorTx:
         and whether the hits were cut at ``budget`` bytes."""
         params = SqlParams()
         collection_id = params.add(collection.id)
-        where = compile_filter(matching, "payload", params, domain=DOMAIN)
+        where = compile_filter(matching, "payload", params)
         distance = collection.distance(params.add(vector))
         query = params.add(text)
         columns = _point_columns(False, with_payload, collection.dimension, "p.")

@@ -84,22 +84,21 @@ def split_at_budget(
 
 
 def page_rows(
-    rows: Sequence[_Row], cut: bool, size: int, *, budget: int, domain: str, item: str
+    rows: Sequence[_Row], cut: bool, size: int, *, budget: int, item: str
 ) -> tuple[Sequence[_Row], bool]:
     """A page of at most ``size`` of ``rows`` (read as ``size`` + 1, then cut by bytes: ``cut``), and
     whether another page follows. A page ends at ``size`` items or where the next would pass the
     message limit; when the first ``item`` alone would, RESOURCE_EXHAUSTED on ``page_size``."""
     if cut and not rows:
-        raise too_large(budget, "page_size", domain, f"one {item} is larger than the message limit")
+        raise too_large(budget, "page_size", f"one {item} is larger than the message limit")
     return rows[:size], cut or len(rows) > size
 
 
-def too_large(budget: int, field: str, domain: str, remedy: str) -> StrataError:
+def too_large(budget: int, field: str, remedy: str) -> StrataError:
     """RESOURCE_EXHAUSTED ``RESPONSE_TOO_LARGE``: the answer would pass ``budget`` at ``field``."""
     return StrataError(
         Code.RESOURCE_EXHAUSTED,
         "RESPONSE_TOO_LARGE",
         f"the answer would pass the message limit ({budget} bytes for its items) at {field}: {remedy}",
-        domain=domain,
         metadata={"field": field, "limit": str(budget)},
     )

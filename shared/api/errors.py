@@ -5,6 +5,11 @@ bootstrap turns every exception into a status with an ``ErrorInfo`` (stable
 UPPER_SNAKE reason) and, for bad input, a ``BadRequest`` listing each field
 violation. Nothing else decides status codes, and no stack trace leaves the
 process.
+
+An error does not name its ``ErrorInfo`` domain: whoever answers the call
+gives it (:meth:`StrataError.to_status`), the package of the service called
+(``strata.kv.v1``), so every error of one service carries one domain, those
+of the shared layers and of the gateway's own refusals included.
 """
 
 from __future__ import annotations
@@ -83,7 +88,6 @@ class StrataError(Exception):
         reason: str,
         message: str,
         *,
-        domain: str = "strata",
         metadata: Mapping[str, str] | None = None,
         violations: Iterable[FieldViolation] = (),
         retry_delay_s: float | None = None,
@@ -92,15 +96,15 @@ class StrataError(Exception):
         self.code = code
         self.reason = reason
         self.message = message
-        self.domain = domain
         self.metadata = dict(metadata or {})
         self.violations = tuple(violations)
         self.retry_delay_s = retry_delay_s
 
-    def to_status(self) -> status_pb2.Status:
-        """The ``google.rpc.Status`` carried in ``grpc-status-details-bin``."""
+    def to_status(self, domain: str) -> status_pb2.Status:
+        """The ``google.rpc.Status`` carried in ``grpc-status-details-bin``, its ErrorInfo in ``domain``
+        (the proto package of the service that answers)."""
         status = status_pb2.Status(code=self.code.value, message=self.message)
-        info = error_details_pb2.ErrorInfo(reason=self.reason, domain=self.domain, metadata=self.metadata)
+        info = error_details_pb2.ErrorInfo(reason=self.reason, domain=domain, metadata=self.metadata)
         _pack(status, info)
         if self.violations:
             bad = error_details_pb2.BadRequest(
@@ -116,37 +120,37 @@ class StrataError(Exception):
             _pack(status, retry)
         return status
 
-    def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
+    def trailing_metadata(self, domain: str) -> tuple[tuple[str, bytes], ...]:
         """Trailing metadata that carries :meth:`to_status`."""
-        return ((DETAILS_KEY, self.to_status().SerializeToString()),)
+        return ((DETAILS_KEY, self.to_status(domain).SerializeToString()),)
 
 
-def raise_invalid(violations: list[FieldViolation], *, domain: str) -> None:
+def raise_invalid(violations: list[FieldViolation]) -> None:
     """Raise :func:`invalid_argument` naming ``violations``, if there are any."""
     if violations:
-        raise invalid_argument(violations, domain=domain)
+        raise invalid_argument(violations)
 
 
-def invalid_argument(violations: Iterable[FieldViolation], *, domain: str = "strata") -> StrataError:
+def invalid_argument(violations: Iterable[FieldViolation]) -> StrataError:
     """INVALID_ARGUMENT with a BadRequest naming every violated field."""
     items = tuple(violations)
     message = "; ".join(f"{v.field}: {v.description}" for v in items) or "invalid request"
-    return StrataError(Code.INVALID_ARGUMENT, "INVALID_ARGUMENT", message, domain=domain, violations=items)
+    return StrataError(Code.INVALID_ARGUMENT, "INVALID_ARGUMENT", message, violations=items)
 
 
-def not_found(reason: str, message: str, *, domain: str = "strata", **metadata: str) -> StrataError:
+def not_found(reason: str, message: str, **metadata: str) -> StrataError:
     """NOT_FOUND with ``reason`` (e.g. KEY_NOT_FOUND) and metadata naming the thing."""
-    return StrataError(Code.NOT_FOUND, reason, message, domain=domain, metadata=metadata)
+    return StrataError(Code.NOT_FOUND, reason, message, metadata=metadata)
 
 
-def aborted(reason: str, message: str, *, domain: str = "strata", **metadata: str) -> StrataError:
+def aborted(reason: str, message: str, **metadata: str) -> StrataError:
     """ABORTED: an optimistic-concurrency check (revision, etag) failed."""
-    return StrataError(Code.ABORTED, reason, message, domain=domain, metadata=metadata)
+    return StrataError(Code.ABORTED, reason, message, metadata=metadata)
 
 
-def already_exists(reason: str, message: str, *, domain: str = "strata", **metadata: str) -> StrataError:
+def already_exists(reason: str, message: str, **metadata: str) -> StrataError:
     """ALREADY_EXISTS for a create whose identity is taken."""
-    return StrataError(Code.ALREADY_EXISTS, reason, message, domain=domain, metadata=metadata)
+    return StrataError(Code.ALREADY_EXISTS, reason, message, metadata=metadata)
 
 
 def unavailable(reason: str, message: str, *, retry_delay_s: float | None = None) -> StrataError:

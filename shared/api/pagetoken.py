@@ -50,11 +50,10 @@ def page_token_key(secret: bytes) -> bytes:
     return hmac.new(secret, _KEY_LABEL, hashlib.sha256).digest()
 
 
-def invalid_page_token(domain: str = "strata") -> StrataError:
+def invalid_page_token() -> StrataError:
     """INVALID_ARGUMENT on ``page_token``: a token (or its cursor) that this API did not issue."""
     return invalid_argument(
         [FieldViolation("page_token", "is not a page token of this API (malformed or edited)")],
-        domain=domain,
     )
 
 
@@ -86,7 +85,7 @@ class PageTokens:
         signature = hmac.new(self._key, body, hashlib.sha256).digest()[:_SIGNATURE_BYTES]
         return base64.urlsafe_b64encode(signature + body).decode().rstrip("=")
 
-    def decode(self, token: str, query: Sequence[Any], *, domain: str = "strata") -> Any:
+    def decode(self, token: str, query: Sequence[Any]) -> Any:
         """The cursor inside ``token``; INVALID_ARGUMENT unless it was made for ``query``."""
         try:
             raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
@@ -99,7 +98,7 @@ class PageTokens:
             if not isinstance(decoded, dict) or decoded.get("v") != _VERSION:
                 raise ValueError("version")
         except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: JSON nested too deep
-            raise invalid_page_token(domain) from None
+            raise invalid_page_token() from None
         if decoded.get("q") != _fingerprint(query):
             raise invalid_argument(
                 [
@@ -107,11 +106,10 @@ class PageTokens:
                         "page_token", "belongs to a different query; keep every other field the same"
                     )
                 ],
-                domain=domain,
             )
         return decoded.get("c")
 
-    def cursor(self, token: str, query: Sequence[Any], first: _T, *, domain: str = "strata") -> _T:
+    def cursor(self, token: str, query: Sequence[Any], first: _T) -> _T:
         """The cursor in ``token`` (see :meth:`decode`), or ``first`` when there is no token.
 
         For single-value cursors (a name, an id): the cursor must be of ``first``'s
@@ -120,10 +118,10 @@ class PageTokens:
         """
         if not token:
             return first
-        cursor = self.decode(token, query, domain=domain)
+        cursor = self.decode(token, query)
         # The exact type: a JSON true is no integer cursor.
         if type(cursor) is not type(first) or not _storable(cursor):
-            raise invalid_page_token(domain)
+            raise invalid_page_token()
         return cursor
 
 

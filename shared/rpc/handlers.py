@@ -9,7 +9,7 @@ status :mod:`shared.api.errors` maps it to.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -17,10 +17,11 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import message_factory
 
-from shared.api.callers import set_current_caller
+from shared.api.callers import require_scope, set_current_caller
 from shared.api.errors import Code, FieldViolation, StrataError, from_exception, invalid_argument
 from shared.observability.telemetry import tracing_on
 from shared.rpc.callgate import CallGate
+from shared.rpc.contract import error_domain, required_scope
 from shared.rpc.identity import verify_caller
 from shared.rpc.spans import end_rpc_span, rpc_server_span
 from shared.rpc.wireformat import invalid_utf8_field
@@ -35,15 +36,15 @@ _GRPC_CODES = {Code[status.name]: status for status in grpc.StatusCode}
 
 
 def service_handler(
-    servicer: object | Sequence[object],
+    servicer: object,
     service: _descriptor.ServiceDescriptor,
     admission: Callable[[_descriptor.MethodDescriptor], Admission],
 ) -> grpc.GenericRpcHandler:
-    """Every method of ``service`` served by the same-named coroutine of ``servicer`` (or of the one
-    among several that has it), each call let in by ``admission(method)``; spans when tracing is on."""
+    """Every method of ``service`` served by the same-named coroutine of ``servicer``, each call let in
+    by ``admission(method)``; spans when tracing is on."""
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for method in service.methods:
-        impl = implementation(servicer, method)
+        impl = getattr(servicer, method.name)
         request_type = message_factory.GetMessageClass(method.input_type)
         if method.client_streaming and method.server_streaming:
             raise NotImplementedError(f"bidirectional streaming is not supported: {method.full_name}")
@@ -66,13 +67,18 @@ def service_handler(
 
 
 class Admission:
-    """Lets a call of one method in: the server is not draining and the caller is signed for it."""
+    """Lets a call of one method in: the server is not draining, the caller is signed for it and holds
+    the scope the method declares (:func:`shared.rpc.contract.required_scope`)."""
 
-    def __init__(self, gate: CallGate, secret: bytes, full_method: str, max_age_s: float) -> None:
+    def __init__(
+        self, gate: CallGate, secret: bytes, method: _descriptor.MethodDescriptor, max_age_s: float
+    ) -> None:
         self.gate = gate
         self._secret = secret
-        self._method = full_method
+        self._method = f"/{method.containing_service.full_name}/{method.name}"
+        self._scope = required_scope(method)
         self._max_age_s = max_age_s
+        self.domain = error_domain(method.containing_service)  # of every error this method answers
 
     def admit(self, context: grpc.aio.ServicerContext[Any, Any], body: bytes | None) -> None:
         """Enter the gate and bind the caller verified for request ``body`` (None: a client stream);
@@ -82,6 +88,7 @@ class Admission:
             metadata = context.invocation_metadata() or ()
             caller = verify_caller(self._secret, self._method, metadata, body=body, max_age_s=self._max_age_s)
             set_current_caller(caller)
+            require_scope(self._scope)
         except StrataError:
             self.gate.leave()
             raise
@@ -110,19 +117,13 @@ def grpc_code(code: Code) -> grpc.StatusCode:
     return _GRPC_CODES[code]
 
 
-async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
-    """End the call with the status :func:`shared.api.errors.from_exception` maps ``exc`` to."""
+async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException, domain: str) -> None:
+    """End the call with the status :func:`shared.api.errors.from_exception` maps ``exc`` to, its
+    ErrorInfo in ``domain``."""
     error = from_exception(exc)
-    await context.abort(grpc_code(error.code), error.message, trailing_metadata=error.trailing_metadata())
-
-
-def implementation(servicer: object | Sequence[object], method: _descriptor.MethodDescriptor) -> Any:
-    """The one coroutine (or async generator function) among ``servicer``'s that serves ``method``."""
-    parts = servicer if isinstance(servicer, Sequence) else [servicer]
-    found = [getattr(part, method.name) for part in parts if hasattr(part, method.name)]
-    if len(found) != 1:
-        raise TypeError(f"{method.full_name} is served by {len(found)} of the servicers given, not one")
-    return found[0]
+    await context.abort(
+        grpc_code(error.code), error.message, trailing_metadata=error.trailing_metadata(domain)
+    )
 
 
 def _unary_handler(
@@ -162,7 +163,7 @@ def _answering_once(
         try:
             admission.admit(context, raw if signed_body else None)
         except StrataError as exc:
-            await abort_with(context, exc)
+            await abort_with(context, exc, admission.domain)
         try:
             tokens = begin_call(context.invocation_metadata())
             response = await impl(requests(raw), context)
@@ -174,7 +175,7 @@ def _answering_once(
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            await abort_with(context, exc)
+            await abort_with(context, exc, admission.domain)
             raise AssertionError("unreachable") from None
         finally:
             gate.leave()
@@ -193,7 +194,7 @@ def _stream_handler(
         try:
             admission.admit(context, raw)
         except StrataError as exc:
-            await abort_with(context, exc)
+            await abort_with(context, exc, admission.domain)
         try:
             begin_call(context.invocation_metadata())
             async for response in impl(decode_request(request_type, raw), context):
@@ -203,7 +204,7 @@ def _stream_handler(
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            await abort_with(context, exc)
+            await abort_with(context, exc, admission.domain)
         finally:
             gate.leave()
 

@@ -16,6 +16,7 @@ __all__ = ["HealthService"]
 
 # Health watches one process serves at once (they need no key, so no keyed limit applies).
 _MAX_HEALTH_WATCHES = 256
+_DOMAIN = health_pb2.DESCRIPTOR.package  # of the errors health answers
 
 
 class HealthService:
@@ -84,6 +85,7 @@ class HealthService:
                     f"this process already serves {_MAX_HEALTH_WATCHES} health watches; use Check",
                     retry_delay_s=1.0,
                 ),
+                _DOMAIN,
             )
         self._watchers += 1
         try:
@@ -108,5 +110,5 @@ async def _health_request(
     try:
         return decode_request(health_pb2.HealthCheckRequest, raw)
     except StrataError as exc:
-        await abort_with(context, exc)
+        await abort_with(context, exc, _DOMAIN)
         raise AssertionError("unreachable") from None

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -98,14 +98,9 @@ class StrataServer:
                 open_redis(settings.redis_url), name, settings.stats_interval_s, self._figures
             )
 
-    def add_servicer(
-        self, servicer: object | Sequence[object], service: _descriptor.ServiceDescriptor
-    ) -> None:
-        """Serve every method of ``service`` from the same-named coroutine of ``servicer``.
-
-        ``servicer`` may be several objects, each serving some of the methods
-        (a service's concerns in classes of their own); each method must be
-        served by exactly one of them.
+    def add_servicer(self, servicer: object, service: _descriptor.ServiceDescriptor) -> None:
+        """Serve every method of ``service`` from the same-named coroutine of ``servicer``; each call
+        needs the scope its method declares in the protos.
 
         Unary methods are ``async def Method(request, context) -> response``;
         server-streaming ones are async generators yielding responses;
@@ -114,8 +109,7 @@ class StrataServer:
         """
 
         def admission(method: _descriptor.MethodDescriptor) -> Admission:
-            full_method = f"/{service.full_name}/{method.name}"
-            return Admission(self._gate, self._secret, full_method, self._settings.identity_max_age_s)
+            return Admission(self._gate, self._secret, method, self._settings.identity_max_age_s)
 
         self._server.add_generic_rpc_handlers((service_handler(servicer, service, admission),))
         self._service_names.append(service.full_name)

@@ -125,7 +125,6 @@ def compile_filter(
     params: SqlParams,
     *,
     field: str = "filter",
-    domain: str = "strata",
 ) -> str:
     """Compile ``filter`` into a SQL boolean expression over the jsonb ``column``.
 
@@ -139,7 +138,6 @@ def compile_filter(
     :param params: where the values go; nothing is added when this raises.
     :param field: the request field that holds ``filter``, for violations
         (``"filter"`` gives ``filter.all_of.filters[2].condition.path``).
-    :param domain: the ErrorInfo domain of the service that answers.
     :return: a parenthesised expression, e.g.
         ``(("data" #> '{status}') = $2::jsonb)``.
     :raises StrataError: INVALID_ARGUMENT with a BadRequest naming every
@@ -158,11 +156,11 @@ def compile_filter(
         sql = ""
     if compiler.errors:
         params._truncate(mark)
-        raise invalid_argument(compiler.errors[:_MAX_VIOLATIONS], domain=domain)
+        raise invalid_argument(compiler.errors[:_MAX_VIOLATIONS])
     return sql
 
 
-def json_path_sql(column: str, path: str, *, field: str = "path", domain: str = "strata") -> str:
+def json_path_sql(column: str, path: str, *, field: str = "path") -> str:
     """The jsonb value at ``path`` inside ``column``: ``("data" #> '{address,city}')``.
 
     The one place a request's path becomes SQL, for filters, ``ORDER BY`` and
@@ -174,7 +172,6 @@ def json_path_sql(column: str, path: str, *, field: str = "path", domain: str = 
     :param path: dot-separated keys, e.g. ``"address.city"``; a segment of
         digits indexes an array (``"tags.0"``; ``"-1"`` is the last element).
     :param field: the request field that holds ``path``, for the violation.
-    :param domain: the ErrorInfo domain of the service that answers.
     :raises StrataError: INVALID_ARGUMENT when ``path`` is not valid.
     :raises ValueError: ``column`` is not a plain identifier.
     """
@@ -182,7 +179,7 @@ def json_path_sql(column: str, path: str, *, field: str = "path", domain: str = 
     errors: list[FieldViolation] = []
     segments = validate_path(path, field, errors)
     if errors:
-        raise invalid_argument(errors, domain=domain)
+        raise invalid_argument(errors)
     return _path_sql(quoted, "#>", segments)
 
 

@@ -7,12 +7,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from strata.admin.v1 import admin_pb2, admin_pb2_grpc
+from strata.admin.v1 import admin_pb2
 from strata.kv.v1 import kv_pb2_grpc
 from strata.tenants.v1 import tenants_pb2, tenants_pb2_grpc
 from strata.vector.v1 import vector_pb2_grpc
 
-from tests.support.calls import bearer
+from tests.support.calls import AdminStubs, bearer
 from tests.support.otlp import TraceReceiver, start_receiver
 from tests.support.stack import Stack, remove_data, start_stack
 
@@ -51,8 +51,8 @@ def gw_kv(gateway_channel) -> kv_pb2_grpc.KvServiceStub:
 
 
 @pytest.fixture(scope="session")
-def gw_admin(gateway_channel) -> admin_pb2_grpc.AdminServiceStub:
-    return admin_pb2_grpc.AdminServiceStub(gateway_channel)
+def gw_admin(gateway_channel) -> AdminStubs:
+    return AdminStubs(gateway_channel)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Backups, restores and branches (AdminService) through the real gateway, against real Postgres.
+"""Backups, restores and branches (BackupService) through the real gateway, against real Postgres.
 
 A few 1 MiB random (incompressible) KV values make the archive several
 chunks long, and long enough that an unread pg_dump blocks on its pipe.
@@ -44,7 +44,7 @@ pytestmark = pytest.mark.e2e
 RUN = f"t{uuid.uuid4().hex[:8]}"  # every branch this module makes starts with it
 NAMESPACE = f"backups-{RUN}"
 VALUES = 4  # 1 MiB each
-ADMIN = "/strata.admin.v1.AdminService/"
+BACKUPS = "/strata.admin.v1.BackupService/"
 
 
 @asynccontextmanager
@@ -427,15 +427,15 @@ async def test_every_branch_mutation_is_audited(gw_admin, admin_metadata, backup
     seen = sorted((e.target, e.action) for e in events)
     assert seen == sorted(
         [
-            (f"branch/{branch}", ADMIN + "CreateBranch"),
-            (f"branch/{branch}", ADMIN + "DeleteBranch"),
-            (f"branch/{restored}", ADMIN + "Restore"),
-            (f"branch/{restored}", ADMIN + "DeleteBranch"),
+            (f"branch/{branch}", BACKUPS + "CreateBranch"),
+            (f"branch/{branch}", BACKUPS + "DeleteBranch"),
+            (f"branch/{restored}", BACKUPS + "Restore"),
+            (f"branch/{restored}", BACKUPS + "DeleteBranch"),
         ]
     )
     admin_key_id = stack.api_key.split("_")[1]
     assert {e.actor_key_id for e in events} == {admin_key_id}
-    (restore_event,) = [e for e in events if e.action == ADMIN + "Restore"]
+    (restore_event,) = [e for e in events if e.action == BACKUPS + "Restore"]
     assert restore_event.details["sha256"] == hashlib.sha256(backup.archive).hexdigest()
     assert restore_event.details["database"] == DATABASE_PREFIX + restored
 

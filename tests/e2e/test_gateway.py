@@ -14,8 +14,10 @@ import uuid
 
 import grpc
 import pytest
-from strata.admin.v1 import admin_pb2
+from strata.admin.v1 import admin_pb2, admin_pb2_grpc
+from strata.internal.v1 import internal_pb2, internal_pb2_grpc
 from strata.kv.v1 import kv_pb2, kv_pb2_grpc
+from strata.vector.v1 import vector_pb2, vector_pb2_grpc
 
 from shared.api.callers import Caller
 from shared.rpc.identity import sign_caller
@@ -46,6 +48,43 @@ async def test_streaming_calls_are_routed(gw_kv, admin_metadata, namespace):
     event = (await asyncio.wait_for(stream.read(), 10)).events[0]
     stream.cancel()
     assert (event.kv.key, event.kv.value) == ("w", b"1")
+
+
+async def test_every_error_of_a_service_carries_that_services_domain(gateway_channel, make_key, namespace):
+    # One domain per service, whoever answers: the gateway refusing, a shared layer of the
+    # service (a page token, checked in shared.api), or the service's own code.
+    reader = bearer((await make_key("acme", "kv:read", "vector:read"))[0])
+    kv = kv_pb2_grpc.KvServiceStub(gateway_channel)
+    vector = vector_pb2_grpc.VectorServiceStub(gateway_channel)
+    operations = admin_pb2_grpc.OperationsServiceStub(gateway_channel)
+    calls = {
+        "no key": (kv.Get(kv_pb2.GetRequest(namespace=namespace, key="k")), "MISSING_API_KEY"),
+        "no scope": (
+            kv.Put(kv_pb2.PutRequest(namespace=namespace, key="k", value=b"v"), metadata=reader),
+            "MISSING_SCOPE",
+        ),
+        "operator only": (
+            operations.GetSystemHealth(admin_pb2.GetSystemHealthRequest(), metadata=reader),
+            "MISSING_SCOPE",
+        ),
+        "kv page token": (
+            kv.List(kv_pb2.ListRequest(namespace=namespace, page_token="garbage"), metadata=reader),
+            "INVALID_ARGUMENT",
+        ),
+        "vector page token": (
+            vector.ListCollections(vector_pb2.ListCollectionsRequest(page_token="garbage"), metadata=reader),
+            "INVALID_ARGUMENT",
+        ),
+        "absent key": (kv.Get(kv_pb2.GetRequest(namespace=namespace, key="absent"), metadata=reader), None),
+    }
+    domains = {"kv": "strata.kv.v1", "vector": "strata.vector.v1", "operator": "strata.admin.v1"}
+    for what, (call, reason) in calls.items():
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        info = error_info(caught.value)
+        domain = next((d for word, d in domains.items() if what.startswith(word)), "strata.kv.v1")
+        assert info.domain == domain, (what, info)
+        assert reason is None or info.reason == reason, (what, info)
 
 
 async def test_errors_come_back_with_their_code_and_error_info(gw_kv, admin_metadata, namespace):
@@ -127,12 +166,15 @@ async def test_admin_calls_need_the_admin_scope(gw_admin, make_key):
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
-async def test_the_internal_key_check_cannot_be_called_through_the_gateway(gw_admin, admin_metadata, stack):
+async def test_the_internal_key_check_cannot_be_called_through_the_gateway(
+    gateway_channel, admin_metadata, stack
+):
+    # Not routed: even an operator's key finds no such method at the gateway.
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await gw_admin.AuthenticateApiKey(
-            admin_pb2.AuthenticateApiKeyRequest(api_key=stack.api_key), metadata=admin_metadata
+        await internal_pb2_grpc.ApiKeyAuthServiceStub(gateway_channel).AuthenticateApiKey(
+            internal_pb2.AuthenticateApiKeyRequest(api_key=stack.api_key), metadata=admin_metadata
         )
-    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 async def test_a_tenant_cannot_touch_another_tenants_namespace(gw_kv, make_key, namespace):
@@ -143,9 +185,9 @@ async def test_a_tenant_cannot_touch_another_tenants_namespace(gw_kv, make_key, 
         await gw_kv.Get(kv_pb2.GetRequest(namespace=namespace, key="k"), metadata=bearer(key_b))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     listed = await gw_kv.List(
-        kv_pb2.ListRequest(namespace=namespace, include_count=True), metadata=bearer(key_b)
+        kv_pb2.ListRequest(namespace=namespace, include_total_size=True), metadata=bearer(key_b)
     )
-    assert listed.total_count == 0
+    assert listed.total_size == 0
     await gw_kv.Delete(kv_pb2.DeleteRequest(namespace=namespace, prefix=""), metadata=bearer(key_b))
     got = await gw_kv.Get(kv_pb2.GetRequest(namespace=namespace, key="k"), metadata=bearer(key_a))
     assert got.kv.value == b"one's"
@@ -271,7 +313,9 @@ async def test_gateway_health_follows_its_upstreams(stack):
                     break
                 assert time.monotonic() < deadline, "kv health never turned NOT_SERVING"
                 await asyncio.sleep(0.2)
-            admin = await health.Check(health_pb2.HealthCheckRequest(service="strata.admin.v1.AdminService"))
+            admin = await health.Check(
+                health_pb2.HealthCheckRequest(service="strata.admin.v1.OperationsService")
+            )
             overall = await health.Check(health_pb2.HealthCheckRequest())
             assert admin.status == health_pb2.HealthCheckResponse.SERVING
             assert overall.status == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -320,7 +364,7 @@ async def test_a_key_lookup_on_a_cache_miss_is_part_of_the_callers_trace(
     traceparent = ("traceparent", f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01")
     await gw_kv.List(kv_pb2.ListRequest(namespace=namespace), metadata=(*bearer(api_key), traceparent))
     server, client = 2, 3  # span kinds
-    lookup = "strata.admin.v1.AdminService/AuthenticateApiKey"
+    lookup = "strata.internal.v1.ApiKeyAuthService/AuthenticateApiKey"
     wanted = {
         ("strata-gateway", server, "strata.kv.v1.KvService/List"),
         ("strata-gateway", client, lookup),

@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography.x509.oid import ExtendedKeyUsageOID
-from strata.admin.v1 import admin_pb2, admin_pb2_grpc
+from strata.admin.v1 import admin_pb2
 from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 from strata.tenants.v1 import tenants_pb2, tenants_pb2_grpc
 from strata.vector.v1 import vector_pb2, vector_pb2_grpc
@@ -29,7 +29,7 @@ from devstack.ports import free_port
 from shared.api.callers import Caller
 from shared.rpc.identity import signing_interceptors
 from tests.conftest import PROJECT_ROOT, TEST_INTERNAL_SECRET
-from tests.support.calls import bearer
+from tests.support.calls import AdminStubs, bearer
 from tests.support.pki import Authority, write_cert, write_key
 from tests.support.stack import Stack, remove_data, run_to_exit, start_stack
 
@@ -135,7 +135,7 @@ async def test_a_cascading_tenant_delete_reaches_kv_and_admin_over_the_hop(tls_s
     operator = bearer(tls_stack.api_key)
     async with grpc.aio.insecure_channel(tls_stack.gateway) as channel:
         tenants = tenants_pb2_grpc.TenantServiceStub(channel)
-        admin = admin_pb2_grpc.AdminServiceStub(channel)
+        admin = AdminStubs(channel)
         await tenants.CreateTenant(
             tenants_pb2.CreateTenantRequest(tenant=tenants_pb2.Tenant(slug=slug)), metadata=operator
         )
@@ -155,12 +155,12 @@ async def test_a_cascading_tenant_delete_reaches_kv_and_admin_over_the_hop(tls_s
 
 async def test_system_health_checks_every_component_through_its_own_face(tls_stack: Stack):
     async with grpc.aio.insecure_channel(tls_stack.gateway) as channel:
-        health = await admin_pb2_grpc.AdminServiceStub(channel).GetSystemHealth(
+        health = await AdminStubs(channel).GetSystemHealth(
             admin_pb2.GetSystemHealthRequest(), metadata=bearer(tls_stack.api_key)
         )
     serving = {c.component: c.status for c in health.components}
     assert set(serving) == {"kv", "tenants", "vector", "admin", "gateway"}
-    assert set(serving.values()) == {admin_pb2.SERVING_SERVING}, health
+    assert set(serving.values()) == {admin_pb2.SERVING_STATUS_SERVING}, health
 
 
 async def _refusal(channel: grpc.aio.Channel) -> grpc.StatusCode | None:

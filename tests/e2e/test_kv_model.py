@@ -356,10 +356,16 @@ class KvModel(RuleBasedStateMachine):
         end_key=st.sampled_from(["", "b", "b/2", "z", "\U0001f600"]),
         page_size=st.integers(1, 4),
         keys_only=st.booleans(),
-        include_count=st.booleans(),
+        include_total_size=st.booleans(),
     )
     def list_pages(
-        self, prefix: str, start_key: str, end_key: str, page_size: int, keys_only: bool, include_count: bool
+        self,
+        prefix: str,
+        start_key: str,
+        end_key: str,
+        page_size: int,
+        keys_only: bool,
+        include_total_size: bool,
     ) -> None:
         expected = utf8_order(
             [
@@ -383,11 +389,11 @@ class KvModel(RuleBasedStateMachine):
                     page_size=page_size,
                     page_token=token,
                     keys_only=keys_only,
-                    include_count=include_count,
+                    include_total_size=include_total_size,
                 ),
             )
             assert len(page.kvs) <= page_size
-            assert page.total_count == (len(expected) if include_count else 0)
+            assert page.total_size == (len(expected) if include_total_size else 0)
             listed.extend(page.kvs)
             token = page.next_page_token
             if not token:

@@ -32,11 +32,12 @@ import asyncpg
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from strata.admin.v1 import admin_pb2, admin_pb2_grpc
+from strata.admin.v1 import admin_pb2
 from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 
 from devstack.launcher import DEV_KEY_FILE
 from devstack.ports import free_port
+from tests.support.calls import AdminStubs
 from tests.support.errors import DETAILS_KEY, error_info
 from tests.support.stack import run_to_exit
 
@@ -325,7 +326,10 @@ def test_grpcurl_list_on_the_gateway_shows_every_service_health_and_reflection(l
         "strata.tenants.v1.TenantService",
         "strata.tenants.v1.RecordService",
         "strata.vector.v1.VectorService",
-        "strata.admin.v1.AdminService",
+        "strata.admin.v1.ApiKeyService",
+        "strata.admin.v1.OperationsService",
+        "strata.admin.v1.BackupService",
+        "strata.admin.v1.AuditService",
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
     }
@@ -394,7 +398,7 @@ async def test_grpcurl_branch_at_a_point_in_time_holds_what_was_committed_by_the
     put = '{"namespace":"pitr","key":"%s","value":"aGVsbG8="}'
     deadline = time.monotonic() + 60
     while "earliest_time" not in grpcurl_json(
-        launcher, "strata.admin.v1.AdminService/GetRecoveryWindow", "{}"
+        launcher, "strata.admin.v1.BackupService/GetRecoveryWindow", "{}"
     ):
         assert time.monotonic() < deadline, "no base backup within 60 s of the start"
         await asyncio.sleep(0.2)
@@ -406,7 +410,7 @@ async def test_grpcurl_branch_at_a_point_in_time_holds_what_was_committed_by_the
     grpcurl_json(launcher, "strata.kv.v1.KvService/Delete", '{"namespace":"pitr","key":"a"}')
 
     made = grpcurl_json(
-        launcher, "strata.admin.v1.AdminService/CreateBranch", json.dumps({"name": "then", "as_of": as_of})
+        launcher, "strata.admin.v1.BackupService/CreateBranch", json.dumps({"name": "then", "as_of": as_of})
     )
     branch = made["branch"]
     assert isinstance(branch, dict)
@@ -425,7 +429,7 @@ async def test_grpcurl_branch_at_a_point_in_time_holds_what_was_committed_by_the
     live = grpcurl(launcher, "strata.kv.v1.KvService/Get", data='{"namespace":"pitr","key":"a"}')
     assert "NotFound" in live.stderr, live.stderr
 
-    grpcurl_json(launcher, "strata.admin.v1.AdminService/DeleteBranch", '{"name":"then"}')
+    grpcurl_json(launcher, "strata.admin.v1.BackupService/DeleteBranch", '{"name":"then"}')
     assert port_refuses(port)
 
 
@@ -447,7 +451,7 @@ def test_grpcurl_put_with_an_empty_key_is_invalid_argument_with_bad_request(laun
     assert (info["reason"], info["domain"]) == ("INVALID_ARGUMENT", "strata.kv.v1")
 
 
-@pytest.mark.parametrize("service", ["", "strata.kv.v1.KvService", "strata.admin.v1.AdminService"])
+@pytest.mark.parametrize("service", ["", "strata.kv.v1.KvService", "strata.admin.v1.OperationsService"])
 def test_grpcurl_health_check_is_serving(launcher, service):
     reply = grpcurl_json(launcher, "grpc.health.v1.Health/Check", json.dumps({"service": service}))
     assert reply == {"status": "SERVING"}
@@ -518,7 +522,7 @@ def test_the_kv_port_refuses_the_dev_key_without_a_gateway_signature(launcher):
 
 def test_the_admin_port_refuses_the_dev_key_without_a_gateway_signature(launcher):
     with grpc.insecure_channel(launcher.admin_target) as channel:
-        stub = admin_pb2_grpc.AdminServiceStub(channel)
+        stub = AdminStubs(channel)
         with pytest.raises(grpc.RpcError) as caught:
             stub.ListApiKeys(admin_pb2.ListApiKeysRequest(), metadata=launcher.auth, timeout=10)
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -21,14 +21,14 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf import struct_pb2
-from strata.admin.v1 import admin_pb2, admin_pb2_grpc
+from strata.admin.v1 import admin_pb2
 from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 from strata.tenants.v1 import tenants_pb2, tenants_pb2_grpc
 from strata.vector.v1 import vector_pb2, vector_pb2_grpc
 
 from devstack.backends import Backends
 from shared.storage.consistency import TOKEN_KEY
-from tests.support.calls import bearer
+from tests.support.calls import AdminStubs, bearer
 from tests.support.replicas import pause_replay, replicated_backends, resume_replay, wait_replayed
 from tests.support.stack import Stack, grpcurl, remove_data, start_stack
 
@@ -75,7 +75,7 @@ async def two_keys(replicated: Stack, channel) -> tuple[str, str, str]:
     )
     keys = []
     for name in ("a", "b"):
-        made = await admin_pb2_grpc.AdminServiceStub(channel).CreateApiKey(
+        made = await AdminStubs(channel).CreateApiKey(
             admin_pb2.CreateApiKeyRequest(tenant=tenant, name=name, scopes=list(SCOPES)), metadata=admin
         )
         keys.append(made.api_key)
@@ -187,7 +187,7 @@ async def test_records_and_vectors_read_their_own_writes_while_the_replicas_lag(
 
 
 async def test_admin_health_shows_each_replica(replicated, channel, cluster, paused):
-    admin = admin_pb2_grpc.AdminServiceStub(channel)
+    admin = AdminStubs(channel)
     replicas = {f"127.0.0.1:{r.port}" for r in cluster.replicas}
     deadline = time.monotonic() + 10
     while True:
@@ -202,7 +202,7 @@ async def test_admin_health_shows_each_replica(replicated, channel, cluster, pau
         await asyncio.sleep(0.1)
     for replica in health.replicas:
         assert replica.breaker == "closed" and "/" in replica.replay_lsn and replica.error == ""
-    assert health.status == admin_pb2.SERVING_SERVING
+    assert health.status == admin_pb2.SERVING_STATUS_SERVING
 
 
 async def test_once_replay_resumes_the_other_caller_sees_the_write(replicated, cluster, channel, two_keys):

@@ -267,15 +267,16 @@ class RecordsModel(RuleBasedStateMachine):
         coll = self.coll(collection)
         stored = self.records.get((coll, record_id))
         request = tenants_pb2.UpdateRecordRequest(
-            record=tenants_pb2.Record(collection=coll, id=record_id, data=struct(data)),
-            etag=self.etag_for(stored, etag),
+            record=tenants_pb2.Record(
+                collection=coll, id=record_id, data=struct(data), etag=self.etag_for(stored, etag)
+            )
         )
         if mask is not None:
             request.update_mask.CopyFrom(field_mask_pb2.FieldMask(paths=mask))
         if stored is None:
             self.refused("UpdateRecord", request, grpc.StatusCode.NOT_FOUND, "RECORD_NOT_FOUND")
             return
-        if request.etag and request.etag != stored.etag:
+        if request.record.etag and request.record.etag != stored.etag:
             self.refused("UpdateRecord", request, grpc.StatusCode.ABORTED, "ETAG_MISMATCH")
             return
         updated = self.call("UpdateRecord", request).record
@@ -354,8 +355,7 @@ class RecordsModel(RuleBasedStateMachine):
         for _ in range(len(self.records) + 2):
             request = tenants_pb2.ListRecordsRequest(
                 collection=coll,
-                order_by="id",
-                descending=descending,
+                order_by="id desc" if descending else "id",
                 page_size=page_size,
                 page_token=token,
                 include_total_size=include_total_size,
@@ -423,8 +423,9 @@ async def test_an_etag_of_a_deleted_record_does_not_fit_its_re_created_successor
             with pytest.raises(grpc.RpcError) as caught:  # a writer still holding alice's etag
                 stub.UpdateRecord(
                     tenants_pb2.UpdateRecordRequest(
-                        record=tenants_pb2.Record(collection="aba", id="doc", data=struct({"owner": "eve"})),
-                        etag=old.etag,
+                        record=tenants_pb2.Record(
+                            collection="aba", id="doc", data=struct({"owner": "eve"}), etag=old.etag
+                        )
                     ),
                     metadata=md,
                 )

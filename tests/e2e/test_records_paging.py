@@ -129,7 +129,9 @@ async def test_every_ordering_walked_in_small_pages_gives_the_whole_order_once(
             gw_records,
             writer,
             tenants_pb2.ListRecordsRequest(
-                collection="ordered", order_by=order_by, descending=descending, page_size=page_size
+                collection="ordered",
+                order_by=f"{order_by} desc" if descending else order_by,
+                page_size=page_size,
             ),
         )
         ids = [r.id for r in walked]

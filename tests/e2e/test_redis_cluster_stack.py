@@ -15,12 +15,12 @@ from dataclasses import replace
 
 import grpc
 import pytest
-from strata.admin.v1 import admin_pb2, admin_pb2_grpc
+from strata.admin.v1 import admin_pb2
 from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 from strata.tenants.v1 import tenants_pb2, tenants_pb2_grpc
 
 from tests.chaos import provision_tenant
-from tests.support.calls import bearer
+from tests.support.calls import AdminStubs, bearer
 from tests.support.stack import Stack, remove_data, start_stack
 
 pytestmark = pytest.mark.e2e
@@ -79,7 +79,7 @@ async def test_rate_limits_hold_on_the_cluster(on_cluster, channel):
 
 
 async def test_admin_sees_the_cluster_the_processes_and_the_slow_queries(on_cluster, channel):
-    admin = admin_pb2_grpc.AdminServiceStub(channel)
+    admin = AdminStubs(channel)
     for _ in range(10):
         health = await admin.GetSystemHealth(
             admin_pb2.GetSystemHealthRequest(), metadata=bearer(on_cluster.api_key)
@@ -114,7 +114,7 @@ async def test_a_tenant_delete_invalidates_its_cached_records(on_cluster, channe
         tenants_pb2.CreateTenantRequest(tenant=tenants_pb2.Tenant(slug=slug)),
         metadata=bearer(on_cluster.api_key),
     )
-    made = await admin_pb2_grpc.AdminServiceStub(channel).CreateApiKey(
+    made = await AdminStubs(channel).CreateApiKey(
         admin_pb2.CreateApiKeyRequest(tenant=slug, name="again", scopes=["tenants:read"]),
         metadata=bearer(on_cluster.api_key),
     )

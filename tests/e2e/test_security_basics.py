@@ -19,7 +19,8 @@ import asyncpg
 import grpc
 import pytest
 import redis.asyncio as aioredis
-from strata.admin.v1 import admin_pb2, admin_pb2_grpc
+from strata.admin.v1 import admin_pb2
+from strata.internal.v1 import internal_pb2, internal_pb2_grpc
 from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 from strata.tenants.v1 import tenants_pb2, tenants_pb2_grpc
 from strata.vector.v1 import vector_pb2, vector_pb2_grpc
@@ -29,13 +30,13 @@ from shared.api.callers import INTERNAL_SCOPE, Caller
 from shared.config.settings import Settings
 from shared.rpc.identity import sign_caller
 from tests.conftest import TEST_INTERNAL_SECRET
-from tests.support.calls import bearer
+from tests.support.calls import AdminStubs, bearer
 from tests.support.otlp import TraceReceiver
 from tests.support.stack import TEST_KEY_PEPPER, Stack
 
 pytestmark = pytest.mark.e2e
 
-AUTHENTICATE = "/strata.admin.v1.AdminService/AuthenticateApiKey"
+AUTHENTICATE = "/strata.internal.v1.ApiKeyAuthService/AuthenticateApiKey"
 # Applications of the services' own pools (shared/storage/db.py: "strata-<service>").
 SERVICE_APPLICATIONS = {"strata-kv", "strata-tenants", "strata-vector", "strata-admin"}
 # Postgres' predefined roles that reach files, programs, all data or other sessions.
@@ -78,9 +79,7 @@ async def _use_every_pool(stack: Stack) -> None:
         await vector_pb2_grpc.VectorServiceStub(channel).ListCollections(
             vector_pb2.ListCollectionsRequest(), metadata=metadata
         )
-        await admin_pb2_grpc.AdminServiceStub(channel).ListApiKeys(
-            admin_pb2.ListApiKeysRequest(page_size=1), metadata=metadata
-        )
+        await AdminStubs(channel).ListApiKeys(admin_pb2.ListApiKeysRequest(page_size=1), metadata=metadata)
 
 
 async def test_every_service_connects_as_a_role_that_can_do_nothing_beyond_its_grants(
@@ -205,9 +204,9 @@ async def test_wrong_secrets_of_every_length_are_unauthenticated(
     }
     caller = Caller("strata-system", frozenset({INTERNAL_SCOPE}), "gateway")
     async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.ports['admin']}") as channel:
-        stub = admin_pb2_grpc.AdminServiceStub(channel)
+        stub = internal_pb2_grpc.ApiKeyAuthServiceStub(channel)
         for what, candidate in presented.items():
-            request = admin_pb2.AuthenticateApiKeyRequest(api_key=candidate)
+            request = internal_pb2.AuthenticateApiKeyRequest(api_key=candidate)
             metadata = sign_caller(
                 TEST_INTERNAL_SECRET.encode(), AUTHENTICATE, caller, body=request.SerializeToString()
             )
@@ -232,9 +231,7 @@ async def _failing_calls(
         for metadata in (bearer(wrong), bearer(api_key), bearer(api_key[:-1])):  # wrong, read-only, malformed
             with pytest.raises(grpc.aio.AioRpcError):
                 await kv.Put(put, metadata=metadata)
-        await admin_pb2_grpc.AdminServiceStub(gateway).RevokeApiKey(
-            admin_pb2.RevokeApiKeyRequest(key_id=key_id), metadata=admin
-        )
+        await AdminStubs(gateway).RevokeApiKey(admin_pb2.RevokeApiKeyRequest(key_id=key_id), metadata=admin)
         await asyncio.sleep(1.2)  # past the gateway's key cache
         with pytest.raises(grpc.aio.AioRpcError):
             await kv.Get(kv_pb2.GetRequest(namespace="sec", key="k"), metadata=bearer(api_key))

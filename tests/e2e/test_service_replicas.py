@@ -17,12 +17,13 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from strata.admin.v1 import admin_pb2, admin_pb2_grpc
+from strata.admin.v1 import admin_pb2
 from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 
 from shared.api.callers import Caller
 from tests.chaos import Load, provision_tenant
 from tests.conftest import signed_channel
+from tests.support.calls import AdminStubs
 from tests.support.stack import Stack, remove_data, start_stack
 
 pytestmark = pytest.mark.e2e
@@ -60,12 +61,12 @@ async def test_every_process_runs_serves_and_is_checked_by_admin(replicated):
             )
             assert answer.status == health_pb2.HealthCheckResponse.SERVING
     async with grpc.aio.insecure_channel(replicated.gateway) as channel:
-        health = await admin_pb2_grpc.AdminServiceStub(channel).GetSystemHealth(
+        health = await AdminStubs(channel).GetSystemHealth(
             admin_pb2.GetSystemHealthRequest(), metadata=(("authorization", f"Bearer {replicated.api_key}"),)
         )
     checked = {c.address for c in health.components if c.component == "kv"}
     assert checked == {f"127.0.0.1:{port}" for port in _kv_ports(replicated)}
-    assert health.status == admin_pb2.SERVING_SERVING, health.reasons
+    assert health.status == admin_pb2.SERVING_STATUS_SERVING, health.reasons
 
 
 async def test_a_write_on_one_process_is_read_on_the_other_at_once(replicated):

@@ -19,7 +19,7 @@ from strata.tenants.v1 import tenants_pb2, tenants_pb2_grpc
 from shared.api.callers import ADMIN_SCOPE, OPERATOR_SCOPE, SCOPES, Caller
 from tests.chaos import provision_tenant
 from tests.conftest import signed_channel
-from tests.support.calls import bearer
+from tests.support.calls import assert_invalid, bearer, rpc_error
 from tests.support.documents import all_of, any_of, cond, none_of, struct
 from tests.support.errors import error_info, field_violations
 from tests.support.stack import Stack, remove_data, start_stack
@@ -106,9 +106,8 @@ async def test_update_changes_only_masked_fields_and_checks_the_etag(gw_tenants,
     updated = (
         await gw_tenants.UpdateTenant(
             tenants_pb2.UpdateTenantRequest(
-                tenant=tenants_pb2.Tenant(slug=slug, display_name="New", plan="ignored"),
+                tenant=tenants_pb2.Tenant(slug=slug, display_name="New", plan="ignored", etag=created.etag),
                 update_mask=field_mask_pb2.FieldMask(paths=["display_name"]),
-                etag=created.etag,
             ),
             metadata=admin_metadata,
         )
@@ -117,9 +116,8 @@ async def test_update_changes_only_masked_fields_and_checks_the_etag(gw_tenants,
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await gw_tenants.UpdateTenant(
             tenants_pb2.UpdateTenantRequest(
-                tenant=tenants_pb2.Tenant(slug=slug, plan="pro"),
+                tenant=tenants_pb2.Tenant(slug=slug, plan="pro", etag=created.etag),
                 update_mask=field_mask_pb2.FieldMask(paths=["plan"]),
-                etag=created.etag,
             ),
             metadata=admin_metadata,
         )
@@ -332,9 +330,8 @@ async def test_concurrent_tenant_updates_with_one_etag_let_exactly_one_win(gw_te
     async def attempt(i: int) -> tenants_pb2.Tenant:
         response = await gw_tenants.UpdateTenant(
             tenants_pb2.UpdateTenantRequest(
-                tenant=tenants_pb2.Tenant(slug=slug, display_name=f"writer-{i}"),
+                tenant=tenants_pb2.Tenant(slug=slug, display_name=f"writer-{i}", etag=created.etag),
                 update_mask=field_mask_pb2.FieldMask(paths=["display_name"]),
-                etag=created.etag,
             ),
             metadata=admin_metadata,
         )
@@ -444,8 +441,9 @@ async def test_record_crud_with_revisions_and_etags(gw_records, writer):
     replaced = (
         await gw_records.UpdateRecord(
             tenants_pb2.UpdateRecordRequest(
-                record=tenants_pb2.Record(collection="docs", id="doc-1", data=struct({"title": "b"})),
-                etag=made.etag,
+                record=tenants_pb2.Record(
+                    collection="docs", id="doc-1", data=struct({"title": "b"}), etag=made.etag
+                )
             ),
             metadata=writer,
         )
@@ -454,7 +452,7 @@ async def test_record_crud_with_revisions_and_etags(gw_records, writer):
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await gw_records.UpdateRecord(
             tenants_pb2.UpdateRecordRequest(
-                record=tenants_pb2.Record(collection="docs", id="doc-1", data=struct({})), etag=made.etag
+                record=tenants_pb2.Record(collection="docs", id="doc-1", data=struct({}), etag=made.etag)
             ),
             metadata=writer,
         )
@@ -523,8 +521,7 @@ async def test_list_filters_orders_and_pages(gw_records, writer):
                 filters=[cond("kind", "OPERATOR_EQ", "even"), cond("score", "OPERATOR_GTE", 2)]
             )
         ),
-        order_by="data.score",
-        descending=True,
+        order_by="data.score desc",
         page_size=2,
         include_total_size=True,
     )
@@ -825,8 +822,9 @@ async def test_concurrent_record_updates_with_one_etag_let_exactly_one_win(gw_re
     async def attempt(i: int) -> tenants_pb2.Record:
         response = await gw_records.UpdateRecord(
             tenants_pb2.UpdateRecordRequest(
-                record=tenants_pb2.Record(collection="race", id="r1", data=struct({"writer": i})),
-                etag=made.etag,
+                record=tenants_pb2.Record(
+                    collection="race", id="r1", data=struct({"writer": i}), etag=made.etag
+                )
             ),
             metadata=writer,
         )
@@ -1062,3 +1060,58 @@ async def test_a_tenant_delete_on_one_process_drops_its_records_from_the_others_
         assert gone.records_deleted == len(ids)
         for record_id in ids:
             await expect_missing(stubs, "c", record_id)
+
+
+# -- the v1 rules for updates and ordering ------------------------------------------
+
+
+async def test_a_tenant_update_without_a_mask_changes_the_fields_it_sets(gw_tenants, admin_metadata, slug):
+    await gw_tenants.CreateTenant(
+        tenants_pb2.CreateTenantRequest(
+            tenant=tenants_pb2.Tenant(slug=slug, display_name="Old", plan="free")
+        ),
+        metadata=admin_metadata,
+    )
+    update = tenants_pb2.UpdateTenantRequest(tenant=tenants_pb2.Tenant(slug=slug, plan="pro"))
+    updated = (await gw_tenants.UpdateTenant(update, metadata=admin_metadata)).tenant
+    assert (updated.display_name, updated.plan) == ("Old", "pro")
+    # Setting nothing, and naming nothing, is no update at all.
+    nothing = tenants_pb2.UpdateTenantRequest(tenant=tenants_pb2.Tenant(slug=slug))
+    assert_invalid(await rpc_error(gw_tenants.UpdateTenant(nothing, metadata=admin_metadata)), "update_mask")
+    stale = tenants_pb2.UpdateTenantRequest(tenant=tenants_pb2.Tenant(slug=slug, plan="x", etag="v1"))
+    error = await rpc_error(gw_tenants.UpdateTenant(stale, metadata=admin_metadata))
+    assert (error.code(), error_info(error).reason) == (grpc.StatusCode.ABORTED, "ETAG_MISMATCH")
+    got = await gw_tenants.GetTenant(tenants_pb2.GetTenantRequest(slug=slug), metadata=admin_metadata)
+    assert (got.tenant.plan, got.tenant.etag) == ("pro", updated.etag)
+
+
+async def test_a_record_update_without_a_mask_or_data_changes_nothing(gw_records, writer):
+    record = tenants_pb2.Record(collection="nomask", id="r", data=struct({"a": 1}))
+    made = (
+        await gw_records.CreateRecord(tenants_pb2.CreateRecordRequest(record=record), metadata=writer)
+    ).record
+    bare = tenants_pb2.UpdateRecordRequest(record=tenants_pb2.Record(collection="nomask", id="r"))
+    assert_invalid(await rpc_error(gw_records.UpdateRecord(bare, metadata=writer)), "update_mask")
+    got = await gw_records.GetRecord(
+        tenants_pb2.GetRecordRequest(collection="nomask", id="r"), metadata=writer
+    )
+    assert got.record.etag == made.etag and json_format.MessageToDict(got.record.data) == {"a": 1}
+
+
+async def test_order_by_takes_a_direction_as_aip_132_writes_it(gw_records, writer):
+    for i in range(3):
+        record = tenants_pb2.Record(collection="dir", id=f"r{i}", data=struct({"i": i}))
+        await gw_records.CreateRecord(tenants_pb2.CreateRecordRequest(record=record), metadata=writer)
+
+    async def ids(order_by: str) -> list[str]:
+        listed = await gw_records.ListRecords(
+            tenants_pb2.ListRecordsRequest(collection="dir", order_by=order_by), metadata=writer
+        )
+        return [r.id for r in listed.records]
+
+    assert await ids("id") == await ids("id asc") == ["r0", "r1", "r2"]
+    assert await ids("id desc") == await ids("  id   DESC ") == ["r2", "r1", "r0"]
+    assert await ids("data.i desc") == ["r2", "r1", "r0"]
+    for bad in ("id sideways", "id desc asc", "colour"):
+        request = tenants_pb2.ListRecordsRequest(collection="dir", order_by=bad)
+        assert_invalid(await rpc_error(gw_records.ListRecords(request, metadata=writer)), "order_by")

@@ -235,7 +235,7 @@ async def grpcurl_mtls(pki: Pki, port: int, *args: str) -> tuple[int, str, str]:
 async def test_grpcurl_lists_and_calls_through_mutual_tls(mtls_port, pki, stack, namespace):
     code, out, err = await grpcurl_mtls(pki, mtls_port, "list")
     assert code == 0, out + err
-    assert {"strata.kv.v1.KvService", "strata.admin.v1.AdminService", "grpc.health.v1.Health"} <= set(
+    assert {"strata.kv.v1.KvService", "strata.admin.v1.ApiKeyService", "grpc.health.v1.Health"} <= set(
         out.split()
     )
 

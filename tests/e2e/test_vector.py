@@ -183,8 +183,10 @@ async def count(
     name: str,
     where: filter_pb2.Filter | None = None,
 ) -> int:
-    request = vector_pb2.CountPointsRequest(collection=name, filter=where)
-    return (await stub.CountPoints(request, metadata=metadata)).count
+    request = vector_pb2.ScrollPointsRequest(
+        collection=name, filter=where, page_size=1, include_total_size=True
+    )
+    return (await stub.ScrollPoints(request, metadata=metadata)).total_size
 
 
 async def search(
@@ -343,7 +345,6 @@ async def test_every_call_on_a_missing_collection_is_not_found(gw_vector, md):
         gw_vector.DeletePoints(
             vector_pb2.DeletePointsRequest(collection=name, ids=vector_pb2.PointIds(ids=["a"])), metadata=md
         ),
-        gw_vector.CountPoints(vector_pb2.CountPointsRequest(collection=name), metadata=md),
         gw_vector.ScrollPoints(vector_pb2.ScrollPointsRequest(collection=name), metadata=md),
         gw_vector.Search(vector_pb2.SearchRequest(collection=name, vector=vec([1.0])), metadata=md),
         gw_vector.SearchBatch(
@@ -411,7 +412,9 @@ async def test_bad_collection_specs_are_invalid_argument_naming_the_field(gw_vec
 async def test_a_bad_collection_name_in_a_lookup_is_invalid_argument(gw_vector, md):
     error = await rpc_error(gw_vector.GetCollection(vector_pb2.GetCollectionRequest(name="a/b"), metadata=md))
     assert_invalid(error, "name")
-    error = await rpc_error(gw_vector.CountPoints(vector_pb2.CountPointsRequest(collection=""), metadata=md))
+    error = await rpc_error(
+        gw_vector.ScrollPoints(vector_pb2.ScrollPointsRequest(collection=""), metadata=md)
+    )
     assert_invalid(error, "collection")
 
 
@@ -428,7 +431,7 @@ async def test_reads_need_vector_read_and_writes_need_vector_write(gw_vector, ma
         ),
         gw_vector.DeleteCollection(vector_pb2.DeleteCollectionRequest(name="scoped"), metadata=reader),
         gw_vector.Search(vector_pb2.SearchRequest(collection="scoped", vector=vec([1, 0])), metadata=writer),
-        gw_vector.CountPoints(vector_pb2.CountPointsRequest(collection="scoped"), metadata=writer),
+        gw_vector.ScrollPoints(vector_pb2.ScrollPointsRequest(collection="scoped"), metadata=writer),
     ]
     for call in denied:
         assert (await rpc_error(call)).code() == grpc.StatusCode.PERMISSION_DENIED
@@ -1167,7 +1170,6 @@ async def test_another_tenant_cannot_see_search_count_or_delete_a_collection(gw_
         gw_vector.HybridSearch(
             vector_pb2.HybridSearchRequest(collection="private", vector=vec([1, 0]), text="x"), metadata=other
         ),
-        gw_vector.CountPoints(vector_pb2.CountPointsRequest(collection="private"), metadata=other),
         gw_vector.ScrollPoints(vector_pb2.ScrollPointsRequest(collection="private"), metadata=other),
         gw_vector.GetPoints(vector_pb2.GetPointsRequest(collection="private", ids=["p0"]), metadata=other),
         gw_vector.UpsertPoints(

@@ -29,10 +29,11 @@ async def test_health_is_not_serving_with_a_reason_for_each_missing_part(setting
     finally:
         await operations.close()
         await db.close()
-    assert health.status == admin_pb2.SERVING_NOT_SERVING
+    assert health.status == admin_pb2.SERVING_STATUS_NOT_SERVING
     assert {c.component for c in health.components} == set(COMPONENTS)
     assert all(
-        c.status == admin_pb2.SERVING_NOT_SERVING and c.error == "UNAVAILABLE" for c in health.components
+        c.status == admin_pb2.SERVING_STATUS_NOT_SERVING and c.error == "UNAVAILABLE"
+        for c in health.components
     )
     assert health.postgres.reachable, "Postgres is up: it is checked, and migrations read"
     assert not health.redis.reachable and health.redis.error
@@ -53,7 +54,7 @@ async def test_health_answers_when_postgres_is_gone_too(settings):
         health = await operations.health.system_health(timeout=10.0)
     finally:
         await operations.close()
-    assert health.status == admin_pb2.SERVING_NOT_SERVING
+    assert health.status == admin_pb2.SERVING_STATUS_NOT_SERVING
     assert not health.postgres.reachable and health.postgres.error
     assert not health.migrations
     assert any(r.startswith("postgres is unreachable") for r in health.reasons)

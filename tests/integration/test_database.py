@@ -9,11 +9,17 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from shared.storage.migrations import migration_plan
 from devstack.launcher import SERVICES
 from shared.api.errors import Code
 from shared.storage.db import Database
-from shared.storage.migrations import Migration, MigrationError, apply_migrations, discover, status
+from shared.storage.migrations import (
+    Migration,
+    MigrationError,
+    apply_migrations,
+    discover,
+    migration_plan,
+    status,
+)
 
 
 async def test_applying_migrations_twice_is_a_no_op(settings):

@@ -117,8 +117,8 @@ async def test_value_over_the_limit_is_rejected_and_not_written(kv, settings, na
         ),
         "value",
     )
-    listed = await kv.List(kv_pb2.ListRequest(namespace=namespace, include_count=True))
-    assert listed.total_count == 0
+    listed = await kv.List(kv_pb2.ListRequest(namespace=namespace, include_total_size=True))
+    assert listed.total_size == 0
     await assert_nothing_written(settings, before, (namespace, "big"))
 
 
@@ -168,8 +168,8 @@ async def test_batch_put_reports_every_bad_item_by_index_and_writes_nothing(kv, 
         "items[3].key",
         "items[4].ttl",
     )
-    listed = await kv.List(kv_pb2.ListRequest(namespace=namespace, include_count=True))
-    assert listed.total_count == 0
+    listed = await kv.List(kv_pb2.ListRequest(namespace=namespace, include_total_size=True))
+    assert listed.total_size == 0
     await assert_nothing_written(settings, before, *((namespace, item.key) for item in items))
 
 
@@ -288,8 +288,8 @@ async def test_expired_deadline_is_deadline_exceeded_and_writes_nothing(kv, sett
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await kv.Put(kv_pb2.PutRequest(namespace=namespace, key="late", value=b"v"), timeout=0.000001)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    listed = await kv.List(kv_pb2.ListRequest(namespace=namespace, include_count=True))
-    assert listed.total_count == 0
+    listed = await kv.List(kv_pb2.ListRequest(namespace=namespace, include_total_size=True))
+    assert listed.total_size == 0
     await assert_nothing_written(settings, before, (namespace, "late"))
 
 

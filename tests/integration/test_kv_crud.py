@@ -226,8 +226,8 @@ async def test_key_with_ttl_reads_until_it_expires(kv, namespace):
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await kv.Get(kv_pb2.GetRequest(namespace=namespace, key="k"))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-    listed = await kv.List(kv_pb2.ListRequest(namespace=namespace, include_count=True))
-    assert list(listed.kvs) == [] and listed.total_count == 0
+    listed = await kv.List(kv_pb2.ListRequest(namespace=namespace, include_total_size=True))
+    assert list(listed.kvs) == [] and listed.total_size == 0
     batch = await kv.BatchGet(kv_pb2.BatchGetRequest(namespace=namespace, keys=["k"]))
     assert list(batch.missing_keys) == ["k"]
 

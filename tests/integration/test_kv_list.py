@@ -56,9 +56,9 @@ async def test_list_keys_only_leaves_values_out(kv, namespace):
 async def test_list_pages_through_every_key_once_with_count(kv, namespace):
     keys = [f"k{i:03d}" for i in range(25)]
     await fill(kv, namespace, keys)
-    request = kv_pb2.ListRequest(namespace=namespace, page_size=10, include_count=True)
+    request = kv_pb2.ListRequest(namespace=namespace, page_size=10, include_total_size=True)
     first = await kv.List(request)
-    assert len(first.kvs) == 10 and first.total_count == 25 and first.next_page_token
+    assert len(first.kvs) == 10 and first.total_size == 25 and first.next_page_token
     assert await list_all(kv, kv_pb2.ListRequest(namespace=namespace, page_size=10)) == keys
 
 

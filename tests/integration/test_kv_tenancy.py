@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from strata.internal.v1 import internal_pb2, internal_pb2_grpc
 from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 
 from shared.api.callers import Caller
@@ -75,9 +76,27 @@ async def test_a_read_only_caller_cannot_write(kv_server, namespace):
             await stub.Put(kv_pb2.PutRequest(namespace=namespace, key="k", value=b"v"))
         assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert error_info(caught.value).metadata["scope"] == "kv:write"
+        assert error_info(caught.value).domain == "strata.kv.v1"
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Get(kv_pb2.GetRequest(namespace=namespace, key="k"))
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_the_tenant_purge_needs_the_internal_scope_which_no_operator_has(kv_server):
+    # The scope is the one the proto declares, checked by the bootstrap before the servicer runs.
+    operator = Caller("tenant-a", frozenset({"operator"}), "key-o")
+    async with signed_channel(kv_server.port, operator) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await internal_pb2_grpc.TenantPurgeServiceStub(channel).PurgeTenant(
+                internal_pb2.PurgeTenantRequest(tenant="tenant-a")
+            )
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    info = error_info(caught.value)
+    assert (info.reason, info.metadata["scope"], info.domain) == (
+        "MISSING_SCOPE",
+        "internal",
+        "strata.internal.v1",
+    )
 
 
 async def test_tenants_do_not_see_each_others_namespaces(kv, kv_server, namespace):
@@ -88,8 +107,8 @@ async def test_tenants_do_not_see_each_others_namespaces(kv, kv_server, namespac
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Get(kv_pb2.GetRequest(namespace=namespace, key="secret"))
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-        listed = await stub.List(kv_pb2.ListRequest(namespace=namespace, include_count=True))
-        assert listed.total_count == 0
+        listed = await stub.List(kv_pb2.ListRequest(namespace=namespace, include_total_size=True))
+        assert listed.total_size == 0
         deleted = await stub.Delete(kv_pb2.DeleteRequest(namespace=namespace, prefix=""))
         assert deleted.deleted == 0
         await stub.Put(kv_pb2.PutRequest(namespace=namespace, key="secret", value=b"tenant-b's"))

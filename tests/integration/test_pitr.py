@@ -23,7 +23,7 @@ import asyncpg
 import grpc
 import pytest
 from google.protobuf import timestamp_pb2
-from strata.admin.v1 import admin_pb2, admin_pb2_grpc
+from strata.admin.v1 import admin_pb2
 
 from devstack.backends import Backends, open_backends
 from devstack.ports import free_port
@@ -34,12 +34,13 @@ from shared.config.settings import Settings
 from shared.rpc.server import StrataServer
 from shared.storage.db import Database
 from tests.conftest import TEST_INTERNAL_SECRET, signed_channel
+from tests.support.calls import AdminStubs
 from tests.support.errors import error_info, field_violations
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("kv", "tenants", "vector", "admin")
 OPERATOR = Caller("dev", frozenset({"operator"}), "pitr-test-key")
-ADMIN = "/strata.admin.v1.AdminService/"
+ADMIN = "/strata.admin.v1.BackupService/"
 
 
 @dataclass
@@ -53,9 +54,9 @@ class Managed:
     channel: grpc.aio.Channel | None = None
 
     @property
-    def admin(self) -> admin_pb2_grpc.AdminServiceStub:
+    def admin(self) -> AdminStubs:
         assert self.channel is not None
-        return admin_pb2_grpc.AdminServiceStub(self.channel)
+        return AdminStubs(self.channel)
 
     @property
     def pitr(self) -> Path:
@@ -378,7 +379,7 @@ async def test_with_an_external_database_pitr_is_failed_precondition(managed):
     await server.start(0)
     try:
         async with signed_channel(server.port, OPERATOR) as channel:
-            admin = admin_pb2_grpc.AdminServiceStub(channel)
+            admin = AdminStubs(channel)
             for call in (
                 admin.GetRecoveryWindow(admin_pb2.GetRecoveryWindowRequest()),
                 admin.CreateBranch(

@@ -7,6 +7,7 @@ from typing import Any
 
 import grpc
 import pytest
+from strata.admin.v1 import admin_pb2_grpc
 
 from tests.support.errors import error_info, field_violations
 
@@ -40,3 +41,25 @@ async def every_page(fetch: Callable[[str], Awaitable[Any]]) -> list[Any]:
     while pages[-1].next_page_token:
         pages.append(await fetch(pages[-1].next_page_token))
     return pages
+
+
+class AdminStubs:
+    """The stubs of admin's four services on one channel, each method found by its name.
+
+    Tests call methods of all four (a key, then a backup, then the audit log);
+    this keeps them from naming the service each method belongs to.
+    """
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._stubs = (
+            admin_pb2_grpc.ApiKeyServiceStub(channel),
+            admin_pb2_grpc.OperationsServiceStub(channel),
+            admin_pb2_grpc.BackupServiceStub(channel),
+            admin_pb2_grpc.AuditServiceStub(channel),
+        )
+
+    def __getattr__(self, method: str) -> Any:
+        for stub in self._stubs:
+            if hasattr(stub, method):
+                return getattr(stub, method)
+        raise AttributeError(f"no admin service has a method {method!r}")

@@ -41,7 +41,7 @@ def _has_detail(status: status_pb2.Status, message_type) -> bool:
 
 
 def test_to_status_carries_the_code_number_and_message():
-    status = StrataError(Code.NOT_FOUND, "KEY_NOT_FOUND", "key 'k' not found").to_status()
+    status = StrataError(Code.NOT_FOUND, "KEY_NOT_FOUND", "key 'k' not found").to_status("strata.test")
     assert status.code == 5
     assert status.message == "key 'k' not found"
 
@@ -51,18 +51,18 @@ def test_to_status_has_error_info_with_reason_domain_and_metadata():
         Code.ABORTED,
         "REVISION_MISMATCH",
         "conflict",
-        domain="strata.kv.v1",
         metadata={"key": "k", "current_revision": "7"},
     )
-    info = _detail(error.to_status(), error_details_pb2.ErrorInfo)
+    info = _detail(error.to_status("strata.kv.v1"), error_details_pb2.ErrorInfo)
     assert info.reason == "REVISION_MISMATCH"
     assert info.domain == "strata.kv.v1"
     assert dict(info.metadata) == {"key": "k", "current_revision": "7"}
 
 
-def test_the_default_domain_is_strata():
-    info = _detail(StrataError(Code.INTERNAL, "X", "m").to_status(), error_details_pb2.ErrorInfo)
-    assert info.domain == "strata"
+def test_the_domain_is_the_answering_services_not_the_errors():
+    error = StrataError(Code.INTERNAL, "X", "m")
+    for domain in ("strata.kv.v1", "strata.admin.v1"):
+        assert _detail(error.to_status(domain), error_details_pb2.ErrorInfo).domain == domain
 
 
 def test_to_status_has_a_bad_request_listing_every_violation():
@@ -72,7 +72,7 @@ def test_to_status_has_a_bad_request_listing_every_violation():
         "bad",
         violations=[FieldViolation("items[0].key", "required"), FieldViolation("value", "too big")],
     )
-    bad = _detail(error.to_status(), error_details_pb2.BadRequest)
+    bad = _detail(error.to_status("strata.test"), error_details_pb2.BadRequest)
     assert [(v.field, v.description) for v in bad.field_violations] == [
         ("items[0].key", "required"),
         ("value", "too big"),
@@ -80,26 +80,26 @@ def test_to_status_has_a_bad_request_listing_every_violation():
 
 
 def test_to_status_without_violations_has_no_bad_request():
-    status = StrataError(Code.NOT_FOUND, "KEY_NOT_FOUND", "m").to_status()
+    status = StrataError(Code.NOT_FOUND, "KEY_NOT_FOUND", "m").to_status("strata.test")
     assert not _has_detail(status, error_details_pb2.BadRequest)
 
 
 def test_to_status_has_retry_info_when_a_delay_is_given():
-    status = unavailable("BACKEND_DOWN", "retry", retry_delay_s=1.5).to_status()
+    status = unavailable("BACKEND_DOWN", "retry", retry_delay_s=1.5).to_status("strata.test")
     retry = _detail(status, error_details_pb2.RetryInfo)
     assert retry.retry_delay == duration_pb2.Duration(seconds=1, nanos=500_000_000)
 
 
 def test_to_status_without_a_delay_has_no_retry_info():
-    status = unavailable("BACKEND_DOWN", "retry").to_status()
+    status = unavailable("BACKEND_DOWN", "retry").to_status("strata.test")
     assert not _has_detail(status, error_details_pb2.RetryInfo)
 
 
 def test_trailing_metadata_carries_the_serialized_status():
     error = invalid_argument([FieldViolation("key", "required")])
-    ((key, value),) = error.trailing_metadata()
+    ((key, value),) = error.trailing_metadata("strata.test")
     assert key == DETAILS_KEY == "grpc-status-details-bin"
-    assert status_pb2.Status.FromString(value) == error.to_status()
+    assert status_pb2.Status.FromString(value) == error.to_status("strata.test")
 
 
 def test_metadata_is_copied_not_shared():
@@ -132,14 +132,9 @@ def test_invalid_argument_without_violations_has_a_generic_message():
         (already_exists, Code.ALREADY_EXISTS),
     ],
 )
-def test_constructors_set_code_reason_domain_and_metadata(factory, code):
-    error = factory("SOME_REASON", "message", domain="strata.test", name="x")
-    assert (error.code, error.reason, error.message, error.domain) == (
-        code,
-        "SOME_REASON",
-        "message",
-        "strata.test",
-    )
+def test_constructors_set_code_reason_and_metadata(factory, code):
+    error = factory("SOME_REASON", "message", name="x")
+    assert (error.code, error.reason, error.message) == (code, "SOME_REASON", "message")
     assert error.metadata == {"name": "x"}
 
 
@@ -201,7 +196,7 @@ def test_a_database_error_message_is_not_echoed():
     error = from_exception(asyncpg.exceptions.UniqueViolationError(secret))
     assert error.code == Code.ALREADY_EXISTS
     assert "alice" not in error.message
-    assert "alice" not in error.to_status().SerializeToString().decode(errors="replace")
+    assert "alice" not in error.to_status("strata.test").SerializeToString().decode(errors="replace")
 
 
 def test_an_unmapped_database_error_is_internal(caplog):
@@ -244,7 +239,7 @@ def test_an_unexpected_exception_is_internal_with_a_generic_message(caplog):
         error = from_exception(ValueError("password=hunter2 in row 17"))
     assert (error.code, error.reason) == (Code.INTERNAL, "INTERNAL")
     assert error.message == "internal error"
-    serialized = error.to_status().SerializeToString()
+    serialized = error.to_status("strata.test").SerializeToString()
     assert b"hunter2" not in serialized
     assert error.metadata == {}
 

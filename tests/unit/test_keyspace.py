@@ -6,7 +6,6 @@ import pytest
 from google.protobuf import duration_pb2
 
 from services.kv.keyspace import (
-    DOMAIN,
     KeyRange,
     Limits,
     cache_key,
@@ -383,7 +382,6 @@ def test_raise_if_lists_every_violation_in_one_invalid_argument():
     with pytest.raises(StrataError) as caught:
         raise_if(violations)
     assert caught.value.code == Code.INVALID_ARGUMENT
-    assert caught.value.domain == DOMAIN
     assert caught.value.violations == tuple(violations)
     assert caught.value.message == "namespace: required; key: required"
 
@@ -392,7 +390,6 @@ def test_revision_mismatch_is_aborted_with_the_revisions():
     error = revision_mismatch("k", 3, 5, 9)
     assert error.code == Code.ABORTED
     assert error.reason == "REVISION_MISMATCH"
-    assert error.domain == DOMAIN
     assert error.metadata == {
         "key": "k",
         "expected_revision": "3",

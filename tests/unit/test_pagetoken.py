@@ -68,17 +68,11 @@ def test_a_token_for_another_query_is_invalid_argument_on_page_token(other):
     assert "different query" in error.violations[0].description
 
 
-def test_the_domain_is_carried_into_the_error():
-    with pytest.raises(StrataError) as caught:
-        decode_page_token("garbage", QUERY, domain="strata.kv.v1")
-    assert caught.value.domain == "strata.kv.v1"
-
-
 def test_the_error_status_has_a_bad_request_on_page_token():
     with pytest.raises(StrataError) as caught:
         decode_page_token(encode_page_token(QUERY, "k"), ["kv.List", "other"])
     bad = error_details_pb2.BadRequest()
-    assert any(detail.Unpack(bad) for detail in caught.value.to_status().details)
+    assert any(detail.Unpack(bad) for detail in caught.value.to_status("strata.kv.v1").details)
     assert [v.field for v in bad.field_violations] == ["page_token"]
 
 
@@ -174,10 +168,9 @@ def test_page_cursor_returns_a_cursor_of_the_first_pages_type(first, cursor):
 )
 def test_page_cursor_refuses_a_signed_cursor_of_another_type_or_range(first, cursor):
     with pytest.raises(StrataError) as caught:
-        page_cursor(encode_page_token(QUERY, cursor), QUERY, first, domain="strata.kv.v1")
+        page_cursor(encode_page_token(QUERY, cursor), QUERY, first)
     assert caught.value.code == Code.INVALID_ARGUMENT
     assert [v.field for v in caught.value.violations] == ["page_token"]
-    assert caught.value.domain == "strata.kv.v1"
 
 
 def test_a_signed_body_nested_too_deep_is_invalid_argument():

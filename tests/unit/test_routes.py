@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from strata.internal.v1 import internal_pb2
+
 from gateway.routes import ROUTED_SERVICES, build_routes
+from shared.rpc.contract import required_scope
 
 ROUTES = build_routes()
 
@@ -23,7 +26,6 @@ def test_kv_reads_and_writes_need_their_scopes():
     }
     assert {m for m, s in scopes.items() if s == "kv:read"} == {"Get", "BatchGet", "List", "Watch"}
     assert {m for m, s in scopes.items() if s == "kv:write"} == {"Put", "BatchPut", "Delete"}
-    assert scopes["PurgeTenant"] == "internal"
 
 
 def test_records_reads_and_writes_need_their_scopes():
@@ -40,19 +42,41 @@ def test_records_reads_and_writes_need_their_scopes():
     }
 
 
-TENANT_ADMIN_METHODS = {"CreateApiKey", "ListApiKeys", "RevokeApiKey", "ListAuditEvents"}
-
-
-def expected_scope(method: str) -> str:
-    if method == "AuthenticateApiKey":
-        return "internal"
-    return "admin" if method in TENANT_ADMIN_METHODS else "operator"
+TENANT_ADMIN_SERVICES = {"strata.admin.v1.ApiKeyService", "strata.admin.v1.AuditService"}
+OPERATOR_SERVICES = {
+    "strata.admin.v1.OperationsService",
+    "strata.admin.v1.BackupService",
+    "strata.tenants.v1.TenantService",
+}
 
 
 def test_operator_services_need_operator_but_a_tenants_own_keys_and_audit_need_admin():
     for route in ROUTES.values():
-        if route.service in ("strata.admin.v1.AdminService", "strata.tenants.v1.TenantService"):
-            assert route.scope == expected_scope(route.method), route
+        if route.service in TENANT_ADMIN_SERVICES:
+            assert route.scope == "admin", route
+        elif route.service in OPERATOR_SERVICES:
+            assert route.scope == "operator", route
+        else:
+            assert route.scope.split(":")[0] == route.upstream, route
+
+
+def test_no_internal_method_is_routed_and_every_one_needs_the_internal_scope():
+    internal = internal_pb2.DESCRIPTOR.services_by_name.values()
+    methods = [method for service in internal for method in service.methods]
+    assert {m.name for m in methods} == {"AuthenticateApiKey", "PurgeTenant"}
+    assert all(required_scope(m) == "internal" for m in methods)
+    assert not {r.service for r in ROUTES.values()} & {s.full_name for s in internal}
+    assert "internal" not in {r.scope for r in ROUTES.values()}
+
+
+def test_a_refusal_names_the_called_services_package_as_its_domain():
+    assert {r.domain for r in ROUTES.values()} == {
+        "strata.kv.v1",
+        "strata.tenants.v1",
+        "strata.vector.v1",
+        "strata.admin.v1",
+    }
+    assert all(r.service.startswith(r.domain + ".") for r in ROUTES.values())
 
 
 def test_vector_reads_and_writes_need_their_scopes():

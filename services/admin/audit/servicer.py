@@ -13,7 +13,7 @@ import grpc
 from strata.admin.v1 import admin_pb2
 
 from services.admin.audit.store import AuditQuery, AuditStore
-from shared.api.callers import ADMIN_SCOPE, require_scope
+from shared.api.callers import current_caller
 from shared.api.errors import FieldViolation, invalid_argument
 from shared.api.pagetoken import PageTokens, page_size
 from shared.api.timestamps import to_timestamp
@@ -22,7 +22,6 @@ from shared.storage.db import deadline_timeout
 __all__ = ["AuditServicer"]
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
-DOMAIN = "strata.admin.v1"
 _KEY_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _ACTION_RE = re.compile(r"/[A-Za-z0-9_.]+/[A-Za-z0-9_]+")
 
@@ -37,7 +36,7 @@ class AuditServicer:
     async def ListAuditEvents(
         self, request: admin_pb2.ListAuditEventsRequest, context: Context
     ) -> admin_pb2.ListAuditEventsResponse:
-        caller = require_scope(ADMIN_SCOPE)
+        caller = current_caller()
         errors: list[FieldViolation] = []
         size = page_size(request.page_size, errors)
         if request.actor_key_id and not _KEY_ID_RE.fullmatch(request.actor_key_id):
@@ -51,7 +50,7 @@ class AuditServicer:
         if start is not None and end is not None and end <= start:
             errors.append(FieldViolation("end_time", "must be after start_time"))
         if errors:
-            raise invalid_argument(errors, domain=DOMAIN)
+            raise invalid_argument(errors)
         query = AuditQuery(
             None if caller.is_operator else caller.tenant,
             request.actor_key_id,
@@ -71,7 +70,7 @@ class AuditServicer:
             end.isoformat() if end else "",
         ]
         # PageTokens.cursor refuses a cursor that is not a 64-bit integer (INVALID_ARGUMENT on page_token).
-        before = self._tokens.cursor(request.page_token, bound, 0, domain=DOMAIN)
+        before = self._tokens.cursor(request.page_token, bound, 0)
         rows = await self._store.page(query, before, size + 1, deadline_timeout(context))
         response = admin_pb2.ListAuditEventsResponse()
         for row in rows[:size]:

@@ -30,7 +30,6 @@ from shared.api.errors import Code, StrataError
 
 __all__ = ["ALLOWED_EXTENSIONS", "STRATA_SCHEMAS", "ArchiveSigner", "TocEntry", "parse_toc", "vet"]
 
-DOMAIN = "strata.admin.v1"
 # The extensions Strata's databases have (pgvector, and the statement statistics admin reads).
 ALLOWED_EXTENSIONS = frozenset({"vector", "pg_stat_statements"})
 STRATA_SCHEMAS = frozenset({"kv", "tenants", "vector", "admin"})
@@ -76,7 +75,6 @@ _KINDS = sorted(
         "DATABASE",
         "DATABASE PROPERTIES",
         "DEFAULT ACL",
-        "DOMAIN",
         "EVENT TRIGGER",
         "FOREIGN DATA WRAPPER",
         "FOREIGN TABLE",
@@ -134,7 +132,6 @@ class ArchiveSigner:
                 "BACKUP_NOT_SIGNED",
                 "Restore takes only archives this deployment's Backup made: send the signature "
                 "its last message carried",
-                domain=DOMAIN,
             )
         if not hmac.compare_digest(signing.hexdigest(), signature):
             raise StrataError(
@@ -142,7 +139,6 @@ class ArchiveSigner:
                 "BACKUP_SIGNATURE_INVALID",
                 "the archive's signature does not match: it was not made by this deployment's Backup, "
                 "or it was changed since; nothing was restored",
-                domain=DOMAIN,
             )
 
 
@@ -215,7 +211,6 @@ def vet(entries: Iterable[TocEntry], live_functions: set[tuple[str, str]]) -> tu
             Code.INVALID_ARGUMENT,
             "ARCHIVE_NOT_ALLOWED",
             f"the archive holds what Strata's backups never contain: {shown}{more}; nothing was restored",
-            domain=DOMAIN,
             metadata={"refused": str(len(refused)), "first": refused[0][:200]},
         )
     return keep, extensions

@@ -37,7 +37,7 @@ from strata.admin.v1 import admin_pb2
 
 from services.admin.branches.archives import ArchiveSigner, parse_toc, vet
 from services.admin.branches.mapping import branch_message
-from services.admin.branches.names import DATABASE_PREFIX, DOMAIN, checked_name, no_branch
+from services.admin.branches.names import DATABASE_PREFIX, checked_name, no_branch
 from services.admin.branches.owner import (
     OwnerRole,
     copy_database_settings,
@@ -114,7 +114,6 @@ class Backups:
                 "OWNER_ROLE_NOT_CONFIGURED",
                 "backups and branches run as the database owner role, and this admin process has none: "
                 "set STRATA_MIGRATE_DATABASE_URL",
-                domain=DOMAIN,
             )
         return self._owner
 
@@ -283,7 +282,7 @@ class Backups:
         """
         database = DATABASE_PREFIX + name
         if database == owner.database:
-            raise invalid_argument([FieldViolation("name", "names the live database")], domain=DOMAIN)
+            raise invalid_argument([FieldViolation("name", "names the live database")])
         branch_id = await self._registry.reserve(name, database, origin, deadline_timeout(context))
         created = False
         role = restorer.user if restorer is not None else None
@@ -324,7 +323,6 @@ class Backups:
                 Code.ABORTED,
                 "BRANCH_DELETED",
                 f"branch {name!r} was deleted while it was being made",
-                domain=DOMAIN,
                 metadata={"name": name},
             )
         return branch_message(row)

@@ -6,9 +6,8 @@ import re
 
 from shared.api.errors import FieldViolation, StrataError, already_exists, invalid_argument, not_found
 
-__all__ = ["DATABASE_PREFIX", "DOMAIN", "checked_name", "name_taken", "no_branch"]
+__all__ = ["DATABASE_PREFIX", "checked_name", "name_taken", "no_branch"]
 
-DOMAIN = "strata.admin.v1"
 DATABASE_PREFIX = "strata_branch_"  # keeps branches apart from every other database of the cluster
 _NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,47}")
 
@@ -18,7 +17,6 @@ def checked_name(name: str, field: str) -> str:
     if not _NAME_RE.fullmatch(name):
         raise invalid_argument(
             [FieldViolation(field, "must be 1-48 characters of [a-z0-9_], starting with a letter")],
-            domain=DOMAIN,
         )
     return name
 
@@ -28,11 +26,10 @@ def name_taken(name: str) -> StrataError:
     return already_exists(
         "BRANCH_ALREADY_EXISTS",
         f"a branch named {name!r} already exists",
-        domain=DOMAIN,
         name=name,
     )
 
 
 def no_branch(name: str) -> StrataError:
     """NOT_FOUND for the branch ``name``."""
-    return not_found("BRANCH_NOT_FOUND", f"no branch named {name!r}", domain=DOMAIN, name=name)
+    return not_found("BRANCH_NOT_FOUND", f"no branch named {name!r}", name=name)

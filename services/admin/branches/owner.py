@@ -15,7 +15,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsp
 import asyncpg
 
 from services.admin.branches.archives import STRATA_SCHEMAS
-from services.admin.branches.names import DOMAIN, name_taken
+from services.admin.branches.names import name_taken
 from shared.api.errors import Code, StrataError
 
 __all__ = [
@@ -110,7 +110,6 @@ async def create_database(
             Code.FAILED_PRECONDITION,
             "OWNER_CANNOT_CREATE_DATABASE",
             "the owner role (STRATA_MIGRATE_DATABASE_URL) may not create databases; grant it CREATEDB",
-            domain=DOMAIN,
         ) from None
 
 

@@ -28,7 +28,7 @@ from strata.admin.v1 import admin_pb2
 from devstack.pitr import BaseBackup, PitrFolder, PointInTimeServer, service_url
 from devstack.ports import free_port, port_is_free
 from services.admin.branches.mapping import branch_message
-from services.admin.branches.names import DOMAIN, checked_name, no_branch
+from services.admin.branches.names import checked_name, no_branch
 from services.admin.branches.owner import OwnerRole
 from services.admin.branches.registry import BranchRegistry, BranchRow
 from services.admin.branches.tools import to_the_end
@@ -165,7 +165,6 @@ class PointInTime:
                     Code.UNAVAILABLE,
                     "NO_BASE_BACKUP",
                     "the first base backup is not complete yet; retry shortly",
-                    domain=DOMAIN,
                     retry_delay_s=5.0,
                 )
             latest, archiving = await archive.latest(context)
@@ -173,7 +172,7 @@ class PointInTime:
             if latest is None or not earliest <= as_of <= latest:
                 window = f"{earliest.isoformat()} .. {(latest or earliest).isoformat()}"
                 message = f"is outside the recoverable window {window} (GetRecoveryWindow)"
-                raise invalid_argument([FieldViolation("as_of", message)], domain=DOMAIN)
+                raise invalid_argument([FieldViolation("as_of", message)])
             server = PointInTimeServer(folder, name, free_port())
             branch_id = await self._registry.reserve_server(
                 name, as_of, server.port, deadline_timeout(context)
@@ -258,7 +257,6 @@ class PointInTime:
                 Code.UNAVAILABLE,
                 "PITR_STARTING",
                 "point-in-time recovery is still starting (its branches are being started again); retry",
-                domain=DOMAIN,
                 retry_delay_s=1.0,
             ) from None
 
@@ -304,17 +302,15 @@ def _restore_error(exc: RuntimeError, server: PointInTimeServer, archiving: bool
             Code.FAILED_PRECONDITION,
             "AS_OF_NOT_ARCHIVED",
             "the archive ends before as_of, and the live server could not be asked to archive more",
-            domain=DOMAIN,
         )
     return StrataError(
         Code.INTERNAL,
         "BRANCH_FAILED",
         "restoring the point-in-time branch failed; the admin service's log says why",
-        domain=DOMAIN,
     )
 
 
 def _checked_time(value: timestamp_pb2.Timestamp, field: str) -> datetime:
     if not (_MIN_SECONDS <= value.seconds <= _MAX_SECONDS and 0 <= value.nanos < 1_000_000_000):
-        raise invalid_argument([FieldViolation(field, "is not a valid timestamp")], domain=DOMAIN)
+        raise invalid_argument([FieldViolation(field, "is not a valid timestamp")])
     return value.ToDatetime(tzinfo=UTC)

@@ -10,7 +10,6 @@ import grpc
 from strata.admin.v1 import admin_pb2
 
 from services.admin.branches.backups import Backups
-from shared.api.callers import OPERATOR_SCOPE, require_scope
 
 __all__ = ["BranchServicer"]
 
@@ -26,35 +25,29 @@ class BranchServicer:
     def Backup(
         self, request: admin_pb2.BackupRequest, context: Context
     ) -> AsyncIterator[admin_pb2.BackupResponse]:
-        require_scope(OPERATOR_SCOPE)
         return self._backups.backup(request, context)
 
     async def Restore(
         self, requests: AsyncIterator[admin_pb2.RestoreRequest], context: Context
     ) -> admin_pb2.RestoreResponse:
-        require_scope(OPERATOR_SCOPE)
         return await self._backups.restore(requests, context)
 
     async def CreateBranch(
         self, request: admin_pb2.CreateBranchRequest, context: Context
     ) -> admin_pb2.CreateBranchResponse:
-        require_scope(OPERATOR_SCOPE)
         return await self._backups.create_branch(request, context)
 
     async def ListBranches(
         self, request: admin_pb2.ListBranchesRequest, context: Context
     ) -> admin_pb2.ListBranchesResponse:
-        require_scope(OPERATOR_SCOPE)
         return await self._backups.list_branches(request, context)
 
     async def DeleteBranch(
         self, request: admin_pb2.DeleteBranchRequest, context: Context
     ) -> admin_pb2.DeleteBranchResponse:
-        require_scope(OPERATOR_SCOPE)
         return await self._backups.delete_branch(request, context)
 
     async def GetRecoveryWindow(
         self, request: admin_pb2.GetRecoveryWindowRequest, context: Context
     ) -> admin_pb2.GetRecoveryWindowResponse:
-        require_scope(OPERATOR_SCOPE)
         return await self._backups.recovery_window(request, context)

@@ -19,7 +19,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import IO
 
-from services.admin.branches.names import DOMAIN
 from services.admin.branches.owner import OwnerRole
 from shared.api.errors import Code, StrataError
 
@@ -75,7 +74,6 @@ async def pg_tool(name: str) -> str:
                 Code.FAILED_PRECONDITION,
                 "PG_TOOL_NOT_FOUND",
                 f"{name} was not found: install the PostgreSQL client (version >= the server's) on PATH",
-                domain=DOMAIN,
                 metadata={"binary": name},
             )
         _TOOLS[name] = best[1]
@@ -312,10 +310,9 @@ def tool_error(exc: ToolFailed, reason: str, what: str, code: Code = Code.INTERN
             Code.UNAVAILABLE,
             reason,
             f"{what} failed: the database was unreachable or busy; retry",
-            domain=DOMAIN,
             retry_delay_s=1.0,
         )
-    return StrataError(code, reason, f"{what} failed; the admin service's log says why", domain=DOMAIN)
+    return StrataError(code, reason, f"{what} failed; the admin service's log says why")
 
 
 _BACKGROUND: set[asyncio.Future[None]] = set()

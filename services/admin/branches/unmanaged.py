@@ -13,7 +13,6 @@ import grpc
 from strata.admin.v1 import admin_pb2
 
 from services.admin.branches.mapping import branch_message
-from services.admin.branches.names import DOMAIN
 from services.admin.branches.registry import BranchRow
 from shared.api.errors import Code, StrataError
 
@@ -50,5 +49,4 @@ def _not_managed() -> StrataError:
         "PITR_NOT_MANAGED",
         "point-in-time recovery belongs to the provider of the Postgres server (DATABASE_URL): "
         "Strata archives WAL and branches at a time only the server it runs (embedded mode)",
-        domain=DOMAIN,
     )

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from strata.admin.v1 import admin_pb2
 
-from services.admin.branches.names import DOMAIN, checked_name
+from services.admin.branches.names import checked_name
 from shared.api.errors import Code, FieldViolation, StrataError, invalid_argument
 
 __all__ = ["RestoreUpload"]
@@ -50,7 +50,6 @@ class RestoreUpload:
         if first is None:
             raise invalid_argument(
                 [FieldViolation("database", "the stream is empty; its first message names the database")],
-                domain=DOMAIN,
             )
         self._name = checked_name(first.database, "database")
         self._head = self._take(first)
@@ -64,7 +63,6 @@ class RestoreUpload:
                 Code.INVALID_ARGUMENT,
                 "NOT_A_BACKUP",
                 "the stream is not a pg_dump custom-format archive (as Backup makes)",
-                domain=DOMAIN,
             )
         return self._name
 
@@ -98,15 +96,12 @@ class RestoreUpload:
                 Code.INVALID_ARGUMENT,
                 "CHECKSUM_MISMATCH",
                 "the archive's SHA-256 is not the one given; nothing was kept",
-                domain=DOMAIN,
                 metadata={"expected": self._expected, "actual": self.sha256},
             )
 
     def _take(self, message: admin_pb2.RestoreRequest) -> bytes:
         if message.database and message.database != self._name:
-            raise invalid_argument(
-                [FieldViolation("database", "only the first message names the database")], domain=DOMAIN
-            )
+            raise invalid_argument([FieldViolation("database", "only the first message names the database")])
         # Either may come in any message, but always the same.
         self._expected = _hex_once(message.sha256, self._expected, "sha256")
         self.signature = _hex_once(message.signature, self.signature, "signature")
@@ -116,7 +111,6 @@ class RestoreUpload:
                 Code.RESOURCE_EXHAUSTED,
                 "RESTORE_TOO_LARGE",
                 f"the archive is larger than {self._limit} bytes (STRATA_RESTORE_MAX_BYTES)",
-                domain=DOMAIN,
                 metadata={"limit": str(self._limit)},
             )
         self._digest.update(message.data)
@@ -130,7 +124,7 @@ def _hex_once(value: str, earlier: str, field: str) -> str:
     if not value:
         return earlier
     if not _SHA256_RE.fullmatch(value):
-        raise invalid_argument([FieldViolation(field, "must be 64 lowercase hex characters")], domain=DOMAIN)
+        raise invalid_argument([FieldViolation(field, "must be 64 lowercase hex characters")])
     if earlier and value != earlier:
-        raise invalid_argument([FieldViolation(field, "differs from an earlier message's")], domain=DOMAIN)
+        raise invalid_argument([FieldViolation(field, "differs from an earlier message's")])
     return value

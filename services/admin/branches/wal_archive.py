@@ -33,7 +33,6 @@ from strata.admin.v1 import admin_pb2
 
 from devstack.pitr import BaseBackup, PitrFolder, folder_bytes
 from devstack.postgres import archive_command
-from services.admin.branches.names import DOMAIN
 from services.admin.branches.owner import OwnerRole
 from services.admin.branches.tools import ToolFailed, running, to_the_end
 from shared.api.errors import Code, StrataError
@@ -68,7 +67,6 @@ class WalArchive:
                 "OWNER_ROLE_NOT_CONFIGURED",
                 "base backups run as the database owner role, and this admin process has none: "
                 "set STRATA_MIGRATE_DATABASE_URL",
-                domain=DOMAIN,
             )
         return self._owner
 
@@ -200,7 +198,6 @@ class WalArchive:
                     "WAL_NOT_ARCHIVED",
                     "the Postgres server does not archive its WAL into this admin process's folder "
                     "(STRATA_PITR_DIR): it was started without archiving; restart Strata",
-                    domain=DOMAIN,
                 )
             failed, archived = row["last_failed_time"], row["last_archived_time"]
             if failed is None or (archived is not None and archived >= failed):
@@ -225,7 +222,6 @@ class WalArchive:
                     Code.UNAVAILABLE,
                     "ARCHIVE_BEHIND",
                     f"WAL segment {segment} was not archived in time; retry (Postgres's log says why)",
-                    domain=DOMAIN,
                     retry_delay_s=5.0,
                     metadata={"segment": segment},
                 )

@@ -15,8 +15,14 @@ from strata.admin.v1 import admin_pb2
 
 from services.admin.keys.mapping import key_message
 from services.admin.keys.store import ApiKeyStore
-from shared.api.apikeys import new_api_key, parse_api_key, secrets_match
-from shared.api.callers import ADMIN_SCOPE, INTERNAL_SCOPE, OPERATOR_SCOPE, SCOPES, Caller, require_scope
+from shared.api.apikeys import new_api_key
+from shared.api.callers import (
+    OPERATOR_SCOPE,
+    SCOPES,
+    Caller,
+    current_caller,
+    require_scope,
+)
 from shared.api.errors import Code, FieldViolation, StrataError, invalid_argument, not_found
 from shared.api.pagetoken import PageTokens, page_size
 from shared.storage.db import deadline_timeout
@@ -24,10 +30,8 @@ from shared.storage.db import deadline_timeout
 __all__ = ["ApiKeyServicer"]
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
-DOMAIN = "strata.admin.v1"
 TENANT_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _KEY_ID_RE = re.compile(r"[0-9a-f]{16}")
-SUSPENDED = 2  # strata.tenants.v1.TenantStatus
 
 
 class ApiKeyServicer:
@@ -42,7 +46,7 @@ class ApiKeyServicer:
     async def CreateApiKey(
         self, request: admin_pb2.CreateApiKeyRequest, context: Context
     ) -> admin_pb2.CreateApiKeyResponse:
-        caller = require_scope(ADMIN_SCOPE)
+        caller = current_caller()
         errors: list[FieldViolation] = []
         if not TENANT_RE.fullmatch(request.tenant):
             errors.append(
@@ -60,7 +64,7 @@ class ApiKeyServicer:
                     FieldViolation(f"scopes[{i}]", f"unknown scope; one of {', '.join(sorted(SCOPES))}")
                 )
         if errors:
-            raise invalid_argument(errors, domain=DOMAIN)
+            raise invalid_argument(errors)
         _own_tenant(caller, request.tenant)
         if OPERATOR_SCOPE in request.scopes:
             require_scope(OPERATOR_SCOPE)  # only an operator makes an operator key
@@ -69,7 +73,6 @@ class ApiKeyServicer:
                 Code.FAILED_PRECONDITION,
                 "TENANT_NOT_FOUND",
                 f"tenant {request.tenant!r} is not registered; create it with TenantService first",
-                domain=DOMAIN,
                 metadata={"tenant": request.tenant},
             )
         made = new_api_key(self._pepper)
@@ -86,18 +89,18 @@ class ApiKeyServicer:
     async def ListApiKeys(
         self, request: admin_pb2.ListApiKeysRequest, context: Context
     ) -> admin_pb2.ListApiKeysResponse:
-        caller = require_scope(ADMIN_SCOPE)
+        caller = current_caller()
         errors: list[FieldViolation] = []
         if request.tenant and not TENANT_RE.fullmatch(request.tenant):
             errors.append(FieldViolation("tenant", "is not a tenant slug"))
         size = page_size(request.page_size, errors)
         if errors:
-            raise invalid_argument(errors, domain=DOMAIN)
+            raise invalid_argument(errors)
         # A tenant's admin lists its own tenant's keys ("" means its own, not every tenant's).
         tenant = request.tenant if caller.is_operator else request.tenant or caller.tenant
         _own_tenant(caller, tenant)
         query = ["admin.ListApiKeys", tenant, request.include_revoked]
-        after = self._tokens.cursor(request.page_token, query, "", domain=DOMAIN)
+        after = self._tokens.cursor(request.page_token, query, "")
         rows = await self._keys.page(
             tenant, request.include_revoked, str(after), size + 1, timeout=deadline_timeout(context)
         )
@@ -109,49 +112,15 @@ class ApiKeyServicer:
     async def RevokeApiKey(
         self, request: admin_pb2.RevokeApiKeyRequest, context: Context
     ) -> admin_pb2.RevokeApiKeyResponse:
-        caller = require_scope(ADMIN_SCOPE)
+        caller = current_caller()
         if not _KEY_ID_RE.fullmatch(request.key_id):
-            raise invalid_argument([FieldViolation("key_id", "must be 16 hex characters")], domain=DOMAIN)
+            raise invalid_argument([FieldViolation("key_id", "must be 16 hex characters")])
         # Another tenant's key is NOT_FOUND to a tenant's admin, as if it did not exist.
         tenant = None if caller.is_operator else caller.tenant
         row = await self._keys.revoke(request.key_id, tenant, timeout=deadline_timeout(context))
         if row is None:
-            raise not_found("API_KEY_NOT_FOUND", "no such API key", domain=DOMAIN, key_id=request.key_id)
+            raise not_found("API_KEY_NOT_FOUND", "no such API key", key_id=request.key_id)
         return admin_pb2.RevokeApiKeyResponse(key=key_message(row))
-
-    async def AuthenticateApiKey(
-        self, request: admin_pb2.AuthenticateApiKeyRequest, context: Context
-    ) -> admin_pb2.AuthenticateApiKeyResponse:
-        require_scope(INTERNAL_SCOPE)
-        parsed = parse_api_key(request.api_key)
-        row = None
-        if parsed is not None:
-            row = await self._keys.find_for_authentication(parsed[0], timeout=deadline_timeout(context))
-        if row is None or parsed is None or not secrets_match(self._pepper, parsed[1], row.secret_hash):
-            raise StrataError(
-                Code.UNAUTHENTICATED, "INVALID_API_KEY", "the API key is not valid", domain=DOMAIN
-            )
-        if row.tenant_status is None:
-            raise StrataError(
-                Code.UNAUTHENTICATED,
-                "INVALID_API_KEY",
-                "the key's tenant no longer exists",
-                domain=DOMAIN,
-            )
-        if row.tenant_status == SUSPENDED:
-            raise StrataError(
-                Code.PERMISSION_DENIED,
-                "TENANT_SUSPENDED",
-                f"tenant {row.tenant!r} is suspended",
-                domain=DOMAIN,
-                metadata={"tenant": row.tenant},
-            )
-        return admin_pb2.AuthenticateApiKeyResponse(
-            key_id=row.key_id,
-            tenant=row.tenant,
-            scopes=row.scopes,
-            tenant_uid=str(row.tenant_uid),
-        )
 
 
 def _own_tenant(caller: Caller, tenant: str) -> None:
@@ -161,6 +130,5 @@ def _own_tenant(caller: Caller, tenant: str) -> None:
             Code.PERMISSION_DENIED,
             "OTHER_TENANT",
             "an admin key manages its own tenant only; another tenant needs an operator key",
-            domain=DOMAIN,
             metadata={"tenant": tenant},
         )

@@ -17,7 +17,6 @@ from shared.storage.db import Database
 
 __all__ = ["CacheControl"]
 
-DOMAIN = "strata.admin.v1"
 # InvalidateCache's service name → the cache's name (its Redis keys and channel).
 _CACHES = {"kv": "kv", "tenants": "records"}
 _TENANT_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
@@ -58,7 +57,7 @@ class CacheControl:
             if "\x00" in value or len(value.encode()) > 4096:
                 errors.append(FieldViolation(field, "must be at most 4096 bytes without NUL"))
         if errors:
-            raise invalid_argument(errors, domain=DOMAIN)
+            raise invalid_argument(errors)
         prefix = b""
         if request.tenant:
             prefix = request.tenant.encode() + b"\x00"

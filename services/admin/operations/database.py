@@ -18,8 +18,6 @@ from shared.storage.slowlog import read_slow_queries
 
 __all__ = ["DatabaseStats"]
 
-DOMAIN = "strata.admin.v1"
-
 
 class DatabaseStats:
     """Postgres's own views, read through the service role, and the slow-query log in Redis."""
@@ -33,7 +31,7 @@ class DatabaseStats:
     ) -> admin_pb2.GetDatabaseStatsResponse:
         """Sizes, connections, cache hit ratio, index health, dead tuples, slow statements."""
         if not 0 <= request.limit <= 1000:
-            raise invalid_argument([FieldViolation("limit", "must be between 0 and 1000")], domain=DOMAIN)
+            raise invalid_argument([FieldViolation("limit", "must be between 0 and 1000")])
         limit = request.limit or 20
         response = admin_pb2.GetDatabaseStatsResponse()
         async with self._db.transaction(timeout=timeout) as conn:

@@ -50,7 +50,7 @@ class SystemHealth:
         reasons = [
             f"{c.component} at {c.address} is not serving: {c.error or 'NOT_SERVING'}"
             for c in components
-            if c.status != admin_pb2.SERVING_SERVING
+            if c.status != admin_pb2.SERVING_STATUS_SERVING
         ]
         if not postgres.reachable:
             reasons.append(f"postgres is unreachable: {postgres.error}")
@@ -69,7 +69,9 @@ class SystemHealth:
         if self._db.replicas is not None:
             response.replicas.extend(replica_health(r) for r in self._db.replicas.status())
         response.reasons.extend(reasons)
-        response.status = admin_pb2.SERVING_NOT_SERVING if reasons else admin_pb2.SERVING_SERVING
+        response.status = (
+            admin_pb2.SERVING_STATUS_NOT_SERVING if reasons else admin_pb2.SERVING_STATUS_SERVING
+        )
         return response
 
     def _addresses(self, component: str) -> tuple[str, ...]:
@@ -91,11 +93,13 @@ class SystemHealth:
                     health_pb2.HealthCheckRequest(), timeout=_CHECK_TIMEOUT_S
                 )
             except grpc.aio.AioRpcError as exc:
-                health.status = admin_pb2.SERVING_NOT_SERVING
+                health.status = admin_pb2.SERVING_STATUS_NOT_SERVING
                 health.error = exc.code().name
             else:
                 serving = reply.status == health_pb2.HealthCheckResponse.SERVING
-                health.status = admin_pb2.SERVING_SERVING if serving else admin_pb2.SERVING_NOT_SERVING
+                health.status = (
+                    admin_pb2.SERVING_STATUS_SERVING if serving else admin_pb2.SERVING_STATUS_NOT_SERVING
+                )
                 if not serving:
                     health.error = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
         health.round_trip.CopyFrom(duration(time.perf_counter() - started))
@@ -121,3 +125,7 @@ class SystemHealth:
         return admin_pb2.BackendHealth(
             reachable=True, round_trip=duration(seconds), version=str(info.get("redis_version", ""))
         )
+
+
+def _verdict(serving: bool) -> admin_pb2.ServingStatus:
+    return admin_pb2.SERVING_STATUS_SERVING if serving else admin_pb2.SERVING_STATUS_NOT_SERVING

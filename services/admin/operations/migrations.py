@@ -15,8 +15,6 @@ from shared.storage.migrations import status as migration_versions
 
 __all__ = ["MigrationControl"]
 
-DOMAIN = "strata.admin.v1"
-
 
 class MigrationControl:
     """This build's migration plan, and the database's record of what it applied."""
@@ -53,15 +51,12 @@ class MigrationControl:
                 Code.FAILED_PRECONDITION,
                 "OWNER_ROLE_NOT_CONFIGURED",
                 "STRATA_MIGRATE_DATABASE_URL is not set for the admin service",
-                domain=DOMAIN,
             )
         conn = await asyncpg.connect(owner_url, timeout=min(timeout, 10.0))
         try:
             applied = await apply_migrations(conn, self._plan)
         except MigrationError as exc:
-            raise StrataError(
-                Code.FAILED_PRECONDITION, "MIGRATION_HISTORY_CONFLICT", str(exc), domain=DOMAIN
-            ) from exc
+            raise StrataError(Code.FAILED_PRECONDITION, "MIGRATION_HISTORY_CONFLICT", str(exc)) from exc
         finally:
             await conn.close()
         async with self._db.transaction(timeout=timeout) as audit_conn:

@@ -9,7 +9,6 @@ import grpc
 from strata.admin.v1 import admin_pb2
 
 from services.admin.operations import Operations
-from shared.api.callers import OPERATOR_SCOPE, require_scope
 from shared.storage.db import deadline_timeout
 
 __all__ = ["OperationsServicer"]
@@ -26,35 +25,29 @@ class OperationsServicer:
     async def GetSystemHealth(
         self, request: admin_pb2.GetSystemHealthRequest, context: Context
     ) -> admin_pb2.GetSystemHealthResponse:
-        require_scope(OPERATOR_SCOPE)
         return await self._operations.health.system_health(deadline_timeout(context))
 
     async def GetDatabaseStats(
         self, request: admin_pb2.GetDatabaseStatsRequest, context: Context
     ) -> admin_pb2.GetDatabaseStatsResponse:
-        require_scope(OPERATOR_SCOPE)
         return await self._operations.database.database_stats(request, deadline_timeout(context))
 
     async def GetCacheStats(
         self, request: admin_pb2.GetCacheStatsRequest, context: Context
     ) -> admin_pb2.GetCacheStatsResponse:
-        require_scope(OPERATOR_SCOPE)
         return await self._operations.caches.cache_stats()
 
     async def InvalidateCache(
         self, request: admin_pb2.InvalidateCacheRequest, context: Context
     ) -> admin_pb2.InvalidateCacheResponse:
-        require_scope(OPERATOR_SCOPE)
         return await self._operations.caches.invalidate_cache(request, deadline_timeout(context))
 
     async def GetMigrationStatus(
         self, request: admin_pb2.GetMigrationStatusRequest, context: Context
     ) -> admin_pb2.GetMigrationStatusResponse:
-        require_scope(OPERATOR_SCOPE)
         return await self._operations.migrations.migration_status(deadline_timeout(context))
 
     async def ApplyMigrations(
         self, request: admin_pb2.ApplyMigrationsRequest, context: Context
     ) -> admin_pb2.ApplyMigrationsResponse:
-        require_scope(OPERATOR_SCOPE)
         return await self._operations.migrations.apply_migrations(deadline_timeout(context))

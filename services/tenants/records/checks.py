@@ -12,7 +12,7 @@ from typing import Any
 
 from strata.tenants.v1 import tenants_pb2
 
-from services.tenants.names import COLLECTION_RE, DOMAIN
+from services.tenants.names import COLLECTION_RE
 from shared.api.errors import FieldViolation, raise_invalid
 from shared.storage.filters import validate_path
 
@@ -52,7 +52,7 @@ class OrderBy:
 
 def raise_if(errors: list[FieldViolation]) -> None:
     """INVALID_ARGUMENT with ``errors``, if there are any."""
-    raise_invalid(errors, domain=DOMAIN)
+    raise_invalid(errors)
 
 
 def check_collection(value: str, field: str, errors: list[FieldViolation]) -> None:
@@ -65,21 +65,28 @@ def check_id(value: str, field: str, errors: list[FieldViolation]) -> None:
         errors.append(FieldViolation(field, "must be 1-128 characters of [A-Za-z0-9_.:-]"))
 
 
-def version_of(etag: str, errors: list[FieldViolation]) -> int | None:
-    """The cache_version ``etag`` names; None without an etag (or when it is not one of ours)."""
+def version_of(etag: str, field: str, errors: list[FieldViolation]) -> int | None:
+    """The cache_version ``etag`` (the request's ``field``) names; None without an etag (or when it
+    is not one of ours)."""
     if not etag:
         return None
     match = _ETAG_RE.fullmatch(etag)
     if match is None:
-        errors.append(FieldViolation("etag", "is not an etag of this API"))
+        errors.append(FieldViolation(field, "is not an etag of this API"))
         return None
     # An etag of the old form (no version) was issued before this one: it names
     # no incarnation, so it is stale (ABORTED), not malformed.
     return int(match[2]) if match[2] else _NEVER_CURRENT
 
 
-def order_by(value: str, descending: bool, errors: list[FieldViolation]) -> OrderBy:
-    """The order ``value`` asks for: "create_time" (the default), "update_time", "id" or "data.<path>"."""
+def order_by(text: str, errors: list[FieldViolation]) -> OrderBy:
+    """The order ``text`` asks for, as AIP-132 writes it: a field ("create_time", the default;
+    "update_time", "id" or "data.<path>"), then " desc" for descending (" asc" may be written)."""
+    value, _, direction = text.strip().partition(" ")
+    direction = direction.strip().lower()
+    if direction not in ("", "asc", "desc"):
+        errors.append(FieldViolation("order_by", 'must be a field, then optionally " asc" or " desc"'))
+    descending = direction == "desc"
     if value in ("", "create_time", "update_time"):
         return OrderBy("time", value or "create_time", descending)
     if value == "id":
@@ -95,8 +102,12 @@ def order_by(value: str, descending: bool, errors: list[FieldViolation]) -> Orde
 def mask_paths(
     request: tenants_pb2.UpdateRecordRequest, errors: list[FieldViolation]
 ) -> list[list[str]] | None:
-    """The data paths to change (as key lists), or None for a full replace."""
+    """The data paths to change (as key lists), or None for a full replace. Without a mask, what the
+    record sets (AIP-134's implied mask): its data whole, when present."""
     paths = list(request.update_mask.paths)
+    if not paths and not request.record.HasField("data"):
+        errors.append(FieldViolation("update_mask", 'names no path and the record sets no data; "data"'))
+        return None
     if not paths or "data" in paths:
         return None
     found: list[list[str]] = []

@@ -17,7 +17,7 @@ import grpc
 from google.protobuf import json_format
 from strata.tenants.v1 import tenants_pb2
 
-from services.tenants.names import DOMAIN, record_cache_key
+from services.tenants.names import record_cache_key
 from services.tenants.records.checks import (
     MAX_BATCH,
     MAX_DATA,
@@ -32,7 +32,7 @@ from services.tenants.records.checks import (
 from services.tenants.records.mapping import cache_entry, record_message
 from services.tenants.records.store import EtagMismatch, RecordNotFound, RecordRow, RecordStore
 from shared.api.answers import OverBudget, answer_budget, too_large
-from shared.api.callers import require_scope
+from shared.api.callers import current_caller
 from shared.api.documents import document_json
 from shared.api.errors import FieldViolation, StrataError, aborted, already_exists, not_found
 from shared.api.pagetoken import PageTokens, page_size
@@ -43,7 +43,6 @@ from shared.storage.db import deadline_timeout
 __all__ = ["RecordServicer"]
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
-READ, WRITE = "tenants:read", "tenants:write"
 
 
 class RecordServicer:
@@ -61,7 +60,7 @@ class RecordServicer:
     async def CreateRecord(
         self, request: tenants_pb2.CreateRecordRequest, context: Context
     ) -> tenants_pb2.CreateRecordResponse:
-        tenant = require_scope(WRITE).tenant
+        tenant = current_caller().tenant
         record = request.record
         errors: list[FieldViolation] = []
         check_collection(record.collection, "record.collection", errors)
@@ -76,16 +75,14 @@ class RecordServicer:
             tenant, record.collection, record_id, data, request.request_id, timeout=deadline_timeout(context)
         )
         if row is None:
-            raise already_exists(
-                "RECORD_ALREADY_EXISTS", f"record {record_id!r} exists", domain=DOMAIN, id=record_id
-            )
+            raise already_exists("RECORD_ALREADY_EXISTS", f"record {record_id!r} exists", id=record_id)
         await self._publish(tenant, row)
         return tenants_pb2.CreateRecordResponse(record=record_message(row))
 
     async def GetRecord(
         self, request: tenants_pb2.GetRecordRequest, context: Context
     ) -> tenants_pb2.GetRecordResponse:
-        tenant = require_scope(READ).tenant
+        tenant = current_caller().tenant
         errors: list[FieldViolation] = []
         check_collection(request.collection, "collection", errors)
         check_id(request.id, "id", errors)
@@ -105,7 +102,7 @@ class RecordServicer:
     async def BatchGetRecords(
         self, request: tenants_pb2.BatchGetRecordsRequest, context: Context
     ) -> tenants_pb2.BatchGetRecordsResponse:
-        tenant = require_scope(READ).tenant
+        tenant = current_caller().tenant
         errors: list[FieldViolation] = []
         check_collection(request.collection, "collection", errors)
         if not 0 < len(request.ids) <= MAX_BATCH:
@@ -131,7 +128,7 @@ class RecordServicer:
                 budget=budget,
             )
         except OverBudget:
-            raise too_large(budget, "ids", DOMAIN, "ask for fewer ids") from None
+            raise too_large(budget, "ids", "ask for fewer ids") from None
         found = {
             record_id: tenants_pb2.Record.FromString(entry.payload)
             for record_id, entry in entries.items()
@@ -145,12 +142,12 @@ class RecordServicer:
     async def UpdateRecord(
         self, request: tenants_pb2.UpdateRecordRequest, context: Context
     ) -> tenants_pb2.UpdateRecordResponse:
-        tenant = require_scope(WRITE).tenant
+        tenant = current_caller().tenant
         record = request.record
         errors: list[FieldViolation] = []
         check_collection(record.collection, "record.collection", errors)
         check_id(record.id, "record.id", errors)
-        version = version_of(request.etag, errors)
+        version = version_of(record.etag, "record.etag", errors)
         paths = mask_paths(request, errors)
         incoming = json_format.MessageToDict(record.data)
         raise_if(errors)
@@ -173,11 +170,11 @@ class RecordServicer:
     async def DeleteRecord(
         self, request: tenants_pb2.DeleteRecordRequest, context: Context
     ) -> tenants_pb2.DeleteRecordResponse:
-        tenant = require_scope(WRITE).tenant
+        tenant = current_caller().tenant
         errors: list[FieldViolation] = []
         check_collection(request.collection, "collection", errors)
         check_id(request.id, "id", errors)
-        version = version_of(request.etag, errors)
+        version = version_of(request.etag, "etag", errors)
         raise_if(errors)
         try:
             row, tombstone = await self._store.delete(
@@ -193,21 +190,22 @@ class RecordServicer:
     async def ListRecords(
         self, request: tenants_pb2.ListRecordsRequest, context: Context
     ) -> tenants_pb2.ListRecordsResponse:
-        tenant = require_scope(READ).tenant
+        tenant = current_caller().tenant
         errors: list[FieldViolation] = []
         check_collection(request.collection, "collection", errors)
         size = page_size(request.page_size, errors)
-        order = order_by(request.order_by, request.descending, errors)
+        order = order_by(request.order_by, errors)
         raise_if(errors)
         query = [
             "tenants.ListRecords",
             tenant,
             request.collection,
             request.filter.SerializeToString(deterministic=True).hex(),
-            request.order_by or "create_time",
-            request.descending,
+            order.kind,
+            order.field,
+            order.descending,
         ]
-        cursor = self._tokens.decode(request.page_token, query, domain=DOMAIN) if request.page_token else None
+        cursor = self._tokens.decode(request.page_token, query) if request.page_token else None
         budget = answer_budget(self._max_message_bytes)
         page = await self._store.list_page(
             tenant,
@@ -236,10 +234,10 @@ class RecordServicer:
 
 
 def _record_not_found(record_id: str) -> StrataError:
-    return not_found("RECORD_NOT_FOUND", f"record {record_id!r} not found", domain=DOMAIN, id=record_id)
+    return not_found("RECORD_NOT_FOUND", f"record {record_id!r} not found", id=record_id)
 
 
 def _refusal(exc: RecordNotFound | EtagMismatch, record_id: str) -> StrataError:
     if isinstance(exc, EtagMismatch):
-        return aborted("ETAG_MISMATCH", "the record changed since that etag", domain=DOMAIN)
+        return aborted("ETAG_MISMATCH", "the record changed since that etag")
     return _record_not_found(record_id)

@@ -19,7 +19,6 @@ from typing import Any
 import asyncpg
 from strata.common.v1 import filter_pb2
 
-from services.tenants.names import DOMAIN
 from services.tenants.records.checks import ID_RE, OrderBy
 from shared.api.answers import ROW_OVERHEAD_BYTES, OverBudget, cut_by_bytes, page_rows, split_at_budget
 from shared.api.documents import holds_nul
@@ -215,7 +214,7 @@ class RecordStore:
         params = SqlParams()
         conditions = [
             f"collection = {params.add(collection)}",
-            compile_filter(matching, "data", params, domain=DOMAIN),
+            compile_filter(matching, "data", params),
         ]
         if cursor is not None:
             conditions.append(_after(cursor, sort, order, params))
@@ -233,7 +232,7 @@ class RecordStore:
                 total = 0
                 if include_total:
                     counted = SqlParams()
-                    where = compile_filter(matching, "data", counted, domain=DOMAIN)
+                    where = compile_filter(matching, "data", counted)
                     total = await conn.fetchval(
                         f"SELECT count(*) FROM tenants.records WHERE collection = {counted.add(collection)} "
                         f"AND {where}",
@@ -244,7 +243,7 @@ class RecordStore:
 
         rows, total = await self._db.read_replica(page)
         fit, past = split_at_budget(rows, budget)
-        kept, more = page_rows(fit, past is not None, limit, budget=budget, domain=DOMAIN, item="record")
+        kept, more = page_rows(fit, past is not None, limit, budget=budget, item="record")
         last = kept[-1] if more else None
         return ListedPage(
             [_record(r) for r in kept],
@@ -293,10 +292,10 @@ def _after(cursor: Any, sort: str, order: OrderBy, params: SqlParams) -> str:
     so no cursor ever reaches a query it would fail in) is INVALID_ARGUMENT.
     """
     if not (isinstance(cursor, list) and len(cursor) == 2 and isinstance(cursor[1], str)):
-        raise invalid_page_token(DOMAIN)
+        raise invalid_page_token()
     value, last_id = cursor
     if not ID_RE.fullmatch(last_id):
-        raise invalid_page_token(DOMAIN)
+        raise invalid_page_token()
     beyond = "<" if order.descending else ">"
     after_id = params.add(last_id)
     if order.kind == "id":
@@ -318,20 +317,20 @@ def _time_bound(value: Any) -> datetime.datetime:
     except ValueError:
         bound = None
     if bound is None or bound.tzinfo is None:
-        raise invalid_page_token(DOMAIN)
+        raise invalid_page_token()
     return bound
 
 
 def _json_bound(value: Any) -> str:
     """A JSON cursor value: jsonb text as Postgres returned it (valid JSON, no NUL anywhere)."""
     if not isinstance(value, str):
-        raise invalid_page_token(DOMAIN)
+        raise invalid_page_token()
     try:
         nul = holds_nul(json.loads(value, parse_constant=_no_constant))  # jsonb cannot hold U+0000
     except (ValueError, RecursionError):  # RecursionError: nested too deep to be a stored value
-        raise invalid_page_token(DOMAIN) from None
+        raise invalid_page_token() from None
     if nul:
-        raise invalid_page_token(DOMAIN)
+        raise invalid_page_token()
     return value
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from strata.tenants.v1 import tenants_pb2
 
-from services.tenants.names import DOMAIN, TENANT_SLUG_RE
+from services.tenants.names import TENANT_SLUG_RE
 from services.tenants.registry.mapping import tenant_etag
 from services.tenants.registry.store import TenantRow
 from shared.api.documents import document_json
@@ -31,7 +31,7 @@ _MAX_METADATA = 64 * 1024
 
 def raise_if(errors: list[FieldViolation]) -> None:
     """INVALID_ARGUMENT with ``errors``, if there are any."""
-    raise_invalid(errors, domain=DOMAIN)
+    raise_invalid(errors)
 
 
 def name_of(tenant_id: str, slug: str) -> tuple[str, Any]:
@@ -40,10 +40,10 @@ def name_of(tenant_id: str, slug: str) -> tuple[str, Any]:
         try:
             return "id", str(uuid.UUID(tenant_id))
         except ValueError:
-            raise invalid_argument([FieldViolation("id", "is not a UUID")], domain=DOMAIN) from None
+            raise invalid_argument([FieldViolation("id", "is not a UUID")]) from None
     if TENANT_SLUG_RE.fullmatch(slug):
         return "slug", slug
-    raise invalid_argument([FieldViolation("slug", "set a tenant id or a valid slug")], domain=DOMAIN)
+    raise invalid_argument([FieldViolation("slug", "set a tenant id or a valid slug")])
 
 
 def check_fields(tenant: tenants_pb2.Tenant, prefix: str, errors: list[FieldViolation]) -> str:
@@ -58,10 +58,15 @@ def check_fields(tenant: tenants_pb2.Tenant, prefix: str, errors: list[FieldViol
 
 
 def check_mask(request: tenants_pb2.UpdateTenantRequest, errors: list[FieldViolation]) -> list[str]:
-    """The fields UpdateTenant is to change: named, each once, among :data:`MUTABLE`."""
-    paths = list(request.update_mask.paths)
+    """The fields UpdateTenant is to change: named, each once, among :data:`MUTABLE`; without a mask,
+    those the request sets (AIP-134's implied mask)."""
+    paths = list(request.update_mask.paths) or _set_fields(request.tenant)
     if not paths:
-        errors.append(FieldViolation("update_mask", f"name the fields to change: {', '.join(MUTABLE)}"))
+        errors.append(
+            FieldViolation(
+                "update_mask", f"names no field and the tenant sets none; one of {', '.join(MUTABLE)}"
+            )
+        )
     for i, path in enumerate(paths):
         if path not in MUTABLE:
             errors.append(FieldViolation(f"update_mask.paths[{i}]", f"must be one of {', '.join(MUTABLE)}"))
@@ -72,16 +77,28 @@ def check_mask(request: tenants_pb2.UpdateTenantRequest, errors: list[FieldViola
     return paths
 
 
+def _set_fields(tenant: tenants_pb2.Tenant) -> list[str]:
+    """The mutable fields ``tenant`` sets: a non-empty string, a status, metadata present."""
+    set_fields = {
+        "display_name": bool(tenant.display_name),
+        "status": tenant.status != tenants_pb2.TENANT_STATUS_UNSPECIFIED,
+        "plan": bool(tenant.plan),
+        "metadata": tenant.HasField("metadata"),
+    }
+    return [name for name in MUTABLE if set_fields[name]]
+
+
 def check_etag(etag: str, row: TenantRow) -> None:
     """ABORTED when ``etag`` is set and is not the tenant row's."""
     if etag and etag != tenant_etag(row):
-        raise aborted("ETAG_MISMATCH", "the tenant changed since that etag", domain=DOMAIN)
+        raise aborted("ETAG_MISMATCH", "the tenant changed since that etag")
 
 
-def version_of(etag: str) -> int | None:
-    """The version ``etag`` names; None without one; INVALID_ARGUMENT for one not of this API."""
+def version_of(etag: str, field: str) -> int | None:
+    """The version ``etag`` names; None without one; INVALID_ARGUMENT on ``field`` for one not of
+    this API."""
     if not etag:
         return None
     if not (etag.startswith("v") and etag[1:].isdigit()):
-        raise invalid_argument([FieldViolation("etag", "is not an etag of this API")], domain=DOMAIN)
+        raise invalid_argument([FieldViolation(field, "is not an etag of this API")])
     return int(etag[1:])

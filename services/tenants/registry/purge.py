@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import grpc
 from strata.admin.v1 import admin_pb2, admin_pb2_grpc
-from strata.kv.v1 import kv_pb2, kv_pb2_grpc
+from strata.internal.v1 import internal_pb2, internal_pb2_grpc
 
 from services.tenants.names import record_cache_key
 from services.tenants.registry.store import PurgedRows
@@ -55,8 +55,8 @@ class TenantPurge:
     async def purge_services(self, tenant: str, *, timeout: float) -> dict[str, int]:
         """Revoke ``tenant``'s API keys and remove its KV keys, through admin and kv."""
         api_keys = await self._revoke_keys(tenant, timeout)
-        kv = await kv_pb2_grpc.KvServiceStub(self._kv).PurgeTenant(
-            kv_pb2.PurgeTenantRequest(tenant=tenant),
+        kv = await internal_pb2_grpc.TenantPurgeServiceStub(self._kv).PurgeTenant(
+            internal_pb2.PurgeTenantRequest(tenant=tenant),
             timeout=timeout,
         )
         return {"api_keys": api_keys, "kv_keys": int(kv.deleted)}
@@ -71,7 +71,7 @@ class TenantPurge:
         )
 
     async def _revoke_keys(self, tenant: str, timeout: float) -> int:
-        admin = admin_pb2_grpc.AdminServiceStub(self._admin)
+        admin = admin_pb2_grpc.ApiKeyServiceStub(self._admin)
         revoked = 0
         page_token = ""
         while True:

@@ -14,7 +14,7 @@ from typing import Any, TypeAlias
 import grpc
 from strata.tenants.v1 import tenants_pb2
 
-from services.tenants.names import COLLECTION_RE, DOMAIN, TENANT_SLUG_RE
+from services.tenants.names import COLLECTION_RE, TENANT_SLUG_RE
 from services.tenants.registry.checks import (
     STATUSES,
     check_etag,
@@ -28,7 +28,6 @@ from services.tenants.registry.mapping import index_message, tenant_message
 from services.tenants.registry.purge import TenantPurge
 from services.tenants.registry.store import PurgedRows, TenantRow, TenantStore
 from shared.api.answers import answer_budget, page_rows
-from shared.api.callers import OPERATOR_SCOPE, require_scope
 from shared.api.errors import (
     Code,
     FieldViolation,
@@ -63,7 +62,6 @@ class TenantServicer:
     async def CreateTenant(
         self, request: tenants_pb2.CreateTenantRequest, context: Context
     ) -> tenants_pb2.CreateTenantResponse:
-        require_scope(OPERATOR_SCOPE)
         tenant = request.tenant
         errors: list[FieldViolation] = []
         if not TENANT_SLUG_RE.fullmatch(tenant.slug):
@@ -86,7 +84,7 @@ class TenantServicer:
             )
             if row is None:
                 raise already_exists(
-                    "TENANT_ALREADY_EXISTS", f"tenant {tenant.slug!r} exists", domain=DOMAIN, slug=tenant.slug
+                    "TENANT_ALREADY_EXISTS", f"tenant {tenant.slug!r} exists", slug=tenant.slug
                 )
             # Data an earlier tenant of this slug was sent after its delete: never the new one's.
             leftovers = await tx.owned(tenant.slug)
@@ -108,26 +106,24 @@ class TenantServicer:
     async def GetTenant(
         self, request: tenants_pb2.GetTenantRequest, context: Context
     ) -> tenants_pb2.GetTenantResponse:
-        require_scope(OPERATOR_SCOPE)
         row = await self._find(request, context)
         return tenants_pb2.GetTenantResponse(tenant=tenant_message(row))
 
     async def ListTenants(
         self, request: tenants_pb2.ListTenantsRequest, context: Context
     ) -> tenants_pb2.ListTenantsResponse:
-        require_scope(OPERATOR_SCOPE)
         errors: list[FieldViolation] = []
         size = page_size(request.page_size, errors)
         if request.status not in STATUSES:
             errors.append(FieldViolation("status", "is not a TenantStatus"))
         raise_if(errors)
         query = ["tenants.ListTenants", request.status]
-        after = self._tokens.cursor(request.page_token, query, "", domain=DOMAIN)
+        after = self._tokens.cursor(request.page_token, query, "")
         budget = answer_budget(self._max_message_bytes)
         rows, cut = await self._store.list_tenants(
             request.status, str(after), size + 1, budget=budget, timeout=deadline_timeout(context)
         )
-        kept, more = page_rows(rows, cut, size, budget=budget, domain=DOMAIN, item="tenant")
+        kept, more = page_rows(rows, cut, size, budget=budget, item="tenant")
         response = tenants_pb2.ListTenantsResponse(tenants=[tenant_message(r) for r in kept])
         if more:
             response.next_page_token = self._tokens.encode(query, kept[-1].slug)
@@ -136,7 +132,6 @@ class TenantServicer:
     async def UpdateTenant(
         self, request: tenants_pb2.UpdateTenantRequest, context: Context
     ) -> tenants_pb2.UpdateTenantResponse:
-        require_scope(OPERATOR_SCOPE)
         errors: list[FieldViolation] = []
         paths = check_mask(request, errors)
         metadata = check_fields(request.tenant, "tenant.", errors)
@@ -152,20 +147,19 @@ class TenantServicer:
         row = await self._store.update(
             by,
             name,
-            version_of(request.etag),
+            version_of(request.tenant.etag, "tenant.etag"),
             {p: values[p] for p in paths},
             details=lambda r: {"fields": paths, "status": r.status, "version": r.version},
             timeout=timeout,
         )
         if row is None:
             await self._find_by(by, name, timeout)  # NOT_FOUND if absent
-            raise aborted("ETAG_MISMATCH", "the tenant changed since that etag", domain=DOMAIN)
+            raise aborted("ETAG_MISMATCH", "the tenant changed since that etag")
         return tenants_pb2.UpdateTenantResponse(tenant=tenant_message(row))
 
     async def DeleteTenant(
         self, request: tenants_pb2.DeleteTenantRequest, context: Context
     ) -> tenants_pb2.DeleteTenantResponse:
-        require_scope(OPERATOR_SCOPE)
         row = await self._find(request, context)
         check_etag(request.etag, row)
         slug = row.slug
@@ -184,7 +178,7 @@ class TenantServicer:
         async with self._store.transaction(slug, timeout=timeout) as tx:
             locked = await tx.lock(row.id)
             if locked is None:
-                raise not_found("TENANT_NOT_FOUND", "no such tenant", domain=DOMAIN, slug=slug)
+                raise not_found("TENANT_NOT_FOUND", "no such tenant", slug=slug)
             check_etag(request.etag, locked)
             if not request.cascade:
                 # Anything written since the first count is still refused, not deleted.
@@ -210,7 +204,6 @@ class TenantServicer:
     async def DeclareIndex(
         self, request: tenants_pb2.DeclareIndexRequest, context: Context
     ) -> tenants_pb2.DeclareIndexResponse:
-        require_scope(OPERATOR_SCOPE)
         errors: list[FieldViolation] = []
         if not COLLECTION_RE.fullmatch(request.index.collection):
             errors.append(FieldViolation("index.collection", "must be 1-64 characters of [A-Za-z0-9_-]"))
@@ -224,7 +217,6 @@ class TenantServicer:
     async def ListIndexes(
         self, request: tenants_pb2.ListIndexesRequest, context: Context
     ) -> tenants_pb2.ListIndexesResponse:
-        require_scope(OPERATOR_SCOPE)
         rows = await self._store.list_indexes(request.collection, timeout=deadline_timeout(context))
         return tenants_pb2.ListIndexesResponse(indexes=[index_message(r) for r in rows])
 
@@ -233,14 +225,14 @@ class TenantServicer:
     ) -> TenantRow:
         which = request.WhichOneof("name")
         if which is None:
-            raise invalid_argument([FieldViolation("id", "set id or slug")], domain=DOMAIN)
+            raise invalid_argument([FieldViolation("id", "set id or slug")])
         by, name = name_of(request.id if which == "id" else "", request.slug if which == "slug" else "")
         return await self._find_by(by, name, deadline_timeout(context))
 
     async def _find_by(self, by: str, name: str, timeout: float) -> TenantRow:
         row = await self._store.find(by, name, timeout=timeout)
         if row is None:
-            raise not_found("TENANT_NOT_FOUND", "no such tenant", domain=DOMAIN, **{by: name})
+            raise not_found("TENANT_NOT_FOUND", "no such tenant", **{by: name})
         return row
 
 
@@ -251,6 +243,5 @@ def _not_empty(remaining: dict[str, int]) -> StrataError:
         Code.FAILED_PRECONDITION,
         "TENANT_NOT_EMPTY",
         f"the tenant still owns {owned}; delete them first or set cascade",
-        domain=DOMAIN,
         metadata={kind: str(count) for kind, count in remaining.items()},
     )

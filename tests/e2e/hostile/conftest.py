@@ -67,7 +67,9 @@ async def _cleanup(gateway: grpc.aio.Channel, dev_key: str, settings: Settings) 
             gateway, BY_ID["TenantService.DeleteTenant"], request.SerializeToString(), bearer(dev_key), 60
         )
     branch = admin_pb2.DeleteBranchRequest(name=NAME)
-    await invoke(gateway, BY_ID["AdminService.DeleteBranch"], branch.SerializeToString(), bearer(dev_key), 60)
+    await invoke(
+        gateway, BY_ID["BackupService.DeleteBranch"], branch.SerializeToString(), bearer(dev_key), 60
+    )
     # No RPC drops a declared index; the attacker's (on its own collection names) go here.
     conn = await asyncpg.connect(settings.migrate_database_url)
     try:

@@ -17,6 +17,7 @@ from google.protobuf.descriptor import FieldDescriptor
 
 from gateway.routes import build_routes
 from shared.api.callers import ADMIN_SCOPE, INTERNAL_SCOPE, OPERATOR_SCOPE
+from shared.rpc.contract import required_scope
 from tests.e2e.hostile.names import ATTACKER_MARK, DIMENSION, NAME
 
 # What goes into every string slot (map and JSON keys, JSON values, field masks included).
@@ -42,6 +43,12 @@ HOSTILE_STRINGS: tuple[str, ...] = (
 
 # -- the RPCs, from the generated descriptors ---------------------------------------
 
+# The internal services, by the process that serves them (the gateway routes none).
+INTERNAL_SERVED_BY = {
+    "strata.internal.v1.ApiKeyAuthService": "admin",
+    "strata.internal.v1.TenantPurgeService": "kv",
+}
+
 
 def _proto_services() -> list[descriptor.ServiceDescriptor]:
     """Every service declared by a generated ``strata.*`` module."""
@@ -66,8 +73,19 @@ class Rpc:
 
     @property
     def upstream(self) -> str:
-        """The process serving it: ``strata.<upstream>.v1.<Service>``."""
-        return self.service.full_name.split(".")[1]
+        """The process serving it: ``strata.<upstream>.v1.<Service>``, or for an internal service the
+        process that serves it."""
+        return INTERNAL_SERVED_BY.get(self.service.full_name) or self.service.full_name.split(".")[1]
+
+    @property
+    def scope(self) -> str:
+        """The scope the method declares."""
+        return required_scope(self.method)
+
+    @property
+    def routed(self) -> bool:
+        """Whether the gateway serves it (every public method; no internal one)."""
+        return self.path in ROUTES
 
     @property
     def id(self) -> str:
@@ -76,7 +94,7 @@ class Rpc:
     @property
     def tenant_scoped(self) -> bool:
         """Whether it acts on the caller's own tenant (not an operator's whole-system call)."""
-        return ROUTES[self.path].scope not in (ADMIN_SCOPE, OPERATOR_SCOPE, INTERNAL_SCOPE)
+        return self.scope not in (ADMIN_SCOPE, OPERATOR_SCOPE, INTERNAL_SCOPE)
 
     def response(self, raw: bytes) -> message.Message:
         return message_factory.GetMessageClass(self.method.output_type).FromString(raw)
@@ -90,7 +108,7 @@ PROBES = (
     "KvService.List",
     "RecordService.ListRecords",
     "VectorService.ListCollections",
-    "AdminService.ListApiKeys",
+    "ApiKeyService.ListApiKeys",
 )
 LIST_RPCS = [rpc for rpc in RPCS if "page_token" in rpc.method.input_type.fields_by_name]
 

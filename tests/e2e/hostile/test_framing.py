@@ -113,7 +113,7 @@ def _framing_targets(hostile: Hostile) -> list[tuple[str, int, Rpc, Metadata]]:
     """(label, port, rpc, headers): one method of each kind per upstream, direct and via the gateway."""
     targets = []
     for upstream in hostile.direct:
-        own = [rpc for rpc in RPCS if rpc.upstream == upstream]
+        own = [rpc for rpc in RPCS if rpc.upstream == upstream and rpc.routed]
         for kind in ((False, False), (False, True), (True, False)):
             rpc = next(
                 (r for r in own if (r.method.client_streaming, r.method.server_streaming) == kind), None

@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 import pytest
 from strata.admin.v1 import admin_pb2
+from strata.internal.v1 import internal_pb2
 from strata.tenants.v1 import tenants_pb2
 
 from shared.api.callers import OPERATOR_SCOPE
@@ -93,7 +94,7 @@ async def test_a_revoked_key_is_refused_by_every_service_within_a_second_for_goo
         PROBES, OK
     )
     revoke = admin_pb2.RevokeApiKeyRequest(key_id=key.split("_")[1])
-    outcome = await hostile.call(BY_ID["AdminService.RevokeApiKey"], revoke.SerializeToString(), "gateway")
+    outcome = await hostile.call(BY_ID["ApiKeyService.RevokeApiKey"], revoke.SerializeToString(), "gateway")
     assert outcome.code == OK, outcome
 
     async def refused_everywhere() -> bool:
@@ -103,9 +104,9 @@ async def test_a_revoked_key_is_refused_by_every_service_within_a_second_for_goo
     assert await _until(refused_everywhere, 2.0) <= 1.5  # the gateway's key cache: 1 s
     await asyncio.sleep(1.2)  # past the cache again: still refused, not re-learnt as valid
     assert await refused_everywhere()
-    check = BY_ID["AdminService.AuthenticateApiKey"]
+    check = BY_ID["ApiKeyAuthService.AuthenticateApiKey"]
     outcome = await hostile.call(
-        check, admin_pb2.AuthenticateApiKeyRequest(api_key=key).SerializeToString(), "direct"
+        check, internal_pb2.AuthenticateApiKeyRequest(api_key=key).SerializeToString(), "direct"
     )
     assert (outcome.code, outcome.reason) == (grpc.StatusCode.UNAUTHENTICATED, "INVALID_API_KEY")
 

@@ -33,7 +33,7 @@ def _oversized() -> list[tuple[Rpc, bytes]]:
         ("KvService.Watch", kv_pb2.WatchRequest(namespace=NAME, key=big)),
         ("RecordService.CreateRecord", tenants_pb2.CreateRecordRequest(record=record)),
         ("VectorService.UpsertPoints", vector_pb2.UpsertPointsRequest(collection=NAME, points=[point])),
-        ("AdminService.Restore", restore),
+        ("BackupService.Restore", restore),
     ]
     return [(BY_ID[rpc_id], request.SerializeToString()) for rpc_id, request in requests]
 

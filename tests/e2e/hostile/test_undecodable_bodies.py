@@ -4,15 +4,13 @@ to every RPC and to health: INVALID_ARGUMENT naming the field, or ``request``.""
 from __future__ import annotations
 
 import random
-from typing import Any
 
 import grpc
 import pytest
 from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shared.api.callers import INTERNAL_SCOPE
-from tests.e2e.hostile.rpcs import ROUTES, RPCS, Rpc, Slot, params, request_for, slots, with_value
+from tests.e2e.hostile.rpcs import RPCS, Rpc, Slot, params, request_for, slots, with_value
 from tests.e2e.hostile.stage import Hostile, outcome_of, report
 from tests.support.protowire import parses, strings_as_bytes
 
@@ -27,14 +25,6 @@ INVALID_UTF8: tuple[bytes, ...] = (
     b"\x80",  # a continuation byte with nothing before it
     b"\xff\xfe",
 )
-
-
-def _refusal(rpc: Rpc, label: str, otherwise: tuple[Any, ...]) -> tuple[Any, ...]:
-    """(code, reason, violations) a call labelled ``label`` must get, ``otherwise`` unless
-    ``rpc`` is internal and the call went through the gateway, which refuses it unread."""
-    if label.startswith("gateway") and ROUTES[rpc.path].scope == INTERNAL_SCOPE:
-        return (grpc.StatusCode.PERMISSION_DENIED, "MISSING_SCOPE", ())
-    return otherwise
 
 
 _MARKER = b"ZqXjZqXjZqXjZqXj"
@@ -100,7 +90,7 @@ async def test_bodies_that_are_not_requests_are_invalid_argument(hostile: Hostil
     failures = []
     for label, outcome in await hostile.both(rpc, [body for body, _ in cases]):
         fields = cases[int(label.split("#")[1])][1]
-        expected = _refusal(rpc, label, (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", fields))
+        expected = (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", fields)
         if (outcome.code, outcome.reason, outcome.violations) != expected:
             failures.append(
                 f"{label}: {outcome.code.name} {outcome.reason} {outcome.violations}, not {fields}"

@@ -1,0 +1,1 @@
+"""Generated Strata stubs; see protos/."""
