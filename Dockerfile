@@ -44,11 +44,12 @@ COPY --from=build /src/protos ./protos
 COPY shared ./shared
 COPY services ./services
 COPY gateway ./gateway
+COPY roles ./roles
 # devstack/ (the launcher and the embedded servers) is for development only and not copied.
 # The code runs from /app (migrations and strata.protoset are read beside it); the
 # generated stubs import as `strata.*` from /app/protos.
 ENV PATH=/opt/strata/bin:$PATH PYTHONPATH=/app:/app/protos PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 STRATA_HOST=0.0.0.0
 USER 10001
-# One process a container: each service of docker-compose.yml names its own command.
-CMD ["python", "-m", "gateway"]
+# Every role in one process (STRATA_ROLES, default all); docker-compose.yml runs one role a container.
+CMD ["python", "-m", "roles"]

@@ -48,7 +48,7 @@ lint: $(ALL_SET) $(GEN)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/buf lint
 	$(VENV)/bin/buf breaking --against protos/v1.binpb
-	$(VENV)/bin/mypy shared gateway services devstack bench
+	$(VENV)/bin/mypy shared gateway services devstack roles bench
 	$(VENV)/bin/hadolint Dockerfile
 	$(VENV)/bin/lint-imports --no-cache
 	.ci/check-file-lengths

@@ -91,6 +91,21 @@ class EnvReader:
             raise ConfigError(f"{name}={raw!r} is not a readable file")
         return raw
 
+    def subset(self, name: str, choices: tuple[str, ...], everything: str = "all") -> tuple[str, ...]:
+        """A comma-separated subset of ``choices``, in their order (``everything``, or unset: all of
+        them); ConfigError for an unknown, repeated or empty list."""
+        raw = self._raw(name)
+        if raw is None or raw.casefold() == everything:
+            return choices
+        named = [part.strip().casefold() for part in raw.split(",")]
+        unknown = [part for part in named if part not in choices]
+        if unknown or not all(named) or len(set(named)) != len(named):
+            raise ConfigError(
+                f"{name}={raw!r} must be {everything!r} or a comma-separated list of {', '.join(choices)}, "
+                "each once"
+            )
+        return tuple(choice for choice in choices if choice in named)
+
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
         """One of ``choices`` (matched ignoring case, returned as spelled there), or ``default``."""
         raw = self._raw(name)

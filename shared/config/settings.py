@@ -49,6 +49,8 @@ class Settings:
     embedded_replicas: int = 0  # streaming replicas of the embedded Postgres
     # Processes per service (STRATA_<SERVICE>_REPLICAS): kv, tenants, vector and the gateway.
     process_counts: tuple[tuple[str, int], ...] = ()
+    # The roles one ``python -m roles`` process hosts (STRATA_ROLES: "all", or some of ROLES).
+    roles: tuple[str, ...] = ("kv", "tenants", "vector", "admin", "gateway")
     # Point-in-time recovery of a Postgres Strata manages (embedded mode): the launcher
     # sets STRATA_PITR_DIR for admin; empty means PITR belongs to the provider.
     pitr_dir: str = ""
@@ -188,6 +190,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
                 for name in REPLICABLE
                 if f"STRATA_{name.upper()}_REPLICAS" in env
             ),
+            roles=reader.subset("STRATA_ROLES", ROLES),
             pitr_dir=env.get("STRATA_PITR_DIR", ""),
             pitr_base_backup_interval_s=reader.number(
                 "STRATA_PITR_BASE_BACKUP_INTERVAL_S", defaults.pitr_base_backup_interval_s, 1.0
@@ -280,6 +283,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
 
 
 _SERVICES = ("kv", "tenants", "vector", "admin")
+# Every role a process may host, in the order a process starts them (the gateway last: it checks
+# the others' health).
+ROLES = (*_SERVICES, "gateway")
 # Services that may run as several processes (admin holds the owner role: one).
 REPLICABLE = ("kv", "tenants", "vector", "gateway")
 # How reads are spread over replicas (see shared.storage.replicas).

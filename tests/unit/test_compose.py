@@ -133,7 +133,7 @@ def test_services_send_traces_to_the_tracing_backend():
 
 def test_the_image_copies_every_package_the_commands_import():
     dockerfile = (ROOT / "Dockerfile").read_text()
-    for folder in ("protos", "shared", "services", "gateway"):
+    for folder in ("protos", "shared", "services", "gateway", "roles"):
         assert f"COPY {folder} ./{folder}" in dockerfile
     # The dev stack (launcher, embedded servers) is never part of a deployment.
     assert "devstack" not in [

@@ -409,3 +409,15 @@ def test_good_otel_values_are_accepted(env):
 def test_a_bad_otel_value_is_a_config_error_naming_the_variable(env, variable):
     with pytest.raises(ConfigError, match=rf"^{variable}\b"):
         load_settings(env)
+
+
+def test_roles_are_all_by_default_or_those_named_in_the_order_they_start():
+    assert load_settings({}).roles == ("kv", "tenants", "vector", "admin", "gateway")
+    assert load_settings({"STRATA_ROLES": "ALL"}).roles == load_settings({}).roles
+    assert load_settings({"STRATA_ROLES": " gateway , KV "}).roles == ("kv", "gateway")
+
+
+@pytest.mark.parametrize("value", ["kv,nope", "kv,kv", "kv,,vector", ","])
+def test_an_unknown_repeated_or_empty_role_names_strata_roles(value):
+    with pytest.raises(ConfigError, match="STRATA_ROLES"):
+        load_settings({"STRATA_ROLES": value})

@@ -195,12 +195,12 @@ def test_the_images_runtime_set_is_the_locked_runtime_and_runs_every_service(tmp
     # (no devstack/), as the image runs it; the embedded-only modules cannot be imported there.
     app = tmp_path / "app"
     app.mkdir()
-    for folder in ("shared", "services", "gateway", "protos"):
+    for folder in ("shared", "services", "gateway", "roles", "protos"):
         (app / folder).symlink_to(ROOT / folder)
     walk = (
         "import importlib, pkgutil, sys\n"
         f"embedded_only = {EMBEDDED_ONLY!r}\n"
-        "for package in ('shared', 'services', 'gateway'):\n"
+        "for package in ('shared', 'services', 'gateway', 'roles'):\n"
         "    root = importlib.import_module(package)\n"
         "    for info in pkgutil.walk_packages(root.__path__, package + '.'):\n"
         "        if not info.name.endswith('__main__') and info.name not in embedded_only:\n"

@@ -1,0 +1,3 @@
+from roles.host import main
+
+main()
