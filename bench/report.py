@@ -41,6 +41,7 @@ def results(suite: Suite, config: Config) -> dict[str, Any]:
         "ratios": suite.ratios(),
         "echo_ceiling_rps": medians["echo"]["rps"] if "echo" in medians else None,
         "gateway_added_p50_ms": suite.gateway_added_p50_ms(),
+        "one_process_added_p50_ms": suite.one_process_added_p50_ms(),
         "recall_at_10": suite.vector.get("recall_at_10"),
         "vector_load": suite.vector,
         "cache_hit_ratio": (suite.cache_figures() or {}).get("hit_ratio"),

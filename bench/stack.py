@@ -7,9 +7,11 @@ can be restarted with other settings (tracing on) while the data stays.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import secrets
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -72,13 +74,40 @@ async def running_strata(
     env.update(extra_env or {})
     launched = await launch(env, ROOT)
     try:
-        yield Target(
-            ports=ports,
-            api_key=(data_dir / "dev-api-key").read_text().strip(),
-            internal_secret=secret,
-            database_url=backends.database_url,
-            redis_url=backends.redis_url,
-            pids=launched.pids(),
-        )
+        # Beside the split shape, every role in one process (python -m roles) on ports of its
+        # own: its gateway is the target "all".
+        async with _all_roles(env) as (all_port, all_pid):
+            yield Target(
+                ports={**ports, "all": all_port},
+                api_key=(data_dir / "dev-api-key").read_text().strip(),
+                internal_secret=secret,
+                database_url=backends.database_url,
+                redis_url=backends.redis_url,
+                pids=launched.pids(),
+                one_process_pid=all_pid,
+            )
     finally:
         await launched.stop()
+
+
+@contextlib.asynccontextmanager
+async def _all_roles(env: dict[str, str]) -> AsyncIterator[tuple[int, int]]:
+    """A ``python -m roles`` process with every role, on ``env``'s backends; (gateway port, pid)."""
+    own = {f"STRATA_{name.upper()}_PORT": str(free_port()) for name in PROCESSES}
+    roles_env = {k: v for k, v in env.items() if not k.endswith("_METRICS_PORT")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "roles", env={**roles_env, **own}, cwd=ROOT, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert process.stdout is not None
+        ready = 0
+        while ready < len(PROCESSES):
+            line = await asyncio.wait_for(process.stdout.readline(), 60)
+            if not line.startswith(b"READY "):
+                raise RuntimeError(f"python -m roles did not start: {line!r}")
+            ready += 1
+        yield int(own["STRATA_GATEWAY_PORT"]), process.pid
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            await asyncio.wait_for(process.wait(), 60)

@@ -97,6 +97,8 @@ class Suite:
         await self._prepare()
         scenarios = self._scenarios()
         self.memory["idle"] = resident_memory(self.target.pids)
+        # Every role in one process, idle but for what the preparation sent it (nothing).
+        self.memory["one_process_idle"] = resident_memory({"all": self.target.one_process_pid})
         peer = etcd_server() if etcd_available() else contextlib.nullcontext(None)
         async with echo_server() as echo_port, peer as etcd_port:
             if etcd_port is not None:
@@ -239,6 +241,12 @@ class Suite:
 
         async def kv_get_gateway(_: int) -> Measurement:
             return await self._unary("gateway", "Get", get, self.target.bearer(), sample_memory=True)
+
+        async def kv_get_one_process(_: int) -> Measurement:
+            return await self._unary("all", "Get", get, self.target.bearer())
+
+        async def kv_get_one_process_moderate(_: int) -> Measurement:
+            return await self._unary("all", "Get", get, self.target.bearer(), moderate=True)
 
         async def kv_get_direct_moderate(_: int) -> Measurement:
             return await self._unary("kv", "Get", get, self._direct("Get", get), moderate=True)
@@ -413,6 +421,8 @@ class Suite:
             "echo": echo,
             "kv_get_direct": kv_get_direct,
             "kv_get_gateway": kv_get_gateway,
+            "kv_get_one_process": kv_get_one_process,
+            "kv_get_one_process_moderate": kv_get_one_process_moderate,
             "kv_get_direct_moderate": kv_get_direct_moderate,
             "kv_get_gateway_moderate": kv_get_gateway_moderate,
             "batchget100_direct": batchget_direct,
@@ -552,6 +562,9 @@ class Suite:
         return {
             "kv_get_direct_vs_echo": median_of("kv_get_direct", "echo"),
             "kv_get_gateway_vs_echo": median_of("kv_get_gateway", "echo"),
+            # Every role in one process: the gateway hands the Get to kv's handler in-process.
+            "kv_get_one_process_vs_echo": median_of("kv_get_one_process", "echo"),
+            "kv_get_one_process_vs_direct": median_of("kv_get_one_process", "kv_get_direct"),
             "batchget_keys_vs_get": median_of("batchget100_direct", "kv_get_direct", BATCH),
             "put_vs_asyncpg": median_of("kv_put_direct", "asyncpg_upsert"),
             "records_get_vs_sql": median_of("records_get_direct", "asyncpg_record_get"),
@@ -569,6 +582,14 @@ class Suite:
 
     def _has(self, scenario: str) -> bool:
         return bool(self.rounds) and scenario in self.rounds[0]
+
+    def one_process_added_p50_ms(self) -> float | None:
+        """Median over rounds of the all-roles gateway's p50 minus the service's, at moderate load."""
+        if not (self._has("kv_get_one_process_moderate") and self._has("kv_get_direct_moderate")):
+            return None
+        return statistics.median(
+            r["kv_get_one_process_moderate"].p50_ms - r["kv_get_direct_moderate"].p50_ms for r in self.rounds
+        )
 
     def gateway_added_p50_ms(self) -> float | None:
         """Median over rounds of the gateway's p50 minus the service's, at moderate load."""

@@ -16,12 +16,13 @@ __all__ = ["Target", "bench_caller"]
 class Target:
     """A running Strata: its ports on 127.0.0.1, an admin API key, the internal secret, the backends."""
 
-    ports: dict[str, int]  # "gateway", "kv", "tenants", "vector", "admin"
+    ports: dict[str, int]  # "gateway", "kv", "tenants", "vector", "admin"; "all": the one-process gateway
     api_key: str
     internal_secret: str
     database_url: str  # the service role, as the services connect
     redis_url: str
     pids: dict[str, int]  # process → pid, for resident-memory figures
+    one_process_pid: int = 0  # the all-roles process (python -m roles), whose gateway is "all"
 
     def address(self, process: str) -> str:
         """host:port of ``process``."""

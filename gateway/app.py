@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from gateway.auth import FailedAttempts, KeyResolver
 from gateway.proxy import Proxy
 from gateway.ratelimit import RateLimiter
@@ -10,14 +12,18 @@ from gateway.streams import OpenStreams
 from gateway.upstreams import Upstream
 from shared.cache.redisclient import open_redis
 from shared.config.settings import Settings, require_internal_secret
+from shared.rpc.local import LocalUnary
 from shared.rpc.server import StrataServer, run_service
 from shared.rpc.tls import internal_channel_credentials
 
 __all__ = ["build_gateway_server", "main"]
 
 
-async def build_gateway_server(settings: Settings) -> StrataServer:
-    """The gateway's server, proxying every routed service to its upstreams."""
+async def build_gateway_server(
+    settings: Settings, local: Mapping[str, LocalUnary] | None = None
+) -> StrataServer:
+    """The gateway's server, proxying every routed service to its upstreams; ``local``: the unary
+    handlers of services in this process, which its calls are handed to in-process instead."""
     secret = require_internal_secret(settings)
     server = StrataServer(settings, "gateway", public=True)
     credentials = internal_channel_credentials(settings)
@@ -38,7 +44,7 @@ async def build_gateway_server(settings: Settings) -> StrataServer:
         keys, settings.streams_per_key, settings.streams_per_tenant, settings.gateway_max_streams
     )
     failures = FailedAttempts(settings.auth_failures_per_peer_rps, settings.auth_failures_per_peer_burst)
-    proxy = Proxy(build_routes(), upstreams, keys, limiter, secret, server.gate, streams, failures)
+    proxy = Proxy(build_routes(), upstreams, keys, limiter, secret, server.gate, streams, failures, local)
     server.add_generic_handler(
         proxy, [service.full_name for services in ROUTED_SERVICES.values() for service in services]
     )

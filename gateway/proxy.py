@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, NamedTuple, TypeAlias
 
@@ -40,6 +40,7 @@ from shared.observability.telemetry import tracing_on
 from shared.rpc.callgate import CallGate
 from shared.rpc.handlers import grpc_code
 from shared.rpc.identity import INTERNAL_PREFIX, sign_caller
+from shared.rpc.local import LocalContext, LocalUnary
 from shared.rpc.spans import rpc_server_span
 
 __all__ = ["Proxy"]
@@ -88,8 +89,12 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
         gate: CallGate,
         streams: OpenStreams,
         failures: FailedAttempts,
+        local: Mapping[str, LocalUnary] | None = None,
     ) -> None:
+        """``local``: the unary handlers of services in this process, by path; their calls are
+        handed to them in-process (:mod:`shared.rpc.local`) instead of forwarded."""
         self._keys = keys
+        self._local = dict(local or {})
         self._streams = streams
         self._failures = failures
         self._limiter = limiter
@@ -106,15 +111,21 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
             return grpc.stream_unary_rpc_method_handler(self._upload(route))
         if route.server_streaming:
             return grpc.unary_stream_rpc_method_handler(self._stream(route))
+        local = self._local.get(route.path)
+        if local is not None:
+            return grpc.unary_unary_rpc_method_handler(self._in_process(route, local))
         return grpc.unary_unary_rpc_method_handler(self._unary(route))
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         return self._handlers.get(handler_call_details.method)
 
-    async def _admit(self, route: Route, context: Context, request: bytes | None) -> _Admitted:
+    async def _admit(
+        self, route: Route, context: Context, request: bytes | None, *, sign: bool = True
+    ) -> _Admitted:
         """What to forward once the caller may make this call; a server stream is counted in.
 
-        The identity is signed for ``request``, the bytes forwarded (None: a client stream).
+        The identity is signed for ``request``, the bytes forwarded (None: a client stream), unless
+        the call stays in this process (``sign`` False).
         """
         self._gate.enter()
         try:
@@ -129,8 +140,9 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
             self._gate.leave()
             raise
         forwarded = _forwardable(incoming)
-        forwarded.extend(sign_caller(self._secret, route.path, caller, body=request))
-        return _Admitted(self._tokens.attach(caller.key_id, forwarded), caller.key_id, stream)
+        if sign:
+            forwarded.extend(sign_caller(self._secret, route.path, caller, body=request))
+        return _Admitted(self._tokens.attach(caller.key_id, forwarded), caller, stream)
 
     async def _authenticate(
         self, incoming: Sequence[tuple[str, Any]], context: Context
@@ -156,13 +168,15 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
         server_span: Any,
         request: bytes | None,
         requests: AsyncIterator[bytes] | None = None,
+        *,
+        sign: bool = True,
     ) -> _Admitted:
         """:meth:`_admit`, answering the caller with the refusal when there is one.
 
         ``requests``, a client stream, is read on (bounded) before refusing: see :func:`_discard`.
         """
         try:
-            return await self._admit(route, context, request)
+            return await self._admit(route, context, request, sign=sign)
         except StrataError as exc:
             if requests is not None:
                 await _discard(requests)
@@ -197,12 +211,37 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
                     await _pass_back(exc, context, server_span)
                 finally:
                     self._gate.leave()
-                self._tokens.observe(caller, trailing)
+                self._tokens.observe(caller.key_id, trailing)
                 context.set_trailing_metadata(tuple(trailing or ()))
                 end_span(server_span, grpc.StatusCode.OK)
                 return response
 
         return forward
+
+    def _in_process(self, route: Route, handler: LocalUnary) -> Any:
+        """A unary call of a service in this process: admitted here, then its handler directly."""
+
+        async def hand_over(request: bytes, context: Context) -> bytes:
+            with self._server_span(route, context) as server_span:
+                metadata, caller, _ = await self._admitted(route, context, server_span, request, sign=False)
+                local = LocalContext(context, caller, metadata)
+                try:
+                    # The caller's deadline bounds the handler as it bounds a forwarded call.
+                    async with asyncio.timeout(context.time_remaining()):
+                        response = await handler(request, local)
+                except TimeoutError:
+                    end_span(server_span, grpc.StatusCode.DEADLINE_EXCEEDED)
+                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+                except grpc.aio.AioRpcError as exc:
+                    await _pass_back(exc, context, server_span)
+                finally:
+                    self._gate.leave()
+                self._tokens.observe(caller.key_id, local.trailing)
+                context.set_trailing_metadata(local.trailing)
+                end_span(server_span, grpc.StatusCode.OK)
+                return response
+
+        return hand_over
 
     def _stream(self, route: Route) -> Any:
         upstream = self._upstreams[route.upstream]
@@ -239,7 +278,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
                     self._streams.close(stream)
                     self._gate.leave()
                 if trailing:
-                    self._tokens.observe(caller, trailing)
+                    self._tokens.observe(caller.key_id, trailing)
                     context.set_trailing_metadata(tuple(trailing or ()))
                 end_span(server_span, grpc.StatusCode.OK)
 
@@ -272,7 +311,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
                     if call is not None:
                         call.cancel()  # the caller went away: stop the upstream call (no-op once done)
                     self._gate.leave()
-                self._tokens.observe(caller, trailing)
+                self._tokens.observe(caller.key_id, trailing)
                 context.set_trailing_metadata(tuple(trailing or ()))
                 end_span(server_span, grpc.StatusCode.OK)
                 return response
@@ -281,8 +320,8 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
 
 
 class _Admitted(NamedTuple):
-    metadata: list[tuple[str, str]]  # to forward, the signed identity included
-    key_id: str
+    metadata: list[tuple[str, str]]  # to forward, the signed identity included (when signed)
+    caller: Caller
     stream: OpenStream | None  # a server stream's place among the open ones
 
 

@@ -17,6 +17,7 @@ from services.vector.app import build_vector_server
 from shared.config.settings import ROLES, ConfigError, Settings, load_settings
 from shared.observability.logs import configure_logging
 from shared.observability.telemetry import setup_telemetry, shutdown_telemetry
+from shared.rpc.local import LocalUnary
 from shared.rpc.server import StrataServer
 
 __all__ = ["BUILDERS", "main", "serve_roles"]
@@ -34,11 +35,20 @@ BUILDERS: dict[str, Callable[[Settings], Awaitable[StrataServer]]] = {
 async def serve_roles(settings: Settings, stop: asyncio.Event) -> None:
     """Build and start ``settings.roles`` in order, print ``READY <role> host:port`` for each, serve
     until ``stop`` is set, then stop the gateway first (it drains the calls it accepted while the
-    services still answer them) and the services after it."""
+    services still answer them) and the services after it.
+
+    The gateway hands unary calls of the services here to their handlers in-process (one hop);
+    streams, uploads and the services elsewhere are forwarded over gRPC as from its own process.
+    """
     servers: list[tuple[str, StrataServer]] = []
+    local: dict[str, LocalUnary] = {}  # the services' unary handlers, for the gateway here
     try:
         for role in settings.roles:
-            server = await BUILDERS[role](settings)
+            if role == "gateway":  # last: every service of this process is built by then
+                server = await build_gateway_server(settings, local)
+            else:
+                server = await BUILDERS[role](settings)
+                local.update(server.local_handlers)
             servers.append((role, server))
             port = await server.start(settings.port_of(role))
             # Tells a parent process (launcher, tests) that the role's port is bound.

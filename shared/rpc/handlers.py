@@ -23,6 +23,7 @@ from shared.observability.telemetry import tracing_on
 from shared.rpc.callgate import CallGate
 from shared.rpc.contract import error_domain, required_scope
 from shared.rpc.identity import verify_caller
+from shared.rpc.local import LocalContext, LocalUnary
 from shared.rpc.spans import end_rpc_span, rpc_server_span
 from shared.rpc.wireformat import invalid_utf8_field
 from shared.storage.consistency import TOKEN_KEY, begin_call, format_lsn
@@ -39,9 +40,11 @@ def service_handler(
     servicer: object,
     service: _descriptor.ServiceDescriptor,
     admission: Callable[[_descriptor.MethodDescriptor], Admission],
+    local: dict[str, LocalUnary] | None = None,
 ) -> grpc.GenericRpcHandler:
     """Every method of ``service`` served by the same-named coroutine of ``servicer``, each call let in
-    by ``admission(method)``; spans when tracing is on."""
+    by ``admission(method)``; spans when tracing is on. Each unary method's handler, untraced, is
+    also put in ``local`` by its path, for calls from this process's gateway."""
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for method in service.methods:
         impl = getattr(servicer, method.name)
@@ -60,6 +63,8 @@ def service_handler(
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(stream)
         else:
             unary = _unary_handler(impl, request_type, admission(method))
+            if local is not None:
+                local[f"/{service.full_name}/{method.name}"] = unary
             if tracing_on():
                 unary = _traced_unary(unary, service.full_name, method.name)
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(unary)
@@ -85,8 +90,13 @@ class Admission:
         raises StrataError (and leaves) otherwise."""
         self.gate.enter()
         try:
-            metadata = context.invocation_metadata() or ()
-            caller = verify_caller(self._secret, self._method, metadata, body=body, max_age_s=self._max_age_s)
+            if isinstance(context, LocalContext):
+                caller = context.caller  # this process's gateway authenticated it
+            else:
+                metadata = context.invocation_metadata() or ()
+                caller = verify_caller(
+                    self._secret, self._method, metadata, body=body, max_age_s=self._max_age_s
+                )
             set_current_caller(caller)
             require_scope(self._scope)
         except StrataError:

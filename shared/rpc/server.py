@@ -33,6 +33,7 @@ from shared.observability.telemetry import setup_telemetry, shutdown_telemetry
 from shared.rpc.callgate import CallGate
 from shared.rpc.handlers import Admission, service_handler
 from shared.rpc.health import HealthService
+from shared.rpc.local import LocalUnary
 from shared.rpc.reflection import add_reflection
 from shared.rpc.tls import internal_server_credentials, public_server_credentials
 
@@ -86,6 +87,7 @@ class StrataServer:
         self._health = HealthService()
         self._server.add_generic_rpc_handlers((self._health.handler(),))
         self._service_names: list[str] = []
+        self._local: dict[str, LocalUnary] = {}
         self._hooks: list[ShutdownHook] = []
         self._closers: list[ShutdownHook] = []
         self._stopping = asyncio.Event()
@@ -111,8 +113,15 @@ class StrataServer:
         def admission(method: _descriptor.MethodDescriptor) -> Admission:
             return Admission(self._gate, self._secret, method, self._settings.identity_max_age_s)
 
-        self._server.add_generic_rpc_handlers((service_handler(servicer, service, admission),))
+        handler = service_handler(servicer, service, admission, self._local)
+        self._server.add_generic_rpc_handlers((handler,))
         self._service_names.append(service.full_name)
+
+    @property
+    def local_handlers(self) -> dict[str, LocalUnary]:
+        """Path → the unary handlers of this server's services, for a gateway in this process
+        (:mod:`shared.rpc.local`)."""
+        return self._local
 
     def add_generic_handler(self, handler: grpc.GenericRpcHandler, service_names: list[str]) -> None:
         """Serve ``service_names`` from ``handler`` (the gateway's proxy), with reflection and health."""

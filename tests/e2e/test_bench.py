@@ -16,6 +16,7 @@ from bench.scaling import scaling_rounds
 from bench.suite import Config, Suite
 from bench.target import Target
 from tests.conftest import TEST_INTERNAL_SECRET
+from tests.support.stack import start_roles, stop_process
 
 pytestmark = pytest.mark.e2e
 
@@ -35,18 +36,23 @@ TINY = Config(
 
 
 async def test_the_suite_runs_every_scenario_and_writes_its_figures(stack, settings, tmp_path):
-    target = Target(
-        ports=stack.ports,
-        api_key=stack.api_key,
-        internal_secret=TEST_INTERNAL_SECRET,
-        database_url=settings.database_url,
-        redis_url=settings.redis_url,
-        pids=stack.launched.pids(),
-    )
-    suite = Suite(target, TINY, settings.migrate_database_url)
-    lines: list[str] = []
-    await suite.run(log=lines.append)
-    assert len(lines) == len(suite.rounds[0]) == 23  # with the etcd peer (the Makefile installs it)
+    one_process, ports, _ = await start_roles(stack, "all")  # every role in one process, beside
+    try:
+        target = Target(
+            ports={**stack.ports, "all": ports["gateway"]},
+            api_key=stack.api_key,
+            internal_secret=TEST_INTERNAL_SECRET,
+            database_url=settings.database_url,
+            redis_url=settings.redis_url,
+            pids=stack.launched.pids(),
+            one_process_pid=one_process.pid,
+        )
+        suite = Suite(target, TINY, settings.migrate_database_url)
+        lines: list[str] = []
+        await suite.run(log=lines.append)
+    finally:
+        await stop_process(one_process)
+    assert len(lines) == len(suite.rounds[0]) == 25  # with the etcd peer (the Makefile installs it)
     document = write_results(suite, TINY, tmp_path)
     assert json.loads((tmp_path / "latest.json").read_text()) == json.loads(json.dumps(document))
     ratios = document["ratios"]
@@ -62,6 +68,8 @@ async def test_the_suite_runs_every_scenario_and_writes_its_figures(stack, setti
     measured = (
         "kv_get_direct_vs_echo",
         "kv_get_gateway_vs_echo",
+        "kv_get_one_process_vs_echo",
+        "kv_get_one_process_vs_direct",
         "batchget_keys_vs_get",
         "put_vs_asyncpg",
         "records_get_vs_sql",
@@ -86,6 +94,8 @@ async def test_the_suite_runs_every_scenario_and_writes_its_figures(stack, setti
     for name, scenario in document["scenarios"].items():
         assert scenario["rps"] > 0 and 0 < scenario["p50_ms"] <= scenario["p99_ms"], name
     assert set(document["memory_bytes"]["idle"]) == {"gateway", "kv", "tenants", "vector", "admin"}
+    assert document["memory_bytes"]["one_process_idle"]["all"] > 10 * 2**20
+    assert document["one_process_added_p50_ms"] is not None
     assert all(size > 10 * 2**20 for size in document["memory_bytes"]["under_load"].values())
     table = (tmp_path / "latest.md").read_text()
     assert "| kv_get_direct_vs_echo |" in table and "| echo |" in table

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 
 import grpc
 import pytest
@@ -14,44 +13,14 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from strata.admin.v1 import admin_pb2, admin_pb2_grpc
 from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 
-from devstack.ports import free_port
 from gateway.routes import ROUTED_SERVICES
 from roles.host import BUILDERS
 from shared.config.settings import ROLES
-from tests.conftest import PROJECT_ROOT
 from tests.support.calls import bearer
-from tests.support.stack import Stack, run_to_exit
+from tests.support.errors import error_info, field_violations
+from tests.support.stack import Stack, roles_environment, run_to_exit, start_roles
 
 pytestmark = pytest.mark.e2e
-
-
-def roles_environment(stack: Stack, roles: str) -> tuple[dict[str, str], dict[str, int]]:
-    """``stack``'s settings (backends, secrets) for a process hosting ``roles``, on ports of its own."""
-    ports = {role: free_port() for role in ROLES}
-    env = {k: v for k, v in stack.env.items() if not k.endswith("_METRICS_PORT")}  # the stack's own
-    env.update({f"STRATA_{role.upper()}_PORT": str(port) for role, port in ports.items()})
-    env["STRATA_ROLES"] = roles
-    return env, ports
-
-
-async def start_roles(
-    stack: Stack, roles: str
-) -> tuple[asyncio.subprocess.Process, dict[str, int], list[str]]:
-    """A ``python -m roles`` process; (process, ports, the roles it said READY for, in order)."""
-    env, ports = roles_environment(stack, roles)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "roles", env=env, cwd=PROJECT_ROOT, stdout=asyncio.subprocess.PIPE
-    )
-    assert process.stdout is not None
-    expected = ROLES if roles == "all" else tuple(r for r in ROLES if r in roles.split(","))
-    ready: list[str] = []
-    while len(ready) < len(expected):
-        line = (await asyncio.wait_for(process.stdout.readline(), 60)).decode()
-        assert line.startswith("READY "), f"not ready: {line!r}"
-        role, address = line.split()[1:3]
-        assert address == f"127.0.0.1:{ports[role]}"
-        ready.append(role)
-    return process, ports, ready
 
 
 async def stop(process: asyncio.subprocess.Process) -> int:
@@ -120,3 +89,98 @@ async def _reflected(channel: grpc.aio.Channel) -> set[str]:
     ):
         return {service.name for service in reply.list_services_response.service}
     raise AssertionError("no reflection answer")
+
+
+# -- one hop: the gateway hands unary calls to the services in its process ----------------
+
+SERVER, CLIENT = 2, 3
+
+
+async def test_a_call_in_one_process_is_one_hop_in_one_trace(stack: Stack, receiver, namespace: str) -> None:
+    process, ports, _ = await start_roles(stack, "all")
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{ports['gateway']}") as channel:
+            await kv_pb2_grpc.KvServiceStub(channel).Put(
+                kv_pb2.PutRequest(namespace=namespace, key="traced", value=b"v"),
+                metadata=bearer(stack.api_key),
+            )
+
+        def root(span) -> bool:
+            return (
+                span.service == "strata-all" and span.kind == SERVER and span.name.endswith("KvService/Put")
+            )
+
+        def complete(spans) -> bool:
+            return any(
+                root(r)
+                and any(
+                    s.trace_id == r.trace_id and s.attributes.get("db.system") == "postgresql" for s in spans
+                )
+                for r in spans
+            )
+
+        spans = await receiver.wait_for(complete, timeout=20)
+    finally:
+        await stop(process)
+    top = next(r for r in spans if root(r) and complete([r, *[s for s in spans if s.trace_id == r.trace_id]]))
+    trace = {s.span_id: s for s in spans if s.trace_id == top.trace_id}
+    puts = [s for s in trace.values() if s.name.endswith("KvService/Put")]
+    assert puts == [top], "one span for the call: no client span, no second server span"
+    database = next(s for s in trace.values() if s.attributes.get("db.system") == "postgresql")
+    ancestor = database
+    while ancestor.parent_span_id in trace:
+        ancestor = trace[ancestor.parent_span_id]
+    assert ancestor is top  # the statement is part of the gateway's span of the call
+
+
+async def test_both_shapes_answer_alike(stack: Stack, namespace: str) -> None:
+    # Answers, details and trailing metadata through the split shape's gateway and through an
+    # all-roles process's, where the call never leaves the process.
+    process, ports, _ = await start_roles(stack, "all")
+    key = bearer(stack.api_key)
+    try:
+        outcomes = []
+        for shape, address in enumerate((stack.gateway, f"127.0.0.1:{ports['gateway']}")):
+            async with grpc.aio.insecure_channel(address) as channel:
+                stub = kv_pb2_grpc.KvServiceStub(channel)
+                outcomes.append(await _answers(stub, f"{namespace}-{shape}", key))
+    finally:
+        await stop(process)
+    split, joined = outcomes
+    assert split == joined
+    assert [o[0] for o in split] == [
+        "OK",
+        "OK",
+        "ABORTED",
+        "NOT_FOUND",
+        "INVALID_ARGUMENT",
+    ]
+
+
+async def _answers(kv: kv_pb2_grpc.KvServiceStub, namespace: str, key) -> list[tuple[object, ...]]:
+    """What a few calls answer: code, ErrorInfo (domain, reason, metadata), violations, and whether
+    a write's answer carried a consistency token."""
+    # One after the other: a grpc.aio call starts when it is made.
+    calls = [
+        lambda: kv.Put(kv_pb2.PutRequest(namespace=namespace, key="same", value=b"v"), metadata=key),
+        lambda: kv.Get(kv_pb2.GetRequest(namespace=namespace, key="same"), metadata=key),
+        lambda: kv.Put(
+            kv_pb2.PutRequest(namespace=namespace, key="same", value=b"w", if_revision=999_999_999),
+            metadata=key,
+        ),
+        lambda: kv.Get(kv_pb2.GetRequest(namespace=namespace, key="absent"), metadata=key),
+        lambda: kv.Get(kv_pb2.GetRequest(namespace="", key="k"), metadata=key),
+    ]
+    answered = []
+    for make in calls:
+        call = make()
+        try:
+            await call
+            trailing = dict(await call.trailing_metadata())
+            answered.append(("OK", "strata-consistency-token" in trailing))
+        except grpc.aio.AioRpcError as exc:
+            info = error_info(exc)
+            described = (info.domain, info.reason, sorted(k for k in info.metadata))
+            invalid = exc.code() == grpc.StatusCode.INVALID_ARGUMENT
+            answered.append((exc.code().name, described, field_violations(exc) if invalid else {}))
+    return answered
