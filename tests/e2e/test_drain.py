@@ -109,7 +109,13 @@ async def hold_write_lock(settings: Settings) -> asyncpg.Connection:
 
 
 async def writers_waiting_on_the_lock(conn: asyncpg.Connection) -> int:
-    """Statements of other sessions writing KV entries that wait on a lock."""
+    """Statements of other sessions writing KV entries that wait on a lock.
+
+    ``conn`` holds the lock in an open transaction, and Postgres snapshots
+    pg_stat_activity once per transaction: the snapshot is cleared first, or a
+    poll made before the first Put reached the lock would be all later polls see.
+    """
+    await conn.execute("SELECT pg_stat_clear_snapshot()")
     return int(
         await conn.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
