@@ -39,7 +39,7 @@ async def build_gateway_server(
         for name in ROUTED_SERVICES
     }
     limiter = RateLimiter(open_redis(settings.redis_url), settings.rate_limit_rps, settings.rate_limit_burst)
-    keys = KeyResolver(upstreams["admin"], secret, settings.key_cache_ttl_s)
+    keys = KeyResolver(upstreams["admin"], secret, settings.key_cache_ttl_s, local)
     streams = OpenStreams(
         keys, settings.streams_per_key, settings.streams_per_tenant, settings.gateway_max_streams
     )

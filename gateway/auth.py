@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import grpc
 from strata.internal.v1 import internal_pb2
@@ -31,6 +31,7 @@ from shared.api.callers import INTERNAL_SCOPE, Caller
 from shared.api.errors import Code, StrataError
 from shared.cache.singleflight import SingleFlight
 from shared.rpc.identity import sign_caller
+from shared.rpc.local import LocalContext, LocalUnary
 
 __all__ = ["FailedAttempts", "KeyResolver", "bearer_token", "missing_scope", "peer_host"]
 
@@ -38,6 +39,7 @@ _AUTH_SERVICE = internal_pb2.DESCRIPTOR.services_by_name["ApiKeyAuthService"].fu
 _AUTHENTICATE_METHOD = "AuthenticateApiKey"
 _AUTHENTICATE = f"/{_AUTH_SERVICE}/{_AUTHENTICATE_METHOD}"
 GATEWAY_CALLER = Caller("strata-system", frozenset({INTERNAL_SCOPE}), "gateway")
+_LOOKUP_TIMEOUT_S = 2.0
 _MAX_CACHED = 100_000  # good answers
 _MAX_REFUSALS_CACHED = 10_000  # bad ones: anyone can make those
 _MAX_PEERS = 10_000  # peers whose failures are counted at once
@@ -57,8 +59,13 @@ def bearer_token(metadata: Sequence[tuple[str, str | bytes]]) -> str:
 class KeyResolver:
     """Resolves API keys through the admin service, caching answers for ``ttl_s``."""
 
-    def __init__(self, admin: Upstream, secret: bytes, ttl_s: float) -> None:
+    def __init__(
+        self, admin: Upstream, secret: bytes, ttl_s: float, local: Mapping[str, LocalUnary] | None = None
+    ) -> None:
+        """``local``: the unary handlers of services in this process; with admin's among them,
+        keys are checked in-process (:mod:`shared.rpc.local`)."""
         self._admin = admin
+        self._local = (local or {}).get(_AUTHENTICATE)
         self._secret = secret
         self._ttl_s = ttl_s
         # token -> (when fetched, the answer); refusals apart, so that junk cannot evict good keys
@@ -95,7 +102,12 @@ class KeyResolver:
         return cached is not None and time.monotonic() - cached[0] < self._ttl_s
 
     async def _authenticate(self, token: str) -> internal_pb2.AuthenticateApiKeyResponse:
-        """Ask admin who ``token`` is, in a client span of the current request (when tracing)."""
+        """Ask admin who ``token`` is: in-process when admin is here, else in a client span of the
+        current request (when tracing)."""
+        if self._local is not None:
+            request = internal_pb2.AuthenticateApiKeyRequest(api_key=token).SerializeToString()
+            asked = LocalContext(GATEWAY_CALLER, (), _LOOKUP_TIMEOUT_S, "in-process")
+            return internal_pb2.AuthenticateApiKeyResponse.FromString(await self._local(request, asked))
         call = self._admin.pick().unary_unary(
             _AUTHENTICATE,
             request_serializer=None,  # the bytes the identity is signed for are the bytes sent
@@ -106,7 +118,7 @@ class KeyResolver:
         with upstream_call_span(_AUTH_SERVICE, _AUTHENTICATE_METHOD, metadata) as span:
             try:
                 reply: internal_pb2.AuthenticateApiKeyResponse = await call(
-                    request, metadata=metadata, timeout=2.0
+                    request, metadata=metadata, timeout=_LOOKUP_TIMEOUT_S
                 )
             except grpc.aio.AioRpcError as exc:
                 end_span(span, exc.code(), client=True)

@@ -224,7 +224,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
         async def hand_over(request: bytes, context: Context) -> bytes:
             with self._server_span(route, context) as server_span:
                 metadata, caller, _ = await self._admitted(route, context, server_span, request, sign=False)
-                local = LocalContext(context, caller, metadata)
+                local = LocalContext(caller, metadata, context.time_remaining(), context.peer())
                 try:
                     # The caller's deadline bounds the handler as it bounds a forwarded call.
                     async with asyncio.timeout(context.time_remaining()):

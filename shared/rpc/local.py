@@ -13,6 +13,7 @@ gateway as a remote call's answer would: trailing metadata, and a status as a
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -33,25 +34,27 @@ class LocalContext:
     ``caller`` is the one the gateway authenticated (trusted: only code in this
     process makes a LocalContext); ``metadata`` what the gateway forwards (the
     caller's, with its newest consistency token); the deadline and peer are the
-    gateway's call's.
+    gateway's call's (or, for the gateway's own key lookup, its own).
     """
 
     def __init__(
-        self, outer: grpc.aio.ServicerContext[Any, Any], caller: Caller, metadata: Sequence[tuple[str, str]]
+        self, caller: Caller, metadata: Sequence[tuple[str, str]], timeout: float | None, peer: str
     ) -> None:
+        """``timeout``: seconds left of the call's deadline (None: none); ``peer``: the caller's address."""
         self.caller = caller
-        self._outer = outer
         self._metadata = tuple(metadata)
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._peer = peer
         self.trailing: tuple[tuple[str, Any], ...] = ()
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return self._metadata
 
     def time_remaining(self) -> float | None:
-        return self._outer.time_remaining()  # type: ignore[no-any-return]
+        return None if self._deadline is None else self._deadline - time.monotonic()
 
     def peer(self) -> str:
-        return self._outer.peer()  # type: ignore[no-any-return]
+        return self._peer
 
     def set_trailing_metadata(self, metadata: Sequence[tuple[str, Any]]) -> None:
         self.trailing = tuple(metadata)

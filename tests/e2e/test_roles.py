@@ -96,13 +96,16 @@ async def _reflected(channel: grpc.aio.Channel) -> set[str]:
 SERVER, CLIENT = 2, 3
 
 
-async def test_a_call_in_one_process_is_one_hop_in_one_trace(stack: Stack, receiver, namespace: str) -> None:
+async def test_a_call_in_one_process_is_one_hop_in_one_trace(
+    stack: Stack, receiver, make_key, namespace: str
+) -> None:
+    api_key, _ = await make_key("acme", "kv:read", "kv:write")  # new: its lookup is part of the trace
     process, ports, _ = await start_roles(stack, "all")
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{ports['gateway']}") as channel:
             await kv_pb2_grpc.KvServiceStub(channel).Put(
                 kv_pb2.PutRequest(namespace=namespace, key="traced", value=b"v"),
-                metadata=bearer(stack.api_key),
+                metadata=bearer(api_key),
             )
 
         def root(span) -> bool:
@@ -126,6 +129,10 @@ async def test_a_call_in_one_process_is_one_hop_in_one_trace(stack: Stack, recei
     trace = {s.span_id: s for s in spans if s.trace_id == top.trace_id}
     puts = [s for s in trace.values() if s.name.endswith("KvService/Put")]
     assert puts == [top], "one span for the call: no client span, no second server span"
+    # The key was checked in-process too: no RPC for it, its statement beneath the call's span.
+    assert not [s for s in trace.values() if s.name.endswith("AuthenticateApiKey")]
+    statements = " ".join(str(s.attributes.get("db.statement", "")) for s in trace.values())
+    assert "api_keys" in statements, statements[:300]
     database = next(s for s in trace.values() if s.attributes.get("db.system") == "postgresql")
     ancestor = database
     while ancestor.parent_span_id in trace:
