@@ -191,3 +191,29 @@ async def _answers(kv: kv_pb2_grpc.KvServiceStub, namespace: str, key) -> list[t
             invalid = exc.code() == grpc.StatusCode.INVALID_ARGUMENT
             answered.append((exc.code().name, described, field_violations(exc) if invalid else {}))
     return answered
+
+
+async def test_the_production_shape_keeps_the_owner_url_and_the_pepper_out_of_the_front(
+    stack: Stack, namespace: str
+) -> None:
+    # docs/SECURITY.md's advice: the gateway and the data services in one process without the
+    # owner's URL or the key pepper, admin apart (here the stack's), reached as an upstream.
+    env, ports = roles_environment(stack, "gateway,kv,tenants,vector")
+    for secret in ("STRATA_MIGRATE_DATABASE_URL", "STRATA_KEY_PEPPER"):
+        del env[secret]
+    env["STRATA_ADMIN_UPSTREAMS"] = f"127.0.0.1:{stack.ports['admin']}"
+    process, ports, ready = await start_roles(stack, "gateway,kv,tenants,vector", env=env, ports=ports)
+    try:
+        assert ready == ["kv", "tenants", "vector", "gateway"]
+        key = bearer(stack.api_key)  # checked by the stack's admin, over the internal hop
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{ports['gateway']}") as channel:
+            kv = kv_pb2_grpc.KvServiceStub(channel)
+            await kv.Put(kv_pb2.PutRequest(namespace=namespace, key="k", value=b"front"), metadata=key)
+            got = await kv.Get(kv_pb2.GetRequest(namespace=namespace, key="k"), metadata=key)
+            assert got.kv.value == b"front"
+            health = await admin_pb2_grpc.OperationsServiceStub(channel).GetSystemHealth(
+                admin_pb2.GetSystemHealthRequest(), metadata=key
+            )
+            assert health.components  # admin's answer, routed to the stack's admin
+    finally:
+        assert await stop(process) == 0

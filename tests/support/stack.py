@@ -190,10 +190,12 @@ def roles_environment(stack: Stack, roles: str) -> tuple[dict[str, str], dict[st
 
 
 async def start_roles(
-    stack: Stack, roles: str
+    stack: Stack, roles: str, *, env: dict[str, str] | None = None, ports: dict[str, int] | None = None
 ) -> tuple[asyncio.subprocess.Process, dict[str, int], list[str]]:
-    """A ``python -m roles`` process; (process, ports, the roles it said READY for, in order)."""
-    env, ports = roles_environment(stack, roles)
+    """A ``python -m roles`` process (on :func:`roles_environment` unless ``env`` and ``ports`` are
+    given); (process, ports, the roles it said READY for, in order)."""
+    if env is None or ports is None:
+        env, ports = roles_environment(stack, roles)
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "roles", env=env, cwd=PROJECT_ROOT, stdout=asyncio.subprocess.PIPE
     )
