@@ -7,11 +7,9 @@ can be restarted with other settings (tracing on) while the data stays.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import secrets
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +18,7 @@ from bench.target import Target
 from devstack.backends import Backends, open_backends
 from devstack.launcher import SERVICES, launch
 from devstack.ports import free_port
+from devstack.roles import roles_environment, start_roles
 from shared.config.settings import load_settings
 
 __all__ = ["bench_backends", "running_strata"]
@@ -93,21 +92,8 @@ async def running_strata(
 @contextlib.asynccontextmanager
 async def _all_roles(env: dict[str, str]) -> AsyncIterator[tuple[int, int]]:
     """A ``python -m roles`` process with every role, on ``env``'s backends; (gateway port, pid)."""
-    own = {f"STRATA_{name.upper()}_PORT": str(free_port()) for name in PROCESSES}
-    roles_env = {k: v for k, v in env.items() if not k.endswith("_METRICS_PORT")}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "roles", env={**roles_env, **own}, cwd=ROOT, stdout=asyncio.subprocess.PIPE
-    )
+    hosted = await start_roles(*roles_environment(env, "all"), ROOT)
     try:
-        assert process.stdout is not None
-        ready = 0
-        while ready < len(PROCESSES):
-            line = await asyncio.wait_for(process.stdout.readline(), 60)
-            if not line.startswith(b"READY "):
-                raise RuntimeError(f"python -m roles did not start: {line!r}")
-            ready += 1
-        yield int(own["STRATA_GATEWAY_PORT"]), process.pid
+        yield hosted.ports["gateway"], hosted.process.pid
     finally:
-        if process.returncode is None:
-            process.terminate()
-            await asyncio.wait_for(process.wait(), 60)
+        await hosted.stop()

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, NamedTuple, TypeAlias
+from typing import Any, NamedTuple
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -38,14 +38,13 @@ from shared.api.callers import Caller
 from shared.api.errors import DETAILS_KEY, Code, StrataError
 from shared.observability.telemetry import tracing_on
 from shared.rpc.callgate import CallGate
-from shared.rpc.handlers import grpc_code
+from shared.rpc.handlers import Context, grpc_code
 from shared.rpc.identity import INTERNAL_PREFIX, sign_caller
 from shared.rpc.local import LocalContext, LocalUnary
 from shared.rpc.spans import rpc_server_span
 
 __all__ = ["Proxy"]
 
-Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 # How much of a refused client stream is still read before answering (see _discard).
 _DISCARD_LIMIT_BYTES = 64 * 1024 * 1024
 _DISCARD_LIMIT_S = 5.0

@@ -20,15 +20,15 @@ from shared.observability.telemetry import setup_telemetry, shutdown_telemetry
 from shared.rpc.local import LocalUnary
 from shared.rpc.server import StrataServer
 
-__all__ = ["BUILDERS", "main", "serve_roles"]
+__all__ = ["SERVICE_BUILDERS", "main", "serve_roles"]
 
-# How each role is built, as its own process builds it.
-BUILDERS: dict[str, Callable[[Settings], Awaitable[StrataServer]]] = {
+# How each service role is built, as its own process builds it; the gateway, last, is built with
+# their handlers (build_gateway_server).
+SERVICE_BUILDERS: dict[str, Callable[[Settings], Awaitable[StrataServer]]] = {
     "kv": build_kv_server,
     "tenants": build_tenants_server,
     "vector": build_vector_server,
     "admin": build_admin_server,
-    "gateway": build_gateway_server,
 }
 
 
@@ -47,7 +47,7 @@ async def serve_roles(settings: Settings, stop: asyncio.Event) -> None:
             if role == "gateway":  # last: every service of this process is built by then
                 server = await build_gateway_server(settings, local)
             else:
-                server = await BUILDERS[role](settings)
+                server = await SERVICE_BUILDERS[role](settings)
                 local.update(server.local_handlers)
             servers.append((role, server))
             port = await server.start(settings.port_of(role))
@@ -55,9 +55,9 @@ async def serve_roles(settings: Settings, stop: asyncio.Event) -> None:
             print(f"READY {role} {settings.host}:{port}", flush=True)
         await stop.wait()
     finally:
-        gateway = [server for role, server in servers if role == "gateway"]
-        for server in gateway:
-            await server.stop()
+        for role, server in servers:
+            if role == "gateway":
+                await server.stop()
         await asyncio.gather(
             *(server.stop() for role, server in servers if role != "gateway"), return_exceptions=True
         )

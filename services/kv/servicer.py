@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from typing import Any, TypeAlias
+from typing import Any
 
 import asyncpg
-import grpc
 from strata.internal.v1 import internal_pb2
 from strata.kv.v1 import kv_pb2
 
@@ -33,11 +32,11 @@ from shared.api.pagetoken import PageTokens
 from shared.cache.entries import CacheEntry
 from shared.cache.groupcommit import finish_despite_caller
 from shared.cache.revisioned import RevisionedCache
+from shared.rpc.handlers import Context
 from shared.storage.db import deadline_timeout
 
 __all__ = ["KvServicer"]
 
-Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 _WATCH_BATCH = 500
 _RETURN_PREVIOUS_LIMIT = 1000
 

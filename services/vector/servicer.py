@@ -7,9 +7,6 @@ rows it gets back to messages.
 
 from __future__ import annotations
 
-from typing import Any, TypeAlias
-
-import grpc
 from strata.vector.v1 import vector_pb2
 
 from services.vector.checks import (
@@ -43,11 +40,10 @@ from shared.api.callers import current_caller
 from shared.api.documents import document_json
 from shared.api.errors import FieldViolation, already_exists, not_found
 from shared.api.pagetoken import PageTokens, page_size
+from shared.rpc.handlers import Context
 from shared.storage.db import deadline_timeout
 
 __all__ = ["VectorServicer"]
-
-Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 
 class VectorServicer:

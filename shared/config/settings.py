@@ -21,6 +21,10 @@ from shared.config.urls import endpoint_problem, postgres_url_problem, redis_url
 
 __all__ = ["ConfigError", "Settings", "load_settings", "require_internal_secret"]
 
+# Every role a process may host, in the order a process starts them (the gateway last: it checks
+# the others' health).
+ROLES = ("kv", "tenants", "vector", "admin", "gateway")
+
 
 @dataclass(frozen=True, slots=True)
 class Settings:
@@ -50,7 +54,7 @@ class Settings:
     # Processes per service (STRATA_<SERVICE>_REPLICAS): kv, tenants, vector and the gateway.
     process_counts: tuple[tuple[str, int], ...] = ()
     # The roles one ``python -m roles`` process hosts (STRATA_ROLES: "all", or some of ROLES).
-    roles: tuple[str, ...] = ("kv", "tenants", "vector", "admin", "gateway")
+    roles: tuple[str, ...] = ROLES
     # Point-in-time recovery of a Postgres Strata manages (embedded mode): the launcher
     # sets STRATA_PITR_DIR for admin; empty means PITR belongs to the provider.
     pitr_dir: str = ""
@@ -260,12 +264,12 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             stream_max_age_s=reader.number("STRATA_STREAM_MAX_AGE_S", defaults.stream_max_age_s, 1.0),
             upstreams=tuple(
                 (service, addresses)
-                for service in (*_SERVICES, "gateway")
+                for service in ROLES
                 if (addresses := reader.addresses(f"STRATA_{service.upper()}_UPSTREAMS"))
             ),
             metrics_ports=tuple(
                 (name, reader.port(f"STRATA_{name.upper()}_METRICS_PORT", 1))
-                for name in (*_SERVICES, "gateway")
+                for name in ROLES
                 if f"STRATA_{name.upper()}_METRICS_PORT" in env
             ),
             otlp_protocol=otlp_protocol,
@@ -282,10 +286,6 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     )
 
 
-_SERVICES = ("kv", "tenants", "vector", "admin")
-# Every role a process may host, in the order a process starts them (the gateway last: it checks
-# the others' health).
-ROLES = (*_SERVICES, "gateway")
 # Services that may run as several processes (admin holds the owner role: one).
 REPLICABLE = ("kv", "tenants", "vector", "gateway")
 # How reads are spread over replicas (see shared.storage.replicas).

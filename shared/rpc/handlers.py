@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import grpc
 from google.protobuf import descriptor as _descriptor
@@ -28,9 +28,11 @@ from shared.rpc.spans import end_rpc_span, rpc_server_span
 from shared.rpc.wireformat import invalid_utf8_field
 from shared.storage.consistency import TOKEN_KEY, begin_call, format_lsn
 
-__all__ = ["Admission", "abort_with", "decode_request", "grpc_code", "service_handler"]
+__all__ = ["Admission", "Context", "abort_with", "decode_request", "grpc_code", "service_handler"]
 
 _M = TypeVar("_M", bound=_message.Message)
+# What a servicer coroutine is called with beside its request (a LocalContext in-process).
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 UnaryHandler = Callable[[Any, "grpc.aio.ServicerContext[Any, Any]"], Awaitable[bytes]]
 StreamHandler = Callable[[bytes, "grpc.aio.ServicerContext[Any, Any]"], AsyncIterator[bytes]]
 _GRPC_CODES = {Code[status.name]: status for status in grpc.StatusCode}

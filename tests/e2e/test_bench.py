@@ -16,7 +16,7 @@ from bench.scaling import scaling_rounds
 from bench.suite import Config, Suite
 from bench.target import Target
 from tests.conftest import TEST_INTERNAL_SECRET
-from tests.support.stack import start_roles, stop_process
+from tests.support.stack import start_roles
 
 pytestmark = pytest.mark.e2e
 
@@ -36,22 +36,22 @@ TINY = Config(
 
 
 async def test_the_suite_runs_every_scenario_and_writes_its_figures(stack, settings, tmp_path):
-    one_process, ports, _ = await start_roles(stack, "all")  # every role in one process, beside
+    one_process = await start_roles(stack, "all")  # every role in one process, beside
     try:
         target = Target(
-            ports={**stack.ports, "all": ports["gateway"]},
+            ports={**stack.ports, "all": one_process.ports["gateway"]},
             api_key=stack.api_key,
             internal_secret=TEST_INTERNAL_SECRET,
             database_url=settings.database_url,
             redis_url=settings.redis_url,
             pids=stack.launched.pids(),
-            one_process_pid=one_process.pid,
+            one_process_pid=one_process.process.pid,
         )
         suite = Suite(target, TINY, settings.migrate_database_url)
         lines: list[str] = []
         await suite.run(log=lines.append)
     finally:
-        await stop_process(one_process)
+        await one_process.stop()
     assert len(lines) == len(suite.rounds[0]) == 25  # with the etcd peer (the Makefile installs it)
     document = write_results(suite, TINY, tmp_path)
     assert json.loads((tmp_path / "latest.json").read_text()) == json.loads(json.dumps(document))

@@ -3,9 +3,6 @@ through its gateway as through the split shape's, and a clean stop."""
 
 from __future__ import annotations
 
-import asyncio
-import signal
-
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -13,27 +10,24 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from strata.admin.v1 import admin_pb2, admin_pb2_grpc
 from strata.kv.v1 import kv_pb2, kv_pb2_grpc
 
+from devstack.roles import roles_environment
 from gateway.routes import ROUTED_SERVICES
-from roles.host import BUILDERS
+from roles.host import SERVICE_BUILDERS
 from shared.config.settings import ROLES
 from tests.support.calls import bearer
 from tests.support.errors import error_info, field_violations
-from tests.support.stack import Stack, roles_environment, run_to_exit, start_roles
+from tests.support.stack import Stack, run_to_exit, start_roles
 
 pytestmark = pytest.mark.e2e
 
 
-async def stop(process: asyncio.subprocess.Process) -> int:
-    process.send_signal(signal.SIGTERM)
-    return await asyncio.wait_for(process.wait(), 60)
-
-
 def test_every_role_has_a_builder_in_the_order_roles_start() -> None:
-    assert tuple(BUILDERS) == ROLES and ROLES[-1] == "gateway"
+    assert (*SERVICE_BUILDERS, "gateway") == ROLES
 
 
 async def test_all_roles_in_one_process_serve_through_its_gateway(stack: Stack, namespace: str) -> None:
-    process, ports, ready = await start_roles(stack, "all")
+    hosted = await start_roles(stack, "all")
+    ports, ready = hosted.ports, hosted.ready
     try:
         assert ready == list(ROLES)
         key = bearer(stack.api_key)  # the same database and pepper: the stack's key works here
@@ -56,12 +50,13 @@ async def test_all_roles_in_one_process_serve_through_its_gateway(stack: Stack, 
                 )
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
     finally:
-        code = await stop(process)
+        code = await hosted.stop()
     assert code == 0
 
 
 async def test_some_roles_in_one_process_bind_only_their_ports(stack: Stack) -> None:
-    process, ports, ready = await start_roles(stack, "vector,kv")
+    hosted = await start_roles(stack, "vector,kv")
+    ports, ready = hosted.ports, hosted.ready
     try:
         assert ready == ["kv", "vector"]  # in the order roles start, whatever the order named
         async with grpc.aio.insecure_channel(f"127.0.0.1:{ports['gateway']}") as channel:
@@ -69,12 +64,12 @@ async def test_some_roles_in_one_process_bind_only_their_ports(stack: Stack) -> 
                 await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE  # no gateway here
     finally:
-        assert await stop(process) == 0
+        assert await hosted.stop() == 0
 
 
 @pytest.mark.parametrize("roles", ["kv,nope", "kv,kv", "", "gateway,"])
 def test_an_unknown_or_repeated_role_is_a_configuration_error(stack: Stack, roles: str) -> None:
-    env, _ = roles_environment(stack, roles)
+    env, _ = roles_environment(stack.env, roles)
     if roles == "":
         env["STRATA_ROLES"] = " , "
     result = run_to_exit("roles", env)
@@ -100,7 +95,8 @@ async def test_a_call_in_one_process_is_one_hop_in_one_trace(
     stack: Stack, receiver, make_key, namespace: str
 ) -> None:
     api_key, _ = await make_key("acme", "kv:read", "kv:write")  # new: its lookup is part of the trace
-    process, ports, _ = await start_roles(stack, "all")
+    hosted = await start_roles(stack, "all")
+    ports = hosted.ports
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{ports['gateway']}") as channel:
             await kv_pb2_grpc.KvServiceStub(channel).Put(
@@ -124,7 +120,7 @@ async def test_a_call_in_one_process_is_one_hop_in_one_trace(
 
         spans = await receiver.wait_for(complete, timeout=20)
     finally:
-        await stop(process)
+        await hosted.stop()
     top = next(r for r in spans if root(r) and complete([r, *[s for s in spans if s.trace_id == r.trace_id]]))
     trace = {s.span_id: s for s in spans if s.trace_id == top.trace_id}
     puts = [s for s in trace.values() if s.name.endswith("KvService/Put")]
@@ -143,7 +139,8 @@ async def test_a_call_in_one_process_is_one_hop_in_one_trace(
 async def test_both_shapes_answer_alike(stack: Stack, namespace: str) -> None:
     # Answers, details and trailing metadata through the split shape's gateway and through an
     # all-roles process's, where the call never leaves the process.
-    process, ports, _ = await start_roles(stack, "all")
+    hosted = await start_roles(stack, "all")
+    ports = hosted.ports
     key = bearer(stack.api_key)
     try:
         outcomes = []
@@ -152,7 +149,7 @@ async def test_both_shapes_answer_alike(stack: Stack, namespace: str) -> None:
                 stub = kv_pb2_grpc.KvServiceStub(channel)
                 outcomes.append(await _answers(stub, f"{namespace}-{shape}", key))
     finally:
-        await stop(process)
+        await hosted.stop()
     split, joined = outcomes
     assert split == joined
     assert [o[0] for o in split] == [
@@ -198,11 +195,12 @@ async def test_the_production_shape_keeps_the_owner_url_and_the_pepper_out_of_th
 ) -> None:
     # docs/SECURITY.md's advice: the gateway and the data services in one process without the
     # owner's URL or the key pepper, admin apart (here the stack's), reached as an upstream.
-    env, ports = roles_environment(stack, "gateway,kv,tenants,vector")
+    env, ports = roles_environment(stack.env, "gateway,kv,tenants,vector")
     for secret in ("STRATA_MIGRATE_DATABASE_URL", "STRATA_KEY_PEPPER"):
         del env[secret]
     env["STRATA_ADMIN_UPSTREAMS"] = f"127.0.0.1:{stack.ports['admin']}"
-    process, ports, ready = await start_roles(stack, "gateway,kv,tenants,vector", env=env, ports=ports)
+    hosted = await start_roles(stack, "gateway,kv,tenants,vector", env=env, ports=ports)
+    ports, ready = hosted.ports, hosted.ready
     try:
         assert ready == ["kv", "tenants", "vector", "gateway"]
         key = bearer(stack.api_key)  # checked by the stack's admin, over the internal hop
@@ -216,4 +214,4 @@ async def test_the_production_shape_keeps_the_owner_url_and_the_pepper_out_of_th
             )
             assert health.components  # admin's answer, routed to the stack's admin
     finally:
-        assert await stop(process) == 0
+        assert await hosted.stop() == 0

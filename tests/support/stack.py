@@ -21,7 +21,9 @@ from pathlib import Path
 
 from devstack.launcher import LaunchedStrata, launch
 from devstack.ports import free_port
-from shared.config.settings import ROLES, Settings
+from devstack.roles import RolesProcess, roles_environment
+from devstack.roles import start_roles as start_roles_process
+from shared.config.settings import Settings
 from tests.conftest import PROJECT_ROOT, TEST_INTERNAL_SECRET
 
 TEST_KEY_PEPPER = "test-key-pepper-not-for-production"
@@ -180,32 +182,10 @@ def remove_data(stack: Stack) -> None:
     shutil.rmtree(stack.data_dir, ignore_errors=True)
 
 
-def roles_environment(stack: Stack, roles: str) -> tuple[dict[str, str], dict[str, int]]:
-    """``stack``'s settings (backends, secrets) for a process hosting ``roles``, on ports of its own."""
-    ports = {role: free_port() for role in ROLES}
-    env = {k: v for k, v in stack.env.items() if not k.endswith("_METRICS_PORT")}  # the stack's own
-    env.update({f"STRATA_{role.upper()}_PORT": str(port) for role, port in ports.items()})
-    env["STRATA_ROLES"] = roles
-    return env, ports
-
-
 async def start_roles(
     stack: Stack, roles: str, *, env: dict[str, str] | None = None, ports: dict[str, int] | None = None
-) -> tuple[asyncio.subprocess.Process, dict[str, int], list[str]]:
-    """A ``python -m roles`` process (on :func:`roles_environment` unless ``env`` and ``ports`` are
-    given); (process, ports, the roles it said READY for, in order)."""
+) -> RolesProcess:
+    """A ``python -m roles`` process on ``stack``'s backends and secrets (or on ``env`` and ``ports``)."""
     if env is None or ports is None:
-        env, ports = roles_environment(stack, roles)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "roles", env=env, cwd=PROJECT_ROOT, stdout=asyncio.subprocess.PIPE
-    )
-    assert process.stdout is not None
-    expected = ROLES if roles == "all" else tuple(r for r in ROLES if r in roles.split(","))
-    ready: list[str] = []
-    while len(ready) < len(expected):
-        line = (await asyncio.wait_for(process.stdout.readline(), 60)).decode()
-        assert line.startswith("READY "), f"not ready: {line!r}"
-        role, address = line.split()[1:3]
-        assert address == f"127.0.0.1:{ports[role]}"
-        ready.append(role)
-    return process, ports, ready
+        env, ports = roles_environment(stack.env, roles)
+    return await start_roles_process(env, ports, PROJECT_ROOT)

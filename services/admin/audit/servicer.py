@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import Any, TypeAlias
 
-import grpc
 from strata.admin.v1 import admin_pb2
 
 from services.admin.audit.store import AuditQuery, AuditStore
@@ -17,11 +15,11 @@ from shared.api.callers import current_caller
 from shared.api.errors import FieldViolation, invalid_argument
 from shared.api.pagetoken import PageTokens, page_size
 from shared.api.timestamps import to_timestamp
+from shared.rpc.handlers import Context
 from shared.storage.db import deadline_timeout
 
 __all__ = ["AuditServicer"]
 
-Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 _KEY_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _ACTION_RE = re.compile(r"/[A-Za-z0-9_.]+/[A-Za-z0-9_]+")
 

@@ -30,9 +30,8 @@ import tempfile
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Protocol, TypeAlias
+from typing import Any, Protocol
 
-import grpc
 from strata.admin.v1 import admin_pb2
 
 from services.admin.branches.archives import ArchiveSigner, parse_toc, vet
@@ -65,11 +64,11 @@ from services.admin.branches.tools import (
 from services.admin.branches.unmanaged import NoPointInTime
 from services.admin.branches.upload import RestoreUpload
 from shared.api.errors import Code, FieldViolation, StrataError, invalid_argument
+from shared.rpc.handlers import Context
 from shared.storage.db import Database, deadline_timeout
 
 __all__ = ["Backups"]
 
-Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 _CLEANUP_TIMEOUT_S = 30.0
 _log = logging.getLogger(__name__)
 

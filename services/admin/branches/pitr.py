@@ -19,9 +19,7 @@ import time
 from collections.abc import Awaitable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeAlias
 
-import grpc
 from google.protobuf import timestamp_pb2
 from strata.admin.v1 import admin_pb2
 
@@ -35,11 +33,11 @@ from services.admin.branches.tools import to_the_end
 from services.admin.branches.wal_archive import WalArchive
 from shared.api.errors import Code, FieldViolation, StrataError, invalid_argument
 from shared.config.settings import Settings
+from shared.rpc.handlers import Context
 from shared.storage.db import Database, deadline_timeout
 
 __all__ = ["PointInTime"]
 
-Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 _RESTORE_LIMIT_S = 3600.0  # replaying an interval's WAL; a call's deadline shortens it
 _START_RETRY_S = 5.0  # after a failed start-up (the primary or the registry not answering yet)
 _NOT_REACHED = "recovery ended before configured recovery target was reached"

@@ -4,16 +4,13 @@ scope and is answered by :class:`.backups.Backups` (point-in-time ones by :mod:`
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any, TypeAlias
 
-import grpc
 from strata.admin.v1 import admin_pb2
 
 from services.admin.branches.backups import Backups
+from shared.rpc.handlers import Context
 
 __all__ = ["BranchServicer"]
-
-Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 
 class BranchServicer:

@@ -7,18 +7,14 @@ FAILED_PRECONDITION ``PITR_NOT_MANAGED``, and branches are listed as they are.
 
 from __future__ import annotations
 
-from typing import Any, TypeAlias
-
-import grpc
 from strata.admin.v1 import admin_pb2
 
 from services.admin.branches.mapping import branch_message
 from services.admin.branches.registry import BranchRow
 from shared.api.errors import Code, StrataError
+from shared.rpc.handlers import Context
 
 __all__ = ["NoPointInTime"]
-
-Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 
 class NoPointInTime:

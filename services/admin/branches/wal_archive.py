@@ -25,10 +25,8 @@ import asyncio
 import logging
 import time
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeAlias
 
 import asyncpg
-import grpc
 from strata.admin.v1 import admin_pb2
 
 from devstack.pitr import BaseBackup, PitrFolder, folder_bytes
@@ -37,11 +35,11 @@ from services.admin.branches.owner import OwnerRole
 from services.admin.branches.tools import ToolFailed, running, to_the_end
 from shared.api.errors import Code, StrataError
 from shared.api.timestamps import to_timestamp
+from shared.rpc.handlers import Context
 from shared.storage.db import deadline_timeout
 
 __all__ = ["WalArchive"]
 
-Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 _ARCHIVE_WAIT_S = 30.0  # for the segment CreateBranch switched to be archived
 _RETRY_S = 60.0  # after a failed base backup
 _log = logging.getLogger(__name__)

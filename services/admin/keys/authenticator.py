@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, TypeAlias
-
-import grpc
 from strata.internal.v1 import internal_pb2
 
 from services.admin.keys.store import ApiKeyStore
 from shared.api.apikeys import parse_api_key, secrets_match
 from shared.api.errors import Code, StrataError
+from shared.rpc.handlers import Context
 from shared.storage.db import deadline_timeout
 
 __all__ = ["ApiKeyAuthServicer"]
 
-Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 SUSPENDED = 2  # strata.tenants.v1.TenantStatus
 
 

@@ -8,9 +8,7 @@ gateway's (``internal`` scope).
 from __future__ import annotations
 
 import re
-from typing import Any, TypeAlias
 
-import grpc
 from strata.admin.v1 import admin_pb2
 
 from services.admin.keys.mapping import key_message
@@ -25,11 +23,11 @@ from shared.api.callers import (
 )
 from shared.api.errors import Code, FieldViolation, StrataError, invalid_argument, not_found
 from shared.api.pagetoken import PageTokens, page_size
+from shared.rpc.handlers import Context
 from shared.storage.db import deadline_timeout
 
 __all__ = ["ApiKeyServicer"]
 
-Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 TENANT_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _KEY_ID_RE = re.compile(r"[0-9a-f]{16}")
 

@@ -3,17 +3,13 @@ answered by its concern's module (see :mod:`services.admin.operations`)."""
 
 from __future__ import annotations
 
-from typing import Any, TypeAlias
-
-import grpc
 from strata.admin.v1 import admin_pb2
 
 from services.admin.operations import Operations
+from shared.rpc.handlers import Context
 from shared.storage.db import deadline_timeout
 
 __all__ = ["OperationsServicer"]
-
-Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 
 class OperationsServicer:

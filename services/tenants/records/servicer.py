@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any, TypeAlias
 
-import grpc
 from google.protobuf import json_format
 from strata.tenants.v1 import tenants_pb2
 
@@ -38,11 +36,10 @@ from shared.api.errors import FieldViolation, StrataError, aborted, already_exis
 from shared.api.pagetoken import PageTokens, page_size
 from shared.cache.entries import CacheEntry
 from shared.cache.revisioned import RevisionedCache
+from shared.rpc.handlers import Context
 from shared.storage.db import deadline_timeout
 
 __all__ = ["RecordServicer"]
-
-Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 
 class RecordServicer:

@@ -9,9 +9,8 @@ leftovers, and deleting one with cascade, also go through
 from __future__ import annotations
 
 import logging
-from typing import Any, TypeAlias
+from typing import Any
 
-import grpc
 from strata.tenants.v1 import tenants_pb2
 
 from services.tenants.names import COLLECTION_RE, TENANT_SLUG_RE
@@ -38,12 +37,12 @@ from shared.api.errors import (
     not_found,
 )
 from shared.api.pagetoken import PageTokens, page_size
+from shared.rpc.handlers import Context
 from shared.storage.db import deadline_timeout
 from shared.storage.filters import validate_path
 
 __all__ = ["TenantServicer"]
 
-Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 _log = logging.getLogger("strata.tenants")
 
 
