@@ -2,8 +2,10 @@
 
 The launcher (:mod:`.launcher`, ``make run``) starts the backends
 (:mod:`.backends`: embedded unless URLs are given) and every process; the
-embedded Postgres, its replicas and Redis (:mod:`.embedded`, from the
-``embedded`` extra), the embedded Postgres's WAL archive and point-in-time
-servers (:mod:`.pitr`, which admin drives in embedded mode only), and free
+embedded Postgres (:mod:`.postgres`, :mod:`.embedded`, from the ``embedded``
+extra), its replicas and Redis (:mod:`.redis`); the embedded Postgres's WAL
+archive and point-in-time servers (:mod:`.pitr`, which admin drives in
+embedded mode only); child processes (:mod:`.children`); a ``python -m roles``
+process beside a launcher's, for tests and benchmarks (:mod:`.roles`); and free
 ports (:mod:`.ports`).
 """
